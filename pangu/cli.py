@@ -1,4 +1,4 @@
-"""The `pangu` command: prepare | pretrain | evaluate | generate | convert | plot."""
+"""The `pangu` command: prepare | pretrain | evaluate | generate | convert | plot | plan."""
 
 from __future__ import annotations
 
@@ -62,6 +62,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser("plot", help="loss and learning-rate curves of a run to RUN_DIR/curves.png")
     p.add_argument("run_dir")
+
+    p = commands.add_parser("plan", help="rank the (dp, tp, pp, recompute, micro-batch) layouts that fit N devices")
+    _config_args(p)
+    from pangu.parallel.planner import add_arguments as add_plan_arguments
+
+    add_plan_arguments(p)
     return parser
 
 
@@ -105,6 +111,10 @@ def _run(args: argparse.Namespace) -> int:
         from pangu.pretrain.plot import plot_run
 
         print(plot_run(args.run_dir))
+    elif args.command == "plan":
+        from pangu.parallel.planner import main as plan
+
+        return plan(args)
     return 0
 
 

@@ -215,6 +215,10 @@ class TrainConfig:
     log_interval: int = 1
     eval_interval: int = 0  # 0: validate only at the end
     eval_batches: int = 4
+    # zero/few-shot tasks (tasks/*.yaml names, task files or NAME=DATA, see docs/evaluation.md)
+    # scored with every validation; results go to metrics.jsonl as task/NAME/METRIC
+    eval_tasks: list[str] = field(default_factory=list)
+    eval_task_examples: int = 0  # > 0: a seeded subset of this many examples per task
     peak_flops: float = 0.0  # per device, for MFU; 0 measures a matmul peak on CPU, or uses a known GPU peak
     # fp16 dynamic loss scaling (as in the original recipe)
     initial_loss_scale_power: int = 32
@@ -235,6 +239,7 @@ class TrainConfig:
         _require(self.log_interval >= 1, "train.log_interval", self.log_interval, ">= 1")
         _require(self.eval_interval >= 0, "train.eval_interval", self.eval_interval, ">= 0")
         _require(self.eval_batches >= 1, "train.eval_batches", self.eval_batches, ">= 1")
+        _require(self.eval_task_examples >= 0, "train.eval_task_examples", self.eval_task_examples, ">= 0 (0: all)")
         if self.spike_guard.enabled:
             _require(self.save_interval > 0, "train.save_interval", self.save_interval,
                      "> 0 with train.spike_guard.enabled (a rollback needs recent checkpoints)")

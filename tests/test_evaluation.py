@@ -355,6 +355,29 @@ def test_engine_layouts_score_and_generate_like_one_process(straight_run, engine
                 assert theirs["prediction"] == ours["prediction"], (layout, key)
 
 
+def test_tasks_during_training_are_logged_and_leave_training_unchanged(tiny_corpus, straight_run, tmp_path):
+    """train.eval_tasks are scored through the training engine at every validation (steps 3 and 6
+    here): their results land in metrics.jsonl, and the losses are bitwise those of the run
+    without them (scoring runs in eval mode and draws no random numbers)."""
+    from tests.test_training import losses
+
+    tasks = f"[{example_spec('sentiment')}, {example_spec('text_ppl')}]"
+    out = tmp_path / "with_tasks"
+    done = run_pretrain(tiny_overrides(tiny_corpus, out, f"train.eval_tasks={tasks}", "train.eval_task_examples=6"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert losses(out) == losses(straight_run)
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    scored = {r["step"]: r for r in records if "task/sentiment/accuracy" in r}
+    assert sorted(scored) == [3, 6]
+    for record in scored.values():
+        assert 0.0 <= record["task/sentiment/accuracy"] <= 1.0
+        assert math.isfinite(record["task/text_ppl/ppl"]) and record["task/text_ppl/ppl"] > 1.0
+
+    missing = run_pretrain(tiny_overrides(tiny_corpus, tmp_path / "missing", "train.eval_tasks=[no_such_task]"))
+    assert missing.returncode == 2 and "no_such_task" in missing.stderr
+    assert not (tmp_path / "missing").exists()  # refused before anything was written
+
+
 def test_trained_model_runs_every_task_file(straight_run):
     import pangu
 

@@ -166,6 +166,10 @@ class EngineScorer(Scorer):
                 call = groups[first:first + per_call]
                 local = call[topo.dp_rank::topo.dp]
                 batches = [self._micro_batch(rows, indices) for indices in local]
+                # eval_batch adds each micro-batch's loss into total_loss without resetting it (only
+                # train_batch does): a scalar left by training or validation would not take our
+                # per-token losses
+                self.engine.total_loss = None
                 outputs = self.engine.eval_batch(iter(batches), compute_loss=True, reduce_output=None,
                                                  bcast_loss=False, num_micro_batches=len(batches))
                 if topo.is_last_stage and topo.tp_rank == 0:

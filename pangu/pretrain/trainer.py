@@ -23,6 +23,7 @@ from pangu.config import Config, ConfigError, SpikeGuardConfig
 from pangu.data.dataset import make_batch
 from pangu.data.prepare import load_prepared
 from pangu.data.sampler import GlobalBatchSampler, micro_batches
+from pangu.evaluation.tasks import load_task
 from pangu.model.pangu_alpha import flops_per_token, parameter_count
 from pangu.optim import ScaleInvariantSGD, lr_factor
 from pangu.parallel.engine import build_engine, micro_batches_per_step
@@ -115,6 +116,8 @@ class Trainer:
             raise ConfigError(f"model.vocab_size = {config.model.vocab_size} does not match the tokenizer of "
                               f"{config.data.prepared_dir} ({self.meta['vocab_size']} pieces): set "
                               f"model.vocab_size = {self.meta['vocab_size']}")
+        # task files are read now, so that a missing one fails before any training
+        self.eval_tasks = [load_task(spec, prepared_dir=config.data.prepared_dir) for spec in train.eval_tasks]
         self.output_dir = Path(train.output_dir)
         if self.topology.rank == 0:
             _check_writable(self.output_dir, "train.output_dir")
@@ -172,6 +175,19 @@ class Trainer:
                           si_weight_norm=optimizer.last_weight_norm, si_grad_norm=optimizer.last_grad_norm)
         return record
 
+    def evaluate_tasks(self) -> dict[str, float]:
+        """The train.eval_tasks scored through the training engine: {task/NAME/METRIC: value}."""
+        if not self.eval_tasks:
+            return {}
+        from pangu.evaluation.harness import evaluate_tasks
+
+        results = evaluate_tasks(self.engine, self.eval_tasks, config=self.config,
+                                 topology=self.topology, seed=self.config.train.seed,
+                                 max_examples=self.config.train.eval_task_examples or None)
+        headline = {"classification": ("accuracy",), "generation": ("em", "f1"), "perplexity": ("ppl",)}
+        return {f"task/{name}/{metric}": result[metric]
+                for name, result in results.items() for metric in headline[result["kind"]]}
+
     def save(self) -> Path:
         return checkpoint.save_checkpoint(
             self.output_dir, self.step, self.engine, self.names, self.topology, self.config,
@@ -204,6 +220,7 @@ class Trainer:
             if eval_due:
                 record["val_loss"] = validation_loss(self.engine, self.valid_batches, train)
                 record["val_ppl"] = math.exp(min(record["val_loss"], 50.0))
+                record.update(self.evaluate_tasks())
             if eval_due or step % train.log_interval == 0 or step == stop:
                 logger.log(record)
             preempted = self.stop_request.agreed()
