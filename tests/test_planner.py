@@ -137,7 +137,7 @@ def test_layouts_divide_the_devices_the_model_and_the_batch():
 
 def test_more_memory_never_fits_fewer_layouts_and_recompute_saves_activations():
     config = load_config(ROOT / "configs/13b.yaml", [])
-    fits = [len(planner.plan(config, 512, size * GiB)) for size in (16, 32, 80)]
+    fits = [len(planner.plan(config, planner.Hardware(512, size * GiB))) for size in (16, 32, 80)]
     assert fits[0] <= fits[1] <= fits[2] and fits[2] > 0
     layout = Layout(64, 8, 1, "none", 8, 1)
     activations = {mode: planner.estimate_memory(config, Layout(64, 8, 1, mode, 8, 1)).activations
@@ -173,7 +173,7 @@ def test_plan_says_when_nothing_fits_and_rejects_bad_input():
     bad_size = run_plan("--config", "configs/tiny.yaml", "--gpus", "8", "--gpu-memory", "eighty")
     assert bad_size.returncode == 2 and "is not a size" in bad_size.stderr
     with pytest.raises(ConfigError, match="--gpus"):
-        planner.plan(load_config(ROOT / "configs/tiny.yaml", []), 0, 80 * GiB)
+        planner.plan(load_config(ROOT / "configs/tiny.yaml", []), planner.Hardware(0, 80 * GiB))
 
 
 @pytest.mark.parametrize("text,expected", [("80GiB", 80 * GiB), ("32GB", 32 * 10**9), ("1.5TiB", int(1.5 * 2**40)),

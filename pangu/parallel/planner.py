@@ -676,19 +676,13 @@ def enumerate_layouts(config: Config, gpus: int, recompute: tuple[str, ...] = RE
     return layouts
 
 
-def plan(config: Config, gpus: int, gpu_memory_bytes: int, gpus_per_node: int = 8, tflops: float = 312.0,
-         bandwidth: float = 150e9, inter_node_bandwidth: float = 25e9, efficiency: float = 0.5,
-         memory_margin: float = 0.10, flash_attention: bool = True,
-         kernels: Kernels | None = None) -> list[Layout]:
-    """The layouts of `gpus` devices that fit in `gpu_memory_bytes` (less the margin), fastest
-    first (ties: less memory), each with its memory and step-time estimate."""
-    if gpus < 1:
-        raise ConfigError(f"--gpus = {gpus} is not allowed: expected >= 1")
-    hardware = Hardware(gpus, gpu_memory_bytes, gpus_per_node, tflops, efficiency, bandwidth,
-                        inter_node_bandwidth, memory_margin=memory_margin)
-    kernels = kernels or Kernels(flash_attention=flash_attention)
+def plan(config: Config, hardware: Hardware, kernels: Kernels = Kernels()) -> list[Layout]:
+    """The layouts of `hardware.gpus` devices that fit in their usable memory, fastest first
+    (ties: less memory), each with its memory and step-time estimate."""
+    if hardware.gpus < 1:
+        raise ConfigError(f"--gpus = {hardware.gpus} is not allowed: expected >= 1")
     fitting = []
-    for layout in enumerate_layouts(config, gpus):
+    for layout in enumerate_layouts(config, hardware.gpus):
         memory = estimate_memory(config, layout, kernels)
         if memory.peak > hardware.usable_memory:
             continue
@@ -773,8 +767,7 @@ def main(args: argparse.Namespace) -> int:
     hardware = Hardware(args.gpus, args.gpu_memory, args.gpus_per_node, args.tflops, args.efficiency,
                         args.bandwidth * 1e9, args.inter_node_bandwidth * 1e9, memory_margin=args.memory_margin)
     kernels = Kernels(flash_attention=not args.no_flash)
-    layouts = plan(config, args.gpus, args.gpu_memory, args.gpus_per_node, args.tflops, hardware.bandwidth,
-                   hardware.inter_node_bandwidth, args.efficiency, args.memory_margin, kernels=kernels)
+    layouts = plan(config, hardware, kernels)
     params = model_parameters(config.model)
     if args.json:
         print(json.dumps({"parameters": params, "gpus": args.gpus, "gpu_memory_bytes": args.gpu_memory,
