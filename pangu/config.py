@@ -156,6 +156,9 @@ class OptimConfig:
     eps: float = 1e-8
     # AdamW
     betas: tuple[float, float] = (0.9, 0.95)
+    # S3 and AdamW: one fused kernel per tensor (S3: torch.compile, built on the first step;
+    # AdamW: torch's fused kernel) instead of the multi-tensor foreach path
+    fused: bool = False
     # scale-invariant SGD (sgd_si): the trunk uses SGD + weight decay + relative clip,
     # everything else the `si_other` optimizer with the settings above
     si_lr: float = 8e-4

@@ -81,14 +81,15 @@ def build_optimizer(config: Config, named_parameters: list[tuple[str, torch.nn.P
                               scale_invariant_lr=optim.si_lr, scale_invariant_weight_decay=optim.si_weight_decay)
         optimizer = ScaleInvariantSGD(groups, lr=optim.lr, weight_decay=optim.weight_decay,
                                       clip_c=optim.si_clip_c, other=optim.si_other, beta=optim.beta, p=optim.p,
-                                      nesterov=optim.nesterov, betas=optim.betas, eps=optim.eps)
+                                      nesterov=optim.nesterov, betas=optim.betas, eps=optim.eps, fused=optim.fused)
     elif optim.name == "s3":
         optimizer = S3(param_groups(named_parameters, optim.weight_decay), lr=optim.lr, beta=optim.beta,
-                       p=optim.p, nesterov=optim.nesterov, eps=optim.eps, weight_decay=optim.weight_decay)
+                       p=optim.p, nesterov=optim.nesterov, eps=optim.eps, weight_decay=optim.weight_decay,
+                       fused=optim.fused)
     else:
         optimizer = torch.optim.AdamW(param_groups(named_parameters, optim.weight_decay), lr=optim.lr,
                                       betas=optim.betas, eps=optim.eps, weight_decay=optim.weight_decay,
-                                      foreach=True)
+                                      **({"fused": True} if optim.fused else {"foreach": True}))
     for group in optimizer.param_groups:
         group["base_lr"] = group["lr"]
     return optimizer
