@@ -10,9 +10,10 @@ from __future__ import annotations
 import json
 import sys
 
-from pangu.evaluation.harness import build_parser, main
+from pangu.cli import build_parser
+from pangu.evaluation.harness import main
 
 if __name__ == "__main__":
     for argument in sys.argv[1:]:
-        if main(build_parser().parse_args(json.loads(argument))) != 0:
+        if main(build_parser().parse_args(["evaluate", *json.loads(argument)])) != 0:
             sys.exit(1)

@@ -5,7 +5,7 @@
     model, tokenizer = pangu.load("runs/tiny")
     results = evaluate_tasks(model, ["sentiment"], tokenizer, config=config)
 
-Names are imported lazily, so that `python -m pangu.evaluation.harness` runs cleanly.
+Names are imported lazily: the `pangu` command builds its parser from this package and stays fast.
 """
 
 _EXPORTS = {

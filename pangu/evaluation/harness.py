@@ -277,34 +277,4 @@ def main(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """Stand-alone parser (`python -m pangu.evaluation.harness`), the same options as `pangu evaluate`."""
-    parser = argparse.ArgumentParser(prog="python -m pangu.evaluation.harness", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True)
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
-    parser.add_argument("--checkpoint", required=True)
-    add_arguments(parser)
-    return parser
-
-
-def cli(argv: list[str] | None = None) -> int:
-    from pangu.config import ConfigError
-    from pangu.data import DataError
-    from pangu.pretrain.tensor_store import CheckpointError
-
-    args = build_parser().parse_args(argv)
-    if not args.task:
-        print("error: --task is required", file=sys.stderr)
-        return 2
-    try:
-        return main(args)
-    except (ConfigError, DataError, CheckpointError, FileNotFoundError) as err:
-        print(f"pangu evaluate: error: {err}", file=sys.stderr)
-        return 2
-
-
 __all__ = ["TaskError", "add_arguments", "build_eval_engine", "evaluate_tasks", "main", "make_scorer", "span_score"]
-
-if __name__ == "__main__":
-    sys.exit(cli())
