@@ -389,8 +389,9 @@ def main() -> None:
                         help="also validate on 8 batches every this many steps (0: only at the end)")
     parser.add_argument("--runs", default=",".join(RUNS))
     parser.add_argument("--workdir", default="runs/optimizer_study")
-    parser.add_argument("--json", default="docs/optimizer_study.json")
-    parser.add_argument("--png", default="docs/optimizer_study.png")
+    parser.add_argument("--json", default=None, help="summary (default: docs/optimizer_study.json; "
+                        "with --quick runs/optimizer_study/quick.json)")
+    parser.add_argument("--png", default=None, help="loss curves (default: like --json, .png)")
     parser.add_argument("--fresh", action="store_true", help="rerun runs whose results are kept in --workdir")
     parser.add_argument("--set", dest="overrides", action="append", default=[],
                         help="extra config override for every run (section.key=value)")
@@ -490,8 +491,10 @@ RUNS = ("adamw", "adamw_10x", "s3", "s3_10x", "sgd_si", "adamw_2x", "s3_tuned")
 # (no sweeps: fixed lrs, only a check that everything runs).
 FULL = {"steps": 300, "hidden": 384, "layers": 6, "heads": 6, "sweep_steps": 100,
         "sweep": "2.5e-4,5e-4,1e-3,2e-3,4e-3", "s3_sweep": "5e-4,1e-3,2e-3,3e-3,5e-3",
-        "si_sweep": "8e-4,3e-3,1e-2,3e-2,0.1,0.3,1,3"}
-QUICK = {"steps": 60, "hidden": 128, "layers": 3, "heads": 4, "lr": 1e-3, "s3_lr": 2e-3, "si_lr": 1.0}
+        "si_sweep": "8e-4,3e-3,1e-2,3e-2,0.1,0.3,1,3",
+        "json": "docs/optimizer_study.json", "png": "docs/optimizer_study.png"}
+QUICK = {"steps": 60, "hidden": 128, "layers": 3, "heads": 4, "lr": 1e-3, "s3_lr": 2e-3, "si_lr": 1.0,
+         "json": "runs/optimizer_study/quick.json", "png": "runs/optimizer_study/quick.png"}
 
 if __name__ == "__main__":
     main()
