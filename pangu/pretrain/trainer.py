@@ -167,7 +167,7 @@ class Trainer:
         # and the sampler move on (that batch is not retried).
         record = {"step": self.step, "loss": float(loss), "skipped": not self.engine.was_step_applied(),
                   "lr": lr, "grad_norm": _grad_norm(self.engine),
-                "tokens_per_sec": tokens_per_sec, "mfu": tokens_per_sec * self.model_flops / self.peak_flops,
+                  "tokens_per_sec": tokens_per_sec, "mfu": tokens_per_sec * self.model_flops / self.peak_flops,
                   "consumed_samples": self.sampler.consumed_samples, "peak_memory_bytes": peak_memory_bytes()}
         optimizer = self.engine.optimizer.optimizer
         if isinstance(optimizer, ScaleInvariantSGD):  # how often the relative clip fires (SIBERT: ~1.5%)
