@@ -65,7 +65,7 @@ def child(spec_path: str) -> None:
     """Trains one run described by the JSON file `spec_path`; writes result.json next to it."""
     from pangu.config import load_config
     from pangu.data.prepare import prepare
-    from pangu.model.pangu_alpha import parameter_count
+    from pangu.model.sizes import parameter_count
     from pangu.pretrain.trainer import Trainer, validation_loss
 
     spec = json.loads(Path(spec_path).read_text())
@@ -411,7 +411,7 @@ def main() -> None:
 
     from pangu.config import load_config
     from pangu.data.prepare import prepare
-    from pangu.model.pangu_alpha import parameter_count
+    from pangu.model.sizes import parameter_count
 
     config = load_config(args.config, base_overrides(args))
     prepare(config, progress=False)  # once, before the runs (idempotent)

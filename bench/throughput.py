@@ -25,7 +25,8 @@ from pangu.data.dataset import make_batch
 from pangu.data.prepare import prepare
 from pangu.data.sampler import GlobalBatchSampler
 from pangu.model.init import initialize_parameters
-from pangu.model.pangu_alpha import PanguAlpha, flops_per_token
+from pangu.model.pangu_alpha import PanguAlpha
+from pangu.model.sizes import flops_per_token
 from pangu.optim import S3, param_groups
 from pangu.pretrain.trainer import Trainer, learning_rate
 

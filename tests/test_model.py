@@ -12,10 +12,15 @@ from pangu.cli import main
 from pangu.config import ModelConfig, load_config
 from pangu.convert.mindspore import write_mindspore_ckpt
 from pangu.model.init import initialize_parameters
-from pangu.model.pangu_alpha import PanguAlpha, parameter_count
+from pangu.model.pangu_alpha import PanguAlpha
+from pangu.model.sizes import parameter_count
 from pangu.pretrain.generate import generate_ids
-from tests.numpy_pangu import (causal_attention_mask, eod_reset_positions_and_mask, numpy_pangu_logits,
-                               random_ms_params)
+from tests.numpy_pangu import (
+    causal_attention_mask,
+    eod_reset_positions_and_mask,
+    numpy_pangu_logits,
+    random_ms_params,
+)
 
 LAYERS, HIDDEN, HEADS, FFN, VOCAB, SEQ = 3, 32, 4, 64, 300, 16
 SEPARATOR = 9

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from pangu.config import ConfigError, load_config
-from pangu.model.pangu_alpha import parameter_count
+from pangu.model.sizes import flops_per_token, forward_flops_per_token, parameter_count
 from pangu.parallel import planner
 from pangu.parallel.planner import GiB, Kernels, Layout
 
@@ -103,11 +103,17 @@ def test_zero1_partitions_only_the_optimizer_side(measured):
 
 
 @pytest.mark.parametrize("path", ["configs/tiny.yaml", "configs/2.6b.yaml", "configs/13b.yaml", "configs/200b.yaml"])
-def test_parameter_count_equals_the_model(path):
-    config = load_config(ROOT / path, [])
-    assert planner.model_parameters(config.model) == parameter_count(config.model)
-    si = load_config(ROOT / path, ["model.scale_invariant=true", "model.final_layernorm=after"])
-    assert planner.model_parameters(si.model) == parameter_count(si.model)
+@pytest.mark.parametrize("scale_invariant", [False, True])
+def test_pipeline_layers_hold_the_whole_model(path, scale_invariant):
+    """The planner's layer list (what each stage holds) adds up to the model's parameters (the
+    tied head counted once, the vocabulary padding not) and to its FLOPs per token."""
+    extra = ["model.scale_invariant=true", "model.final_layernorm=after"] if scale_invariant else []
+    model = load_config(ROOT / path, extra).model
+    layers = planner.pipeline_layers(model, 1)
+    padding = (model.padded_vocab_size - model.vocab_size) * model.hidden_size
+    assert sum(layer.numel for layer in layers if layer.kind != "head") - padding == parameter_count(model)
+    forward = sum(forward_flops_per_token(model, layer.kind) for layer in layers)
+    assert 3 * forward == flops_per_token(model)
 
 
 def test_stage_partition_is_deepspeeds():

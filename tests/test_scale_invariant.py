@@ -7,7 +7,8 @@ import torch
 
 from pangu.config import ConfigError, ModelConfig, load_config
 from pangu.model.init import initialize_parameters
-from pangu.model.pangu_alpha import PanguAlpha, is_scale_invariant_parameter, parameter_count
+from pangu.model.pangu_alpha import PanguAlpha, is_scale_invariant_parameter
+from pangu.model.sizes import parameter_count
 from pangu.optim import ScaleInvariantSGD, param_groups
 
 CONFIG = ModelConfig(num_layers=3, hidden_size=32, num_heads=4, vocab_size=100, seq_length=12, dropout=0.0,

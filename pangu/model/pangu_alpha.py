@@ -266,34 +266,6 @@ class PanguAlpha(nn.Module):
         return tp.gather_vocab(logits)[..., : self.config.vocab_size]
 
 
-# ---------------------------------------------------------------------------------------------
-# Sizes, computed from the config without building anything.
-
-
-def parameter_count(config: ModelConfig) -> int:
-    """Number of parameters (the unpadded vocabulary, as papers count)."""
-    h, f = config.hidden_size, config.ffn_size
-    si = config.scale_invariant  # no LayerNorm parameters, no output biases, plus the stem
-    layernorm = 0 if si else 2 * h
-    attention = 4 * h * h + 3 * h + (0 if si else h)
-    ffn = h * f + f + f * h + (0 if si else h)
-    layer = 2 * layernorm + attention + ffn
-    embeddings = config.vocab_size * h + config.seq_length * h  # word (tied head) + position
-    query_embedding = config.seq_length * h
-    stem = ffn if si else 0
-    return embeddings + stem + config.num_layers * layer + query_embedding + layernorm
-
-
-def flops_per_token(config: ModelConfig) -> float:
-    """Training FLOPs per token (forward + backward = 3x forward), counting matmuls only:
-    weights (2 FLOPs per weight per token), attention scores and context (2 * 2 * seq * h per
-    layer, causal not discounted, as Megatron counts), and the head."""
-    h, s = config.hidden_size, config.seq_length
-    weights = config.num_layers * (4 * h * h + 2 * h * config.ffn_size)
-    forward = 2 * weights + config.num_layers * 4 * s * h + 2 * h * config.padded_vocab_size
-    return 3.0 * forward
-
-
 def init_std(name: str, config: ModelConfig) -> tuple[str, float]:
     """The original initialisation of the parameter called `name` (canonical name):
     ("normal" | "trunc_normal" | "zeros" | "ones", std)."""

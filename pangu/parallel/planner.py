@@ -70,7 +70,7 @@ Step time (seconds), a deliberately simple model:
 
     per micro-batch on stage j:
         compute   = FLOPs of stage j's layers (6 x weights x tokens + attention 12 s h per token
-                    per layer, as pangu.model.pangu_alpha.flops_per_token counts; + one more
+                    per layer, as pangu.model.sizes.flops_per_token counts; + one more
                     forward of every layer with full recomputation, + the attention core's forward
                     with selective) / (tp x peak x efficiency)
         tensor    = 4 ring all-reduces of e T h bytes per layer (2 forward, 2 backward; 6 with
@@ -100,6 +100,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 
 from pangu.config import Config, ConfigError, ModelConfig
+from pangu.model.sizes import flops_per_token, forward_flops_per_token, parameter_count
 
 GiB = 2**30
 RECOMPUTE_MODES = ("none", "selective", "full")
@@ -288,14 +289,6 @@ def pipeline_layers(model: ModelConfig, tp: int) -> list[PipeLayer]:
     layers += [final, query] if model.final_layernorm == "before" else [query, final]
     layers.append(PipeLayer("head", "WordEmbeddingPipe", word, tied=True))
     return layers
-
-
-def model_parameters(model: ModelConfig) -> int:
-    """Parameters of the model as papers count them (unpadded vocabulary): equals
-    pangu.model.pangu_alpha.parameter_count, without importing torch."""
-    layers = pipeline_layers(model, 1)
-    total = sum(layer.numel for layer in layers if layer.kind != "head")
-    return total - (model.padded_vocab_size - model.vocab_size) * model.hidden_size
 
 
 def _partition_uniform(num_items: int, num_parts: int) -> list[int]:
@@ -557,24 +550,6 @@ def estimate_memory(config: Config, layout: Layout, kernels: Kernels = Kernels()
 # Step time
 
 
-def _layer_forward_flops(model: ModelConfig, kind: str) -> float:
-    """Forward matmul FLOPs per token of one layer (the terms of flops_per_token)."""
-    h, s, f = model.hidden_size, model.seq_length, model.ffn_size
-    if kind in ("block", "query_layer"):
-        return 2 * (4 * h * h + 2 * h * f) + 4 * s * h
-    if kind == "head":
-        return 2 * h * model.padded_vocab_size
-    if kind == "stem":
-        return 2 * 2 * h * f
-    return 0.0
-
-
-def model_flops_per_token(model: ModelConfig) -> float:
-    """Training FLOPs per token, as pangu.model.pangu_alpha.flops_per_token counts (the stem of
-    the scale-invariant variant included)."""
-    return 3.0 * sum(_layer_forward_flops(model, layer.kind) for layer in pipeline_layers(model, 1))
-
-
 def _ring_allreduce(nbytes: float, n: int, bandwidth: float, latency: float) -> float:
     if n <= 1:
         return 0.0
@@ -604,7 +579,7 @@ def estimate_step_time(config: Config, layout: Layout, hardware: Hardware) -> St
     for j in range(pp):
         flops, collectives = 0.0, 0
         for layer in layers[bounds[j]:bounds[j + 1]]:
-            forward = _layer_forward_flops(model, layer.kind) * T
+            forward = forward_flops_per_token(model, layer.kind) * T
             flops += 3 * forward
             if layer.kind in ("block", "query_layer", "stem"):
                 collectives += 4
@@ -639,7 +614,7 @@ def estimate_step_time(config: Config, layout: Layout, hardware: Hardware) -> St
         data_parallel += _ring_allreduce(4 * word, 2, hardware.inter_node_bandwidth, hardware.latency)
     total = pipeline + data_parallel
     tokens = config.train.global_batch_size * model.seq_length
-    mfu = tokens * model_flops_per_token(model) / (layout.gpus * hardware.tflops * 1e12 * total)
+    mfu = tokens * flops_per_token(model) / (layout.gpus * hardware.tflops * 1e12 * total)
     return StepTime(compute=(m + pp - 1) * stage_compute[slowest],
                     tensor_parallel=(m + pp - 1) * stage_tensor[slowest],
                     pipeline_p2p=(m + pp - 1) * p2p, data_parallel=data_parallel,
@@ -768,7 +743,7 @@ def main(args: argparse.Namespace) -> int:
                         args.bandwidth * 1e9, args.inter_node_bandwidth * 1e9, memory_margin=args.memory_margin)
     kernels = Kernels(flash_attention=not args.no_flash)
     layouts = plan(config, hardware, kernels)
-    params = model_parameters(config.model)
+    params = parameter_count(config.model)
     if args.json:
         print(json.dumps({"parameters": params, "gpus": args.gpus, "gpu_memory_bytes": args.gpu_memory,
                           "usable_memory_bytes": int(hardware.usable_memory),

@@ -24,7 +24,7 @@ from pangu.data.dataset import make_batch
 from pangu.data.prepare import load_prepared
 from pangu.data.sampler import GlobalBatchSampler, micro_batches
 from pangu.evaluation.tasks import load_task
-from pangu.model.pangu_alpha import flops_per_token, parameter_count
+from pangu.model.sizes import flops_per_token, parameter_count
 from pangu.optim import ScaleInvariantSGD, lr_factor
 from pangu.parallel.engine import build_engine, micro_batches_per_step
 from pangu.parallel.layers import seed_rng_streams
