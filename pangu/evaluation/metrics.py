@@ -24,6 +24,7 @@ EM and F1 follow the official CMRC2018 evaluation script (`cmrc2018_evaluate.py`
 from __future__ import annotations
 
 import math
+import statistics
 import re
 import unicodedata
 from collections.abc import Sequence
@@ -131,7 +132,7 @@ def wilson_interval(successes: int, n: int, confidence: float = 0.95) -> tuple[f
     """Wilson score interval of a binomial proportion (good at small n and near 0 or 1)."""
     if n <= 0:
         return (0.0, 1.0)
-    z = _normal_quantile(0.5 + confidence / 2)
+    z = statistics.NormalDist().inv_cdf(0.5 + confidence / 2)
     p = successes / n
     denominator = 1 + z * z / n
     center = (p + z * z / (2 * n)) / denominator
@@ -152,18 +153,6 @@ def bootstrap_interval(values: Sequence[float], confidence: float = 0.95, resamp
     alpha = (1 - confidence) / 2
     low, high = np.quantile(means, [alpha, 1 - alpha])
     return (float(low), float(high))
-
-
-def _normal_quantile(q: float) -> float:
-    """Inverse of the standard normal CDF (bisection on erf; exact enough for intervals)."""
-    low, high = -10.0, 10.0
-    for _ in range(100):
-        mid = (low + high) / 2
-        if 0.5 * (1 + math.erf(mid / math.sqrt(2))) < q:
-            low = mid
-        else:
-            high = mid
-    return (low + high) / 2
 
 
 def accuracy_summary(correct: Sequence[bool], confidence: float = 0.95) -> dict:

@@ -38,7 +38,8 @@ TASKS_DIR = Path(__file__).resolve().parents[2] / "tasks"  # the repository's ta
 KINDS = ("classification", "generation", "perplexity")
 SPANS = ("candidate", "candidate_to_end", "example")
 REDUCES = ("mean", "sum")
-METRICS = {"classification": ["accuracy"], "generation": ["em", "f1"], "perplexity": ["perplexity"]}
+# the headline metrics of each kind (the result keys that training logs as task/NAME/METRIC)
+METRICS = {"classification": ["accuracy"], "generation": ["em", "f1"], "perplexity": ["ppl"]}
 _FIELD = re.compile(r"\{(\w+)\}")
 
 
@@ -74,11 +75,12 @@ class Task:
     shot_separator: str = "\n"
     prepend_eod: bool = True  # start every row with the document separator, as in the packed stream
     max_examples: int = 0  # 0 = all; else a seeded random subset of this size
+    metrics: list[str] = field(default_factory=list)  # headline metrics; default: all of METRICS[kind]
     source: str = "<memory>"
 
     @property
-    def metrics(self) -> list[str]:
-        return METRICS[self.kind]
+    def headline(self) -> list[str]:
+        return self.metrics or METRICS[self.kind]
 
     def replace(self, **changes: Any) -> Task:
         task = dataclasses.replace(self, **changes)
@@ -90,6 +92,8 @@ class Task:
         _check(self.kind in KINDS, where, "kind", self.kind, f"one of {list(KINDS)}")
         _check(self.shots >= 0, where, "shots", self.shots, ">= 0")
         _check(self.max_examples >= 0, where, "max_examples", self.max_examples, ">= 0")
+        _check(set(self.metrics) <= set(METRICS.get(self.kind, [])), where, "metric", self.metrics,
+               f"a subset of {METRICS.get(self.kind)} for kind {self.kind!r}")
         if self.kind == "classification":
             fields = _FIELD.findall(self.template)
             _check(fields.count("candidate") == 1, where, "template", self.template,
@@ -215,13 +219,10 @@ def task_from_dict(raw: dict, *, source: str = "<memory>", base_dir: str | Path 
     if "stop" in generation:
         stop = generation["stop"]
         kwargs["stop"] = [stop] if isinstance(stop, str) else [str(s) for s in stop]
-    task = Task(**kwargs)
     if "metric" in raw:
         metric = raw["metric"]
-        metric = [metric] if isinstance(metric, str) else list(metric)
-        if not set(metric) <= set(METRICS.get(kind, [])):
-            raise TaskError(f"{where}: metric = {raw['metric']!r} is not allowed for kind {kind!r}: "
-                            f"expected {METRICS.get(kind)}")
+        kwargs["metrics"] = [metric] if isinstance(metric, str) else [str(m) for m in metric]
+    task = Task(**kwargs)
     task.validate()
     return task
 

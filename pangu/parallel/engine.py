@@ -89,7 +89,7 @@ def build_optimizer(config: Config, named_parameters: list[tuple[str, torch.nn.P
     else:
         optimizer = torch.optim.AdamW(param_groups(named_parameters, optim.weight_decay), lr=optim.lr,
                                       betas=optim.betas, eps=optim.eps, weight_decay=optim.weight_decay,
-                                      **({"fused": True} if optim.fused else {"foreach": True}))
+                                      fused=optim.fused, foreach=not optim.fused)
     for group in optimizer.param_groups:
         group["base_lr"] = group["lr"]
     return optimizer

@@ -21,7 +21,7 @@ import torch.distributed as dist
 
 from pangu.config import Config, ConfigError, SpikeGuardConfig
 from pangu.data.dataset import make_batch
-from pangu.data.prepare import load_prepared
+from pangu.data.prepare import load_prepared, load_tokenizer
 from pangu.data.sampler import GlobalBatchSampler, micro_batches
 from pangu.evaluation.tasks import load_task
 from pangu.model.sizes import flops_per_token, parameter_count
@@ -118,6 +118,7 @@ class Trainer:
                               f"model.vocab_size = {self.meta['vocab_size']}")
         # task files are read now, so that a missing one fails before any training
         self.eval_tasks = [load_task(spec, prepared_dir=config.data.prepared_dir) for spec in train.eval_tasks]
+        self.tokenizer = load_tokenizer(config.data.prepared_dir) if self.eval_tasks else None
         self.output_dir = Path(train.output_dir)
         if self.topology.rank == 0:
             _check_writable(self.output_dir, "train.output_dir")
@@ -181,12 +182,11 @@ class Trainer:
             return {}
         from pangu.evaluation.harness import evaluate_tasks
 
-        results = evaluate_tasks(self.engine, self.eval_tasks, config=self.config,
+        results = evaluate_tasks(self.engine, self.eval_tasks, self.tokenizer, config=self.config,
                                  topology=self.topology, seed=self.config.train.seed,
                                  max_examples=self.config.train.eval_task_examples or None)
-        headline = {"classification": ("accuracy",), "generation": ("em", "f1"), "perplexity": ("ppl",)}
         return {f"task/{name}/{metric}": result[metric]
-                for name, result in results.items() for metric in headline[result["kind"]]}
+                for task, (name, result) in zip(self.eval_tasks, results.items()) for metric in task.headline}
 
     def save(self) -> Path:
         return checkpoint.save_checkpoint(
