@@ -24,8 +24,8 @@ EM and F1 follow the official CMRC2018 evaluation script (`cmrc2018_evaluate.py`
 from __future__ import annotations
 
 import math
-import statistics
 import re
+import statistics
 import unicodedata
 from collections.abc import Sequence
 
