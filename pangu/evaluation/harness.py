@@ -32,8 +32,7 @@ from pangu.evaluation.tasks import Prepared, Prompter, Task, TaskError, load_tas
 # command builds its parser, which must stay fast
 
 
-def make_scorer(model_or_engine, *, tokenizer, config=None, topology=None, batch_size: int = 8,
-                eod_reset: bool | None = None):
+def make_scorer(model_or_engine, *, tokenizer, config=None, topology=None, batch_size: int = 8):
     """A scorer for a `PanguAlpha`, a DeepSpeed pipeline engine (needs `config` and `topology`,
     as the trainer holds them), or anything that already is a `Scorer`."""
     from pangu.evaluation.scoring import EngineScorer, ModelScorer, Scorer
@@ -44,8 +43,7 @@ def make_scorer(model_or_engine, *, tokenizer, config=None, topology=None, batch
         if config is None or topology is None:
             raise ValueError("scoring through the pipeline engine needs its config and topology")
         return EngineScorer(model_or_engine, config, topology, pad_id=tokenizer.pad_id, eod_id=tokenizer.eod_id)
-    if eod_reset is None:
-        eod_reset = bool(config.data.eod_reset) if config is not None else False
+    eod_reset = bool(config.data.eod_reset) if config is not None else False
     return ModelScorer(model_or_engine, pad_id=tokenizer.pad_id, eod_id=tokenizer.eod_id, eod_reset=eod_reset,
                        batch_size=batch_size)
 

@@ -26,8 +26,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from pangu.data.dataset import make_batch
+from pangu.parallel.engine import pipeline_inputs
 
 StopFn = Callable[[list[int]], bool]
+MICRO_BATCHES_PER_CALL = 64  # per data-parallel rank and eval_batch call: bounds the kept outputs
 
 
 class Scorer:
@@ -36,17 +38,12 @@ class Scorer:
     `generate(prompts, max_new_tokens, stop)` -> greedy continuations."""
 
     seq_length: int
-    layout: str = "(dp, tp, pp) = (1, 1, 1)"
 
     def token_losses(self, rows: Sequence[Sequence[int]]) -> list[np.ndarray]:
         raise NotImplementedError
 
     def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, stop: StopFn) -> list[list[int]]:
         raise NotImplementedError
-
-
-def _inputs(samples: np.ndarray, pad_id: int, eod_id: int, eod_reset: bool) -> dict[str, np.ndarray]:
-    return make_batch(samples, pad_id=pad_id, eod_id=eod_id, eod_reset=eod_reset)
 
 
 class ModelScorer(Scorer):
@@ -75,7 +72,7 @@ class ModelScorer(Scorer):
             samples = np.full((len(chunk), width), self.pad_id, dtype=np.int64)
             for k, i in enumerate(chunk):
                 samples[k, :len(rows[i])] = rows[i]
-            batch = _inputs(samples, self.pad_id, self.eod_id, self.eod_reset)
+            batch = make_batch(samples, pad_id=self.pad_id, eod_id=self.eod_id, eod_reset=self.eod_reset)
             logits = self._logits(batch)
             losses = F.cross_entropy(logits.float().flatten(0, 1), torch.from_numpy(batch["labels"]).flatten()
                                      .to(self.device), reduction="none").view(len(chunk), -1).cpu().numpy()
@@ -98,7 +95,7 @@ class ModelScorer(Scorer):
         if self.eod_reset:  # positions and masks restart at separators: recompute like scoring does
             for _ in range(steps):
                 ids = prompt + out
-                batch = _inputs(np.array([ids + [self.pad_id]]), self.pad_id, self.eod_id, True)
+                batch = make_batch(np.array([ids + [self.pad_id]]), pad_id=self.pad_id, eod_id=self.eod_id, eod_reset=True)
                 token = int(self._logits(batch)[0, -1].argmax())
                 if token == self.eod_id:
                     break
@@ -124,14 +121,12 @@ class EngineScorer(Scorer):
     """Scores through DeepSpeed's PipelineEngine (see the module docstring). Every rank of the
     job must call the same methods with the same rows; every rank gets the full results."""
 
-    def __init__(self, engine, config, topology, *, pad_id: int, eod_id: int, micro_batches_per_call: int = 64):
+    def __init__(self, engine, config, topology, *, pad_id: int, eod_id: int):
         self.engine, self.config, self.topology = engine, config, topology
         self.seq_length = config.model.seq_length
         self.micro_batch_size = config.train.micro_batch_size
         self.eod_reset = config.data.eod_reset
         self.pad_id, self.eod_id = pad_id, eod_id
-        self.micro_batches_per_call = micro_batches_per_call
-        self.layout = topology.layout
 
     def _loss_fn(self, logits, labels):
         from pangu.parallel import layers as tp
@@ -146,16 +141,13 @@ class EngineScorer(Scorer):
                 raise ValueError(f"row {i} has {len(rows[i])} tokens; at most seq_length + 1 = "
                                  f"{self.seq_length + 1}")
             samples[k, :len(rows[i])] = rows[i]
-        batch = _inputs(samples, self.pad_id, self.eod_id, self.eod_reset)
-        inputs = [torch.from_numpy(batch["input_ids"]), torch.from_numpy(batch["position_ids"])]
-        if batch.get("attention_mask") is not None:
-            inputs.append(torch.from_numpy(batch["attention_mask"]))
-        return tuple(inputs), (torch.from_numpy(batch["labels"]),)
+        batch = make_batch(samples, pad_id=self.pad_id, eod_id=self.eod_id, eod_reset=self.eod_reset)
+        return pipeline_inputs(batch), (torch.from_numpy(batch["labels"]),)
 
     def token_losses(self, rows):
         topo, mb = self.topology, self.micro_batch_size
         groups = [list(range(s, min(s + mb, len(rows)))) for s in range(0, len(rows), mb)]
-        per_call = self.micro_batches_per_call * topo.dp
+        per_call = MICRO_BATCHES_PER_CALL * topo.dp
         groups += [[] for _ in range(-len(groups) % topo.dp)]  # every dp rank runs as many micro-batches
         mine: dict[int, np.ndarray] = {}
         module = self.engine.module
@@ -187,6 +179,7 @@ class EngineScorer(Scorer):
             raise ValueError(f"generation needs parallel.pp = 1 (this run has {self.topology.layout}); "
                              f"evaluate generation tasks with pp = 1 (any tp) or in one process")
         module = self.engine.module
+        device = next(module.parameters()).device
         was_training = module.training
         module.eval()
         mine: dict[int, np.ndarray] = {}
@@ -194,12 +187,9 @@ class EngineScorer(Scorer):
             out: list[int] = []
             prompt = list(prompts[i])
             for _ in range(min(max_new_tokens, self.seq_length - len(prompt))):
-                batch = _inputs(np.array([prompt + out + [self.pad_id]]), self.pad_id, self.eod_id, self.eod_reset)
-                inputs = [torch.from_numpy(batch["input_ids"]), torch.from_numpy(batch["position_ids"])]
-                if batch.get("attention_mask") is not None:
-                    inputs.append(torch.from_numpy(batch["attention_mask"]))
-                device = next(module.parameters()).device
-                logits = module(tuple(t.to(device) for t in inputs))[:, -1:]
+                batch = make_batch(np.array([prompt + out + [self.pad_id]]), pad_id=self.pad_id, eod_id=self.eod_id,
+                                   eod_reset=self.eod_reset)
+                logits = module(tuple(t.to(device) for t in pipeline_inputs(batch)))[:, -1:]
                 logits = _gather_tensor_parallel(logits)[0, 0, :self.config.model.vocab_size]
                 token = int(logits.float().argmax())
                 if token == self.eod_id:

@@ -70,6 +70,15 @@ def deepspeed_config(config: Config, topology: Topology) -> dict:
     return ds
 
 
+def pipeline_inputs(batch: dict) -> tuple[torch.Tensor, ...]:
+    """The pipeline's input tuple from a `pangu.data.dataset.make_batch` dict: token ids and
+    position ids, and the attention mask when data.eod_reset made one."""
+    inputs = [torch.from_numpy(batch["input_ids"]), torch.from_numpy(batch["position_ids"])]
+    if batch.get("attention_mask") is not None:
+        inputs.append(torch.from_numpy(batch["attention_mask"]))
+    return tuple(inputs)
+
+
 def build_optimizer(config: Config, named_parameters: list[tuple[str, torch.nn.Parameter]]):
     """S3 (default), AdamW, or SGD on the scale-invariant trunk with S3/AdamW elsewhere.
     Parameter names are canonical: LayerNorm parameters and biases get no weight decay. Each

@@ -26,7 +26,7 @@ from pangu.data.sampler import GlobalBatchSampler, micro_batches
 from pangu.evaluation.tasks import load_task
 from pangu.model.sizes import flops_per_token, parameter_count
 from pangu.optim import ScaleInvariantSGD, lr_factor
-from pangu.parallel.engine import build_engine, micro_batches_per_step
+from pangu.parallel.engine import build_engine, micro_batches_per_step, pipeline_inputs
 from pangu.parallel.layers import seed_rng_streams
 from pangu.parallel.topology import Topology, device, init_distributed
 from pangu.pretrain import checkpoint
@@ -57,11 +57,8 @@ class Batches:
                                    micro_batch_size=self.config.train.micro_batch_size):
             batch = make_batch(samples[local], pad_id=self.pad_id, eod_id=self.eod_id,
                                eod_reset=self.config.data.eod_reset)
-            inputs = [torch.from_numpy(batch["input_ids"]), torch.from_numpy(batch["position_ids"])]
-            if batch.get("attention_mask") is not None:
-                inputs.append(torch.from_numpy(batch["attention_mask"]))
             labels = (torch.from_numpy(batch["labels"]), torch.from_numpy(batch["loss_mask"]).float(), scale)
-            out.append((tuple(inputs), labels))
+            out.append((pipeline_inputs(batch), labels))
         return out
 
 
