@@ -157,7 +157,8 @@ class OptimConfig:
     # AdamW
     betas: tuple[float, float] = (0.9, 0.95)
     # S3 and AdamW: one fused kernel per tensor (S3: torch.compile, built on the first step;
-    # AdamW: torch's fused kernel) instead of the multi-tensor foreach path
+    # AdamW: torch's fused kernel) instead of the multi-tensor foreach path; under sgd_si it
+    # applies to si_other = s3 (its AdamW part runs unfused)
     fused: bool = False
     # scale-invariant SGD (sgd_si): the trunk uses SGD + weight decay + relative clip,
     # everything else the `si_other` optimizer with the settings above
