@@ -67,6 +67,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from pangu.config import ModelConfig
+from pangu.convert.importer import DTYPES, check_dtype
 
 if TYPE_CHECKING:  # torch is imported when needed: the CLI builds its parser from this module
     import torch
@@ -81,7 +82,6 @@ INDEX_FILE = "model.safetensors.index.json"
 TOKENIZER_FILE = "vocab.model"
 ACTIVATION_TO_HF = {"gelu": "gelu", "fast_gelu": "quick_gelu"}
 ACTIVATION_FROM_HF = {"gelu": "gelu", "quick_gelu": "fast_gelu"}
-DTYPES = ("float32", "float16", "bfloat16")  # what --dtype accepts
 _SAFETENSORS_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": "F64"}
 _ITEMSIZES = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}
 
@@ -223,8 +223,7 @@ def export_hf(checkpoint: str | Path, out: str | Path, *, shard_bytes: int = DEF
         plan.insert(1, _Planned(LM_HEAD, WORD, word.shape, word.rows))
 
     if dtype is not None:
-        if dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+        check_dtype(dtype)
         target = dtype
     else:  # the dtype holding most of the bytes (an imported release: fp16 blocks, fp32 .npy embeddings)
         stored_bytes: dict[str, int] = {}
@@ -380,8 +379,7 @@ def import_hf(src: str | Path, out: str | Path, *, dtype: str | None = None, voc
     if config.get("attn_pdrop", model.dropout) != model.dropout:
         model.attention_dropout = config["attn_pdrop"]
     model.validate()
-    if dtype is not None and dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    check_dtype(dtype)
     target = getattr(torch, dtype) if dtype else None
     names, get = _read_hf_tensors(src)
     pangu_of = {hf: pangu for pangu, hf in hf_names(model.num_layers).items()}

@@ -18,7 +18,6 @@ import argparse
 import logging
 import warnings
 from pathlib import Path
-
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -33,6 +32,11 @@ if TYPE_CHECKING:  # torch is imported when needed: the CLI builds its parser fr
 logger = logging.getLogger(__name__)
 
 DTYPES = ("float32", "float16", "bfloat16")  # what --dtype accepts
+
+
+def check_dtype(dtype: str | None) -> None:
+    if dtype is not None and dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
 PANGU_VOCAB_SIZE = 40000  # the released tokenizer's pieces
 PANGU_PADDED_VOCAB_SIZE = 40064  # the embedding rows of the PyTorch (Megatron / HF) ports
 
@@ -53,8 +57,7 @@ def import_mindspore(src: str | Path, out: str | Path, *, num_heads: int, activa
     from pangu.pretrain.checkpoint import write_weights
 
     src, out = Path(src), Path(out)
-    if dtype is not None and dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    check_dtype(dtype)
     if src.is_dir():
         from pangu.convert.release import SlicedRelease
 
