@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -22,9 +24,21 @@ class ConfigError(ValueError):
 
 
 PADDED_VOCAB_MULTIPLE = 128
+# A trained tokenizer holds SentencePiece's 3 ids, PanGu's 7 special pieces and 256 byte pieces,
+# and needs room for some merges.
+MIN_TRAINED_VOCAB_SIZE = 300
+
+# Checks that belong to packages above this one (the optimizer registry knows which optim.name
+# exist): they register themselves here on import, so that config imports none of them and
+# load_config still runs every check before any work. pangu/__init__.py imports them.
+_CHECKS: list[Callable[[Config], None]] = []
 
 
-@dataclass
+def register_check(check: Callable[[Config], None]) -> None:
+    _CHECKS.append(check)
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     num_layers: int = 4  # counts the query layer: num_layers - 1 ordinary blocks, then the query layer
     hidden_size: int = 128
@@ -128,8 +142,10 @@ class DataConfig:
                  self.heldout_review_fraction, "a fraction in [0, 1)")
         _require(0.0 <= self.cleaning.min_chinese_ratio <= 1.0, "data.cleaning.min_chinese_ratio",
                  self.cleaning.min_chinese_ratio, "a fraction in [0, 1]")
-        _require(self.tokenizer.vocab_size >= 100, "data.tokenizer.vocab_size",
-                 self.tokenizer.vocab_size, ">= 100")
+        if self.tokenizer.kind == "train":
+            _require(self.tokenizer.vocab_size >= MIN_TRAINED_VOCAB_SIZE, "data.tokenizer.vocab_size",
+                     self.tokenizer.vocab_size, f">= {MIN_TRAINED_VOCAB_SIZE} (room for PanGu's special and "
+                     f"byte pieces)")
 
 
 @dataclass
@@ -146,7 +162,7 @@ class ParallelConfig:
 
 @dataclass
 class OptimConfig:
-    name: Literal["s3", "adamw", "sgd_si"] = "s3"
+    name: str = "s3"  # a registered optimizer (pangu/optim/registry.py): s3, adamw, sgd_si
     lr: float = 1e-3
     weight_decay: float = 0.1  # not applied to LayerNorm parameters and biases
     # S3 (SoftSignSGD)
@@ -275,9 +291,8 @@ class Config:
                  f"at most model.num_layers ({self.model.num_layers})")
         _require(self.optim.warmup_steps <= self.train.steps, "optim.warmup_steps", self.optim.warmup_steps,
                  f"at most train.steps ({self.train.steps})")
-        if self.optim.name == "sgd_si" and not self.model.scale_invariant:
-            raise ConfigError("optim.name = 'sgd_si' needs model.scale_invariant = true "
-                              "(plain SGD is only stable on a scale-invariant trunk)")
+        for check in _CHECKS:
+            check(self)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -353,10 +368,11 @@ def apply_override(raw: dict[str, Any], override: str) -> None:
     node[keys[-1]] = value
 
 
-def from_dict(cls: type, data: Any, where: str) -> Any:
-    """Build dataclass `cls` from `data`, checking every key and type."""
+def from_dict(cls: type, data: Any, where: str, document: str = "the config") -> Any:
+    """Build dataclass `cls` from `data`, checking every key and type; `where` is the dotted path
+    of `data` inside `document` (the config, a task file)."""
     if not isinstance(data, dict):
-        raise ConfigError(f"{where or 'config'} must be a mapping, got {data!r}")
+        raise ConfigError(f"{where or document} must be a mapping, got {data!r}")
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     for key in data:
@@ -364,13 +380,34 @@ def from_dict(cls: type, data: Any, where: str) -> Any:
             close = difflib.get_close_matches(str(key), names, n=1)
             hint = f" Did you mean {close[0]!r}?" if close else ""
             raise ConfigError(f"unknown key {_join(where, key)!r}.{hint} "
-                              f"Allowed keys of {where or 'the config'}: {', '.join(names)}")
+                              f"Allowed keys of {where or document}: {', '.join(names)}")
+    required = [f.name for f in dataclasses.fields(cls)
+                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    missing = [name for name in required if name not in data]
+    if missing:
+        raise ConfigError(f"missing key {_join(where, missing[0])!r}: {where or document} needs "
+                          f"{', '.join(map(repr, required))}")
     kwargs = {key: _coerce(hints[key], value, _join(where, key)) for key, value in data.items()}
     return cls(**kwargs)
 
 
 def _join(where: str, key: Any) -> str:
     return f"{where}.{key}" if where else str(key)
+
+
+def _describe(hint: Any) -> str:
+    """What a type hint allows, in words."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a) for a in typing.get_args(hint))
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(hint))
+    if origin is list:
+        return f"a list (of {_describe(typing.get_args(hint)[0])} each)"
+    if origin is dict:
+        return "a mapping"
+    names = {bool: "true or false", int: "an integer", float: "a number", str: "a string", type(None): "null"}
+    return names.get(hint, str(hint))
 
 
 def _coerce(hint: Any, value: Any, where: str) -> Any:
@@ -388,13 +425,27 @@ def _coerce(hint: Any, value: Any, where: str) -> Any:
         if not isinstance(value, list):
             raise ConfigError(f"{where} = {value!r} is not allowed: expected a list")
         return [_coerce(item, v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if hint is type(None):
+        if value is not None:
+            raise ConfigError(f"{where} = {value!r} is not allowed: expected nothing (null)")
+        return None
     if origin is tuple:
         items = typing.get_args(hint)
         if not isinstance(value, (list, tuple)) or len(value) != len(items):
             raise ConfigError(f"{where} = {value!r} is not allowed: expected a list of {len(items)}")
         return tuple(_coerce(t, v, f"{where}[{i}]") for i, (t, v) in enumerate(zip(items, value)))
-    if origin in (typing.Union, types.UnionType):
-        raise TypeError(f"unsupported config type {hint} at {where}")
+    if origin is dict:
+        key_type, value_type = typing.get_args(hint)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where} = {value!r} is not allowed: expected a mapping")
+        return {_coerce(key_type, k, where): _coerce(value_type, v, f"{where}.{k}") for k, v in value.items()}
+    if origin in (typing.Union, types.UnionType):  # the first alternative the value fits
+        for alternative in typing.get_args(hint):
+            try:
+                return _coerce(alternative, value, where)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{where} = {value!r} is not allowed: expected {_describe(hint)}")
     if hint is bool:
         if not isinstance(value, bool):
             raise ConfigError(f"{where} = {value!r} is not allowed: expected true or false")
@@ -417,3 +468,21 @@ def _coerce(hint: Any, value: Any, where: str) -> Any:
             raise ConfigError(f"{where} = {value!r} is not allowed: expected a string")
         return value
     raise TypeError(f"unsupported config type {hint} at {where}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Sizes as users type them
+
+
+_SIZE = re.compile(r"\s*(\d*\.?\d+(?:e[+-]?\d+)?)\s*(?:([kmgtp])(i?)b?|b?)\s*", re.IGNORECASE)
+
+
+def parse_bytes(text: str) -> int:
+    """'80G', '80GB', '80GiB', '1.5TiB', '500MB', '8e10' or a plain number -> bytes.
+    K, M, G, T, P are decimal (1000^n); with an i (KiB, GiB, ...) binary (1024^n)."""
+    match = _SIZE.fullmatch(text)
+    if not match:
+        raise ConfigError(f"{text!r} is not a size: expected e.g. 80GiB, 32GB, 500M or 8e10 (bytes)")
+    value, prefix, binary = float(match[1]), (match[2] or "").upper(), match[3]
+    power = "KMGTP".index(prefix) + 1 if prefix else 0
+    return int(value * (1024 if binary else 1000) ** power)

@@ -7,7 +7,7 @@ def single_process():
     import torch.distributed as dist
 
     from pangu.config import ParallelConfig
-    from pangu.parallel.layers import seed_rng_streams
+    from pangu.parallel.tensor_parallel import seed_rng_streams
     from pangu.parallel.topology import init_distributed
 
     if not dist.is_initialized():
@@ -41,7 +41,7 @@ def tiny_corpus(tmp_path_factory):
 def straight_run(tiny_corpus, tmp_path_factory):
     """A tiny model trained for tests.test_training.STEPS steps without interruption: the
     reference that stopped, crashed, preempted or rolled-back runs are compared with."""
-    from tests.test_training import run_pretrain, tiny_overrides
+    from tests.helpers import run_pretrain, tiny_overrides
 
     out = tmp_path_factory.mktemp("straight")
     result = run_pretrain(tiny_overrides(tiny_corpus, out))

@@ -54,7 +54,7 @@ trust_remote_code=True (config.json's auto_map names them).
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -67,12 +67,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from pangu.config import ModelConfig
-from pangu.convert.importer import DTYPES, check_dtype
+from pangu.convert.importer import check_dtype
 
 if TYPE_CHECKING:  # torch is imported when needed: the CLI builds its parser from this module
     import torch
 
-    from pangu.pretrain.tensor_store import TensorReader
+    from pangu.checkpoint.store import TensorReader
 
 logger = logging.getLogger(__name__)
 
@@ -179,8 +179,8 @@ def export_hf(checkpoint: str | Path, out: str | Path, *, shard_bytes: int = DEF
     differ the one holding most of the bytes). `shard_bytes`: the largest safetensors file (a single larger tensor gets a file
     of its own). See the module docstring for the layout, vocabulary and activation choices.
     """
-    from pangu.pretrain.checkpoint import read_manifest, resolve
-    from pangu.pretrain.tensor_store import CheckpointError, TensorReader
+    from pangu.checkpoint.format import read_manifest, resolve
+    from pangu.checkpoint.store import CheckpointError, TensorReader
 
     path = resolve(checkpoint)
     out = Path(out)
@@ -284,7 +284,7 @@ def _write_safetensors(file: Path, items: list[_Planned], dtype: str, reader: Te
     """One safetensors file, its header computed from the shapes, then each tensor streamed in."""
     import torch
 
-    from pangu.pretrain.tensor_store import CheckpointError
+    from pangu.checkpoint.store import CheckpointError
 
     header: dict[str, dict] = {"__metadata__": {"format": "pt"}}
     offset = 0
@@ -324,7 +324,7 @@ def _read_hf_tensors(src: Path) -> tuple[list[str], Callable[[str], torch.Tensor
     """(names, get(name) -> tensor) over model.safetensors or the shards of an index."""
     from safetensors import safe_open
 
-    from pangu.pretrain.tensor_store import CheckpointError
+    from pangu.checkpoint.store import CheckpointError
 
     if (src / INDEX_FILE).is_file():
         weight_map = json.loads((src / INDEX_FILE).read_text())["weight_map"]
@@ -354,8 +354,8 @@ def import_hf(src: str | Path, out: str | Path, *, dtype: str | None = None, voc
     """
     import torch
 
-    from pangu.pretrain.checkpoint import write_weights
-    from pangu.pretrain.tensor_store import CheckpointError
+    from pangu.checkpoint.store import CheckpointError
+    from pangu.checkpoint.weights import write_weights
 
     src, out = Path(src), Path(out)
     config_path = src / "config.json"
@@ -377,7 +377,7 @@ def import_hf(src: str | Path, out: str | Path, *, dtype: str | None = None, voc
                         dropout=config.get("resid_pdrop", 0.1), layernorm_eps=config.get("layer_norm_epsilon", 1e-5),
                         init_std=config.get("initializer_range", 0.02))
     if config.get("attn_pdrop", model.dropout) != model.dropout:
-        model.attention_dropout = config["attn_pdrop"]
+        model = dataclasses.replace(model, attention_dropout=config["attn_pdrop"])
     model.validate()
     check_dtype(dtype)
     target = getattr(torch, dtype) if dtype else None
@@ -408,50 +408,3 @@ def import_hf(src: str | Path, out: str | Path, *, dtype: str | None = None, voc
     tokenizer_path = Path(tokenizer) if tokenizer else (src / TOKENIZER_FILE if (src / TOKENIZER_FILE).is_file()
                                                          else None)
     return write_weights(out, model, tensors(), tokenizer_path)
-
-
-# ---------------------------------------------------------------------------------------------
-# Command-line wiring (pangu/cli.py adds `pangu convert export-hf CHECKPOINT OUT`)
-
-
-def parse_size(text: str) -> int:
-    """"5GB", "500MB", "2GiB", "123" (bytes) -> bytes."""
-    units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
-    stripped = text.strip().upper()
-    number = stripped.rstrip("KMGIB")
-    unit = stripped[len(number):]
-    try:
-        return int(float(number) * units[unit])
-    except (ValueError, KeyError):
-        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 5GB, 500MB, 2GiB)") from None
-
-
-def add_export_hf_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("checkpoint", help="a pangu checkpoint, checkpoints directory or run directory")
-    parser.add_argument("out", help="the Hugging Face model directory to create")
-    parser.add_argument("--shard-size", type=parse_size, default=DEFAULT_SHARD_BYTES,
-                        help="largest safetensors file (default 5GiB)")
-    parser.add_argument("--dtype", choices=DTYPES, default=None,
-                        help="default: the stored dtype (float32 for training checkpoints; the majority dtype "
-                             "if they differ)")
-    parser.add_argument("--pad-vocab", action="store_true",
-                        help="keep pangu's vocabulary padding (e.g. 40064 rows) instead of the port's 40000")
-    parser.add_argument("--no-lm-head", action="store_true",
-                        help="do not write lm_head.weight (a copy of the tied word embedding)")
-
-
-def export_hf_from_args(args: argparse.Namespace) -> Path:
-    return export_hf(args.checkpoint, args.out, shard_bytes=args.shard_size, dtype=args.dtype,
-                     pad_vocab=args.pad_vocab, tie_lm_head=not args.no_lm_head)
-
-
-def add_import_hf_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("src", help="a GPTPangu Hugging Face directory (config.json + safetensors)")
-    parser.add_argument("out")
-    parser.add_argument("--dtype", choices=DTYPES, default=None)
-    parser.add_argument("--vocab-size", type=int, default=None)
-    parser.add_argument("--tokenizer", default=None)
-
-
-def import_hf_from_args(args: argparse.Namespace) -> Path:
-    return import_hf(args.src, args.out, dtype=args.dtype, vocab_size=args.vocab_size, tokenizer=args.tokenizer)

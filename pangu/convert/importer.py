@@ -9,12 +9,11 @@ SRC is one of
 
 Streams one tensor at a time: read (merging the slices of a release), rename and transpose to the
 canonical layout, cast to `dtype` if asked, append to a weights-only pangu checkpoint
-(pangu/pretrain/checkpoint.py). Peak memory is a few copies of the largest parameter.
+(pangu/checkpoint/weights.py). Peak memory is a few copies of the largest parameter.
 """
 
 from __future__ import annotations
 
-import argparse
 import logging
 import warnings
 from pathlib import Path
@@ -23,8 +22,14 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from pangu.config import ModelConfig
-from pangu.convert.mindspore import (_MINDSPORE_WORD_EMBEDDINGS, infer_model_shape, read_mindspore_ckpt,
-                                     read_mindspore_ckpt_shapes, read_npz, to_pangu_names)
+from pangu.convert.mindspore import (
+    _MINDSPORE_WORD_EMBEDDINGS,
+    infer_model_shape,
+    read_mindspore_ckpt,
+    read_mindspore_ckpt_shapes,
+    read_npz,
+    to_pangu_names,
+)
 
 if TYPE_CHECKING:  # torch is imported when needed: the CLI builds its parser from this module
     import torch
@@ -54,7 +59,7 @@ def import_mindspore(src: str | Path, out: str | Path, *, num_heads: int, activa
     """
     import torch
 
-    from pangu.pretrain.checkpoint import write_weights
+    from pangu.checkpoint.weights import write_weights
 
     src, out = Path(src), Path(out)
     check_dtype(dtype)
@@ -137,24 +142,3 @@ def _to_torch(array: np.ndarray, dtype: torch.dtype | None) -> torch.Tensor:
         array = np.array(array, dtype=target)
     tensor = torch.from_numpy(np.ascontiguousarray(array))
     return tensor if dtype is None or tensor.dtype == dtype else tensor.to(dtype)
-
-
-# ---------------------------------------------------------------------------------------------
-# Command-line wiring (pangu/cli.py adds these to `pangu convert import-mindspore`)
-
-
-def add_import_arguments(parser: argparse.ArgumentParser) -> None:
-    """The options of `import-mindspore` beyond SRC, OUT, --num-heads, --activation, --final-ln, --tokenizer."""
-    parser.add_argument("--strategy", default=None,
-                        help="the parallel-strategy file of a sliced release (SRC a directory of slices); "
-                             "default: the one *strategy*.ckpt inside SRC")
-    parser.add_argument("--dtype", choices=DTYPES, default=None,
-                        help="cast every tensor (default: keep the stored dtypes)")
-    parser.add_argument("--vocab-size", type=int, default=None,
-                        help="the real vocabulary when the word embedding is padded (default: the tokenizer's "
-                             "size, or 40000 for a zero-padded 40064-row embedding)")
-
-
-def import_kwargs(args: argparse.Namespace) -> dict:
-    """Keyword arguments of `import_mindspore` from the options added by `add_import_arguments`."""
-    return {"strategy": args.strategy, "dtype": args.dtype, "vocab_size": args.vocab_size}

@@ -52,11 +52,22 @@ from pathlib import Path
 import numpy as np
 
 from pangu.convert import protobuf_wire as wire
-from pangu.convert.mindspore import (_BLOCK_NAME, _BLOCK_PARAMETERS, _NUMPY_DTYPE_OF_TENSOR_TYPE, _QUERY_LAYER_PREFIX,
-                                     ParameterStrategy,
-                                     _expected_mindspore_shapes, _group_by_tag, _MappedFile, _scan_checkpoint,
-                                     _shape_of, _TensorChunk, _tensor_from_chunks, read_parallel_strategy,
-                                     slice_of_rank)
+from pangu.convert.mindspore import (
+    _BLOCK_NAME,
+    _BLOCK_PARAMETERS,
+    _NUMPY_DTYPE_OF_TENSOR_TYPE,
+    _QUERY_LAYER_PREFIX,
+    ParameterStrategy,
+    _expected_mindspore_shapes,
+    _group_by_tag,
+    _MappedFile,
+    _scan_checkpoint,
+    _shape_of,
+    _tensor_from_chunks,
+    _TensorChunk,
+    read_parallel_strategy,
+    slice_of_rank,
+)
 
 logger = logging.getLogger(__name__)
 

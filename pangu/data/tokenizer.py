@@ -29,18 +29,18 @@ from typing import Literal
 import jieba
 import sentencepiece as spm
 
+from pangu.config import MIN_TRAINED_VOCAB_SIZE
 from pangu.data import DataError
 
 SPACE_SYMBOL = "\u2582"  # ▂
 NEWLINE_SYMBOL = "\u2583"  # ▃
 DOCUMENT_SEPARATOR = "<eot>"  # id 9: the separator the original training put after every document
 PAD = "<pad>"  # id 6
+TOKENIZER_FILE = "tokenizer.model"  # a tokenizer's file name, in a prepared directory and in a checkpoint
 # Ids 0, 1, 2 are SentencePiece's own <unk>, <s>, </s>; these follow them at ids 3..9, in the
 # released model's order, so that a tokenizer trained here shares every special id with it.
 SPECIAL_PIECES = (NEWLINE_SYMBOL, SPACE_SYMBOL, "<sep>", PAD, "<mask>", "<eod>", DOCUMENT_SEPARATOR)
 NUM_BYTE_PIECES = 256
-# the special pieces, the byte pieces, and room for a few learned ones
-MIN_TRAINED_VOCAB_SIZE = 3 + len(SPECIAL_PIECES) + NUM_BYTE_PIECES + 34
 
 jieba.setLogLevel(logging.WARNING)  # it logs its dictionary loading at INFO
 

@@ -13,20 +13,15 @@ One process (`pangu.load`, the default) or any (dp, tp, pp) layout through the p
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
 import math
-import os
-import sys
 import time
 from collections import Counter
-from pathlib import Path
 
 import numpy as np
 
 from pangu.evaluation.metrics import accuracy_summary, cmrc_scores, mean_summary, wilson_interval
-from pangu.evaluation.tasks import Prepared, Prompter, Task, TaskError, load_task
+from pangu.evaluation.tasks import Prepared, Prompter, Task, load_task
 
 # torch and the scorers are imported where used: `add_arguments` is called while the `pangu`
 # command builds its parser, which must stay fast
@@ -182,97 +177,32 @@ def build_eval_engine(config, checkpoint_path, micro_batch_size: int | None = No
     the trainer builds it, with the weights of `checkpoint_path` (any layout). The model section
     comes from the checkpoint; the micro-batch size (default train.micro_batch_size) sets the
     evaluation shapes."""
+    from pangu.checkpoint import format as fmt
+    from pangu.checkpoint.training import load_checkpoint
     from pangu.config import ModelConfig
     from pangu.parallel.engine import build_engine
-    from pangu.parallel.layers import seed_rng_streams
+    from pangu.parallel.tensor_parallel import seed_rng_streams
     from pangu.parallel.topology import init_distributed
-    from pangu.pretrain import checkpoint
 
     topology = init_distributed(config.parallel)
     seed_rng_streams(config.train.seed)
-    path = checkpoint.resolve(checkpoint_path)
-    manifest = checkpoint.read_manifest(path)
+    path = fmt.resolve(checkpoint_path)
+    manifest = fmt.read_manifest(path)
     mb = micro_batch_size or config.train.micro_batch_size
     config = dataclasses.replace(
         config, model=ModelConfig(**manifest["model"]),
         train=dataclasses.replace(config.train, micro_batch_size=mb, global_batch_size=mb * topology.dp))
     config.validate()
     engine, names = build_engine(config, topology)
-    checkpoint.load_checkpoint(path, engine, names, topology, config, weights_only=True)
+    load_checkpoint(path, engine, names, topology, config, weights_only=True)
     return engine, config, topology
 
 
-def _tokenizer_for(checkpoint_path, config):
+def tokenizer_for(checkpoint_path, config):
+    """The tokenizer a checkpoint carries, else the one of config's prepared data."""
+    from pangu.checkpoint import format as fmt
     from pangu.data.prepare import load_tokenizer
-    from pangu.data.tokenizer import PanguTokenizer
-    from pangu.pretrain import checkpoint
+    from pangu.data.tokenizer import TOKENIZER_FILE, PanguTokenizer
 
-    stored = checkpoint.resolve(checkpoint_path) / "tokenizer.model"
+    stored = fmt.resolve(checkpoint_path) / TOKENIZER_FILE
     return PanguTokenizer.from_file(stored) if stored.is_file() else load_tokenizer(config.data.prepared_dir)
-
-
-# ---------------------------------------------------------------------------------------------
-# Command line
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The options of `pangu evaluate` for tasks (the parser already has --config, --set and
-    --checkpoint)."""
-    parser.add_argument("--task", nargs="+", default=None, metavar="TASK",
-                        help="task files, builtin task names (tasks/*.yaml, e.g. sentiment) or NAME=DATA_FILE; "
-                             "evaluates them instead of the validation perplexity")
-    parser.add_argument("--shots", type=int, default=None, help="number of demonstrations (overrides the task files)")
-    parser.add_argument("--max-examples", type=int, default=None,
-                        help="evaluate a seeded random subset of this many examples per task")
-    parser.add_argument("--seed", type=int, default=1234, help="seed of shot sampling, subsets and bootstrap")
-    parser.add_argument("--batch-size", type=int, default=8,
-                        help="rows per forward pass (with the engine: the micro-batch size)")
-    parser.add_argument("--engine", action="store_true",
-                        help="score through the pipeline engine of the config's parallel layout even in one "
-                             "process (automatic under torchrun)")
-    parser.add_argument("--output", default=None, help="write the results as JSON to this file")
-    parser.add_argument("--predictions", default=None, help="write per-example records as JSON lines to this file")
-
-
-def main(args: argparse.Namespace) -> int:
-    """Runs the tasks of `args` (from `add_arguments` plus --config/--set/--checkpoint); prints
-    the results as JSON on rank 0. Errors in configs, tasks or data raise ConfigError/TaskError."""
-    from pangu.config import load_config
-
-    config = load_config(args.config, args.overrides)
-    use_engine = args.engine or int(os.environ.get("WORLD_SIZE", "1")) > 1
-    tasks = [load_task(spec, prepared_dir=config.data.prepared_dir) for spec in args.task]
-    if use_engine:
-        engine, config, topology = build_eval_engine(config, args.checkpoint, args.batch_size)
-        target, rank, layout = engine, topology.rank, topology.layout
-        tokenizer = _tokenizer_for(args.checkpoint, config)
-    else:
-        import pangu
-
-        target, tokenizer = pangu.load(args.checkpoint)
-        if tokenizer is None:
-            tokenizer = _tokenizer_for(args.checkpoint, config)
-        topology, rank, layout = None, 0, "(dp, tp, pp) = (1, 1, 1)"
-    log = (lambda line: print(line, file=sys.stderr, flush=True)) if rank == 0 else None
-    results = evaluate_tasks(target, tasks, tokenizer, config=config, topology=topology, batch_size=args.batch_size,
-                             seed=args.seed, shots=args.shots, max_examples=args.max_examples, details=True, log=log)
-    if rank == 0:
-        if args.predictions:
-            with open(args.predictions, "w", encoding="utf-8") as f:
-                for name, result in results.items():
-                    for record in result.get("details", []):
-                        f.write(json.dumps({"task": name, **record}, ensure_ascii=False) + "\n")
-        report = {"checkpoint": str(args.checkpoint), "layout": layout, "seed": args.seed,
-                  "tasks": {name: {k: v for k, v in r.items() if k != "details"} for name, r in results.items()}}
-        text = json.dumps(report, indent=1, ensure_ascii=False)
-        if args.output:
-            Path(args.output).write_text(text + "\n", encoding="utf-8")
-        print(text)
-    if use_engine:
-        import torch.distributed as dist
-
-        dist.barrier()
-    return 0
-
-
-__all__ = ["TaskError", "add_arguments", "build_eval_engine", "evaluate_tasks", "main", "make_scorer", "span_score"]

@@ -23,9 +23,10 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from pangu.data.dataset import make_batch
+from pangu.evaluation.inference import cached_logits, current_document, generate, token_losses
+from pangu.parallel import tensor_parallel as tp
 from pangu.parallel.engine import pipeline_inputs
 
 StopFn = Callable[[list[int]], bool]
@@ -54,67 +55,44 @@ class ModelScorer(Scorer):
         self.batch_size = batch_size
         self.device = next(model.parameters()).device
 
-    @torch.no_grad()
-    def _logits(self, batch: dict) -> torch.Tensor:
-        mask = batch.get("attention_mask")
-        return self.model(torch.from_numpy(batch["input_ids"]).to(self.device),
-                          torch.from_numpy(batch["position_ids"]).to(self.device),
-                          None if mask is None else torch.from_numpy(mask).to(self.device))
-
     def token_losses(self, rows):
         was_training = self.model.training
         self.model.eval()
         out: list[np.ndarray | None] = [None] * len(rows)
         order = sorted(range(len(rows)), key=lambda i: -len(rows[i]))
         for first in range(0, len(order), self.batch_size):
-            chunk = order[first:first + self.batch_size]
+            chunk = order[first : first + self.batch_size]
             width = max(len(rows[i]) for i in chunk)
             samples = np.full((len(chunk), width), self.pad_id, dtype=np.int64)
             for k, i in enumerate(chunk):
-                samples[k, :len(rows[i])] = rows[i]
+                samples[k, : len(rows[i])] = rows[i]
             batch = make_batch(samples, pad_id=self.pad_id, eod_id=self.eod_id, eod_reset=self.eod_reset)
-            logits = self._logits(batch)
-            losses = F.cross_entropy(logits.float().flatten(0, 1), torch.from_numpy(batch["labels"]).flatten()
-                                     .to(self.device), reduction="none").view(len(chunk), -1).cpu().numpy()
+            losses = token_losses(self.model, batch).cpu().numpy()
             for k, i in enumerate(chunk):
-                out[i] = losses[k, :len(rows[i]) - 1].copy()
+                out[i] = losses[k, : len(rows[i]) - 1].copy()
         self.model.train(was_training)
         return out
 
-    @torch.no_grad()
     def generate(self, prompts, max_new_tokens, stop):
         was_training = self.model.training
         self.model.eval()
-        results = [self._generate_one(list(p), max_new_tokens, stop) for p in prompts]
+        results = []
+        for prompt in prompts:
+            if self.eod_reset:
+                prompt = current_document(prompt, self.eod_id)
+            results.append(
+                generate(
+                    cached_logits(self.model),
+                    prompt,
+                    seq_length=self.seq_length,
+                    max_new_tokens=max_new_tokens,
+                    stop_ids=(self.eod_id,),
+                    stop=stop,
+                    device=self.device,
+                )
+            )
         self.model.train(was_training)
         return results
-
-    def _generate_one(self, prompt: list[int], max_new_tokens: int, stop: StopFn) -> list[int]:
-        steps = min(max_new_tokens, self.seq_length - len(prompt))
-        out: list[int] = []
-        if self.eod_reset:  # positions and masks restart at separators: recompute like scoring does
-            for _ in range(steps):
-                ids = prompt + out
-                batch = make_batch(np.array([ids + [self.pad_id]]), pad_id=self.pad_id, eod_id=self.eod_id, eod_reset=True)
-                token = int(self._logits(batch)[0, -1].argmax())
-                if token == self.eod_id:
-                    break
-                out.append(token)
-                if stop(out):
-                    break
-            return out
-        cache = self.model.new_kv_cache()
-        logits = self.model(torch.tensor([prompt], device=self.device), kv_cache=cache)[:, -1]
-        for position in range(len(prompt), len(prompt) + steps):
-            token = int(logits.argmax(-1))
-            if token == self.eod_id:
-                break
-            out.append(token)
-            if stop(out) or position + 1 >= len(prompt) + steps:
-                break
-            logits = self.model(torch.tensor([[token]], device=self.device),
-                                position_ids=torch.tensor([[position]], device=self.device), kv_cache=cache)[:, -1]
-        return out
 
 
 class EngineScorer(Scorer):
@@ -129,8 +107,6 @@ class EngineScorer(Scorer):
         self.pad_id, self.eod_id = pad_id, eod_id
 
     def _loss_fn(self, logits, labels):
-        from pangu.parallel import layers as tp
-
         (targets,) = labels
         return tp.vocab_parallel_cross_entropy(tp.mask_padded_vocab(logits, self.config.model.vocab_size), targets)
 
@@ -176,46 +152,38 @@ class EngineScorer(Scorer):
     @torch.no_grad()
     def generate(self, prompts, max_new_tokens, stop):
         if self.topology.pp != 1:
-            raise ValueError(f"generation needs parallel.pp = 1 (this run has {self.topology.layout}); "
-                             f"evaluate generation tasks with pp = 1 (any tp) or in one process")
+            raise ValueError(
+                f"generation needs parallel.pp = 1 (this run has {self.topology.layout}); "
+                f"evaluate generation tasks with pp = 1 (any tp) or in one process"
+            )
         module = self.engine.module
         device = next(module.parameters()).device
         was_training = module.training
         module.eval()
+
+        def logits_of(ids: list[int]) -> torch.Tensor:
+            """The whole row again each time (the pipeline module keeps no KV cache)."""
+            batch = make_batch(np.array([ids + [self.pad_id]]), pad_id=self.pad_id, eod_id=self.eod_id, eod_reset=False)
+            logits = module(tuple(t.to(device) for t in pipeline_inputs(batch)))[:, -1:]
+            return tp.gather_vocab(logits)[0, 0, : self.config.model.vocab_size].float()
+
         mine: dict[int, np.ndarray] = {}
         for i in range(self.topology.dp_rank, len(prompts), self.topology.dp):
-            out: list[int] = []
-            prompt = list(prompts[i])
-            for _ in range(min(max_new_tokens, self.seq_length - len(prompt))):
-                batch = make_batch(np.array([prompt + out + [self.pad_id]]), pad_id=self.pad_id, eod_id=self.eod_id,
-                                   eod_reset=self.eod_reset)
-                logits = module(tuple(t.to(device) for t in pipeline_inputs(batch)))[:, -1:]
-                logits = _gather_tensor_parallel(logits)[0, 0, :self.config.model.vocab_size]
-                token = int(logits.float().argmax())
-                if token == self.eod_id:
-                    break
-                out.append(token)
-                if stop(out):
-                    break
+            prompt = current_document(prompts[i], self.eod_id) if self.eod_reset else list(prompts[i])
+            out = generate(
+                logits_of,
+                prompt,
+                seq_length=self.seq_length,
+                max_new_tokens=max_new_tokens,
+                stop_ids=(self.eod_id,),
+                stop=stop,
+                device=device,
+            )
             mine[i] = np.array(out, dtype=np.int64)
         module.train(was_training)
         if self.topology.tp_rank != 0:
             mine = {}
         return [row.tolist() for row in _gather_rows(mine, len(prompts))]
-
-
-def _gather_tensor_parallel(logits: torch.Tensor) -> torch.Tensor:
-    """The full vocabulary from each tensor-parallel rank's slice (last dimension), with a plain
-    all_gather (megatron's autograd mapping assumes CUDA)."""
-    from megatron.core import parallel_state
-
-    group = parallel_state.get_tensor_model_parallel_group()
-    size = dist.get_world_size(group)
-    if size == 1:
-        return logits
-    parts = [torch.empty_like(logits) for _ in range(size)]
-    dist.all_gather(parts, logits.contiguous(), group=group)
-    return torch.cat(parts, dim=-1)
 
 
 def _gather_rows(mine: dict[int, np.ndarray], count: int) -> list[np.ndarray]:

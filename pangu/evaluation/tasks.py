@@ -27,12 +27,12 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import yaml
 
-from pangu.config import ConfigError
+from pangu.config import ConfigError, from_dict
 
 TASKS_DIR = Path(__file__).resolve().parents[2] / "tasks"  # the repository's tasks/ (builtin definitions)
 KINDS = ("classification", "generation", "perplexity")
@@ -120,9 +120,44 @@ class Task:
 # Loading task files
 
 
-_KEYS = {"name", "kind", "data", "template", "instruction", "candidates", "candidates_field", "label",
-         "skip_labels", "score", "references", "generation", "text_field", "stride", "shots", "shots_from",
-         "shot_separator", "prepend_eod", "max_examples", "metric", "description"}
+@dataclass
+class ScoreSpec:
+    span: Literal["candidate", "candidate_to_end", "example"] = "candidate"
+    reduce: Literal["mean", "sum"] = "mean"
+
+
+@dataclass
+class GenerationSpec:
+    max_new_tokens: int = 32
+    stop: list[str] | str = field(default_factory=lambda: ["\n"])
+
+
+@dataclass
+class TaskFile:
+    """What a task file (tasks/*.yaml, .json) may hold, read by the strict typed loader of configs
+    (unknown keys and wrong types fail naming the key); `task_from_dict` turns it into a `Task`."""
+
+    name: str
+    kind: Literal["classification", "generation", "perplexity"]
+    data: str = ""  # required unless given as --task NAME=DATA
+    description: str = ""
+    template: str = ""
+    instruction: str = ""
+    candidates: dict[str, str] | list[str] | Literal["from_data"] | None = None
+    candidates_field: str = ""
+    label: str = "label"
+    skip_labels: list[str] = field(default_factory=list)
+    score: ScoreSpec = field(default_factory=ScoreSpec)
+    references: str = "answers"
+    generation: GenerationSpec = field(default_factory=GenerationSpec)
+    text_field: str = "text"
+    stride: int = 0
+    shots: int = 0
+    shots_from: str = ""
+    shot_separator: str = "\n"
+    prepend_eod: bool = True
+    max_examples: int = 0
+    metric: list[str] | str = field(default_factory=list)
 
 
 def available_tasks() -> list[str]:
@@ -164,78 +199,50 @@ def load_task(spec: str | Path, *, prepared_dir: str | Path | None = None, **cha
 def task_from_dict(raw: dict, *, source: str = "<memory>", base_dir: str | Path = ".",
                    prepared_dir: str | Path | None = None, data_override: str | None = None) -> Task:
     where = f"task file {source!r}"
-    unknown = set(raw) - _KEYS
-    if unknown:
-        raise TaskError(f"{where}: unknown key(s) {sorted(unknown)}; allowed: {sorted(_KEYS)}")
-    for key in ("name", "kind"):
-        if key not in raw:
-            raise TaskError(f"{where}: missing {key!r}")
-    if "data" not in raw and data_override is None:
+    try:
+        spec = from_dict(TaskFile, _keys_as_text(raw), "", "the task file")
+    except ConfigError as err:
+        raise TaskError(f"{where}: {err}") from None
+    if not spec.data and data_override is None:
         raise TaskError(f"{where}: missing 'data' (a .jsonl/.json/.txt file)")
-    kind = raw["kind"]
     base_dir = Path(base_dir)
-    kwargs: dict[str, Any] = {"name": str(raw["name"]), "kind": kind, "source": source}
-    data = data_override if data_override is not None else raw["data"]
-    kwargs["data"] = _path(data, base_dir if data_override is None else Path("."), prepared_dir, where, "data")
-    if raw.get("shots_from"):
-        kwargs["shots_from"] = _path(raw["shots_from"], base_dir, prepared_dir, where, "shots_from")
-    for key in ("template", "instruction", "candidates_field", "text_field", "shot_separator"):
-        if key in raw:
-            kwargs[key] = _typed(raw[key], str, where, key)
-    for key in ("shots", "stride", "max_examples"):
-        if key in raw:
-            kwargs[key] = _typed(raw[key], int, where, key)
-    if "prepend_eod" in raw:
-        kwargs["prepend_eod"] = _typed(raw["prepend_eod"], bool, where, "prepend_eod")
-    if "label" in raw:
-        kwargs["label_field"] = _typed(raw["label"], str, where, "label")
-    if "references" in raw:
-        kwargs["references_field"] = _typed(raw["references"], str, where, "references")
-    if "skip_labels" in raw:
-        kwargs["skip_labels"] = [str(v) for v in _typed(raw["skip_labels"], list, where, "skip_labels")]
-    candidates = raw.get("candidates")
-    if candidates == "from_data":
-        kwargs["candidates_from_data"] = True
-    elif isinstance(candidates, dict):
-        kwargs["candidates"] = {str(k): str(v) for k, v in candidates.items()}
-    elif isinstance(candidates, list):
-        kwargs["candidates"] = {str(v): str(v) for v in candidates}
-    elif candidates is not None:
-        raise TaskError(f"{where}: candidates = {candidates!r} is not allowed: expected a mapping "
-                        f"{{label: text}}, a list, or 'from_data'")
-    score = raw.get("score", {})
-    if not isinstance(score, dict) or set(score) - {"span", "reduce"}:
-        raise TaskError(f"{where}: score = {score!r} is not allowed: expected {{span: ..., reduce: ...}}")
-    if "span" in score:
-        kwargs["score_span"] = str(score["span"])
-    if "reduce" in score:
-        kwargs["score_reduce"] = str(score["reduce"])
-    generation = raw.get("generation", {})
-    if not isinstance(generation, dict) or set(generation) - {"max_new_tokens", "stop"}:
-        raise TaskError(f"{where}: generation = {generation!r} is not allowed: expected "
-                        f"{{max_new_tokens: N, stop: [strings]}}")
-    if "max_new_tokens" in generation:
-        kwargs["max_new_tokens"] = _typed(generation["max_new_tokens"], int, where, "generation.max_new_tokens")
-    if "stop" in generation:
-        stop = generation["stop"]
-        kwargs["stop"] = [stop] if isinstance(stop, str) else [str(s) for s in stop]
-    if "metric" in raw:
-        metric = raw["metric"]
-        kwargs["metrics"] = [metric] if isinstance(metric, str) else [str(m) for m in metric]
-    task = Task(**kwargs)
+    data = _path(data_override, Path("."), prepared_dir, where, "data") if data_override is not None \
+        else _path(spec.data, base_dir, prepared_dir, where, "data")
+    candidates = spec.candidates
+    task = Task(
+        name=spec.name, kind=spec.kind, data=data, source=source, template=spec.template,
+        instruction=spec.instruction,
+        candidates=dict(zip(candidates, candidates)) if isinstance(candidates, list) else
+        (candidates if isinstance(candidates, dict) else None),
+        candidates_from_data=candidates == "from_data", candidates_field=spec.candidates_field,
+        label_field=spec.label, skip_labels=spec.skip_labels, score_span=spec.score.span,
+        score_reduce=spec.score.reduce, references_field=spec.references,
+        max_new_tokens=spec.generation.max_new_tokens, stop=_as_list(spec.generation.stop),
+        text_field=spec.text_field, stride=spec.stride, shots=spec.shots,
+        shots_from=_path(spec.shots_from, base_dir, prepared_dir, where, "shots_from") if spec.shots_from else None,
+        shot_separator=spec.shot_separator, prepend_eod=spec.prepend_eod, max_examples=spec.max_examples,
+        metrics=_as_list(spec.metric))
     task.validate()
     return task
+
+
+def _keys_as_text(raw: dict) -> dict:
+    """YAML reads `0: 负面` with an integer key; labels are text."""
+    candidates = raw.get("candidates")
+    if isinstance(candidates, dict):
+        raw = {**raw, "candidates": {str(k): v for k, v in candidates.items()}}
+    if isinstance(raw.get("skip_labels"), list):
+        raw = {**raw, "skip_labels": [str(v) for v in raw["skip_labels"]]}
+    return raw
+
+
+def _as_list(value: list[str] | str) -> list[str]:
+    return [value] if isinstance(value, str) else list(value)
 
 
 def _check(ok: bool, where: str, key: str, value: Any, allowed: str) -> None:
     if not ok:
         raise TaskError(f"{where}: {key} = {value!r} is not allowed: expected {allowed}")
-
-
-def _typed(value: Any, kind: type, where: str, key: str) -> Any:
-    if kind is int and isinstance(value, bool) or not isinstance(value, kind):
-        raise TaskError(f"{where}: {key} = {value!r} is not allowed: expected a {kind.__name__}")
-    return value
 
 
 def _path(value: Any, base_dir: Path, prepared_dir: str | Path | None, where: str, key: str) -> Path:

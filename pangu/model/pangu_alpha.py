@@ -28,8 +28,12 @@ is multiplied by c. The residual stream must then be homogeneous of degree 2 in 
 N is LayerNorm without affine parameters and N_row divides each row by its sum; their eps is
 tiny (1e-30, only guarding all-zero rows) or invariance fails at small scales.
 
-Every linear layer is a tensor-parallel layer from pangu.parallel.layers: at tp = 1 they are
-ordinary linears, at tp > 1 heads, FFN columns and vocabulary rows are split across ranks.
+The layers that tensor parallelism splits (Q/K/V and FFN-up column-parallel, attention-output
+and FFN-down row-parallel, the vocabulary-parallel word embedding) come from a `LayerFactory`
+(factory.py): plain torch layers by default, megatron-core's under pangu.parallel. The order of
+the layers and every parameter's name and shape are declared in layout.py; the modules here are
+built in that order, and each trunk layer takes (x, mask, position_ids, kv_cache) so that this
+model and the pipeline (pangu/parallel/pipeline.py) run them the same way.
 """
 
 from __future__ import annotations
@@ -41,7 +45,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from pangu.config import ModelConfig
-from pangu.parallel import layers as tp
+from pangu.model import layout
+from pangu.model.factory import PLAIN, LayerFactory
 
 
 def fast_gelu(x: torch.Tensor) -> torch.Tensor:
@@ -88,23 +93,31 @@ def relu_attention(q, k, v, attention_mask, causal: bool, dropout: float) -> tor
 
 
 class Attention(nn.Module):
-    """Multi-head attention with separate Q, K, V projections (each with bias), split over heads."""
+    """Multi-head attention with separate Q, K, V projections (each with bias), split over heads.
+    With `selective_recompute` the attention core (scores, softmax, dropout) is recomputed in
+    backward instead of kept (parallel.recompute = selective)."""
 
-    def __init__(self, config: ModelConfig, mp_config):
+    def __init__(self, config: ModelConfig, layers: LayerFactory, selective_recompute: bool = False):
         super().__init__()
         h = config.hidden_size
-        self.heads_per_rank = config.num_heads // tp.tp_world_size()
+        self.layers = layers
+        self.heads_per_rank = config.num_heads // layers.tp_size
         self.head_dim = config.head_dim
         self.dropout = config.attention_dropout_rate
         self.scale_invariant = config.scale_invariant
-        self.selective_recompute = False  # set by the engine for parallel.recompute = selective
-        self.query = tp.ColumnParallelLinear(h, h, bias=True, config=mp_config)
-        self.key = tp.ColumnParallelLinear(h, h, bias=True, config=mp_config)
-        self.value = tp.ColumnParallelLinear(h, h, bias=True, config=mp_config)
-        self.dense = tp.RowParallelLinear(h, h, bias=not config.scale_invariant, config=mp_config)
+        self.selective_recompute = selective_recompute
+        self.query = layers.column_linear(h, h, bias=True)
+        self.key = layers.column_linear(h, h, bias=True)
+        self.value = layers.column_linear(h, h, bias=True)
+        self.dense = layers.row_linear(h, h, bias=not config.scale_invariant)
 
-    def forward(self, x: torch.Tensor, query_input: torch.Tensor, attention_mask: torch.Tensor | None,
-                kv_cache: list[torch.Tensor] | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        query_input: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        kv_cache: list[torch.Tensor] | None = None,
+    ) -> torch.Tensor:
         q = self._heads(self.query(query_input))
         k = self._heads(self.key(x))
         v = self._heads(self.value(x))
@@ -115,7 +128,7 @@ class Attention(nn.Module):
                 causal = False  # one new position attends to everything before it
             kv_cache[:] = [k, v]
         if self.selective_recompute and self.training:
-            context = tp.recompute(self._core, q, k, v, attention_mask, causal)
+            context = self.layers.recompute(self._core, q, k, v, attention_mask, causal)
         else:
             context = self._core(q, k, v, attention_mask, causal)
         batch, _, seq, _ = context.shape
@@ -131,45 +144,47 @@ class Attention(nn.Module):
         mask = None if attention_mask is None else attention_mask.unsqueeze(1)
         # Attention probabilities are split over heads, so their dropout masks differ per tp
         # rank: they come from the tensor-parallel RNG stream.
-        with tp.tensor_parallel_rng(enabled=dropout > 0):
+        with self.layers.tensor_parallel_rng(enabled=dropout > 0):
             if self.scale_invariant:
                 return relu_attention(q, k, v, attention_mask, causal, dropout)
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout,
-                                                  is_causal=causal)
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=causal)
 
 
 class FeedForward(nn.Module):
     """h -> ffn -> h with bias, the activation in between."""
 
-    def __init__(self, config: ModelConfig, mp_config):
+    def __init__(self, config: ModelConfig, layers: LayerFactory):
         super().__init__()
-        self.dense_h_to_4h = tp.ColumnParallelLinear(config.hidden_size, config.ffn_size, bias=True,
-                                                     config=mp_config)
-        self.dense_4h_to_h = tp.RowParallelLinear(config.ffn_size, config.hidden_size,
-                                                  bias=not config.scale_invariant, config=mp_config)
+        self.dense_h_to_4h = layers.column_linear(config.hidden_size, config.ffn_size, bias=True)
+        self.dense_4h_to_h = layers.row_linear(config.ffn_size, config.hidden_size, bias=not config.scale_invariant)
         self.activation = ACTIVATIONS["relu" if config.scale_invariant else config.activation]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.dense_4h_to_h(self.activation(self.dense_h_to_4h(x)))
 
 
+# Trunk layers: each takes (x, attention_mask, position_ids, kv_cache) and returns the new x.
+
+
 class TransformerLayer(nn.Module):
     """One pre-LayerNorm block. The query layer is the same block with a different query input."""
 
-    def __init__(self, config: ModelConfig, mp_config):
+    def __init__(self, config: ModelConfig, layers: LayerFactory = PLAIN, selective_recompute: bool = False):
         super().__init__()
         self.input_layernorm = LayerNorm(config)
-        self.attention = Attention(config, mp_config)
+        self.attention = Attention(config, layers, selective_recompute)
         self.post_attention_layernorm = LayerNorm(config)
-        self.mlp = FeedForward(config, mp_config)
+        self.mlp = FeedForward(config, layers)
         self.hidden_dropout = config.dropout
 
-    def forward(self, x: torch.Tensor, attention_mask: torch.Tensor | None,
-                query_input: torch.Tensor | None = None, kv_cache: list | None = None) -> torch.Tensor:
+    def forward(self, x, attention_mask=None, position_ids=None, kv_cache=None) -> torch.Tensor:
         normed = self.input_layernorm(x)
-        query_input = normed if query_input is None else query_input
+        query_input = self.query_input(normed, position_ids)
         x = x + self._dropout(self.attention(normed, query_input, attention_mask, kv_cache))
         return x + self._dropout(self.mlp(self.post_attention_layernorm(x)))
+
+    def query_input(self, normed: torch.Tensor, position_ids: torch.Tensor | None) -> torch.Tensor:
+        return normed
 
     def _dropout(self, x: torch.Tensor) -> torch.Tensor:
         # Outputs of row-parallel layers are replicated across the tp group: the default RNG,
@@ -180,24 +195,38 @@ class TransformerLayer(nn.Module):
 class QueryLayer(TransformerLayer):
     """The top layer: its attention query is a learned embedding of the position (not normalised)."""
 
-    def __init__(self, config: ModelConfig, mp_config):
-        super().__init__(config, mp_config)
-        self.query_embeddings = nn.Embedding(config.seq_length, config.hidden_size)
+    def __init__(self, config: ModelConfig, layers: LayerFactory = PLAIN, selective_recompute: bool = False):
+        super().__init__(config, layers, selective_recompute)
+        self.query_embeddings = nn.utils.skip_init(nn.Embedding, config.seq_length, config.hidden_size)
 
-    def forward(self, x: torch.Tensor, attention_mask: torch.Tensor | None, position_ids: torch.Tensor,
-                kv_cache: list | None = None) -> torch.Tensor:
-        query_input = self.query_embeddings(position_ids).to(x.dtype)
-        return super().forward(x, attention_mask, query_input, kv_cache)
+    def query_input(self, normed: torch.Tensor, position_ids: torch.Tensor | None) -> torch.Tensor:
+        return self.query_embeddings(position_ids).to(normed.dtype)
+
+
+class FinalLayerNorm(LayerNorm):
+    def forward(self, x, attention_mask=None, position_ids=None, kv_cache=None) -> torch.Tensor:
+        return super().forward(x)
+
+
+class Stem(nn.Module):
+    """Scale-invariant variant only: h = W2 ReLU(W1 N(e)), the embedding lifted to degree 2."""
+
+    def __init__(self, config: ModelConfig, layers: LayerFactory = PLAIN):
+        super().__init__()
+        self.norm = LayerNorm(config)
+        self.mlp = FeedForward(config, layers)
+
+    def forward(self, x, attention_mask=None, position_ids=None, kv_cache=None) -> torch.Tensor:
+        return self.mlp(self.norm(x))
 
 
 class Embedding(nn.Module):
     """word_emb[ids] + pos_emb[positions], then dropout."""
 
-    def __init__(self, config: ModelConfig, mp_config):
+    def __init__(self, config: ModelConfig, layers: LayerFactory = PLAIN):
         super().__init__()
-        self.word_embeddings = tp.VocabParallelEmbedding(config.padded_vocab_size, config.hidden_size,
-                                                         config=mp_config)
-        self.position_embeddings = nn.Embedding(config.seq_length, config.hidden_size)
+        self.word_embeddings = layers.vocab_embedding(config.padded_vocab_size, config.hidden_size)
+        self.position_embeddings = nn.utils.skip_init(nn.Embedding, config.seq_length, config.hidden_size)
         self.dropout = config.dropout
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
@@ -205,38 +234,52 @@ class Embedding(nn.Module):
         return F.dropout(x, self.dropout, training=self.training)
 
 
-class Stem(nn.Module):
-    """Scale-invariant variant only: h = W2 ReLU(W1 N(e)), the embedding lifted to degree 2."""
-
-    def __init__(self, config: ModelConfig, mp_config):
-        super().__init__()
-        self.norm = LayerNorm(config)
-        self.mlp = FeedForward(config, mp_config)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.mlp(self.norm(x))
+def trunk_layer(kind: str, config: ModelConfig, layers: LayerFactory, selective_recompute: bool) -> nn.Module:
+    """The module of a trunk layer of `kind` (see layout.py)."""
+    if kind == layout.BLOCK:
+        return TransformerLayer(config, layers, selective_recompute)
+    if kind == layout.QUERY:
+        return QueryLayer(config, layers, selective_recompute)
+    if kind == layout.FINAL_NORM:
+        return FinalLayerNorm(config)
+    if kind == layout.STEM_LAYER:
+        return Stem(config, layers)
+    raise ValueError(f"{kind!r} is not a trunk layer")
 
 
 class PanguAlpha(nn.Module):
     """The whole network as one module, for inference, evaluation and single-process use.
 
-    Training wraps the same layer classes in a DeepSpeed PipelineModule (pangu/parallel/pipeline.py);
-    parameter names here are the canonical names of pangu checkpoints.
+    Training runs the same layer classes in a DeepSpeed PipelineModule (pangu/parallel/pipeline.py);
+    parameter names here are the canonical names of pangu checkpoints (layout.py).
     """
 
-    def __init__(self, config: ModelConfig, mp_config=None):
+    def __init__(self, config: ModelConfig, layers: LayerFactory = PLAIN, selective_recompute: bool = False):
         super().__init__()
-        mp_config = mp_config or tp.megatron_config(tp.tp_world_size())
         self.config = config
-        self.embedding = Embedding(config, mp_config)
-        self.stem = Stem(config, mp_config) if config.scale_invariant else None
-        self.blocks = nn.ModuleList(TransformerLayer(config, mp_config)
-                                    for _ in range(config.num_layers - 1))
-        self.final_layernorm = LayerNorm(config)
-        self.query_layer = QueryLayer(config, mp_config)
+        self.layers = layers
+        self.embedding = Embedding(config, layers)
+        trunk = []
+        for layer in layout.layers(config):
+            if layer.kind not in layout.TRUNK_KINDS:
+                continue
+            module = trunk_layer(layer.kind, config, layers, selective_recompute)
+            if layer.kind == layout.BLOCK:
+                if layout.BLOCKS not in self._modules:
+                    self.blocks = nn.ModuleList()
+                self.blocks.append(module)
+            else:
+                self.add_module(layer.module, module)
+            trunk.append(module)
+        self.trunk = trunk  # a plain list: the modules are registered above, under their canonical names
 
-    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
-                attention_mask: torch.Tensor | None = None, kv_cache: list[list] | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        kv_cache: list[list] | None = None,
+    ) -> torch.Tensor:
         """Logits [batch, seq, vocab_size]. `attention_mask` is [batch, seq, seq], 1 where a position
         may attend (PanGu's convention); None means causal. `kv_cache` (from `new_kv_cache()`) keeps
         keys and values across calls for generation: feed the prompt once, then one token per call
@@ -244,51 +287,16 @@ class PanguAlpha(nn.Module):
         if position_ids is None:
             position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
         mask = None if attention_mask is None else attention_mask.bool()
-        caches = kv_cache or [None] * (len(self.blocks) + 1)
+        caches = kv_cache or [None] * len(self.trunk)
         x = self.embedding(input_ids, position_ids)
-        if self.stem is not None:
-            x = self.stem(x)
-        for block, cache in zip(self.blocks, caches):
-            x = block(x, mask, kv_cache=cache)
-        if self.config.final_layernorm == "before":
-            x = self.final_layernorm(x)
-        x = self.query_layer(x, mask, position_ids, kv_cache=caches[-1])
-        if self.config.final_layernorm == "after":
-            x = self.final_layernorm(x)
+        for layer, cache in zip(self.trunk, caches):
+            x = layer(x, mask, position_ids, cache)
         return self.logits(x)
 
     def new_kv_cache(self) -> list[list]:
-        return [[] for _ in range(len(self.blocks) + 1)]
+        return [[] for _ in self.trunk]
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Full-vocabulary logits (the padding rows of the vocabulary removed)."""
-        logits = tp.parallel_lm_logits(hidden, self.embedding.word_embeddings.weight)
-        return tp.gather_vocab(logits)[..., : self.config.vocab_size]
-
-
-def init_std(name: str, config: ModelConfig) -> tuple[str, float]:
-    """The original initialisation of the parameter called `name` (canonical name):
-    ("normal" | "trunc_normal" | "zeros" | "ones", std)."""
-    std = config.init_std
-    if name.endswith("layernorm.weight"):
-        return "ones", 0.0
-    if name.endswith(".bias"):
-        return "zeros", 0.0
-    if name == "embedding.word_embeddings.weight":
-        return "normal", std
-    if name.endswith("position_embeddings.weight") or name.endswith("query_embeddings.weight"):
-        return "trunc_normal", std
-    if name.endswith(("attention.query.weight", "attention.key.weight", "attention.value.weight")):
-        return "normal", 0.01
-    if name.endswith(("attention.dense.weight", "mlp.dense_4h_to_h.weight")):
-        # residual-branch outputs are scaled down with depth; the stem's is not a residual branch
-        return "normal", std if name.startswith("stem.") else std / math.sqrt(2.0 * config.num_layers)
-    if name.endswith("mlp.dense_h_to_4h.weight"):
-        return "normal", std
-    raise KeyError(f"no initialisation rule for parameter {name!r}")
-
-
-def is_scale_invariant_parameter(name: str) -> bool:
-    """Trunk parameters of the scale-invariant variant (canonical names): everything but the
-    embeddings (word, position, query) and the head tied to the word embedding."""
-    return name.startswith(("stem.", "blocks.", "query_layer.")) and not name.endswith("query_embeddings.weight")
+        logits = self.layers.lm_logits(hidden, self.embedding.word_embeddings.weight)
+        return self.layers.gather_vocab(logits)[..., : self.config.vocab_size]

@@ -1,43 +1,31 @@
-"""Sizes of a PanGu-alpha, computed from its config without building anything (and without
-importing torch, so that `pangu plan` stays fast): parameters, and training FLOPs per token by
-layer kind as the pipeline lays the layers out (pangu.parallel.pipeline)."""
+"""Sizes of a PanGu-alpha, computed from its declaration (layout.py) without building anything
+(and without importing torch, so that `pangu plan` stays fast): parameters, and training FLOPs
+per token by layer."""
 
 from __future__ import annotations
 
 from pangu.config import ModelConfig
+from pangu.model import layout
 
 
 def parameter_count(config: ModelConfig) -> int:
     """Number of parameters (the unpadded vocabulary, as papers count)."""
-    h, f = config.hidden_size, config.ffn_size
-    si = config.scale_invariant  # no LayerNorm parameters, no output biases, plus the stem
-    layernorm = 0 if si else 2 * h
-    attention = 4 * h * h + 3 * h + (0 if si else h)
-    ffn = h * f + f + f * h + (0 if si else h)
-    layer = 2 * layernorm + attention + ffn
-    embeddings = config.vocab_size * h + config.seq_length * h  # word (tied head) + position
-    query_embedding = config.seq_length * h
-    stem = ffn if si else 0
-    return embeddings + stem + config.num_layers * layer + query_embedding + layernorm
+    padding = (config.padded_vocab_size - config.vocab_size) * config.hidden_size
+    return sum(p.numel for p in layout.parameters(config)) - padding
 
 
-def forward_flops_per_token(config: ModelConfig, kind: str) -> float:
-    """Forward matmul FLOPs per token of one layer of `kind`: weights (2 FLOPs per weight),
-    attention scores and context (2 * 2 * seq * h, causal not discounted, as Megatron counts)."""
-    h, s, f = config.hidden_size, config.seq_length, config.ffn_size
-    if kind in ("block", "query_layer"):
-        return 2 * (4 * h * h + 2 * h * f) + 4 * s * h
-    if kind == "stem":  # the scale-invariant trunk's W2 ReLU(W1 x)
-        return 2 * 2 * h * f
-    if kind == "head":
-        return 2 * h * config.padded_vocab_size
-    return 0.0  # embeddings (lookups) and LayerNorms
+def forward_flops_per_token(config: ModelConfig, layer: layout.Layer) -> float:
+    """Forward matmul FLOPs per token of one layer: 2 per weight element a token is multiplied
+    with (the head multiplies with the whole tied word embedding), plus attention scores and
+    context (2 * 2 * seq * h, causal not discounted, as Megatron counts)."""
+    if layer.kind == layout.HEAD:
+        return 2.0 * sum(p.numel for p in layer.parameters)
+    flops = 2.0 * sum(p.numel for p in layer.parameters if p.matmul)
+    if layer.kind in layout.TRANSFORMER_KINDS:
+        flops += 4 * config.seq_length * config.hidden_size
+    return flops
 
 
 def flops_per_token(config: ModelConfig) -> float:
-    """Training FLOPs per token (forward + backward = 3x forward), matmuls only; num_layers
-    counts the query layer."""
-    forward = (config.num_layers * forward_flops_per_token(config, "block")
-               + forward_flops_per_token(config, "head")
-               + (forward_flops_per_token(config, "stem") if config.scale_invariant else 0.0))
-    return 3.0 * forward
+    """Training FLOPs per token (forward + backward = 3x forward), matmuls only."""
+    return 3.0 * sum(forward_flops_per_token(config, layer) for layer in layout.layers(config))

@@ -1,6 +1,6 @@
 """S3 (SoftSignSGD, Peng et al. 2025): Adam-like updates that can never exceed the learning rate.
 
-Per element, with one beta for both moments and an order p >= 1 (REFERENCE.md section 2):
+Per element, with one beta for both moments and an order p >= 1 (docs/reference.md section 2):
 
     m = beta * m + (1 - beta) * g
     s = beta * s + (1 - beta) * |g|^p
@@ -76,7 +76,7 @@ def cube_root(x: Tensor) -> Tensor:
 def _update_tensor(param: Tensor, grad: Tensor, m: Tensor, s: Tensor, hyperparameters: Tensor,
                    abs_pow: Callable[[Tensor, Tensor], Tensor],
                    root: Callable[[Tensor, Tensor], Tensor]) -> None:
-    """The REFERENCE.md formulas for one tensor, in fp32.
+    """The docs/reference.md formulas for one tensor, in fp32.
 
     maximize and nesterov are numbers rather than branches so that torch.compile builds one
     kernel for every combination: grad_sign is -1 to maximize, +1 otherwise, and lookahead is

@@ -1,6 +1,6 @@
 """SGD + weight decay + relative gradient clipping for a scale-invariant trunk (SIBERT recipe).
 
-REFERENCE.md section 3. For the group marked `scale_invariant=True`:
+docs/reference.md section 3. For the group marked `scale_invariant=True`:
 
     thr = sqrt(C) * sqrt(2 * wd / lr) * ||x||        # default C = 4, i.e. sqrt(C) = 2
     g   <- g * min(1, thr / ||g||)

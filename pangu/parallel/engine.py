@@ -14,10 +14,10 @@ import deepspeed
 import torch
 
 from pangu.config import Config, ConfigError
+from pangu.model import layout
 from pangu.model.init import initialize_parameters
-from pangu.model.pangu_alpha import is_scale_invariant_parameter
-from pangu.optim import S3, ScaleInvariantSGD, param_groups
-from pangu.parallel import layers as tp
+from pangu.optim.registry import build_optimizer
+from pangu.parallel import tensor_parallel as tp
 from pangu.parallel.pipeline import build_pipeline, canonical_names
 from pangu.parallel.topology import Topology
 
@@ -79,31 +79,6 @@ def pipeline_inputs(batch: dict) -> tuple[torch.Tensor, ...]:
     return tuple(inputs)
 
 
-def build_optimizer(config: Config, named_parameters: list[tuple[str, torch.nn.Parameter]]):
-    """S3 (default), AdamW, or SGD on the scale-invariant trunk with S3/AdamW elsewhere.
-    Parameter names are canonical: LayerNorm parameters and biases get no weight decay. Each
-    group keeps its "base_lr", which the trainer scales by the schedule every step."""
-    optim = config.optim
-    if optim.name == "sgd_si":
-        trunk = [name for name, _ in named_parameters if is_scale_invariant_parameter(name)]
-        groups = param_groups(named_parameters, optim.weight_decay, scale_invariant_names=trunk,
-                              scale_invariant_lr=optim.si_lr, scale_invariant_weight_decay=optim.si_weight_decay)
-        optimizer = ScaleInvariantSGD(groups, lr=optim.lr, weight_decay=optim.weight_decay,
-                                      clip_c=optim.si_clip_c, other=optim.si_other, beta=optim.beta, p=optim.p,
-                                      nesterov=optim.nesterov, betas=optim.betas, eps=optim.eps, fused=optim.fused)
-    elif optim.name == "s3":
-        optimizer = S3(param_groups(named_parameters, optim.weight_decay), lr=optim.lr, beta=optim.beta,
-                       p=optim.p, nesterov=optim.nesterov, eps=optim.eps, weight_decay=optim.weight_decay,
-                       fused=optim.fused)
-    else:
-        optimizer = torch.optim.AdamW(param_groups(named_parameters, optim.weight_decay), lr=optim.lr,
-                                      betas=optim.betas, eps=optim.eps, weight_decay=optim.weight_decay,
-                                      fused=optim.fused, foreach=not optim.fused)
-    for group in optimizer.param_groups:
-        group["base_lr"] = group["lr"]
-    return optimizer
-
-
 def allow_fp16_on_cpu() -> None:
     """DeepSpeed's CPU accelerator refuses fp16 unless oneDNN has fp16 kernels (AVX512-FP16 CPUs).
     torch computes fp16 on any CPU, only slower, so pangu lets DeepSpeed's fp16 path (loss
@@ -121,9 +96,15 @@ def build_engine(config: Config, topology: Topology):
     pipe = build_pipeline(config, topology,
                           loss_fn=lambda logits, labels: pipeline_loss(logits, labels, config.model.vocab_size))
     names = canonical_names(pipe, config.model)
-    initialize_parameters(((names[n], p) for n, p in pipe.named_parameters()), config.model, config.train.seed)
     named = [(names[n], p) for n, p in pipe.named_parameters()]
-    optimizer = build_optimizer(config, named)
+    initialize_parameters(named, config.model, config.train.seed, topology.tp_rank, topology.tp)
+    table = layout.parameter_table(config.model)
+    optimizer = build_optimizer(
+        config.optim,
+        named,
+        no_decay=[name for name, _ in named if not table[name].weight_decay],
+        scale_invariant=[name for name, _ in named if table[name].scale_invariant],
+    )
     if config.train.precision == "fp16":
         allow_fp16_on_cpu()
     engine, _, _, _ = deepspeed.initialize(model=pipe, optimizer=optimizer,

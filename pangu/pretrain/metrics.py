@@ -122,24 +122,3 @@ def peak_memory_bytes() -> int:
     import resource
 
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
-
-
-def _tensor_bytes(tensors) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors if torch.is_tensor(t))
-
-
-def memory_report(engine) -> dict[str, int]:
-    """Bytes this rank holds for the model: parameters (as trained, e.g. bf16), the ZeRO-1 fp32
-    master partitions, gradients (one buffer per parameter in the accumulation dtype) and the
-    optimizer state (this rank's partition). Measured from the tensors, not from a formula."""
-    params = list(engine.module.parameters())
-    base = engine.optimizer.optimizer
-    masters = [group["params"][0] for group in base.param_groups]
-    grad_dtype = torch.float32 if engine.bfloat16_enabled() else params[0].dtype
-    return {
-        "parameter_bytes": _tensor_bytes(params),
-        "master_weight_bytes": _tensor_bytes(m for m in masters if m.data_ptr() not in {p.data_ptr() for p in params}),
-        "gradient_bytes": sum(p.numel() for p in params) * torch.empty((), dtype=grad_dtype).element_size(),
-        "optimizer_state_bytes": _tensor_bytes(v for state in base.state.values() for v in state.values()
-                                               if torch.is_tensor(v) and v.dim() > 0),
-    }

@@ -19,18 +19,24 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from pangu.checkpoint import format as fmt
+from pangu.checkpoint.deepspeed_state import link_optimizer_state, memory_report
+from pangu.checkpoint.store import CheckpointError
+from pangu.checkpoint.training import latest_checkpoint, load_checkpoint, save_checkpoint
 from pangu.config import Config, ConfigError, SpikeGuardConfig
 from pangu.data.dataset import make_batch
 from pangu.data.prepare import load_prepared, load_tokenizer
 from pangu.data.sampler import GlobalBatchSampler, micro_batches
+from pangu.data.tokenizer import TOKENIZER_FILE
+from pangu.evaluation.harness import evaluate_tasks
 from pangu.evaluation.tasks import load_task
 from pangu.model.sizes import flops_per_token, parameter_count
-from pangu.optim import ScaleInvariantSGD, lr_factor
+from pangu.optim import registry
+from pangu.optim.schedules import apply_lr_factor, lr_factor
 from pangu.parallel.engine import build_engine, micro_batches_per_step, pipeline_inputs
-from pangu.parallel.layers import seed_rng_streams
+from pangu.parallel.tensor_parallel import seed_rng_streams
 from pangu.parallel.topology import Topology, device, init_distributed
-from pangu.pretrain import checkpoint
-from pangu.pretrain.metrics import MetricsLogger, memory_report, peak_memory_bytes, total_peak_flops
+from pangu.pretrain.metrics import MetricsLogger, peak_memory_bytes, total_peak_flops
 
 
 class Batches:
@@ -92,10 +98,9 @@ def learning_rate(config: Config, step: int) -> float:
 
 def set_learning_rate(engine, config: Config, step: int) -> float:
     """Sets every param group's lr to its base lr times the schedule; returns optim.lr's value."""
-    factor = learning_rate(config, step) / config.optim.lr
-    for group in engine.optimizer.param_groups:
-        group["lr"] = group["base_lr"] * factor
-    return config.optim.lr * factor
+    lr = learning_rate(config, step)
+    apply_lr_factor(engine.optimizer.param_groups, lr / config.optim.lr)
+    return lr
 
 
 class Trainer:
@@ -124,15 +129,15 @@ class Trainer:
         self.engine, self.names = build_engine(config, self.topology)
         self.sampler = GlobalBatchSampler(len(self.train_data), train.global_batch_size, seed=train.seed)
         self.step = 0
-        self.resumed_from = checkpoint.latest_checkpoint(self.output_dir)
+        self.resumed_from = latest_checkpoint(self.output_dir)
         if self.resumed_from is not None:
             self._restore(self.resumed_from)
         elif train.init_from:
-            source = checkpoint.resolve(train.init_from)
-            checkpoint.read_manifest(source)
-            checkpoint.load_checkpoint(source, self.engine, self.names, self.topology, config, weights_only=True)
+            source = fmt.resolve(train.init_from)
+            fmt.read_manifest(source)
+            load_checkpoint(source, self.engine, self.names, self.topology, config, weights_only=True)
         self.spike_guard = SpikeGuard(train.spike_guard)
-        checkpoint.link_optimizer_state(self.engine)  # optimizer state exists from here on: measurable
+        link_optimizer_state(self.engine, config.optim)  # optimizer state exists from here on: measurable
         self.memory = memory_report(self.engine)
         self.batches = Batches(self.train_data, config, self.topology, self.meta)
         self.valid_batches = Batches(valid_data, config, self.topology, self.meta)
@@ -142,9 +147,9 @@ class Trainer:
 
     def _restore(self, path: Path) -> None:
         """Continues from a training checkpoint: weights, optimizer, RNGs, step and data position."""
-        state = checkpoint.load_checkpoint(path, self.engine, self.names, self.topology, self.config)
+        state = load_checkpoint(path, self.engine, self.names, self.topology, self.config)
         if state.get("tokenizer_fingerprint") != self.meta["tokenizer"]["fingerprint"]:
-            raise checkpoint.CheckpointError(
+            raise CheckpointError(
                 f"checkpoint {path} was trained with another tokenizer than the one of "
                 f"{self.config.data.prepared_dir}: resume with the data it was trained on")
         self.step = state["step"]
@@ -167,18 +172,13 @@ class Trainer:
                   "lr": lr, "grad_norm": _grad_norm(self.engine),
                   "tokens_per_sec": tokens_per_sec, "mfu": tokens_per_sec * self.model_flops / self.peak_flops,
                   "consumed_samples": self.sampler.consumed_samples, "peak_memory_bytes": peak_memory_bytes()}
-        optimizer = self.engine.optimizer.optimizer
-        if isinstance(optimizer, ScaleInvariantSGD):  # how often the relative clip fires (SIBERT: ~1.5%)
-            record.update(si_clip_events=optimizer.clip_events, si_clip_ratio=optimizer.last_clip_ratio,
-                          si_weight_norm=optimizer.last_weight_norm, si_grad_norm=optimizer.last_grad_norm)
+        record.update(registry.get(self.config.optim.name).metrics(self.engine.optimizer.optimizer))
         return record
 
     def evaluate_tasks(self) -> dict[str, float]:
         """The train.eval_tasks scored through the training engine: {task/NAME/METRIC: value}."""
         if not self.eval_tasks:
             return {}
-        from pangu.evaluation.harness import evaluate_tasks
-
         results = evaluate_tasks(self.engine, self.eval_tasks, self.tokenizer, config=self.config,
                                  topology=self.topology, seed=self.config.train.seed,
                                  max_examples=self.config.train.eval_task_examples or None)
@@ -186,11 +186,11 @@ class Trainer:
                 for task, (name, result) in zip(self.eval_tasks, results.items()) for metric in task.headline}
 
     def save(self) -> Path:
-        return checkpoint.save_checkpoint(
+        return save_checkpoint(
             self.output_dir, self.step, self.engine, self.names, self.topology, self.config,
             {"step": self.step, "sampler": self.sampler.state_dict(),
              "tokenizer_fingerprint": self.meta["tokenizer"]["fingerprint"]},
-            Path(self.config.data.prepared_dir) / "tokenizer.model")
+            Path(self.config.data.prepared_dir) / TOKENIZER_FILE)
 
     def run(self) -> dict:
         """Trains until train.steps, or checkpoints and stops after train.stop_at; returns the last record."""
@@ -238,7 +238,7 @@ class Trainer:
         """Reloads the last checkpoint and skips the samples seen since it (recorded in the sampler
         state, so the skip survives later resumes)."""
         guard = self.spike_guard
-        last = checkpoint.latest_checkpoint(self.output_dir)
+        last = latest_checkpoint(self.output_dir)
         if guard.rollbacks >= guard.config.max_rollbacks or last is None:
             raise TrainingError(f"the loss spiked at step {self.step} (above {guard.config.factor} x the running "
                                 f"median for {guard.config.consecutive} steps) after {guard.rollbacks} rollbacks "

@@ -1,0 +1,37 @@
+"""`pangu generate`: continue a prompt with a checkpoint's model."""
+
+from __future__ import annotations
+
+from pangu.config import ConfigError
+
+
+def add_parser(commands) -> None:
+    parser = commands.add_parser("generate", help="continue a prompt")
+    parser.add_argument("--checkpoint", required=True)
+    parser.add_argument("--prompt", required=True)
+    parser.add_argument("--max-new-tokens", type=int, default=48)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    parser.add_argument("--top-k", type=int, default=0)
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def run(args) -> int:
+    import pangu
+    from pangu.evaluation.inference import generate_ids
+
+    model, tokenizer = pangu.load(args.checkpoint)
+    if tokenizer is None:
+        raise ConfigError(f"{args.checkpoint} carries no tokenizer (an imported weight file?): import it with --tokenizer")
+    ids = generate_ids(
+        model,
+        tokenizer.encode(args.prompt),
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        stop_ids=(tokenizer.eod_id,),
+        seed=args.seed,
+    )
+    print(args.prompt + tokenizer.decode(ids))
+    return 0

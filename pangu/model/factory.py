@@ -1,0 +1,58 @@
+"""How the model's splittable layers are built: a small factory the model takes as an argument.
+
+The model says what the network computes; the factory says how the layers that tensor
+parallelism splits are made. This default builds plain torch layers for one process (inference,
+evaluation, export: no torch.distributed needed). `pangu.parallel.tensor_parallel.MegatronLayers`
+builds megatron-core's column/row-parallel linears and vocab-parallel embedding instead, with
+DeepSpeed's RNG tracker and recomputation, for training under any (dp, tp, pp).
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+
+class LayerFactory:
+    """Plain torch layers (tensor-parallel size 1). Parameters are created uninitialised:
+    pangu.model.init fills them (or a checkpoint does)."""
+
+    tp_size: int = 1
+    tp_rank: int = 0
+
+    def column_linear(self, fan_in: int, fan_out: int, *, bias: bool) -> nn.Module:
+        """y = x W^T + b; under tensor parallelism each rank computes a slice of the outputs."""
+        return nn.utils.skip_init(nn.Linear, fan_in, fan_out, bias=bias)
+
+    def row_linear(self, fan_in: int, fan_out: int, *, bias: bool) -> nn.Module:
+        """y = x W^T + b; under tensor parallelism each rank takes a slice of the inputs and the
+        partial outputs are summed over the group."""
+        return nn.utils.skip_init(nn.Linear, fan_in, fan_out, bias=bias)
+
+    def vocab_embedding(self, num_embeddings: int, embedding_dim: int) -> nn.Module:
+        """The word embedding; under tensor parallelism each rank holds a slice of the rows."""
+        return nn.utils.skip_init(nn.Embedding, num_embeddings, embedding_dim)
+
+    def lm_logits(self, hidden: torch.Tensor, word_embeddings: torch.Tensor) -> torch.Tensor:
+        """Logits against the tied word embedding (this rank's vocabulary slice)."""
+        return F.linear(hidden, word_embeddings)
+
+    def gather_vocab(self, logits: torch.Tensor) -> torch.Tensor:
+        """The full vocabulary's logits from each rank's slice (last dimension)."""
+        return logits
+
+    def tensor_parallel_rng(self, enabled: bool = True) -> contextlib.AbstractContextManager:
+        """Context for random ops on activations split across the tensor-parallel group."""
+        return contextlib.nullcontext()
+
+    def recompute(self, function, *args):
+        """function(*args) without keeping its activations; backward runs it again with the same
+        random state."""
+        return checkpoint(function, *args, use_reentrant=False)
+
+
+PLAIN = LayerFactory()

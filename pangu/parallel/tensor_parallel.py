@@ -1,0 +1,163 @@
+"""Tensor (op-level) parallelism: the model's layer factory built from megatron-core.
+
+`MegatronLayers` is the `pangu.model.factory.LayerFactory` that training uses: the model asks it
+for its splittable layers, and gets
+- megatron-core's column- and row-parallel linears and vocab-parallel embedding, returning plain
+  tensors, with their tensor-parallel attributes always set (DeepSpeed's gradient-norm clipping
+  reads them to count a replicated parameter once);
+- random ops inside tensor-parallel regions drawing from DeepSpeed's activation-checkpointing RNG
+  tracker (one stream per tp rank, replayed exactly when a layer is recomputed);
+- recomputation through DeepSpeed's `checkpoint` (megatron-core's is CUDA-only).
+Here too: the vocab-parallel cross entropy and the masking of the padded vocabulary.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import deepspeed
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from megatron.core import parallel_state, tensor_parallel
+from megatron.core.model_parallel_config import ModelParallelConfig
+from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
+
+from pangu.model.factory import LayerFactory
+
+
+def megatron_config(tp: int, params_dtype: torch.dtype = torch.float32) -> ModelParallelConfig:
+    # Weights are created on the CPU and initialised by pangu (see pangu/model/init.py), so the
+    # same config runs on CPU and GPU; DeepSpeed moves the module to the device afterwards.
+    return ModelParallelConfig(
+        tensor_model_parallel_size=tp,
+        use_cpu_initialization=True,
+        perform_initialization=False,
+        sequence_parallel=False,
+        gradient_accumulation_fusion=False,
+        params_dtype=params_dtype,
+    )
+
+
+def _mark_split(tensor: torch.Tensor | None, dim: int) -> None:
+    if tensor is not None and not getattr(tensor, "tensor_model_parallel", False):
+        for attr in ("tensor_model_parallel", "partition_dim", "partition_stride"):
+            if hasattr(tensor, attr):
+                delattr(tensor, attr)
+        set_tensor_model_parallel_attributes(tensor, True, dim, 1)
+
+
+class ColumnParallelLinear(tensor_parallel.ColumnParallelLinear):
+    """y = x W^T + b with W split by output rows; the output stays split (one slice per rank)."""
+
+    def __init__(self, input_size: int, output_size: int, *, bias: bool, config: ModelParallelConfig):
+        super().__init__(
+            input_size,
+            output_size,
+            config=config,
+            init_method=None,
+            bias=bias,
+            gather_output=False,
+            skip_bias_add=False,
+        )
+        _mark_split(self.weight, 0)
+        _mark_split(self.bias, 0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x)[0]
+
+
+class RowParallelLinear(tensor_parallel.RowParallelLinear):
+    """y = x W^T + b with W split by input columns; outputs are summed over the group, then b."""
+
+    def __init__(self, input_size: int, output_size: int, *, bias: bool, config: ModelParallelConfig):
+        super().__init__(
+            input_size,
+            output_size,
+            config=config,
+            init_method=None,
+            bias=bias,
+            input_is_parallel=True,
+            skip_bias_add=False,
+        )
+        _mark_split(self.weight, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x)[0]
+
+
+class VocabParallelEmbedding(tensor_parallel.VocabParallelEmbedding):
+    """The word embedding, split by vocabulary rows across the tensor-parallel group."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, *, config: ModelParallelConfig):
+        super().__init__(num_embeddings, embedding_dim, init_method=None, config=config)
+        _mark_split(self.weight, 0)
+
+
+class MegatronLayers(LayerFactory):
+    """megatron-core's tensor-parallel layers over the tensor-parallel group of `parallel_state`
+    (initialised by pangu.parallel.topology.init_distributed)."""
+
+    def __init__(self, tp_size: int):
+        self.tp_size = tp_size
+        self.tp_rank = parallel_state.get_tensor_model_parallel_rank()
+        self.config = megatron_config(tp_size)
+
+    def column_linear(self, fan_in, fan_out, *, bias):
+        return ColumnParallelLinear(fan_in, fan_out, bias=bias, config=self.config)
+
+    def row_linear(self, fan_in, fan_out, *, bias):
+        return RowParallelLinear(fan_in, fan_out, bias=bias, config=self.config)
+
+    def vocab_embedding(self, num_embeddings, embedding_dim):
+        return VocabParallelEmbedding(num_embeddings, embedding_dim, config=self.config)
+
+    def lm_logits(self, hidden, word_embeddings):
+        hidden = tensor_parallel.copy_to_tensor_model_parallel_region(hidden)
+        return F.linear(hidden, word_embeddings)
+
+    def gather_vocab(self, logits):
+        return gather_vocab(logits)
+
+    def tensor_parallel_rng(self, enabled=True):
+        if not enabled:
+            return contextlib.nullcontext()
+        return deepspeed.checkpointing.get_cuda_rng_tracker().fork()
+
+    def recompute(self, function, *args):
+        # DeepSpeed's checkpoint saves and restores the default RNG and the tracker's states
+        return deepspeed.checkpointing.checkpoint(function, *args)
+
+
+def gather_vocab(logits: torch.Tensor) -> torch.Tensor:
+    """The full vocabulary's logits from each tensor-parallel rank's slice (last dimension), for
+    inference: a plain all_gather, no autograd (training takes the vocab-parallel cross entropy
+    instead)."""
+    group = parallel_state.get_tensor_model_parallel_group()
+    size = dist.get_world_size(group)
+    if size == 1:
+        return logits
+    parts = [torch.empty_like(logits) for _ in range(size)]
+    dist.all_gather(parts, logits.contiguous(), group=group)
+    return torch.cat(parts, dim=-1)
+
+
+def vocab_parallel_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per-token cross entropy over the vocabulary split across the tensor-parallel group (fp32)."""
+    return tensor_parallel.vocab_parallel_cross_entropy(logits.float(), labels)
+
+
+def mask_padded_vocab(logits: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """Sends the logits of the padding rows (ids >= vocab_size) to -inf on whichever rank holds them."""
+    per_rank = logits.shape[-1]
+    start = parallel_state.get_tensor_model_parallel_rank() * per_rank
+    if start + per_rank <= vocab_size:
+        return logits
+    ids = torch.arange(start, start + per_rank, device=logits.device)
+    return logits.masked_fill(ids >= vocab_size, float("-inf"))
+
+
+def seed_rng_streams(seed: int) -> None:
+    """Seeds the default RNG (same on every rank) and the tensor-parallel stream (seed + offset + tp rank)."""
+    deepspeed.checkpointing.configure(parallel_state)
+    deepspeed.checkpointing.model_parallel_cuda_manual_seed(seed)

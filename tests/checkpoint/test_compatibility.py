@@ -1,0 +1,65 @@
+"""Checkpoints written by earlier code still load: tests/fixtures/checkpoint_v1 was written by the
+code before the architecture refactor, at (dp, tp, pp) = (1, 2, 1) (see tests/fixtures/README.md)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "checkpoint_v1"
+LOGITS = FIXTURE.parent / "checkpoint_v1_logits.npy"
+
+
+def test_load_needs_no_process_group_and_gives_the_logits_it_gave_before():
+    """pangu.load builds the network with plain torch layers: torch.distributed is never
+    initialised, and the logits equal those the old (megatron-layer) model gave."""
+    code = (
+        "import numpy as np, torch, torch.distributed as dist, pangu\n"
+        f"model, tokenizer = pangu.load({str(FIXTURE)!r})\n"
+        "ids = torch.arange(16).view(1, 16) * 17 % 300\n"
+        "with torch.no_grad():\n"
+        "    logits = model(ids).numpy()\n"
+        f"expected = np.load({str(LOGITS)!r})\n"
+        "assert not dist.is_initialized()\n"
+        "assert tokenizer is not None and tokenizer.vocab_size == 300\n"
+        "print(float(np.abs(logits - expected).max()))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert float(result.stdout.strip().splitlines()[-1]) <= 1e-6
+
+
+def test_an_old_training_checkpoint_resumes_weights_and_optimizer_state(single_process):
+    """Loaded into a training engine at (1, 1, 1), the old tp=2 checkpoint's weights and S3
+    state are what it stores, element for element."""
+    from pangu.checkpoint import deepspeed_state as ds
+    from pangu.checkpoint import format as fmt
+    from pangu.checkpoint.store import TensorReader
+    from pangu.checkpoint.training import load_checkpoint
+    from pangu.config import config_from_dict
+    from pangu.parallel.engine import build_engine
+    from pangu.parallel.topology import init_distributed
+
+    manifest = fmt.read_manifest(FIXTURE)
+    assert manifest["version"] == 1 and manifest["layout"] == {"dp": 1, "tp": 2, "pp": 1}
+    config = config_from_dict(manifest["config"])
+    config = config_from_dict({**config.to_dict(), "parallel": {**config.to_dict()["parallel"], "tp": 1}})
+    topology = init_distributed(config.parallel)
+    engine, names = build_engine(config, topology)
+    trainer = load_checkpoint(FIXTURE, engine, names, topology, config)
+    assert trainer["step"] == 2 and not trainer["same_layout"]
+    reader = TensorReader(FIXTURE / "tensors")
+    keys = ds.state_keys_by_param(engine, config.optim)
+    state_norm = 0.0
+    for pipe_name, param in engine.module.named_parameters():
+        name = names[pipe_name]
+        assert torch.equal(ds.safe_get_full_fp32_param(param), reader.read(name, "weight")), name
+        assert keys[param] == ("m", "s")
+        for key in keys[param]:
+            stored = reader.read(name, key)
+            assert torch.equal(ds.safe_get_full_optimizer_state(param, key), stored), (name, key)
+            state_norm += float(stored.norm())
+    assert state_norm > 0  # two steps were taken: the state is not the zeros a fresh run starts with

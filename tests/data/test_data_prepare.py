@@ -1,0 +1,258 @@
+"""`prepare` end to end: what it writes, idempotence, rebuilds, and the errors it gives before
+doing any work; `load_prepared` / `load_tokenizer` checks; held-out reviews never reach a shard."""
+
+import itertools
+import json
+from pathlib import Path
+
+import pytest
+
+from pangu.config import Config, SourceConfig
+from pangu.data import DataError
+from pangu.data.cleaning import Cleaner
+from pangu.data.dataset import BlendedDataset, PackedDataset
+from pangu.data.indexed import IndexedShard
+from pangu.data.prepare import is_validation_document, load_prepared, load_tokenizer, prepare
+from pangu.data.sources import heldout_reviews, iter_documents, review_files
+from pangu.data.tokenizer import PanguTokenizer
+from tests.helpers import RELEASE
+
+RELEASED_MODEL = RELEASE / "vocab.model"
+PEOPLE_DAILY = list(itertools.islice(iter_documents(SourceConfig(kind="builtin"), 0, heldout_review_fraction=0.1), 400))
+SHARD_FILES = ["train-0.bin", "train-0.idx", "valid-0.bin", "valid-0.idx"]
+
+
+def _jsonl(path: Path, texts: list[str]) -> Path:
+    path.write_text("".join(json.dumps({"id": i, "content": t}, ensure_ascii=False) + "\n"
+                            for i, t in enumerate(texts)), encoding="utf-8")
+    return path
+
+
+def _config(tmp_path: Path, *paths: Path, weights: tuple[float, ...] = (), **data: object) -> Config:
+    config = Config()
+    config.data.sources = [SourceConfig(kind="jsonl", path=str(p), text_field="content") for p in paths]
+    for source, weight in zip(config.data.sources, weights):
+        source.weight = weight
+    config.data.tokenizer.path = str(RELEASED_MODEL)
+    config.data.prepared_dir = str(tmp_path / "prepared")
+    config.data.num_proc = 1
+    config.data.valid_fraction = 0.1
+    for key, value in data.items():
+        setattr(config.data, key, value)
+    config.data.validate()
+    return config
+
+
+@pytest.fixture
+def corpus(tmp_path) -> Path:
+    return _jsonl(tmp_path / "corpus.jsonl", PEOPLE_DAILY[:150])
+
+
+def _mtimes(directory: Path) -> dict[str, int]:
+    return {p.name: p.stat().st_mtime_ns for p in directory.iterdir()}
+
+
+def _documents(shard: IndexedShard) -> list[list[int]]:
+    return [shard.doc(i).tolist() for i in range(len(shard))]
+
+
+def test_prepare_writes_a_self_contained_directory_that_loads_back(tmp_path, corpus):
+    config = _config(tmp_path, corpus)
+    report = prepare(config, progress=False)
+    out = Path(config.data.prepared_dir)
+    assert sorted(p.name for p in out.iterdir()) == sorted(SHARD_FILES + ["meta.json", "tokenizer.model",
+                                                                           "heldout_reviews.jsonl"])
+    assert (out / "tokenizer.model").read_bytes() == RELEASED_MODEL.read_bytes()
+    assert report["reused"] is False and json.loads((out / "meta.json").read_text())["seconds"] == report["seconds"]
+    assert (report["vocab_size"], report["eod_id"], report["pad_id"]) == (40000, 9, 6)
+
+    # every kept document is in exactly the split its hash says, encoded and followed by the separator
+    tokenizer = PanguTokenizer.from_file(RELEASED_MODEL)
+    kept, cleaning = Cleaner(config.data.cleaning).clean(PEOPLE_DAILY[:150])
+    assert report["sources"][0]["cleaning"] == cleaning.to_dict()
+    for split in ("train", "valid"):
+        expected = [tokenizer.encode(t) + [9] for t in kept if is_validation_document(t, 0.1) == (split == "valid")]
+        shard = IndexedShard(out / f"{split}-0")
+        assert _documents(shard) == expected
+        assert report["sources"][0][split] == {"shard": f"{split}-0", "documents": len(expected),
+                                               "tokens": sum(map(len, expected))}
+    assert report["totals"]["valid"]["documents"] > 0
+
+    dataset, meta = load_prepared(out, "train", seq_length=64)
+    assert isinstance(dataset, PackedDataset) and len(dataset) == report["totals"]["train"]["tokens"] // 65
+    assert meta["input_fingerprint"] == report["input_fingerprint"]
+    assert load_tokenizer(out).fingerprint == tokenizer.fingerprint
+
+
+def test_prepare_is_idempotent_and_rebuilds_when_the_inputs_change(tmp_path, corpus):
+    config = _config(tmp_path, corpus)
+    out = Path(config.data.prepared_dir)
+    first = prepare(config, progress=False)
+    written = _mtimes(out)
+    again = prepare(config, progress=False)
+    assert again["reused"] is True and _mtimes(out) == written
+    assert again["input_fingerprint"] == first["input_fingerprint"]
+
+    config.data.num_proc = 2  # how the work is done, not what it produces
+    assert prepare(config, progress=False)["reused"] is True
+
+    config.data.cleaning.min_length = 30
+    changed = prepare(config, progress=False)
+    assert changed["reused"] is False and "data.cleaning" in changed["reason"]
+    assert changed["totals"]["train"]["documents"] < first["totals"]["train"]["documents"]
+
+    _jsonl(corpus, PEOPLE_DAILY[:160])
+    grown = prepare(config, progress=False)
+    assert grown["reused"] is False and "files" in grown["reason"]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary directories left
+
+
+def test_the_number_of_processes_does_not_change_the_output(tmp_path, corpus):
+    one = _config(tmp_path / "one", corpus, num_proc=1)
+    two = _config(tmp_path / "two", corpus, num_proc=2)
+    prepare(one, progress=False)
+    prepare(two, progress=False)
+    for name in SHARD_FILES:
+        assert (Path(one.data.prepared_dir) / name).read_bytes() == (Path(two.data.prepared_dir) / name).read_bytes()
+
+
+def test_corpus_emptied_by_cleaning_names_the_filter_and_keeps_the_previous_preparation(tmp_path, corpus):
+    config = _config(tmp_path, corpus)
+    prepare(config, progress=False)
+    out = Path(config.data.prepared_dir)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    config.data.cleaning.min_length = 100000
+    with pytest.raises(DataError, match=r"data.sources\[0\].*no documents left after cleaning.*too_short removed "
+                                        r"\d+ \(data.cleaning.min_length = 100000\)"):
+        prepare(config, progress=False)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus.jsonl", "prepared"]
+
+
+def test_missing_inputs_fail_before_any_work(tmp_path, corpus):
+    with pytest.raises(DataError, match=r"data.sources\[1\].*missing.jsonl.*does not exist"):
+        prepare(_config(tmp_path, corpus, tmp_path / "missing.jsonl"), progress=False)
+    config = _config(tmp_path, corpus)
+    config.data.tokenizer.path = str(tmp_path / "vocab.model")
+    with pytest.raises(DataError, match="vocab.model.*does not exist"):
+        prepare(config, progress=False)
+    config.data.tokenizer.kind = "train"
+    config.data.tokenizer.vocab_size = 100
+    with pytest.raises(DataError, match="vocab_size = 100 is too small.*at least 300"):
+        prepare(config, progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus.jsonl"]
+
+
+def test_prepare_refuses_to_replace_a_directory_it_did_not_write(tmp_path, corpus):
+    config = _config(tmp_path, corpus)
+    Path(config.data.prepared_dir).mkdir()
+    (Path(config.data.prepared_dir) / "precious.txt").write_text("keep me")
+    with pytest.raises(DataError, match="not a pangu prepared directory"):
+        prepare(config, progress=False)
+    assert (Path(config.data.prepared_dir) / "precious.txt").read_text() == "keep me"
+
+
+def test_damaged_shard_is_reported_on_load_and_rebuilt_by_prepare(tmp_path, corpus):
+    config = _config(tmp_path, corpus)
+    prepare(config, progress=False)
+    out = Path(config.data.prepared_dir)
+    data = (out / "train-0.bin").read_bytes()
+    (out / "train-0.bin").write_bytes(data[: len(data) // 2])
+    with pytest.raises(DataError, match=r"train-0\.bin.*truncated.*pangu prepare"):
+        load_prepared(out, "train", seq_length=64)
+    rebuilt = prepare(config, progress=False)
+    assert rebuilt["reused"] is False and "damaged" in rebuilt["reason"]
+    assert (out / "train-0.bin").read_bytes() == data
+
+
+def test_a_tokenizer_that_does_not_match_the_shards_is_rejected(tmp_path, corpus):
+    config = _config(tmp_path, corpus)
+    prepare(config, progress=False)
+    out = Path(config.data.prepared_dir)
+    PanguTokenizer.train(PEOPLE_DAILY[:100], out / "tokenizer.model", vocab_size=300)
+    with pytest.raises(DataError, match="tokenizer.model is not the tokenizer the shards were written with"):
+        load_tokenizer(out)
+    with pytest.raises(DataError, match="tokenizer.model is not the tokenizer"):
+        load_prepared(out, "train", seq_length=64)
+
+
+def test_loading_an_unprepared_directory_says_to_run_prepare(tmp_path):
+    with pytest.raises(DataError, match="pangu prepare --config"):
+        load_prepared(tmp_path / "nowhere", "train", seq_length=64)
+
+
+def test_sources_are_blended_by_weight_and_deduplicated_across_sources(tmp_path):
+    news = _jsonl(tmp_path / "news.jsonl", PEOPLE_DAILY[:300])
+    more = _jsonl(tmp_path / "more.jsonl", PEOPLE_DAILY[250:400])  # 50 documents repeat the first source
+    config = _config(tmp_path, news, more, weights=(3.0, 1.0))
+    report = prepare(config, progress=False)
+    cleaner = Cleaner(config.data.cleaning)
+    cleaner.clean(PEOPLE_DAILY[:300])
+    _, second = cleaner.clean(PEOPLE_DAILY[250:400])
+    assert report["sources"][1]["cleaning"] == second.to_dict() and second.duplicate > 10
+    dataset, _ = load_prepared(config.data.prepared_dir, "train", seq_length=32)
+    assert isinstance(dataset, BlendedDataset)
+    share = (dataset.dataset_index[:400] == 1).mean()
+    assert abs(share - 0.25) < 0.01
+
+
+def test_prepare_can_train_its_own_tokenizer(tmp_path, corpus):
+    config = _config(tmp_path, corpus)
+    config.data.tokenizer.kind = "train"
+    config.data.tokenizer.vocab_size = 400
+    report = prepare(config, progress=False)
+    out = Path(config.data.prepared_dir)
+    tokenizer = load_tokenizer(out)
+    assert (report["vocab_size"], report["eod_id"], report["pad_id"]) == (400, 9, 6)
+    assert tokenizer.vocab_size == 400 and tokenizer.fingerprint == report["tokenizer"]["fingerprint"]
+    shard = IndexedShard(out / "train-0")
+    assert shard.tokens.max() < 400
+    first = shard.doc(0).tolist()
+    assert first[-1] == 9 and tokenizer.encode(tokenizer.decode(first[:-1])) == first[:-1]
+
+
+# ---------------------------------------------------------------------------------------------
+# The one test on the full builtin corpus
+
+
+@pytest.fixture(scope="module")
+def builtin_prepared(tmp_path_factory) -> Path:
+    config = Config()
+    config.data.tokenizer.path = str(RELEASED_MODEL)
+    config.data.prepared_dir = str(tmp_path_factory.mktemp("builtin") / "prepared")
+    prepare(config, progress=False)
+    return Path(config.data.prepared_dir)
+
+
+@pytest.mark.slow
+def test_heldout_reviews_never_reach_a_shard(builtin_prepared):
+    out = builtin_prepared
+    meta = json.loads((out / "meta.json").read_text())
+    heldout = [json.loads(line) for line in (out / "heldout_reviews.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert heldout == [{"text": r.text, "label": r.label} for r in heldout_reviews(0.1)]
+    assert len(heldout) == meta["heldout_reviews"]["documents"] > 1000
+    assert {r["label"] for r in heldout} == {"positive", "negative"}
+
+    in_shards = {tuple(document) for split in ("train", "valid")
+                 for document in _documents(IndexedShard(out / f"{split}-0"))}
+    tokenizer = load_tokenizer(out)
+    normalize = Cleaner(Config().data.cleaning).normalize
+    encoded = lambda text: tuple(tokenizer.encode(normalize(text)) + [tokenizer.eod_id])
+    assert not any(encoded(r["text"]) in in_shards for r in heldout)
+    # the check can fail: reviews that are not held out are found there
+    positive = next(path for path, label in review_files().items() if label == "positive")
+    held = {r["text"] for r in heldout}
+    trained = [line.strip() for line in positive.read_text(encoding="utf-8").splitlines()[:300]
+               if len(line.strip()) > 20 and line.strip() not in held]
+    assert sum(encoded(text) in in_shards for text in trained) > 0.8 * len(trained)
+
+
+def test_builtin_corpus_report_and_training_view(builtin_prepared):
+    dataset, meta = load_prepared(builtin_prepared, "train", seq_length=1024)
+    cleaning = meta["sources"][0]["cleaning"]
+    assert cleaning["kept"] == meta["totals"]["train"]["documents"] + meta["totals"]["valid"]["documents"]
+    assert cleaning["documents"] == sum(cleaning[k] for k in ("too_short", "low_chinese_ratio", "heldout_review",
+                                                              "duplicate", "kept"))
+    assert meta["totals"]["train"]["tokens"] > 1_000_000
+    assert len(dataset) == meta["totals"]["train"]["tokens"] // 1025
+    assert dataset[len(dataset) - 1].shape == (1025,)

@@ -1,0 +1,90 @@
+"""The PanGu tokenizer: the released model's special ids, lossless round trips, and trained
+tokenizers that keep the released special ids."""
+
+import hashlib
+import pickle
+import unicodedata
+
+import pytest
+
+from pangu.data import DataError
+from pangu.data.sources import review_files
+from pangu.data.tokenizer import PanguTokenizer, presegment
+from tests.helpers import RELEASE
+
+RELEASED_MODEL = RELEASE / "vocab.model"
+RELEASED_SPECIAL_PIECES = ["<unk>", "<s>", "</s>", "▃", "▂", "<sep>", "<pad>", "<mask>", "<eod>", "<eot>"]
+# Chinese with full-width punctuation, ASCII words, runs of spaces and newlines
+MIXED_TEXT = "今天北京的天气很好，我们去 Hello World  公园散步。\n第二行：PanGu-α 有 200B 参数！\n\n结束"
+
+
+@pytest.fixture(scope="module")
+def released() -> PanguTokenizer:
+    return PanguTokenizer.from_file(RELEASED_MODEL)
+
+
+@pytest.fixture(scope="module")
+def review_lines() -> list[str]:
+    positive = next(path for path, label in review_files().items() if label == "positive")
+    return positive.read_text(encoding="utf-8").splitlines()[:300]
+
+
+def test_released_model_special_ids(released):
+    assert released.vocab_size == 40000
+    assert (released.unk_id, released.pad_id, released.eod_id) == (0, 6, 9)
+    assert [released.id_to_piece(i) for i in range(10)] == RELEASED_SPECIAL_PIECES
+    assert released.fingerprint == hashlib.sha256(RELEASED_MODEL.read_bytes()).hexdigest()
+
+
+def test_presegmentation_is_jieba_words_joined_by_spaces():
+    assert presegment("我爱北京天安门") == "我 爱 北京 天安门"
+    assert presegment("你好 世界\n再见") == "你好 ▂ 世界 ▃ 再见"
+
+
+def test_released_round_trip_keeps_spaces_and_newlines(released):
+    ids = released.encode(MIXED_TEXT)
+    assert 3 in ids and 4 in ids  # the newline and space symbols
+    assert released.unk_id not in ids
+    # the released model normalises with NFKC: full-width punctuation comes back half-width
+    assert released.decode(ids) == unicodedata.normalize("NFKC", MIXED_TEXT)
+    assert released.encode_batch([MIXED_TEXT, "再见"]) == [ids, released.encode("再见")]
+
+
+def test_literal_special_token_text_is_not_a_special_id(released):
+    # jieba splits "<eot>" into "<", "eot", ">", so text can never inject a document separator
+    assert released.eod_id not in released.encode("文本里有<eot>字样")
+
+
+def test_tokenizer_survives_pickling_for_worker_processes(released):
+    clone = pickle.loads(pickle.dumps(released))
+    assert clone.encode(MIXED_TEXT) == released.encode(MIXED_TEXT)
+    assert clone.fingerprint == released.fingerprint
+
+
+def test_missing_model_file_names_the_path(tmp_path):
+    with pytest.raises(DataError, match="nope.model.*does not exist"):
+        PanguTokenizer.from_file(tmp_path / "nope.model")
+
+
+@pytest.mark.parametrize("algorithm", ["bpe", "unigram"])
+def test_trained_tokenizer_keeps_released_special_ids_and_round_trips(tmp_path, review_lines, algorithm):
+    out = tmp_path / "tok.model"
+    trained = PanguTokenizer.train(review_lines, out, vocab_size=500, algorithm=algorithm)
+    assert out.is_file() and not list(tmp_path.glob("*.tmp"))
+    assert PanguTokenizer.from_file(out).fingerprint == trained.fingerprint
+    assert trained.vocab_size == 500
+    assert [trained.id_to_piece(i) for i in range(10)] == RELEASED_SPECIAL_PIECES
+    assert (trained.unk_id, trained.pad_id, trained.eod_id) == (0, 6, 9)
+    # byte fallback: characters never seen in training (龘) still round-trip, no <unk>
+    text = MIXED_TEXT + " 龘"
+    ids = trained.encode(text)
+    assert trained.unk_id not in ids
+    assert trained.decode(ids) == unicodedata.normalize("NFKC", text)
+    # it learned something: frequent review words are single pieces
+    assert len(trained.encode("不错")) < len("不错".encode("utf-8"))
+
+
+def test_training_rejects_a_vocabulary_too_small_for_the_special_and_byte_pieces(tmp_path, review_lines):
+    with pytest.raises(DataError, match="vocab_size = 200 is too small"):
+        PanguTokenizer.train(review_lines, tmp_path / "tok.model", vocab_size=200)
+    assert not (tmp_path / "tok.model").exists()

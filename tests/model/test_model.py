@@ -1,0 +1,126 @@
+"""The PanGu-α network against an independent NumPy forward written from docs/reference.md, through the
+MindSpore import path; sizes of the paper's configs; layout-independent initialisation."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import pangu
+from pangu.cli import main
+from pangu.config import ModelConfig, load_config
+from pangu.convert.mindspore import write_mindspore_ckpt
+from pangu.evaluation.inference import generate_ids
+from pangu.model.init import initialize_parameters
+from pangu.model.pangu_alpha import PanguAlpha
+from pangu.model.sizes import parameter_count
+from tests.model.numpy_pangu import (
+    causal_attention_mask,
+    eod_reset_positions_and_mask,
+    numpy_pangu_logits,
+    random_ms_params,
+)
+
+LAYERS, HIDDEN, HEADS, FFN, VOCAB, SEQ = 3, 32, 4, 64, 300, 16
+SEPARATOR = 9
+
+
+def _import(tmp_path, params, fmt: str, **flags) -> torch.nn.Module:
+    src = tmp_path / f"weights.{fmt}"
+    if fmt == "npz":
+        np.savez(src, **params)
+    else:
+        write_mindspore_ckpt(src, params.items())
+    out = tmp_path / f"imported-{fmt}"
+    args = ["convert", "import-mindspore", str(src), str(out), "--num-heads", str(HEADS)]
+    for key, value in flags.items():
+        args += [f"--{key.replace('_', '-')}", value]
+    assert main(args) == 0
+    model, tokenizer = pangu.load(out)
+    assert tokenizer is None
+    return model
+
+
+@pytest.mark.parametrize("names,fmt,activation,final_ln", [
+    ("release", "ckpt", "fast_gelu", "before"),
+    ("mindformers", "npz", "gelu", "after"),
+])
+def test_imported_model_matches_numpy_reference(tmp_path, names, fmt, activation, final_ln):
+    rng = np.random.default_rng(0)
+    params = random_ms_params(LAYERS, HIDDEN, HEADS, FFN, VOCAB, SEQ, rng, names=names)
+    model = _import(tmp_path, params, fmt, activation=activation, final_ln=final_ln)
+    assert model.config.num_layers == LAYERS and model.config.padded_vocab_size == 384
+
+    input_ids = rng.integers(0, VOCAB, size=(2, SEQ))
+    input_ids[0, 5] = input_ids[1, 9] = SEPARATOR  # two packed documents per row
+    causal_positions = np.broadcast_to(np.arange(SEQ), (2, SEQ))
+    eod_positions, eod_mask = eod_reset_positions_and_mask(input_ids, SEPARATOR)
+    cases = [(causal_positions, causal_attention_mask(2, SEQ), False), (eod_positions, eod_mask, True)]
+    for positions, mask, pass_mask in cases:
+        expected = numpy_pangu_logits(params, input_ids, positions, mask, num_heads=HEADS,
+                                      activation=activation, final_ln=final_ln)
+        with torch.no_grad():
+            got = model(torch.from_numpy(input_ids), torch.from_numpy(np.ascontiguousarray(positions)),
+                        torch.from_numpy(mask) if pass_mask else None)
+        assert got.shape == (2, SEQ, VOCAB)
+        np.testing.assert_allclose(got.numpy(), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_import_rejects_missing_parameter_and_existing_output(tmp_path, capsys):
+    params = random_ms_params(LAYERS, HIDDEN, HEADS, FFN, VOCAB, SEQ, np.random.default_rng(1))
+    del params["backbone.blocks.1.attention.dense2.weight"]
+    src = tmp_path / "broken.npz"
+    np.savez(src, **params)
+    assert main(["convert", "import-mindspore", str(src), str(tmp_path / "out"), "--num-heads", "4"]) == 2
+    assert "blocks.1.attention.key.weight" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+    (tmp_path / "taken").mkdir()
+    assert main(["convert", "import-mindspore", str(src), str(tmp_path / "taken"), "--num-heads", "4"]) == 2
+    assert "already exists" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("config,paper", [("configs/2.6b.yaml", 2.6e9), ("configs/13b.yaml", 13.1e9),
+                                          ("configs/200b.yaml", 207.0e9)])
+def test_parameter_counts_match_the_paper(config, paper):
+    count = parameter_count(load_config(config).model)
+    assert abs(count - paper) / paper < 0.03, count
+
+
+def _tiny(**overrides) -> ModelConfig:
+    return ModelConfig(num_layers=3, hidden_size=32, num_heads=4, vocab_size=200, seq_length=16, **overrides)
+
+
+def test_parameter_count_formula_matches_the_module(single_process):
+    model = PanguAlpha(_tiny())
+    padding = (model.config.padded_vocab_size - model.config.vocab_size) * model.config.hidden_size
+    assert sum(p.numel() for p in model.parameters()) - padding == parameter_count(model.config)
+
+
+def test_initialisation_is_per_parameter_and_deterministic(single_process):
+    config = _tiny()
+    a, b = PanguAlpha(config), PanguAlpha(config)
+    initialize_parameters(a.named_parameters(), config, seed=5)
+    # initialise b in reverse order: values must not depend on the order layers are built in
+    initialize_parameters(reversed(list(b.named_parameters())), config, seed=5)
+    for (name, pa), (_, pb) in zip(a.named_parameters(), b.named_parameters()):
+        assert torch.equal(pa, pb), name
+    assert torch.all(a.embedding.word_embeddings.weight[config.vocab_size:] == 0)
+    stds = {name: float(p.std()) for name, p in a.named_parameters() if p.dim() == 2}
+    assert stds["blocks.0.attention.query.weight"] == pytest.approx(0.01, rel=0.2)
+    assert stds["blocks.0.mlp.dense_4h_to_h.weight"] == pytest.approx(0.02 / np.sqrt(6), rel=0.2)
+
+
+def test_kv_cache_generation_equals_full_forward_greedy(single_process):
+    config = _tiny(dropout=0.0)
+    model = PanguAlpha(config)
+    initialize_parameters(model.named_parameters(), config, seed=3)
+    model.eval()
+    prompt = [5, 17, 42, 8]
+    generated = generate_ids(model, prompt, max_new_tokens=8)
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(8):
+            ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
+    assert generated == ids[len(prompt):]
+    assert all(t < config.vocab_size for t in generated)

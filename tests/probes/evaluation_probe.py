@@ -1,0 +1,18 @@
+"""Run under torchrun by tests/evaluation/test_evaluation.py: evaluates task sets through the pipeline
+engine, one layout after another in the same job (each JSON argument is one `pangu evaluate`
+command line; the layout comes from its --set parallel.tp/pp), so that the processes start once.
+
+    torchrun --standalone --nproc-per-node W tests/probes/evaluation_probe.py '["--config", ...]' ...
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from pangu.cli import main
+
+if __name__ == "__main__":
+    for argument in sys.argv[1:]:
+        if main(["evaluate", *json.loads(argument)]) != 0:
+            sys.exit(1)

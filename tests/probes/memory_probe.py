@@ -1,0 +1,225 @@
+"""Measures, from the real tensors of pangu's DeepSpeed engine, what the planner's memory model
+(pangu/parallel/planner.py) predicts. Run under torchrun by tests/parallel/test_planner.py, or called
+in-process at world size 1:
+
+    torchrun --standalone --nproc-per-node W tests/probes/memory_probe.py RESULT.json CASES_JSON
+
+CASES_JSON is a JSON list of cases, {"name": ..., "config": optional YAML path, "overrides":
+["section.key=value", ...]}, each a config (no corpus is needed: the batches are synthetic) whose
+tp x pp divides W. Every case builds its own engine, so one launch covers several layouts and
+precisions. Recorded per case and rank (rank 0 writes RESULT.json):
+
+- `report`: pangu.checkpoint.deepspeed_state.memory_report (what a run logs);
+- `tensors`: bytes of the real allocations: the parameters, DeepSpeed's flat parameter buffer,
+  the gradients where they live (BF16_Optimizer's fp32 buffer and the bf16 param.grad; for
+  fp32/fp16 the param.grad), measured at the gradient reduction of a real step, the fp32 master
+  partitions and the optimizer state (tensors with at least one dimension);
+- `saved_forward`: bytes autograd saves during one forward of one micro-batch through this
+  rank's stage (torch.autograd.graph.saved_tensors_hooks; each storage counted once; parameter
+  storages excluded; the inputs DeepSpeed's recomputation keeps are counted too, since its
+  checkpoint holds them on the autograd node instead of saving them through autograd);
+- `saved_peak`: the largest total of those bytes alive at any moment of a real `train_batch`
+  (1F1B over all micro-batches, recomputation in backward included).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import weakref
+
+import torch
+
+
+class _Held:
+    """What the pack hook returns: keeps the tensor; its finalizer tells the meter when autograd
+    drops it (the node that saved it is freed)."""
+
+    __slots__ = ("tensor", "__weakref__")
+
+    def __init__(self, tensor: torch.Tensor):
+        self.tensor = tensor
+
+
+class SavedTensorMeter:
+    """Bytes of the storages autograd holds for backward, each storage once, alive and peak."""
+
+    def __init__(self, excluded: set[int]):
+        self.excluded = excluded
+        self.refs: dict[int, list[int]] = {}
+        self.live = 0
+        self.peak = 0
+        self.total = 0  # every storage ever saved, once
+
+    def hold(self, tensor: torch.Tensor) -> _Held:
+        held = _Held(tensor)
+        storage = tensor.untyped_storage()
+        ptr, nbytes = storage.data_ptr(), storage.nbytes()
+        if ptr in self.excluded or nbytes == 0:
+            return held
+        entry = self.refs.get(ptr)
+        if entry is None:
+            self.refs[ptr] = [nbytes, 1]
+            self.live += nbytes
+            self.total += nbytes
+            self.peak = max(self.peak, self.live)
+        else:
+            entry[1] += 1
+        weakref.finalize(held, self._release, ptr)
+        return held
+
+    def _release(self, ptr: int) -> None:
+        entry = self.refs[ptr]
+        entry[1] -= 1
+        if entry[1] == 0:
+            del self.refs[ptr]
+            self.live -= entry[0]
+
+    def hooks(self):
+        return torch.autograd.graph.saved_tensors_hooks(self.hold, lambda held: held.tensor)
+
+    def checkpoint_wrapper(self, original):
+        """DeepSpeed's reentrant checkpoint keeps its inputs on the node (ctx.deepspeed_saved_tensors),
+        not through save_for_backward: count them, alive until that node's backward has run."""
+
+        def checkpoint(function, *args):
+            outputs = original(function, *args)
+            if torch.is_grad_enabled():
+                outs = outputs if isinstance(outputs, tuple) else (outputs,)
+                node = next((o.grad_fn for o in outs if torch.is_tensor(o) and o.grad_fn is not None), None)
+                if node is not None:
+                    node.metadata["memory_probe"] = [self.hold(a) for a in args if torch.is_tensor(a)]
+                    # DeepSpeed drops them (ctx.deepspeed_saved_tensors = None) after its backward
+                    node.register_hook(lambda *_: node.metadata.clear())
+            return outputs
+
+        return checkpoint
+
+
+def _bytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors if torch.is_tensor(t))
+
+
+def synthetic_micro_batches(config, count: int, seed: int = 0):
+    generator = torch.Generator().manual_seed(seed)
+    b, s = config.train.micro_batch_size, config.model.seq_length
+    out = []
+    for _ in range(count):
+        ids = torch.randint(0, config.model.vocab_size, (b, s + 1), generator=generator)
+        positions = torch.arange(s).expand(b, s).contiguous()
+        scale = torch.tensor([1.0 / (b * s)], dtype=torch.float32)
+        out.append(((ids[:, :-1].contiguous(), positions), (ids[:, 1:].contiguous(), torch.ones(b, s), scale)))
+    return out
+
+
+def measure_case(config) -> dict:
+    """Builds the engine for `config` on this rank and measures it (see the module docstring)."""
+    import deepspeed
+    from deepspeed.runtime.pipe import schedule
+    from deepspeed.runtime.pipe.engine import PipelineEngine
+
+    from pangu.checkpoint.deepspeed_state import link_optimizer_state, memory_report
+    from pangu.parallel.engine import build_engine, micro_batches_per_step
+    from pangu.parallel.tensor_parallel import seed_rng_streams
+    from pangu.parallel.topology import init_distributed
+
+    topology = init_distributed(config.parallel)
+    seed_rng_streams(config.train.seed)
+    engine, _ = build_engine(config, topology)
+    link_optimizer_state(engine, config.optim)
+    report = memory_report(engine)
+    module = engine.module
+    params = list(module.parameters())
+    ds_optimizer = engine.optimizer
+    base = ds_optimizer.optimizer
+    masters = [group["params"][0] for group in base.param_groups]
+    flat = getattr(ds_optimizer, "bf16_groups_flat", None) or getattr(ds_optimizer, "bit16_groups_flat", None)
+    tensors = {
+        "parameters": _bytes(params),
+        "parameter_flat_buffer": _bytes(flat or []),
+        "master_weights": _bytes(masters),
+        "optimizer_state": _bytes(v for state in base.state.values() for v in state.values()
+                                  if torch.is_tensor(v) and v.dim() > 0),
+    }
+    excluded = {p.untyped_storage().data_ptr() for p in params} | {m.untyped_storage().data_ptr() for m in masters}
+
+    original_checkpoint = deepspeed.checkpointing.checkpoint
+    original_reduce = PipelineEngine._INSTRUCTION_MAP[schedule.ReduceGrads]
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.train.precision, torch.float32)
+    b, s, h = config.train.micro_batch_size, config.model.seq_length, config.model.hidden_size
+    try:
+        # one micro-batch's forward through this stage, with synthetic inputs of the right shape
+        meter = SavedTensorMeter(excluded)
+        deepspeed.checkpointing.checkpoint = meter.checkpoint_wrapper(original_checkpoint)
+        module.activation_checkpoint_func = meter.checkpoint_wrapper(original_checkpoint)
+        (ids, positions), labels = synthetic_micro_batches(config, 1, seed=1)[0]
+        module.train()
+        if topology.is_first_stage:
+            inputs = (ids, positions)
+        else:
+            inputs = (torch.randn(b, s, h, dtype=dtype, requires_grad=True), positions)
+        with meter.hooks():
+            outputs = module(inputs)
+            if topology.is_last_stage:
+                outputs = module.loss_fn(outputs, labels)
+        saved_forward = meter.total
+        del outputs, inputs
+
+        # a real step: 1F1B over all micro-batches, the reduction, the optimizer step
+        meter = SavedTensorMeter(excluded)
+        deepspeed.checkpointing.checkpoint = meter.checkpoint_wrapper(original_checkpoint)
+        module.activation_checkpoint_func = meter.checkpoint_wrapper(original_checkpoint)
+        at_reduce: dict[str, int] = {}
+
+        def reduce_grads(self, *args, **kwargs):
+            grads = [p.grad for p in params if p.grad is not None]
+            buffers = getattr(ds_optimizer, "fp32_groups_gradients_flat", None)
+            if buffers is not None:  # BF16_Optimizer: the fp32 buffer, and the bf16 param.grad
+                at_reduce.update(gradients=_bytes(buffers), model_gradients=_bytes(grads))
+            else:
+                at_reduce.update(gradients=_bytes(grads), model_gradients=0)
+            return original_reduce(self, *args, **kwargs)
+
+        PipelineEngine._INSTRUCTION_MAP[schedule.ReduceGrads] = reduce_grads
+        batches = synthetic_micro_batches(config, micro_batches_per_step(config, topology), seed=2)
+        with meter.hooks():
+            engine.train_batch(iter(batches))
+        saved_peak = meter.peak
+    finally:
+        deepspeed.checkpointing.checkpoint = original_checkpoint
+        PipelineEngine._INSTRUCTION_MAP[schedule.ReduceGrads] = original_reduce
+    tensors.update(at_reduce)
+    engine.destroy()
+    return {"rank": topology.rank, "dp_rank": topology.dp_rank, "tp_rank": topology.tp_rank,
+            "stage": topology.pp_rank, "layout": [topology.dp, topology.tp, topology.pp],
+            "report": report, "tensors": tensors, "saved_forward": saved_forward, "saved_peak": saved_peak}
+
+
+def run_cases(cases: list[dict]) -> dict[str, list[dict]]:
+    """{case name: [per-rank measurements]} (gathered on every rank)."""
+    import torch.distributed as dist
+
+    from pangu.config import load_config
+
+    results = {}
+    for case in cases:
+        measured = measure_case(load_config(case.get("config"), case["overrides"]))
+        gathered = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, measured)
+        results[case["name"]] = gathered
+    return results
+
+
+def main() -> None:
+    import torch.distributed as dist
+
+    result_file, cases = sys.argv[1], json.loads(sys.argv[2])
+    results = run_cases(cases)
+    if dist.get_rank() == 0:
+        with open(result_file, "w") as f:
+            json.dump(results, f)
+    dist.barrier()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,198 @@
+"""Surviving operations: non-finite gradients, loss spikes, torn checkpoints, full disks, and
+hostile input that must fail before any work."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from pangu.checkpoint.store import TensorReader
+from pangu.checkpoint.training import latest_checkpoint
+from tests.helpers import REPO, STEPS, losses, run_pretrain, tiny_overrides
+
+pytestmark = [pytest.mark.slow]
+
+
+def events(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def weights(checkpoint: Path) -> dict[str, torch.Tensor]:
+    reader = TensorReader(checkpoint / "tensors")
+    return {name: reader.read(name) for name in reader.names()}
+
+
+def test_nan_gradient_skips_the_update_and_training_goes_on(tiny_corpus, tmp_path):
+    out = tmp_path / "nan"
+    nan_in_step_3 = ("from pangu.pretrain.trainer import Trainer\n"
+                     "step = Trainer.train_step\n"
+                     "def train_step(self):\n"
+                     "    hooks = []\n"
+                     "    if self.step == 2:\n"
+                     "        param = next(self.engine.module.parameters())\n"
+                     "        hooks.append(param.register_hook(lambda g: g * float('nan')))\n"
+                     "    record = step(self)\n"
+                     "    for hook in hooks:\n"
+                     "        hook.remove()\n"
+                     "    return record\n"
+                     "Trainer.train_step = train_step\n")
+    result = run_pretrain(tiny_overrides(tiny_corpus, out, "train.save_interval=1", f"train.keep_checkpoints={STEPS}"),
+                          prelude=nan_in_step_3)
+    assert result.returncode == 0, result.stderr[-3000:]
+    records = {r["step"]: r for r in events(out) if "loss" in r}
+    assert records[3]["skipped"] and not records[2]["skipped"] and not records[4]["skipped"]
+    root = out / "checkpoints"
+    before, after = weights(root / "step_00000002"), weights(root / "step_00000003")
+    assert all(torch.equal(before[name], after[name]) for name in before)
+    assert not all(torch.equal(after[name], w) for name, w in weights(root / "step_00000004").items())
+    assert all(r["loss"] == r["loss"] for r in records.values())  # finite losses throughout
+
+
+def test_loss_spike_rolls_back_and_skips_the_data(tiny_corpus, tmp_path):
+    out = tmp_path / "spike"
+    fake_spike = ("from pangu.pretrain.trainer import Trainer\n"
+                  "step = Trainer.train_step\n"
+                  "seen = set()\n"
+                  "def train_step(self):\n"
+                  "    record = step(self)\n"
+                  "    if record['step'] in (5, 6) and record['step'] not in seen:\n"
+                  "        seen.add(record['step'])\n"
+                  "        record['loss'] *= 10\n"
+                  "    return record\n"
+                  "Trainer.train_step = train_step\n")
+    guard = ["train.spike_guard.enabled=true", "train.spike_guard.window=3", "train.spike_guard.consecutive=2",
+             "train.save_interval=2", f"train.steps={STEPS + 2}", "optim.warmup_steps=2"]
+    result = run_pretrain(tiny_overrides(tiny_corpus, out, *guard), prelude=fake_spike)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rollback = [e for e in events(out) if e.get("event") == "rollback"]
+    assert rollback == [{"step": 4, "event": "rollback", "spike_step": 6, "checkpoint": "step_00000004",
+                         "skipped_samples": [32, 48], "rollbacks": 1}]
+    final = json.loads((latest_checkpoint(out) / "trainer.json").read_text())
+    assert final["step"] == STEPS + 2 and final["sampler"]["skipped_ranges"] == [[32, 48]]
+    assert final["sampler"]["consumed_samples"] == 8 * (STEPS + 2) + 16  # the skipped batches are not reused
+
+    capped = tmp_path / "capped"
+    result = run_pretrain(tiny_overrides(tiny_corpus, capped, *guard, "train.spike_guard.max_rollbacks=0"),
+                          prelude=fake_spike)
+    assert result.returncode == 3 and "max_rollbacks = 0" in result.stderr
+
+
+def test_torn_latest_checkpoint_falls_back_to_the_previous_one(tiny_corpus, straight_run, tmp_path):
+    out = tmp_path / "torn"
+    result = run_pretrain(tiny_overrides(tiny_corpus, out, "train.save_interval=2", "train.stop_at=4"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    shard = next((out / "checkpoints" / "step_00000004" / "tensors").glob("*.bin"))
+    with open(shard, "r+b") as f:
+        f.truncate(shard.stat().st_size // 2)
+    with pytest.warns(UserWarning, match="step_00000004.*using step_00000002"):
+        assert latest_checkpoint(out).name == "step_00000002"
+    result = run_pretrain(tiny_overrides(tiny_corpus, out, "train.save_interval=2"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert losses(out) == losses(straight_run)
+
+
+def test_full_disk_during_save_keeps_the_previous_checkpoint(tiny_corpus, tmp_path):
+    out = tmp_path / "full"
+    disk_full_at_step_4 = ("import errno\nfrom pangu.checkpoint.store import TensorWriter\n"
+                           "add = TensorWriter.add\n"
+                           "def full(self, *args, **kwargs):\n"
+                           "    if 'step_00000004' in str(self.bin_path):\n"
+                           "        raise OSError(errno.ENOSPC, 'No space left on device', str(self.bin_path))\n"
+                           "    return add(self, *args, **kwargs)\n"
+                           "TensorWriter.add = full\n")
+    result = run_pretrain(tiny_overrides(tiny_corpus, out, "train.save_interval=2"), prelude=disk_full_at_step_4)
+    assert result.returncode == 2
+    assert "No space left on device" in result.stderr and "step_00000002) is intact" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert latest_checkpoint(out).name == "step_00000002"
+    assert not list((out / "checkpoints").glob(".tmp_*"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Hostile input: a clear error before any training step
+
+
+def test_checkpoint_of_another_model_shape_is_refused(tiny_corpus, straight_run, tmp_path):
+    out = tmp_path / "other-shape"
+    shutil.copytree(straight_run / "checkpoints", out / "checkpoints")
+    result = run_pretrain(tiny_overrides(tiny_corpus, out, "model.hidden_size=32"))
+    assert result.returncode == 2
+    assert "model.hidden_size = 64 but the config has 32" in result.stderr
+    assert "loss" not in (out / "metrics.jsonl").read_text() if (out / "metrics.jsonl").exists() else True
+
+
+def test_checkpoint_with_another_tokenizer_is_refused(tiny_corpus, straight_run, tmp_path):
+    out = tmp_path / "other-tokenizer"
+    shutil.copytree(straight_run / "checkpoints", out / "checkpoints")
+    step = latest_checkpoint(out)
+    trainer = json.loads((step / "trainer.json").read_text())
+    trainer["tokenizer_fingerprint"] = "0" * 64
+    (step / "trainer.json").write_text(json.dumps(trainer))
+    manifest = json.loads((step / "manifest.json").read_text())  # keep the checksum valid: only the
+    from pangu.checkpoint.store import sha256_file  # tokenizer differs, not the bytes
+
+    manifest["files"]["trainer.json"] = {"bytes": (step / "trainer.json").stat().st_size,
+                                         "sha256": sha256_file(step / "trainer.json")}
+    (step / "manifest.json").write_text(json.dumps(manifest))
+    result = run_pretrain(tiny_overrides(tiny_corpus, out))
+    assert result.returncode == 2 and "another tokenizer" in result.stderr
+
+
+def test_unwritable_output_directory_is_refused(tiny_corpus, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    result = run_pretrain(tiny_overrides(tiny_corpus, blocker / "run"))
+    assert result.returncode == 2 and "train.output_dir" in result.stderr and "not writable" in result.stderr
+
+
+@pytest.mark.distributed
+def test_world_size_that_does_not_fit_the_layout_is_refused(tiny_corpus, tmp_path):
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=3", "-m", "pangu",
+               "pretrain", *tiny_overrides(tiny_corpus, tmp_path / "run", "parallel.tp=2")]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert result.returncode != 0
+    assert "world size 3 is not divisible by parallel.tp x parallel.pp = 2 x 1" in result.stderr
+
+
+def _torchrun_pretrain(script: Path, args: list[str], nproc: int) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+               str(script), *args]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    return subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+
+
+@pytest.mark.distributed
+def test_kill_9_of_a_rank_while_checkpointing(tiny_corpus, tmp_path):
+    """Two data-parallel ranks; rank 0 is killed (SIGKILL) halfway through writing checkpoint 4.
+    The restarted job resumes from checkpoint 2 and reaches the uninterrupted run's losses."""
+    plain = tmp_path / "pretrain.py"
+    plain.write_text("import sys\nfrom pangu.cli import main\nsys.exit(main(['pretrain', *sys.argv[1:]]))\n")
+    killer = tmp_path / "killed.py"
+    killer.write_text("import os, signal, sys\nimport torch.distributed as dist\n"
+                      "from pangu.checkpoint.store import TensorWriter\n"
+                      "add = TensorWriter.add\n"
+                      "def add_then_die(self, *args, **kwargs):\n"
+                      "    add(self, *args, **kwargs)\n"
+                      "    if 'step_00000004' in str(self.bin_path) and len(self._entries) == 5:\n"
+                      "        os.kill(os.getpid(), signal.SIGKILL)\n"
+                      "TensorWriter.add = add_then_die\n" + plain.read_text())
+    settings = ["model.dropout=0.0", "train.save_interval=2", "train.micro_batch_size=1"]
+    reference = tmp_path / "reference"
+    assert _torchrun_pretrain(plain, tiny_overrides(tiny_corpus, reference, *settings), 2).returncode == 0
+    out = tmp_path / "killed"
+    crashed = _torchrun_pretrain(killer, tiny_overrides(tiny_corpus, out, *settings), 2)
+    assert crashed.returncode != 0
+    assert latest_checkpoint(out).name == "step_00000002"
+    assert (out / "checkpoints" / ".tmp_step_00000004").exists()  # the torn one, never published
+    resumed = _torchrun_pretrain(plain, tiny_overrides(tiny_corpus, out, *settings), 2)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert losses(out) == losses(reference)
+    assert not (out / "checkpoints" / ".tmp_step_00000004").exists()

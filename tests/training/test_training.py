@@ -1,0 +1,154 @@
+"""Training end to end, one process: exact resume, crash-safe checkpoints, learning, using a model."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import pangu
+from pangu.checkpoint.training import latest_checkpoint
+from tests.helpers import STEPS, TINY_CONFIG, losses, run_pretrain, stored_tensors, tiny_overrides
+
+pytestmark = [pytest.mark.slow]
+
+
+def test_resume_is_exact(tiny_corpus, straight_run, tmp_path):
+    """Stopped at N/3 and 2N/3 (inside the warmup, with dropout, a shuffled sampler and four
+    micro-batches per step), resumed each time: bitwise the same losses, weights and optimizer state."""
+    out = tmp_path / "stopped"
+    for stop_at in (STEPS // 3, 2 * STEPS // 3, 0):
+        result = run_pretrain(tiny_overrides(tiny_corpus, out, f"train.stop_at={stop_at}"))
+        assert result.returncode == 0, result.stderr[-3000:]
+    assert losses(out) == losses(straight_run)
+    resumed, straight = stored_tensors(out), stored_tensors(straight_run)
+    assert resumed.keys() == straight.keys()
+    assert {key for _, key in straight} == {"weight", "m", "s"}
+    for key, tensor in straight.items():
+        assert torch.equal(resumed[key], tensor), key
+
+
+def test_crash_before_publishing_keeps_the_previous_checkpoint(tiny_corpus, straight_run, tmp_path):
+    out = tmp_path / "crashed"
+    crash = ("import os\nfrom pangu.checkpoint import format as checkpoint\n"
+             "publish = checkpoint.publish_latest\n"
+             "def crash_at_step_4(root, name):\n"
+             "    if name == 'step_00000004':\n"
+             "        os._exit(17)\n"
+             "    publish(root, name)\n"
+             "checkpoint.publish_latest = crash_at_step_4\n")
+    result = run_pretrain(tiny_overrides(tiny_corpus, out, "train.save_interval=2"), prelude=crash)
+    assert result.returncode == 17
+    assert latest_checkpoint(out).name == "step_00000002"
+    result = run_pretrain(tiny_overrides(tiny_corpus, out, "train.save_interval=2"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "resumed" in (out / "metrics.jsonl").read_text()
+    run = losses(out)
+    assert {step: run[step] for step in range(3, STEPS + 1)} == \
+        {step: losses(straight_run)[step] for step in range(3, STEPS + 1)}
+    assert latest_checkpoint(out).name == f"step_{STEPS:08d}"
+
+
+def test_corrupt_checkpoint_is_refused(tiny_corpus, straight_run, tmp_path):
+    import shutil
+
+    from pangu.checkpoint.store import CheckpointError
+
+    copy = tmp_path / "copy"
+    shutil.copytree(straight_run, copy)
+    shard = next((latest_checkpoint(copy) / "tensors").glob("*.bin"))
+    with open(shard, "r+b") as f:
+        f.seek(100)
+        f.write(b"\xff\xff\xff\xff")
+    with pytest.raises(CheckpointError, match="checksum"):
+        latest_checkpoint(copy)
+
+
+def test_loaded_model_reproduces_validation_loss(tiny_corpus, straight_run):
+    """pangu.load gives the trained network: its loss on the first validation batch equals the
+    one the trainer logged (same samples, no dropout in evaluation)."""
+    import numpy as np
+
+    from pangu.config import load_config
+    from pangu.data.dataset import make_batch
+    from pangu.data.prepare import load_prepared
+    from pangu.evaluation.inference import token_losses
+
+    model, tokenizer = pangu.load(straight_run)
+    assert tokenizer is not None and tokenizer.vocab_size == 600
+    config = load_config(TINY_CONFIG, tiny_overrides(tiny_corpus, straight_run)[3::2])
+    valid, meta = load_prepared(tiny_corpus, "valid", 32)
+    samples = np.stack([valid[i % len(valid)] for i in range(8)])
+    batch = make_batch(samples, pad_id=meta["pad_id"], eod_id=meta["eod_id"], eod_reset=False)
+    loss_sum = float((token_losses(model, batch) * torch.from_numpy(batch["loss_mask"])).sum())
+    tokens = int(batch["loss_mask"].sum())
+    logged = [json.loads(line) for line in (straight_run / "metrics.jsonl").read_text().splitlines()]
+    val_loss = [r["val_loss"] for r in logged if r.get("step") == STEPS and "val_loss" in r][0]
+    assert loss_sum / tokens == pytest.approx(val_loss, rel=1e-5)
+    assert config.train.steps == STEPS
+
+
+def test_cli_evaluate_generate_plot_export(tiny_corpus, straight_run, capsys, tmp_path):
+    from pangu.cli import main
+
+    args = tiny_overrides(tiny_corpus, straight_run)
+    assert main(["evaluate", *args, "--checkpoint", str(straight_run), "--baseline", "--max-samples", "16"]) == 0
+    out = capsys.readouterr().out
+    result = json.loads(out[out.index("{\n"):])  # DeepSpeed may print a build line before it
+    assert result["samples"] == 16 and result["val_ppl"] > 1 and result["unigram_ppl"] > 1
+    assert main(["generate", "--checkpoint", str(straight_run), "--prompt", "中国", "--max-new-tokens", "5",
+                 "--temperature", "0.8", "--top-k", "10", "--top-p", "0.9"]) == 0
+    assert capsys.readouterr().out.startswith("中国")
+    assert main(["plot", str(straight_run)]) == 0
+    assert (straight_run / "curves.png").stat().st_size > 1000
+    assert main(["generate", "--checkpoint", str(straight_run / "nope"), "--prompt", "x"]) == 2
+    assert "not a pangu checkpoint" in capsys.readouterr().err
+    assert main(["convert", "export-hf", str(straight_run), str(tmp_path / "hf")]) == 0
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["model_type"] == "gpt_pangu"
+    assert main(["convert", "import-hf", str(tmp_path / "hf"), str(tmp_path / "back")]) == 0
+    exported, reimported = pangu.load(straight_run)[0], pangu.load(tmp_path / "back")[0]
+    ids = torch.tensor([[5, 17, 42, 8]])
+    with torch.no_grad():
+        torch.testing.assert_close(reimported(ids), exported(ids))
+
+
+def test_preemption_signal_checkpoints_and_resumes_exactly(tiny_corpus, straight_run, tmp_path):
+    """SIGUSR1 (Slurm's preemption warning) during step 3: the run finishes the step, checkpoints,
+    exits 0; the next run resumes and reaches the same losses as the uninterrupted run."""
+    out = tmp_path / "preempted"
+    signal_in_step_3 = ("import os, signal\nfrom pangu.pretrain.trainer import Trainer\n"
+                        "step = Trainer.train_step\n"
+                        "def train_step(self):\n"
+                        "    if self.step == 2:\n"
+                        "        os.kill(os.getpid(), signal.SIGUSR1)\n"
+                        "    return step(self)\n"
+                        "Trainer.train_step = train_step\n")
+    result = run_pretrain(tiny_overrides(tiny_corpus, out), prelude=signal_in_step_3)
+    assert result.returncode == 0, result.stderr[-3000:]
+    events = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert {"step": 3, "event": "preempted", "signal": "SIGUSR1"} in events
+    assert latest_checkpoint(out).name == "step_00000003"
+    result = run_pretrain(tiny_overrides(tiny_corpus, out))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert losses(out) == losses(straight_run)
+
+
+def test_fused_s3_trains_like_foreach(tiny_corpus, straight_run, tmp_path):
+    """optim.fused = true (one compiled kernel per ZeRO partition) follows the default foreach
+    path step for step: the updates agree to float rounding (the cube root to ~1 ulp)."""
+    from pangu.config import load_config
+    from pangu.optim.registry import build_optimizer
+
+    weight = [("blocks.0.mlp.dense_h_to_4h.weight", torch.nn.Parameter(torch.ones(2, 2)))]
+    for name in ("s3", "adamw"):
+        optim = load_config(None, [f"optim.name={name}", "optim.fused=true"]).optim
+        optimizer = build_optimizer(optim, weight, no_decay=[])
+        assert optimizer.defaults["fused"] is True, name
+    out = tmp_path / "fused"
+    done = run_pretrain(tiny_overrides(tiny_corpus, out, "optim.fused=true"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    fused, foreach = losses(out), losses(straight_run)
+    assert fused.keys() == foreach.keys()
+    for step in foreach:
+        assert fused[step] == pytest.approx(foreach[step], rel=1e-4), step
