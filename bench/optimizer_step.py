@@ -47,11 +47,24 @@ BASELINE = "AdamW fused"
 def block_shapes(hidden: int) -> list[tuple[int, ...]]:
     """Parameter shapes of one pre-LN transformer block (separate Q, K, V as in PanGu-alpha)."""
     h, ffn = hidden, 4 * hidden
-    return [(h,), (h,),                                   # LayerNorm 1
-            (h, h), (h,), (h, h), (h,), (h, h), (h,),     # Q, K, V
-            (h, h), (h,),                                 # attention output
-            (h,), (h,),                                   # LayerNorm 2
-            (ffn, h), (ffn,), (h, ffn), (h,)]             # FFN up, down
+    return [
+        (h,),
+        (h,),  # LayerNorm 1
+        (h, h),
+        (h,),
+        (h, h),
+        (h,),
+        (h, h),
+        (h,),  # Q, K, V
+        (h, h),
+        (h,),  # attention output
+        (h,),
+        (h,),  # LayerNorm 2
+        (ffn, h),
+        (ffn,),
+        (h, ffn),
+        (h,),
+    ]  # FFN up, down
 
 
 def layout_shapes(size: str, layout: str) -> list[tuple[int, ...]]:
@@ -85,8 +98,7 @@ def time_step(optimizer: torch.optim.Optimizer, device: torch.device) -> float:
     return (time.perf_counter() - start) * 1e3
 
 
-def bench(shapes: list[tuple[int, ...]], repeats: int, warmup: int,
-          device: torch.device) -> dict[str, float]:
+def bench(shapes: list[tuple[int, ...]], repeats: int, warmup: int, device: torch.device) -> dict[str, float]:
     """Median ms per step of every optimizer in OPTIMIZERS, interleaved."""
     params = make_params(shapes, device)
     optimizers = {name: make(params) for name, make in OPTIMIZERS.items()}
@@ -100,39 +112,41 @@ def bench(shapes: list[tuple[int, ...]], repeats: int, warmup: int,
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sizes", default="1M,16M",
-                        help=f"comma-separated, from {', '.join(SIZES)} (default: 1M,16M)")
-    parser.add_argument("--layouts", default=",".join(LAYOUTS),
-                        help=f"comma-separated, from {', '.join(LAYOUTS)} (default: both)")
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", default="1M,16M", help=f"comma-separated, from {', '.join(SIZES)} (default: 1M,16M)")
+    parser.add_argument(
+        "--layouts", default=",".join(LAYOUTS), help=f"comma-separated, from {', '.join(LAYOUTS)} (default: both)"
+    )
     parser.add_argument("--repeats", type=int, default=20, help="timed rounds (default: 20)")
-    parser.add_argument("--warmup", type=int, default=3,
-                        help="untimed first rounds, compilation included (default: 3)")
-    parser.add_argument("--threads", type=int, default=0,
-                        help="CPU threads (default: torch's choice). On a shared machine 1 "
-                             "avoids timing the wait for a descheduled second thread")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed first rounds, compilation included (default: 3)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="CPU threads (default: torch's choice). On a shared machine 1 "
+        "avoids timing the wait for a descheduled second thread",
+    )
     args = parser.parse_args()
     sizes, layouts = args.sizes.split(","), args.layouts.split(",")
     unknown = [name for name in sizes if name not in SIZES]
     unknown += [name for name in layouts if name not in LAYOUTS]
     if unknown:
-        parser.error(f"unknown sizes or layouts {unknown}; sizes: {list(SIZES)}, "
-                     f"layouts: {list(LAYOUTS)}")
+        parser.error(f"unknown sizes or layouts {unknown}; sizes: {list(SIZES)}, layouts: {list(LAYOUTS)}")
     if args.threads:
         torch.set_num_threads(args.threads)
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    print(f"device: {device}, torch {torch.__version__}, threads: {torch.get_num_threads()}, "
-          f"median of {args.repeats} interleaved steps after {args.warmup} warmup rounds")
+    print(
+        f"device: {device}, torch {torch.__version__}, threads: {torch.get_num_threads()}, "
+        f"median of {args.repeats} interleaved steps after {args.warmup} warmup rounds"
+    )
     print(f"{'size':>6} {'layout':<8} {'optimizer':<16} {'ms/step':>9} {'vs ' + BASELINE:>16}")
     for size in sizes:
         for layout in layouts:
             shapes = layout_shapes(size, layout)
             medians = bench(shapes, args.repeats, args.warmup, device)
             for name, median in medians.items():
-                print(f"{size:>6} {layout:<8} {name:<16} {median:>9.2f} "
-                      f"{median / medians[BASELINE]:>15.2f}x")
+                print(f"{size:>6} {layout:<8} {name:<16} {median:>9.2f} {median / medians[BASELINE]:>15.2f}x")
             elements = sum(math.prod(shape) for shape in shapes)
             print(f"{'':>6} {'':<8} ({elements / 1e6:.1f}M elements in {len(shapes)} tensors)")
 

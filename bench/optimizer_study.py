@@ -78,16 +78,20 @@ def child(spec_path: str) -> None:
     trainer = Trainer(config)
     setup_s = time.perf_counter() - started
     batch = config.train.global_batch_size
-    full_eval = SimpleNamespace(global_batch_size=batch,
-                                eval_batches=max(1, len(trainer.valid_batches.dataset) // batch))
+    full_eval = SimpleNamespace(
+        global_batch_size=batch, eval_batches=max(1, len(trainer.valid_batches.dataset) // batch)
+    )
     eval_every = spec.get("eval_every", 0)
     part_eval = SimpleNamespace(global_batch_size=batch, eval_batches=min(8, full_eval.eval_batches))
 
     records, evals = [], []
     nonfinite_streak = 0
     train_s = 0.0
-    print(f"[study] {spec['name']}: {parameter_count(config.model) / 1e6:.2f}M parameters, "
-          f"{config.train.steps} steps of {batch} x {config.model.seq_length} tokens", flush=True)
+    print(
+        f"[study] {spec['name']}: {parameter_count(config.model) / 1e6:.2f}M parameters, "
+        f"{config.train.steps} steps of {batch} x {config.model.seq_length} tokens",
+        flush=True,
+    )
     parent = os.getppid()
     for _ in range(config.train.steps):
         if trainer.stop_request.signal_name or os.getppid() != parent:  # SIGTERM, or the study was stopped
@@ -102,11 +106,12 @@ def child(spec_path: str) -> None:
         records.append(keep)
         step = record["step"]
         if step % 25 == 0 or step == config.train.steps:
-            print(f"[study] {spec['name']} step {step} loss {record['loss']:.4f} "
-                  f"({train_s / step:.2f} s/step)", flush=True)
+            print(
+                f"[study] {spec['name']} step {step} loss {record['loss']:.4f} ({train_s / step:.2f} s/step)",
+                flush=True,
+            )
         if eval_every and step % eval_every == 0 and step < config.train.steps:
-            evals.append({"step": step, "val_loss": validation_loss(trainer.engine, trainer.valid_batches,
-                                                                    part_eval)})
+            evals.append({"step": step, "val_loss": validation_loss(trainer.engine, trainer.valid_batches, part_eval)})
         nonfinite_streak = 0 if math.isfinite(record["loss"]) else nonfinite_streak + 1
         if nonfinite_streak >= NONFINITE_ABORT:
             print(f"[study] {spec['name']}: {NONFINITE_ABORT} non-finite losses in a row, stopping", flush=True)
@@ -114,10 +119,18 @@ def child(spec_path: str) -> None:
     start = time.perf_counter()
     final_val = validation_loss(trainer.engine, trainer.valid_batches, full_eval)
     eval_s = time.perf_counter() - start
-    result = {"spec": spec, "parameters": parameter_count(config.model), "records": records, "evals": evals,
-              "final_val_loss": final_val, "val_samples": full_eval.eval_batches * batch,
-              "setup_s": setup_s, "train_s": train_s, "eval_s": eval_s,
-              "wall_s": time.perf_counter() - started}
+    result = {
+        "spec": spec,
+        "parameters": parameter_count(config.model),
+        "records": records,
+        "evals": evals,
+        "final_val_loss": final_val,
+        "val_samples": full_eval.eval_batches * batch,
+        "setup_s": setup_s,
+        "train_s": train_s,
+        "eval_s": eval_s,
+        "wall_s": time.perf_counter() - started,
+    }
     shutil.rmtree(train_dir, ignore_errors=True)
     (run_dir / "result.json").write_text(json.dumps(result))
 
@@ -127,10 +140,18 @@ def child(spec_path: str) -> None:
 
 
 def base_overrides(args) -> list[str]:
-    return [f"model.hidden_size={args.hidden}", f"model.num_layers={args.layers}",
-            f"model.num_heads={args.heads}", f"model.seq_length={args.seq}", "model.dropout=0.0",
-            f"train.global_batch_size={args.batch}", f"train.micro_batch_size={args.batch}",
-            "train.save_interval=0", f"train.seed={args.seed}", *args.overrides]
+    return [
+        f"model.hidden_size={args.hidden}",
+        f"model.num_layers={args.layers}",
+        f"model.num_heads={args.heads}",
+        f"model.seq_length={args.seq}",
+        "model.dropout=0.0",
+        f"train.global_batch_size={args.batch}",
+        f"train.micro_batch_size={args.batch}",
+        "train.save_interval=0",
+        f"train.seed={args.seed}",
+        *args.overrides,
+    ]
 
 
 def run_spec(args, name: str, optimizer: str, lr: float, steps: int, si_lr: float | None = None) -> dict:
@@ -138,14 +159,28 @@ def run_spec(args, name: str, optimizer: str, lr: float, steps: int, si_lr: floa
     warmup = max(1, round(WARMUP_FRACTION * steps))
     overrides += [f"train.steps={steps}", f"optim.warmup_steps={warmup}", f"optim.lr={lr}"]
     if optimizer == "sgd_si":
-        overrides += ["model.scale_invariant=true", "model.final_layernorm=after", "optim.name=sgd_si",
-                      f"optim.si_lr={si_lr}", f"optim.si_weight_decay={args.si_wd}",
-                      f"optim.si_other={args.si_other}", f"optim.decay={args.si_decay}",
-                      f"optim.grad_clip={args.si_grad_clip}"]
+        overrides += [
+            "model.scale_invariant=true",
+            "model.final_layernorm=after",
+            "optim.name=sgd_si",
+            f"optim.si_lr={si_lr}",
+            f"optim.si_weight_decay={args.si_wd}",
+            f"optim.si_other={args.si_other}",
+            f"optim.decay={args.si_decay}",
+            f"optim.grad_clip={args.si_grad_clip}",
+        ]
     else:
         overrides += [f"optim.name={optimizer}", "optim.decay=cosine"]
-    return {"name": name, "optimizer": optimizer, "lr": lr, "si_lr": si_lr, "steps": steps,
-            "config": args.config, "overrides": overrides, "eval_every": args.eval_every}
+    return {
+        "name": name,
+        "optimizer": optimizer,
+        "lr": lr,
+        "si_lr": si_lr,
+        "steps": steps,
+        "config": args.config,
+        "overrides": overrides,
+        "eval_every": args.eval_every,
+    }
 
 
 def launch(spec: dict, workdir: Path, fresh: bool) -> dict:
@@ -162,9 +197,12 @@ def launch(spec: dict, workdir: Path, fresh: bool) -> dict:
     else:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "spec.json").write_text(json.dumps(spec, indent=1))
-        print(f"[study] {spec['name']}: {spec['optimizer']} lr {spec['lr']:g}"
-              + (f" si_lr {spec['si_lr']:g}" if spec["si_lr"] is not None else "")
-              + f", {spec['steps']} steps -> {run_dir}", flush=True)
+        print(
+            f"[study] {spec['name']}: {spec['optimizer']} lr {spec['lr']:g}"
+            + (f" si_lr {spec['si_lr']:g}" if spec["si_lr"] is not None else "")
+            + f", {spec['steps']} steps -> {run_dir}",
+            flush=True,
+        )
         command = [sys.executable, str(Path(__file__).resolve()), "--child", str(run_dir / "spec.json")]
         with open(run_dir / "log.txt", "w") as log:
             process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=log, text=True)
@@ -189,8 +227,12 @@ def spike_steps(losses: list[float]) -> list[int]:
     as diverged."""
     spikes = []
     for i, loss in enumerate(losses):
-        history = [x for x in losses[max(0, i - SPIKE_WINDOW):i] if math.isfinite(x)]
-        if len(history) >= SPIKE_MIN_HISTORY and math.isfinite(loss) and loss > SPIKE_FACTOR * statistics.median(history):
+        history = [x for x in losses[max(0, i - SPIKE_WINDOW) : i] if math.isfinite(x)]
+        if (
+            len(history) >= SPIKE_MIN_HISTORY
+            and math.isfinite(loss)
+            and loss > SPIKE_FACTOR * statistics.median(history)
+        ):
             spikes.append(i + 1)
     return spikes
 
@@ -204,18 +246,30 @@ def summarise(result: dict, name: str) -> dict:
     nonfinite = sum(1 for x in losses if not math.isfinite(x))
     initial = losses[0]
     final_val = result["final_val_loss"]
-    diverged = bool(nonfinite or not math.isfinite(final_train) or final_train > initial
-                    or not math.isfinite(final_val))
+    diverged = bool(
+        nonfinite or not math.isfinite(final_train) or final_train > initial or not math.isfinite(final_val)
+    )
     spikes = spike_steps(losses)
     summary = {
-        "name": name, "optimizer": spec["optimizer"], "lr": spec["lr"], "si_lr": spec["si_lr"],
-        "steps": spec["steps"], "steps_run": len(records), "parameters": result["parameters"],
-        "final_val_loss": final_val, "final_val_ppl": math.exp(min(final_val, 50)) if math.isfinite(final_val) else None,
-        "final_train_loss": final_train, "initial_loss": initial,
+        "name": name,
+        "optimizer": spec["optimizer"],
+        "lr": spec["lr"],
+        "si_lr": spec["si_lr"],
+        "steps": spec["steps"],
+        "steps_run": len(records),
+        "parameters": result["parameters"],
+        "final_val_loss": final_val,
+        "final_val_ppl": math.exp(min(final_val, 50)) if math.isfinite(final_val) else None,
+        "final_train_loss": final_train,
+        "initial_loss": initial,
         "max_loss_after_step_10": max(finite[10:], default=None),
-        "spikes": len(spikes), "spike_steps": spikes, "nonfinite_steps": nonfinite, "diverged": diverged,
+        "spikes": len(spikes),
+        "spike_steps": spikes,
+        "nonfinite_steps": nonfinite,
+        "diverged": diverged,
         "skipped_steps": sum(1 for r in records if r["skipped"]),
-        "wall_s": round(result["wall_s"], 1), "s_per_step": round(result["train_s"] / max(1, len(records)), 3),
+        "wall_s": round(result["wall_s"], 1),
+        "s_per_step": round(result["train_s"] / max(1, len(records)), 3),
         "val_samples": result["val_samples"],
         "curve": [round(x, 4) if math.isfinite(x) else None for x in losses],
         "evals": result["evals"],
@@ -224,8 +278,9 @@ def summarise(result: dict, name: str) -> dict:
         summary["si_clip_steps"] = records[-1]["si_clip_events"]
         summary["si_clip_fraction"] = records[-1]["si_clip_events"] / len(records)
         summary["si_weight_norm_first_last"] = [records[0]["si_weight_norm"], records[-1]["si_weight_norm"]]
-    summary["grad_norm_median"] = statistics.median([r["grad_norm"] for r in records if math.isfinite(r["grad_norm"])]
-                                                    or [float("nan")])
+    summary["grad_norm_median"] = statistics.median(
+        [r["grad_norm"] for r in records if math.isfinite(r["grad_norm"])] or [float("nan")]
+    )
     return summary
 
 
@@ -248,8 +303,15 @@ def plot(summary: dict, path: Path) -> None:
     from matplotlib.ticker import ScalarFormatter
 
     runs = summary["runs"]
-    colors = {"adamw": "tab:blue", "adamw_10x": "tab:cyan", "s3": "tab:red", "s3_10x": "tab:orange",
-              "s3_tuned": "tab:brown", "sgd_si": "tab:green", "adamw_2x": "tab:purple"}
+    colors = {
+        "adamw": "tab:blue",
+        "adamw_10x": "tab:cyan",
+        "s3": "tab:red",
+        "s3_10x": "tab:orange",
+        "s3_tuned": "tab:brown",
+        "sgd_si": "tab:green",
+        "adamw_2x": "tab:purple",
+    }
 
     def smooth(values, weight=0.9):
         out, ema = [], None
@@ -277,7 +339,9 @@ def plot(summary: dict, path: Path) -> None:
     ax.set_yscale("log")
     ax.yaxis.set_major_formatter(ScalarFormatter())
     ax.yaxis.set_minor_formatter(ScalarFormatter())
-    ax.set_title(f"training loss per step, {summary['setup']['steps']} steps (x: spikes > {SPIKE_FACTOR} x median of last {SPIKE_WINDOW})")
+    ax.set_title(
+        f"training loss per step, {summary['setup']['steps']} steps (x: spikes > {SPIKE_FACTOR} x median of last {SPIKE_WINDOW})"
+    )
     ax.set_xlabel("step")
     ax.set_ylabel("loss (nats/token)")
     ax.legend(fontsize=8)
@@ -312,8 +376,11 @@ def plot(summary: dict, path: Path) -> None:
     ax.legend(fontsize=8)
 
     ax = axes[1][1]
-    for key, marker, title in (("sweep", "o-", "AdamW lr sweep"), ("s3_sweep", "^-", "S3 lr sweep"),
-                               ("si_sweep", "s-", "sgd_si SGD lr sweep (trunk)")):
+    for key, marker, title in (
+        ("sweep", "o-", "AdamW lr sweep"),
+        ("s3_sweep", "^-", "S3 lr sweep"),
+        ("si_sweep", "s-", "sgd_si SGD lr sweep (trunk)"),
+    ):
         rows = summary.get(key) or []
         if rows:
             xs = [r["si_lr"] if key == "si_sweep" else r["lr"] for r in rows]
@@ -329,8 +396,10 @@ def plot(summary: dict, path: Path) -> None:
         ax.axis("off")  # no sweep in this invocation (lrs given)
 
     setup = summary["setup"]
-    fig.suptitle(f"PanGu-alpha {setup['parameters'] / 1e6:.1f}M ({setup['layers']} layers, hidden {setup['hidden']}), "
-                 f"batch {setup['batch']} x {setup['seq']} tokens, builtin corpus, same data order for every run")
+    fig.suptitle(
+        f"PanGu-alpha {setup['parameters'] / 1e6:.1f}M ({setup['layers']} layers, hidden {setup['hidden']}), "
+        f"batch {setup['batch']} x {setup['seq']} tokens, builtin corpus, same data order for every run"
+    )
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=90)
@@ -358,8 +427,9 @@ def sweep(args, summary: dict, key: str, specs: list[dict], lr_key: str) -> floa
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--child", help=argparse.SUPPRESS)
-    parser.add_argument("--quick", action="store_true",
-                        help="smoke version: hidden 128, 3 layers, 60 steps, no sweeps (a few minutes)")
+    parser.add_argument(
+        "--quick", action="store_true", help="smoke version: hidden 128, 3 layers, 60 steps, no sweeps (a few minutes)"
+    )
     parser.add_argument("--config", default="configs/tiny.yaml", help="base config (data, tokenizer)")
     parser.add_argument("--steps", type=int, default=None, help="N, the length of every run but adamw_2x (2N)")
     parser.add_argument("--hidden", type=int, default=None)
@@ -377,24 +447,45 @@ def main() -> None:
     parser.add_argument("--si-lr", type=float, default=None, help="sgd_si's SGD lr for the trunk (skips --si-sweep)")
     parser.add_argument("--si-sweep", default=None, help="comma-separated SGD lrs for sgd_si to sweep")
     parser.add_argument("--si-wd", type=float, default=1e-2, help="sgd_si trunk weight decay (SIBERT 1e-2)")
-    parser.add_argument("--si-other", default="adamw", choices=("adamw", "s3"),
-                        help="optimizer of the embeddings in sgd_si (at LR)")
-    parser.add_argument("--si-decay", default="step", choices=("step", "cosine"),
-                        help="sgd_si schedule (SIBERT: step, /10 at 60%% and 90%%)")
-    parser.add_argument("--si-grad-clip", type=float, default=0.0,
-                        help="global gradient-norm clip in sgd_si runs (default 0: off, the trunk has its "
-                             "relative clip; a global clip would tie the trunk's SGD step to the embeddings' "
-                             "gradient norm). The other runs use 1.0")
-    parser.add_argument("--eval-every", type=int, default=0,
-                        help="also validate on 8 batches every this many steps (0: only at the end)")
+    parser.add_argument(
+        "--si-other", default="adamw", choices=("adamw", "s3"), help="optimizer of the embeddings in sgd_si (at LR)"
+    )
+    parser.add_argument(
+        "--si-decay",
+        default="step",
+        choices=("step", "cosine"),
+        help="sgd_si schedule (SIBERT: step, /10 at 60%% and 90%%)",
+    )
+    parser.add_argument(
+        "--si-grad-clip",
+        type=float,
+        default=0.0,
+        help="global gradient-norm clip in sgd_si runs (default 0: off, the trunk has its "
+        "relative clip; a global clip would tie the trunk's SGD step to the embeddings' "
+        "gradient norm). The other runs use 1.0",
+    )
+    parser.add_argument(
+        "--eval-every",
+        type=int,
+        default=0,
+        help="also validate on 8 batches every this many steps (0: only at the end)",
+    )
     parser.add_argument("--runs", default=",".join(RUNS))
     parser.add_argument("--workdir", default="runs/optimizer_study")
-    parser.add_argument("--json", default=None, help="summary (default: docs/optimizer_study.json; "
-                        "with --quick runs/optimizer_study/quick.json)")
+    parser.add_argument(
+        "--json",
+        default=None,
+        help="summary (default: docs/optimizer_study.json; with --quick runs/optimizer_study/quick.json)",
+    )
     parser.add_argument("--png", default=None, help="loss curves (default: like --json, .png)")
     parser.add_argument("--fresh", action="store_true", help="rerun runs whose results are kept in --workdir")
-    parser.add_argument("--set", dest="overrides", action="append", default=[],
-                        help="extra config override for every run (section.key=value)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        help="extra config override for every run (section.key=value)",
+    )
     args = parser.parse_args()
     if args.child:
         child(args.child)
@@ -415,39 +506,78 @@ def main() -> None:
 
     config = load_config(args.config, base_overrides(args))
     prepare(config, progress=False)  # once, before the runs (idempotent)
-    summary: dict = {"setup": {"command": " ".join(["python bench/optimizer_study.py", *sys.argv[1:]]),
-                               "config": args.config, "hidden": args.hidden, "layers": args.layers,
-                               "heads": args.heads, "seq": args.seq, "batch": args.batch, "steps": args.steps,
-                               "sweep_steps": args.sweep_steps,
-                               "parameters": parameter_count(config.model), "seed": args.seed,
-                               "overrides": base_overrides(args), "warmup_fraction": WARMUP_FRACTION,
-                               "spike_rule": f"loss > {SPIKE_FACTOR} x median of the previous {SPIKE_WINDOW} steps "
-                                             f"(fewer before step {SPIKE_WINDOW + 1}; from step "
-                                             f"{SPIKE_MIN_HISTORY + 1} on)",
-                               "machine": f"{os.cpu_count()} CPU cores, OMP_NUM_THREADS="
-                                          f"{os.environ.get('OMP_NUM_THREADS', 'unset (torch default)')}"}}
+    summary: dict = {
+        "setup": {
+            "command": " ".join(["python bench/optimizer_study.py", *sys.argv[1:]]),
+            "config": args.config,
+            "hidden": args.hidden,
+            "layers": args.layers,
+            "heads": args.heads,
+            "seq": args.seq,
+            "batch": args.batch,
+            "steps": args.steps,
+            "sweep_steps": args.sweep_steps,
+            "parameters": parameter_count(config.model),
+            "seed": args.seed,
+            "overrides": base_overrides(args),
+            "warmup_fraction": WARMUP_FRACTION,
+            "spike_rule": f"loss > {SPIKE_FACTOR} x median of the previous {SPIKE_WINDOW} steps "
+            f"(fewer before step {SPIKE_WINDOW + 1}; from step "
+            f"{SPIKE_MIN_HISTORY + 1} on)",
+            "machine": f"{os.cpu_count()} CPU cores, OMP_NUM_THREADS="
+            f"{os.environ.get('OMP_NUM_THREADS', 'unset (torch default)')}",
+        }
+    }
 
     steps = args.sweep_steps
     lr = args.lr
     if lr is None:
-        lr = sweep(args, summary, "sweep", [run_spec(args, f"sweep_adamw_{x:g}", "adamw", x, steps)
-                                            for x in parse_floats(args.sweep)], "lr")
+        lr = sweep(
+            args,
+            summary,
+            "sweep",
+            [run_spec(args, f"sweep_adamw_{x:g}", "adamw", x, steps) for x in parse_floats(args.sweep)],
+            "lr",
+        )
     s3_lr = args.s3_lr
     if s3_lr is None and args.s3_sweep and "s3_tuned" in wanted:
-        s3_lr = sweep(args, summary, "s3_sweep", [run_spec(args, f"sweep_s3_{x:g}", "s3", x, steps)
-                                                  for x in parse_floats(args.s3_sweep)], "lr")
+        s3_lr = sweep(
+            args,
+            summary,
+            "s3_sweep",
+            [run_spec(args, f"sweep_s3_{x:g}", "s3", x, steps) for x in parse_floats(args.s3_sweep)],
+            "lr",
+        )
     si_lr = args.si_lr
     if si_lr is None and "sgd_si" in wanted:
-        si_lr = sweep(args, summary, "si_sweep", [run_spec(args, f"sweep_sgd_si_{x:g}", "sgd_si", lr, steps, si_lr=x)
-                                                  for x in parse_floats(args.si_sweep)], "si_lr")
-    summary["setup"].update(lr=lr, lr_10x=args.lr_mult * lr, s3_lr=s3_lr, si_lr=si_lr,
-                            si_weight_decay=args.si_wd, si_other=args.si_other, si_decay=args.si_decay,
-                            si_grad_clip=args.si_grad_clip)
+        si_lr = sweep(
+            args,
+            summary,
+            "si_sweep",
+            [run_spec(args, f"sweep_sgd_si_{x:g}", "sgd_si", lr, steps, si_lr=x) for x in parse_floats(args.si_sweep)],
+            "si_lr",
+        )
+    summary["setup"].update(
+        lr=lr,
+        lr_10x=args.lr_mult * lr,
+        s3_lr=s3_lr,
+        si_lr=si_lr,
+        si_weight_decay=args.si_wd,
+        si_other=args.si_other,
+        si_decay=args.si_decay,
+        si_grad_clip=args.si_grad_clip,
+    )
 
     n = args.steps
-    plan = {"adamw": ("adamw", lr, n), "adamw_10x": ("adamw", args.lr_mult * lr, n), "s3": ("s3", lr, n),
-            "s3_10x": ("s3", args.lr_mult * lr, n), "s3_tuned": ("s3", s3_lr, n), "sgd_si": ("sgd_si", lr, n),
-            "adamw_2x": ("adamw", lr, 2 * n)}
+    plan = {
+        "adamw": ("adamw", lr, n),
+        "adamw_10x": ("adamw", args.lr_mult * lr, n),
+        "s3": ("s3", lr, n),
+        "s3_10x": ("s3", args.lr_mult * lr, n),
+        "s3_tuned": ("s3", s3_lr, n),
+        "sgd_si": ("sgd_si", lr, n),
+        "adamw_2x": ("adamw", lr, 2 * n),
+    }
     summary["runs"] = {}
     for name in wanted:
         optimizer, run_lr, steps = plan[name]
@@ -458,10 +588,15 @@ def main() -> None:
     runs = summary["runs"]
     if "adamw_2x" in runs:
         summary["s3_n_vs_adamw_2n"] = {
-            name: {"lr": runs[name]["lr"], "steps": runs[name]["steps"],
-                   "final_val_loss": runs[name]["final_val_loss"],
-                   "minus_adamw_2x": runs[name]["final_val_loss"] - runs["adamw_2x"]["final_val_loss"]}
-            for name in ("adamw", "s3", "s3_10x", "s3_tuned", "adamw_2x") if name in runs}
+            name: {
+                "lr": runs[name]["lr"],
+                "steps": runs[name]["steps"],
+                "final_val_loss": runs[name]["final_val_loss"],
+                "minus_adamw_2x": runs[name]["final_val_loss"] - runs["adamw_2x"]["final_val_loss"],
+            }
+            for name in ("adamw", "s3", "s3_10x", "s3_tuned", "adamw_2x")
+            if name in runs
+        }
     summary["total_wall_s"] = round(time.time() - started, 1)
     summary["runs_wall_s"] = round(sum(r["wall_s"] for r in runs.values()), 1)  # as if none were reused
 
@@ -477,24 +612,45 @@ def drop_curve(result: dict) -> dict:
 
 
 def print_table(summary: dict) -> None:
-    print(f"{'run':<11} {'optimizer':<8} {'lr':>9} {'steps':>6} {'val loss':>9} {'val ppl':>8} "
-          f"{'spikes':>6} {'diverged':>8} {'wall':>7}")
+    print(
+        f"{'run':<11} {'optimizer':<8} {'lr':>9} {'steps':>6} {'val loss':>9} {'val ppl':>8} "
+        f"{'spikes':>6} {'diverged':>8} {'wall':>7}"
+    )
     for r in summary["runs"].values():
         lr = f"{r['si_lr']:g}" if r["optimizer"] == "sgd_si" else f"{r['lr']:g}"
         ppl = f"{r['final_val_ppl']:.1f}" if r["final_val_ppl"] else "-"
-        print(f"{r['name']:<11} {r['optimizer']:<8} {lr:>9} {r['steps']:>6} {r['final_val_loss']:>9.4f} {ppl:>8} "
-              f"{r['spikes']:>6} {r['diverged']!s:>8} {r['wall_s'] / 60:>6.1f}m")
+        print(
+            f"{r['name']:<11} {r['optimizer']:<8} {lr:>9} {r['steps']:>6} {r['final_val_loss']:>9.4f} {ppl:>8} "
+            f"{r['spikes']:>6} {r['diverged']!s:>8} {r['wall_s'] / 60:>6.1f}m"
+        )
 
 
 RUNS = ("adamw", "adamw_10x", "s3", "s3_10x", "sgd_si", "adamw_2x", "s3_tuned")
 # The defaults of the full study (lrs swept at 100 steps: docs/optimizers.md) and of --quick
 # (no sweeps: fixed lrs, only a check that everything runs).
-FULL = {"steps": 300, "hidden": 384, "layers": 6, "heads": 6, "sweep_steps": 100,
-        "sweep": "2.5e-4,5e-4,1e-3,2e-3,4e-3", "s3_sweep": "5e-4,1e-3,2e-3,3e-3,5e-3",
-        "si_sweep": "8e-4,3e-3,1e-2,3e-2,0.1,0.3,1,3",
-        "json": "docs/optimizer_study.json", "png": "docs/optimizer_study.png"}
-QUICK = {"steps": 60, "hidden": 128, "layers": 3, "heads": 4, "lr": 1e-3, "s3_lr": 2e-3, "si_lr": 1.0,
-         "json": "runs/optimizer_study/quick.json", "png": "runs/optimizer_study/quick.png"}
+FULL = {
+    "steps": 300,
+    "hidden": 384,
+    "layers": 6,
+    "heads": 6,
+    "sweep_steps": 100,
+    "sweep": "2.5e-4,5e-4,1e-3,2e-3,4e-3",
+    "s3_sweep": "5e-4,1e-3,2e-3,3e-3,5e-3",
+    "si_sweep": "8e-4,3e-3,1e-2,3e-2,0.1,0.3,1,3",
+    "json": "docs/optimizer_study.json",
+    "png": "docs/optimizer_study.png",
+}
+QUICK = {
+    "steps": 60,
+    "hidden": 128,
+    "layers": 3,
+    "heads": 4,
+    "lr": 1e-3,
+    "s3_lr": 2e-3,
+    "si_lr": 1.0,
+    "json": "runs/optimizer_study/quick.json",
+    "png": "runs/optimizer_study/quick.png",
+}
 
 if __name__ == "__main__":
     main()

@@ -40,9 +40,15 @@ class PlainLoop:
         initialize_parameters(self.model.named_parameters(), config.model, config.train.seed)
         self.model.train()
         optim = config.optim
-        self.optimizer = S3(param_groups(self.model.named_parameters(), optim.weight_decay), lr=optim.lr,
-                            beta=optim.beta, p=optim.p, nesterov=optim.nesterov, eps=optim.eps,
-                            weight_decay=optim.weight_decay)
+        self.optimizer = S3(
+            param_groups(self.model.named_parameters(), optim.weight_decay),
+            lr=optim.lr,
+            beta=optim.beta,
+            p=optim.p,
+            nesterov=optim.nesterov,
+            eps=optim.eps,
+            weight_decay=optim.weight_decay,
+        )
         self.sampler = GlobalBatchSampler(len(dataset), config.train.global_batch_size, seed=config.train.seed)
         self.step = 0
 
@@ -54,11 +60,16 @@ class PlainLoop:
         counted = int((samples[:, :-1] != self.meta["pad_id"]).sum())
         total = 0.0
         for start in range(0, len(samples), train.micro_batch_size):
-            batch = make_batch(samples[start:start + train.micro_batch_size], pad_id=self.meta["pad_id"],
-                               eod_id=self.meta["eod_id"], eod_reset=False)
+            batch = make_batch(
+                samples[start : start + train.micro_batch_size],
+                pad_id=self.meta["pad_id"],
+                eod_id=self.meta["eod_id"],
+                eod_reset=False,
+            )
             logits = self.model(torch.from_numpy(batch["input_ids"]), torch.from_numpy(batch["position_ids"]))
-            losses = F.cross_entropy(logits.float().flatten(0, 1), torch.from_numpy(batch["labels"]).flatten(),
-                                     reduction="none")
+            losses = F.cross_entropy(
+                logits.float().flatten(0, 1), torch.from_numpy(batch["labels"]).flatten(), reduction="none"
+            )
             loss = (losses * torch.from_numpy(batch["loss_mask"]).flatten()).sum() / counted
             loss.backward()
             total += float(loss)
@@ -84,8 +95,13 @@ def main() -> None:
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as output_dir:
-        overrides = [*args.overrides, f"train.output_dir={output_dir}", "train.save_interval=0",
-                     "train.steps=1000", "optim.warmup_steps=10"]
+        overrides = [
+            *args.overrides,
+            f"train.output_dir={output_dir}",
+            "train.save_interval=0",
+            "train.steps=1000",
+            "optim.warmup_steps=10",
+        ]
         config = load_config(args.config, overrides)
         prepare(config, progress=False)
         pangu_run = Trainer(config)
@@ -102,11 +118,15 @@ def main() -> None:
     flops = flops_per_token(config.model)
     peak = pangu_run.peak_flops
     rows = [("pangu pretrain", statistics.median(pangu_times)), ("plain PyTorch loop", statistics.median(plain_times))]
-    print(f"{config.train.global_batch_size} x {config.model.seq_length} tokens per step, "
-          f"{len(pangu_times)} steps each, interleaved in blocks of {args.steps_per_round}")
+    print(
+        f"{config.train.global_batch_size} x {config.model.seq_length} tokens per step, "
+        f"{len(pangu_times)} steps each, interleaved in blocks of {args.steps_per_round}"
+    )
     for name, seconds in rows:
-        print(f"{name:<20} {seconds * 1e3:8.1f} ms/step  {tokens / seconds:10,.0f} tok/s  "
-              f"MFU {100 * tokens / seconds * flops / peak:5.1f}%  (of a measured {peak / 1e9:.0f} GFLOP/s)")
+        print(
+            f"{name:<20} {seconds * 1e3:8.1f} ms/step  {tokens / seconds:10,.0f} tok/s  "
+            f"MFU {100 * tokens / seconds * flops / peak:5.1f}%  (of a measured {peak / 1e9:.0f} GFLOP/s)"
+        )
     print(f"ratio pangu / plain (tokens/s, median): {rows[1][1] / rows[0][1]:.3f}")
 
 

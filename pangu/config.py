@@ -71,22 +71,39 @@ class ModelConfig:
         return self.hidden_size // self.num_heads
 
     def validate(self) -> None:
-        _require(self.num_layers >= 2, "model.num_layers", self.num_layers,
-                 ">= 2 (it counts the query layer, so 2 means one block plus the query layer)")
+        _require(
+            self.num_layers >= 2,
+            "model.num_layers",
+            self.num_layers,
+            ">= 2 (it counts the query layer, so 2 means one block plus the query layer)",
+        )
         for name in ("hidden_size", "num_heads", "vocab_size", "seq_length"):
             _require(getattr(self, name) >= 1, f"model.{name}", getattr(self, name), ">= 1")
-        _require(self.ffn_hidden_size >= 0, "model.ffn_hidden_size", self.ffn_hidden_size,
-                 ">= 0 (0 means 4 * hidden_size)")
-        _require(self.hidden_size % self.num_heads == 0, "model.hidden_size", self.hidden_size,
-                 f"a multiple of model.num_heads ({self.num_heads})")
+        _require(
+            self.ffn_hidden_size >= 0, "model.ffn_hidden_size", self.ffn_hidden_size, ">= 0 (0 means 4 * hidden_size)"
+        )
+        _require(
+            self.hidden_size % self.num_heads == 0,
+            "model.hidden_size",
+            self.hidden_size,
+            f"a multiple of model.num_heads ({self.num_heads})",
+        )
         _require(0.0 <= self.dropout < 1.0, "model.dropout", self.dropout, "a rate in [0, 1)")
-        _require(self.attention_dropout < 1.0, "model.attention_dropout", self.attention_dropout,
-                 "a rate in [0, 1), or < 0 to use model.dropout")
+        _require(
+            self.attention_dropout < 1.0,
+            "model.attention_dropout",
+            self.attention_dropout,
+            "a rate in [0, 1), or < 0 to use model.dropout",
+        )
         _require(self.layernorm_eps > 0, "model.layernorm_eps", self.layernorm_eps, "> 0")
         _require(self.init_std > 0, "model.init_std", self.init_std, "> 0")
         if self.scale_invariant:
-            _require(self.final_layernorm == "after", "model.final_layernorm", self.final_layernorm,
-                     "'after' with model.scale_invariant (the non-affine LayerNorm sits before the head)")
+            _require(
+                self.final_layernorm == "after",
+                "model.final_layernorm",
+                self.final_layernorm,
+                "'after' with model.scale_invariant (the non-affine LayerNorm sits before the head)",
+            )
 
 
 @dataclass
@@ -133,19 +150,33 @@ class DataConfig:
         for i, source in enumerate(self.sources):
             _require(source.weight > 0, f"data.sources[{i}].weight", source.weight, "> 0")
             if source.kind != "builtin":
-                _require(bool(source.path), f"data.sources[{i}].path", source.path,
-                         f"a file, directory or glob (required for kind {source.kind!r})")
+                _require(
+                    bool(source.path),
+                    f"data.sources[{i}].path",
+                    source.path,
+                    f"a file, directory or glob (required for kind {source.kind!r})",
+                )
         _require(self.num_proc >= 1, "data.num_proc", self.num_proc, ">= 1")
-        _require(0.0 < self.valid_fraction < 0.5, "data.valid_fraction", self.valid_fraction,
-                 "a fraction in (0, 0.5)")
-        _require(0.0 <= self.heldout_review_fraction < 1.0, "data.heldout_review_fraction",
-                 self.heldout_review_fraction, "a fraction in [0, 1)")
-        _require(0.0 <= self.cleaning.min_chinese_ratio <= 1.0, "data.cleaning.min_chinese_ratio",
-                 self.cleaning.min_chinese_ratio, "a fraction in [0, 1]")
+        _require(0.0 < self.valid_fraction < 0.5, "data.valid_fraction", self.valid_fraction, "a fraction in (0, 0.5)")
+        _require(
+            0.0 <= self.heldout_review_fraction < 1.0,
+            "data.heldout_review_fraction",
+            self.heldout_review_fraction,
+            "a fraction in [0, 1)",
+        )
+        _require(
+            0.0 <= self.cleaning.min_chinese_ratio <= 1.0,
+            "data.cleaning.min_chinese_ratio",
+            self.cleaning.min_chinese_ratio,
+            "a fraction in [0, 1]",
+        )
         if self.tokenizer.kind == "train":
-            _require(self.tokenizer.vocab_size >= MIN_TRAINED_VOCAB_SIZE, "data.tokenizer.vocab_size",
-                     self.tokenizer.vocab_size, f">= {MIN_TRAINED_VOCAB_SIZE} (room for PanGu's special and "
-                     f"byte pieces)")
+            _require(
+                self.tokenizer.vocab_size >= MIN_TRAINED_VOCAB_SIZE,
+                "data.tokenizer.vocab_size",
+                self.tokenizer.vocab_size,
+                f">= {MIN_TRAINED_VOCAB_SIZE} (room for PanGu's special and byte pieces)",
+            )
 
 
 @dataclass
@@ -194,8 +225,7 @@ class OptimConfig:
         _require(0.0 <= self.beta < 1.0, "optim.beta", self.beta, "in [0, 1)")
         _require(self.p >= 1.0, "optim.p", self.p, ">= 1")
         _require(self.eps >= 0, "optim.eps", self.eps, ">= 0")
-        _require(all(0.0 <= b < 1.0 for b in self.betas), "optim.betas", self.betas,
-                 "two numbers in [0, 1)")
+        _require(all(0.0 <= b < 1.0 for b in self.betas), "optim.betas", self.betas, "two numbers in [0, 1)")
         _require(self.warmup_steps >= 0, "optim.warmup_steps", self.warmup_steps, ">= 0")
         _require(0.0 <= self.min_lr_ratio <= 1.0, "optim.min_lr_ratio", self.min_lr_ratio, "in [0, 1]")
         _require(self.grad_clip >= 0, "optim.grad_clip", self.grad_clip, ">= 0 (0 disables)")
@@ -249,11 +279,19 @@ class TrainConfig:
     def validate(self) -> None:
         self.spike_guard.validate()
         _require(self.steps >= 1, "train.steps", self.steps, ">= 1")
-        _require(0 <= self.stop_at <= self.steps, "train.stop_at", self.stop_at,
-                 f"0 (off) or a step in [1, train.steps={self.steps}]")
+        _require(
+            0 <= self.stop_at <= self.steps,
+            "train.stop_at",
+            self.stop_at,
+            f"0 (off) or a step in [1, train.steps={self.steps}]",
+        )
         _require(self.micro_batch_size >= 1, "train.micro_batch_size", self.micro_batch_size, ">= 1")
-        _require(self.global_batch_size % self.micro_batch_size == 0, "train.global_batch_size",
-                 self.global_batch_size, f"a multiple of train.micro_batch_size ({self.micro_batch_size})")
+        _require(
+            self.global_batch_size % self.micro_batch_size == 0,
+            "train.global_batch_size",
+            self.global_batch_size,
+            f"a multiple of train.micro_batch_size ({self.micro_batch_size})",
+        )
         _require(self.save_interval >= 0, "train.save_interval", self.save_interval, ">= 0")
         _require(self.keep_checkpoints >= 1, "train.keep_checkpoints", self.keep_checkpoints, ">= 1")
         _require(self.log_interval >= 1, "train.log_interval", self.log_interval, ">= 1")
@@ -261,8 +299,12 @@ class TrainConfig:
         _require(self.eval_batches >= 1, "train.eval_batches", self.eval_batches, ">= 1")
         _require(self.eval_task_examples >= 0, "train.eval_task_examples", self.eval_task_examples, ">= 0 (0: all)")
         if self.spike_guard.enabled:
-            _require(self.save_interval > 0, "train.save_interval", self.save_interval,
-                     "> 0 with train.spike_guard.enabled (a rollback needs recent checkpoints)")
+            _require(
+                self.save_interval > 0,
+                "train.save_interval",
+                self.save_interval,
+                "> 0 with train.spike_guard.enabled (a rollback needs recent checkpoints)",
+            )
 
 
 @dataclass
@@ -280,17 +322,24 @@ class Config:
         self.optim.validate()
         self.train.validate()
         tp, pp = self.parallel.tp, self.parallel.pp
-        _require(self.model.num_heads % tp == 0, "parallel.tp", tp,
-                 f"a divisor of model.num_heads ({self.model.num_heads})")
-        _require(self.model.ffn_size % tp == 0, "parallel.tp", tp,
-                 f"a divisor of the FFN size ({self.model.ffn_size})")
-        _require(self.model.padded_vocab_size % tp == 0, "parallel.tp", tp,
-                 f"a divisor of the padded vocabulary ({self.model.padded_vocab_size})")
+        _require(
+            self.model.num_heads % tp == 0, "parallel.tp", tp, f"a divisor of model.num_heads ({self.model.num_heads})"
+        )
+        _require(self.model.ffn_size % tp == 0, "parallel.tp", tp, f"a divisor of the FFN size ({self.model.ffn_size})")
+        _require(
+            self.model.padded_vocab_size % tp == 0,
+            "parallel.tp",
+            tp,
+            f"a divisor of the padded vocabulary ({self.model.padded_vocab_size})",
+        )
         # the pipeline holds the embedding, num_layers - 1 blocks and the query layer (+ head)
-        _require(pp <= self.model.num_layers, "parallel.pp", pp,
-                 f"at most model.num_layers ({self.model.num_layers})")
-        _require(self.optim.warmup_steps <= self.train.steps, "optim.warmup_steps", self.optim.warmup_steps,
-                 f"at most train.steps ({self.train.steps})")
+        _require(pp <= self.model.num_layers, "parallel.pp", pp, f"at most model.num_layers ({self.model.num_layers})")
+        _require(
+            self.optim.warmup_steps <= self.train.steps,
+            "optim.warmup_steps",
+            self.optim.warmup_steps,
+            f"at most train.steps ({self.train.steps})",
+        )
         for check in _CHECKS:
             check(self)
 
@@ -332,8 +381,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         except yaml.YAMLError as err:
             raise ConfigError(f"config file {str(path)!r} is not valid YAML: {err}") from None
         if not isinstance(raw, dict):
-            raise ConfigError(f"config file {str(path)!r} must hold a mapping of sections, "
-                              f"got {type(raw).__name__}")
+            raise ConfigError(f"config file {str(path)!r} must hold a mapping of sections, got {type(raw).__name__}")
     for override in overrides or []:
         apply_override(raw, override)
     config = from_dict(Config, raw, "")
@@ -379,14 +427,19 @@ def from_dict(cls: type, data: Any, where: str, document: str = "the config") ->
         if key not in names:
             close = difflib.get_close_matches(str(key), names, n=1)
             hint = f" Did you mean {close[0]!r}?" if close else ""
-            raise ConfigError(f"unknown key {_join(where, key)!r}.{hint} "
-                              f"Allowed keys of {where or document}: {', '.join(names)}")
-    required = [f.name for f in dataclasses.fields(cls)
-                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+            raise ConfigError(
+                f"unknown key {_join(where, key)!r}.{hint} Allowed keys of {where or document}: {', '.join(names)}"
+            )
+    required = [
+        f.name
+        for f in dataclasses.fields(cls)
+        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    ]
     missing = [name for name in required if name not in data]
     if missing:
-        raise ConfigError(f"missing key {_join(where, missing[0])!r}: {where or document} needs "
-                          f"{', '.join(map(repr, required))}")
+        raise ConfigError(
+            f"missing key {_join(where, missing[0])!r}: {where or document} needs {', '.join(map(repr, required))}"
+        )
     kwargs = {key: _coerce(hints[key], value, _join(where, key)) for key, value in data.items()}
     return cls(**kwargs)
 
@@ -417,8 +470,9 @@ def _coerce(hint: Any, value: Any, where: str) -> Any:
     if origin is Literal:
         allowed = typing.get_args(hint)
         if value not in allowed:
-            raise ConfigError(f"{where} = {value!r} is not allowed: expected one of "
-                              f"{', '.join(repr(a) for a in allowed)}")
+            raise ConfigError(
+                f"{where} = {value!r} is not allowed: expected one of {', '.join(repr(a) for a in allowed)}"
+            )
         return value
     if origin is list:
         (item,) = typing.get_args(hint)

@@ -30,9 +30,13 @@ def tiny_corpus(tmp_path_factory):
     with open(root / "docs.jsonl", "w", encoding="utf-8") as f:
         for text in texts:
             f.write(json.dumps({"text": text}, ensure_ascii=False) + "\n")
-    overrides = [f"data.sources=[{{kind: jsonl, path: {root / 'docs.jsonl'}}}]",
-                 "data.tokenizer.kind=train", "data.tokenizer.vocab_size=600",
-                 f"data.prepared_dir={root / 'prepared'}", "data.valid_fraction=0.05"]
+    overrides = [
+        f"data.sources=[{{kind: jsonl, path: {root / 'docs.jsonl'}}}]",
+        "data.tokenizer.kind=train",
+        "data.tokenizer.vocab_size=600",
+        f"data.prepared_dir={root / 'prepared'}",
+        "data.valid_fraction=0.05",
+    ]
     prepare(load_config(None, overrides), progress=False)
     return root / "prepared"
 

@@ -28,12 +28,26 @@ STEPS = 6  # the tiny run's length
 
 def tiny_overrides(corpus: Path, out: Path, *extra: str) -> list[str]:
     """`pangu pretrain` arguments for the tiny test model on `corpus`, writing to `out`."""
-    settings = [f"data.prepared_dir={corpus}", f"train.output_dir={out}",
-                "model.num_layers=3", "model.hidden_size=64", "model.num_heads=4", "model.vocab_size=600",
-                "model.seq_length=32", "model.dropout=0.1",
-                f"train.steps={STEPS}", "train.micro_batch_size=2", "train.global_batch_size=8",
-                "train.log_interval=1", "train.eval_interval=3", "train.eval_batches=1",
-                "optim.lr=0.003", "optim.warmup_steps=4", "optim.grad_clip=1.0", *extra]
+    settings = [
+        f"data.prepared_dir={corpus}",
+        f"train.output_dir={out}",
+        "model.num_layers=3",
+        "model.hidden_size=64",
+        "model.num_heads=4",
+        "model.vocab_size=600",
+        "model.seq_length=32",
+        "model.dropout=0.1",
+        f"train.steps={STEPS}",
+        "train.micro_batch_size=2",
+        "train.global_batch_size=8",
+        "train.log_interval=1",
+        "train.eval_interval=3",
+        "train.eval_batches=1",
+        "optim.lr=0.003",
+        "optim.warmup_steps=4",
+        "optim.grad_clip=1.0",
+        *extra,
+    ]
     return ["--config", TINY_CONFIG] + [arg for setting in settings for arg in ("--set", setting)]
 
 
@@ -45,14 +59,22 @@ def subprocess_env() -> dict[str, str]:
 def run_pretrain(args: list[str], prelude: str = "") -> subprocess.CompletedProcess:
     """`pangu pretrain` in a fresh process; `prelude` is Python run first (to inject a crash)."""
     code = f"{prelude}\nimport sys\nfrom pangu.cli import main\nsys.exit(main(['pretrain', *sys.argv[1:]]))"
-    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True,
-                          env=subprocess_env(), timeout=300)
+    return subprocess.run(
+        [sys.executable, "-c", code, *args], capture_output=True, text=True, env=subprocess_env(), timeout=300
+    )
 
 
 def torchrun(script: Path | str, args: list[str], nproc: int, timeout: float = 600) -> subprocess.CompletedProcess:
     """`torchrun --standalone --nproc-per-node NPROC SCRIPT ARGS` (gloo on the CPU)."""
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-               str(script), *args]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={nproc}",
+        str(script),
+        *args,
+    ]
     return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=subprocess_env())
 
 
@@ -70,8 +92,7 @@ def stored_tensors(run_dir: Path) -> dict[tuple[str, str], torch.Tensor]:
 
 def run_two_processes(worker: Callable[..., None], *arguments: object, timeout_s: float = 120) -> None:
     """Start worker(rank, 2, free_port, *arguments) in 2 spawned processes; fail if one fails or hangs."""
-    context = mp.start_processes(worker, args=(2, free_port(), *arguments), nprocs=2,
-                                 join=False, start_method="spawn")
+    context = mp.start_processes(worker, args=(2, free_port(), *arguments), nprocs=2, join=False, start_method="spawn")
     deadline = timeout_s
     while not context.join(timeout=1):
         deadline -= 1

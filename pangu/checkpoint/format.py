@@ -130,8 +130,9 @@ def file_entry(path: Path) -> dict:
 
 
 def write_manifest(directory: Path, manifest: dict) -> None:
-    write_file_synced(directory / "manifest.json", json.dumps({"format": FORMAT, "version": VERSION, **manifest},
-                                                              indent=1).encode())
+    write_file_synced(
+        directory / "manifest.json", json.dumps({"format": FORMAT, "version": VERSION, **manifest}, indent=1).encode()
+    )
 
 
 def publish(tmp: Path, final: Path) -> None:

@@ -18,8 +18,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
-           "int64": torch.int64, "int32": torch.int32}
+_DTYPES = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "int64": torch.int64,
+    "int32": torch.int32,
+}
 
 
 class CheckpointError(RuntimeError):
@@ -52,18 +57,32 @@ class TensorWriter:
         self._entries: list[dict] = []
         self._offset = 0
 
-    def add(self, name: str, key: str, tensor: torch.Tensor, full_shape: tuple[int, ...],
-            index: tuple[slice, ...] | None = None) -> None:
+    def add(
+        self,
+        name: str,
+        key: str,
+        tensor: torch.Tensor,
+        full_shape: tuple[int, ...],
+        index: tuple[slice, ...] | None = None,
+    ) -> None:
         tensor = tensor.detach().cpu().contiguous()
         if index is None:
             index = tuple(slice(0, n) for n in tensor.shape)
-        data = tensor.view(torch.uint8).numpy().tobytes() if tensor.dtype == torch.bfloat16 \
-            else tensor.numpy().tobytes()
+        data = (
+            tensor.view(torch.uint8).numpy().tobytes() if tensor.dtype == torch.bfloat16 else tensor.numpy().tobytes()
+        )
         self._file.write(data)
         self._sha.update(data)
-        self._entries.append({"name": name, "key": key, "dtype": str(tensor.dtype).removeprefix("torch."),
-                              "offset": self._offset, "full_shape": list(full_shape),
-                              "index": [[s.start, s.stop] for s in index]})
+        self._entries.append(
+            {
+                "name": name,
+                "key": key,
+                "dtype": str(tensor.dtype).removeprefix("torch."),
+                "offset": self._offset,
+                "full_shape": list(full_shape),
+                "index": [[s.start, s.stop] for s in index],
+            }
+        )
         self._offset += len(data)
 
     def abort(self) -> None:
@@ -77,9 +96,10 @@ class TensorWriter:
         self._file.close()
         index_bytes = json.dumps({"bin": self.bin_path.name, "entries": self._entries}).encode()
         write_file_synced(self.index_path, index_bytes)
-        return {self.bin_path.name: {"bytes": self._offset, "sha256": self._sha.hexdigest()},
-                self.index_path.name: {"bytes": len(index_bytes),
-                                       "sha256": hashlib.sha256(index_bytes).hexdigest()}}
+        return {
+            self.bin_path.name: {"bytes": self._offset, "sha256": self._sha.hexdigest()},
+            self.index_path.name: {"bytes": len(index_bytes), "sha256": hashlib.sha256(index_bytes).hexdigest()},
+        }
 
 
 class TensorReader:
@@ -92,8 +112,15 @@ class TensorReader:
             meta = json.loads(index_path.read_text())
             bin_path = directory / meta["bin"]
             for e in meta["entries"]:
-                entry = Entry(e["name"], e["key"], e["dtype"], e["offset"], tuple(e["full_shape"]),
-                              tuple(tuple(i) for i in e["index"]), bin_path)
+                entry = Entry(
+                    e["name"],
+                    e["key"],
+                    e["dtype"],
+                    e["offset"],
+                    tuple(e["full_shape"]),
+                    tuple(tuple(i) for i in e["index"]),
+                    bin_path,
+                )
                 self._entries.setdefault((entry.name, entry.key), []).append(entry)
 
     def names(self) -> set[str]:
@@ -121,8 +148,10 @@ class TensorReader:
             out[tuple(slice(lo - s.start, hi - s.start) for (lo, hi), s in zip(overlap, index))] = source
             covered += int(np.prod([hi - lo for lo, hi in overlap]))
         if covered != out.numel():
-            raise CheckpointError(f"checkpoint pieces of {name!r} ({key}) cover {covered} of the "
-                                  f"{out.numel()} elements asked for: a shard file is missing")
+            raise CheckpointError(
+                f"checkpoint pieces of {name!r} ({key}) cover {covered} of the "
+                f"{out.numel()} elements asked for: a shard file is missing"
+            )
         return out
 
     def _pieces(self, name: str, key: str) -> list[Entry]:
@@ -136,7 +165,7 @@ class TensorReader:
         count = int(np.prod(entry.shape))
         dtype = _DTYPES[entry.dtype]
         nbytes = count * torch.empty((), dtype=dtype).element_size()
-        raw = self._maps[entry.file][entry.offset: entry.offset + nbytes]
+        raw = self._maps[entry.file][entry.offset : entry.offset + nbytes]
         if raw.size != nbytes:
             raise CheckpointError(f"{entry.file} is truncated: {entry.name!r} ends past the end of the file")
         return torch.frombuffer(bytearray(raw), dtype=dtype).reshape(entry.shape)

@@ -62,8 +62,9 @@ def save_checkpoint(
         if topology.rank == 0 and error is None:
             all_files = {k: v for part, _ in gathered for k, v in part.items()}
             error = _attempt(
-                lambda: _finalize(root, tmp, final, step, all_files, config, topology, engine, trainer_state,
-                                  tokenizer_path)
+                lambda: _finalize(
+                    root, tmp, final, step, all_files, config, topology, engine, trainer_state, tokenizer_path
+                )
             )
         error = _first_error(error)
     if error is not None:

@@ -25,7 +25,9 @@ def add_parser(commands) -> None:
         help="the parallel-strategy file of a sliced release (SRC a directory of slices); "
         "default: the one *strategy*.ckpt inside SRC",
     )
-    imp.add_argument("--dtype", choices=DTYPES, default=None, help="cast every tensor (default: keep the stored dtypes)")
+    imp.add_argument(
+        "--dtype", choices=DTYPES, default=None, help="cast every tensor (default: keep the stored dtypes)"
+    )
     imp.add_argument(
         "--vocab-size",
         type=int,

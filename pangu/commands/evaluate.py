@@ -19,22 +19,30 @@ def add_parser(commands) -> None:
         "--baseline", action="store_true", help="also report the perplexity of a unigram model of the training shards"
     )
     parser.add_argument("--max-samples", type=int, default=256)
-    parser.add_argument("--task", nargs="+", default=None, metavar="TASK",
-                        help="task files, builtin task names (tasks/*.yaml, e.g. sentiment) or NAME=DATA_FILE; "
-                             "evaluates them instead of the validation perplexity")
+    parser.add_argument(
+        "--task",
+        nargs="+",
+        default=None,
+        metavar="TASK",
+        help="task files, builtin task names (tasks/*.yaml, e.g. sentiment) or NAME=DATA_FILE; "
+        "evaluates them instead of the validation perplexity",
+    )
     parser.add_argument("--shots", type=int, default=None, help="number of demonstrations (overrides the task files)")
-    parser.add_argument("--max-examples", type=int, default=None,
-                        help="evaluate a seeded random subset of this many examples per task")
+    parser.add_argument(
+        "--max-examples", type=int, default=None, help="evaluate a seeded random subset of this many examples per task"
+    )
     parser.add_argument("--seed", type=int, default=1234, help="seed of shot sampling, subsets and bootstrap")
-    parser.add_argument("--batch-size", type=int, default=8,
-                        help="rows per forward pass (with the engine: the micro-batch size)")
-    parser.add_argument("--engine", action="store_true",
-                        help="score through the pipeline engine of the config's parallel layout even in one "
-                             "process (automatic under torchrun)")
+    parser.add_argument(
+        "--batch-size", type=int, default=8, help="rows per forward pass (with the engine: the micro-batch size)"
+    )
+    parser.add_argument(
+        "--engine",
+        action="store_true",
+        help="score through the pipeline engine of the config's parallel layout even in one "
+        "process (automatic under torchrun)",
+    )
     parser.add_argument("--output", default=None, help="write the results as JSON to this file")
     parser.add_argument("--predictions", default=None, help="write per-example records as JSON lines to this file")
-
-
 
 
 def run(args) -> int:
@@ -74,16 +82,31 @@ def _tasks(args) -> int:
             tokenizer = tokenizer_for(args.checkpoint, config)
         topology, rank, layout = None, 0, "(dp, tp, pp) = (1, 1, 1)"
     log = (lambda line: print(line, file=sys.stderr, flush=True)) if rank == 0 else None
-    results = evaluate_tasks(target, tasks, tokenizer, config=config, topology=topology, batch_size=args.batch_size,
-                             seed=args.seed, shots=args.shots, max_examples=args.max_examples, details=True, log=log)
+    results = evaluate_tasks(
+        target,
+        tasks,
+        tokenizer,
+        config=config,
+        topology=topology,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        shots=args.shots,
+        max_examples=args.max_examples,
+        details=True,
+        log=log,
+    )
     if rank == 0:
         if args.predictions:
             with open(args.predictions, "w", encoding="utf-8") as f:
                 for name, result in results.items():
                     for record in result.get("details", []):
                         f.write(json.dumps({"task": name, **record}, ensure_ascii=False) + "\n")
-        report = {"checkpoint": str(args.checkpoint), "layout": layout, "seed": args.seed,
-                  "tasks": {name: {k: v for k, v in r.items() if k != "details"} for name, r in results.items()}}
+        report = {
+            "checkpoint": str(args.checkpoint),
+            "layout": layout,
+            "seed": args.seed,
+            "tasks": {name: {k: v for k, v in r.items() if k != "details"} for name, r in results.items()},
+        }
         text = json.dumps(report, indent=1, ensure_ascii=False)
         if args.output:
             Path(args.output).write_text(text + "\n", encoding="utf-8")

@@ -22,7 +22,9 @@ def run(args) -> int:
 
     model, tokenizer = pangu.load(args.checkpoint)
     if tokenizer is None:
-        raise ConfigError(f"{args.checkpoint} carries no tokenizer (an imported weight file?): import it with --tokenizer")
+        raise ConfigError(
+            f"{args.checkpoint} carries no tokenizer (an imported weight file?): import it with --tokenizer"
+        )
     ids = generate_ids(
         model,
         tokenizer.encode(args.prompt),

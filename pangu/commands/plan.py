@@ -22,28 +22,47 @@ from pangu.parallel.planner import (
 
 
 def add_parser(commands) -> None:
-    parser = commands.add_parser("plan", help="rank the (dp, tp, pp, recompute, micro-batch) layouts that fit N devices")
+    parser = commands.add_parser(
+        "plan", help="rank the (dp, tp, pp, recompute, micro-batch) layouts that fit N devices"
+    )
     add_config_arguments(parser)
     parser.add_argument("--gpus", type=int, required=True, help="number of devices")
-    parser.add_argument("--gpu-memory", type=byte_size, required=True, metavar="SIZE",
-                        help="memory per device, e.g. 80GiB, 32GiB")
+    parser.add_argument(
+        "--gpu-memory", type=byte_size, required=True, metavar="SIZE", help="memory per device, e.g. 80GiB, 32GiB"
+    )
     parser.add_argument("--gpus-per-node", type=int, default=8)
-    parser.add_argument("--tflops", type=float, default=312.0,
-                        help="peak TFLOP/s per device in the training dtype (default 312: A100 bf16)")
-    parser.add_argument("--efficiency", type=float, default=0.5,
-                        help="fraction of the peak the matmuls reach (default 0.5)")
-    parser.add_argument("--bandwidth", type=float, default=150.0,
-                        help="intra-node all-reduce bus bandwidth per device, GB/s (default 150)")
-    parser.add_argument("--inter-node-bandwidth", type=float, default=25.0,
-                        help="inter-node bandwidth per device, GB/s (default 25: one 200 Gb/s NIC per GPU)")
-    parser.add_argument("--memory-margin", type=float, default=0.10,
-                        help="fraction of device memory kept free for the CUDA context, NCCL and "
-                             "fragmentation (default 0.10)")
-    parser.add_argument("--no-flash", action="store_true",
-                        help="assume an attention kernel that saves the s x s probabilities")
+    parser.add_argument(
+        "--tflops",
+        type=float,
+        default=312.0,
+        help="peak TFLOP/s per device in the training dtype (default 312: A100 bf16)",
+    )
+    parser.add_argument(
+        "--efficiency", type=float, default=0.5, help="fraction of the peak the matmuls reach (default 0.5)"
+    )
+    parser.add_argument(
+        "--bandwidth",
+        type=float,
+        default=150.0,
+        help="intra-node all-reduce bus bandwidth per device, GB/s (default 150)",
+    )
+    parser.add_argument(
+        "--inter-node-bandwidth",
+        type=float,
+        default=25.0,
+        help="inter-node bandwidth per device, GB/s (default 25: one 200 Gb/s NIC per GPU)",
+    )
+    parser.add_argument(
+        "--memory-margin",
+        type=float,
+        default=0.10,
+        help="fraction of device memory kept free for the CUDA context, NCCL and fragmentation (default 0.10)",
+    )
+    parser.add_argument(
+        "--no-flash", action="store_true", help="assume an attention kernel that saves the s x s probabilities"
+    )
     parser.add_argument("--top", type=int, default=5, help="how many layouts to print (default 5)")
     parser.add_argument("--json", action="store_true", help="print a machine-readable list instead")
-
 
 
 def _gib(nbytes: float) -> str:
@@ -69,59 +88,95 @@ def run(args) -> int:
             raise ConfigError(f"--{name.replace('_', '-')} = {getattr(args, name)} is not allowed: expected >= 1")
     if not 0 <= args.memory_margin < 1:
         raise ConfigError(f"--memory-margin = {args.memory_margin} is not allowed: expected a fraction in [0, 1)")
-    hardware = Hardware(args.gpus, args.gpu_memory, args.gpus_per_node, args.tflops, args.efficiency,
-                        args.bandwidth * 1e9, args.inter_node_bandwidth * 1e9, memory_margin=args.memory_margin)
+    hardware = Hardware(
+        args.gpus,
+        args.gpu_memory,
+        args.gpus_per_node,
+        args.tflops,
+        args.efficiency,
+        args.bandwidth * 1e9,
+        args.inter_node_bandwidth * 1e9,
+        memory_margin=args.memory_margin,
+    )
     kernels = Kernels(flash_attention=not args.no_flash)
     layouts = plan(config, hardware, kernels)
     params = parameter_count(config.model)
     if args.json:
-        print(json.dumps({"parameters": params, "gpus": args.gpus, "gpu_memory_bytes": args.gpu_memory,
-                          "usable_memory_bytes": int(hardware.usable_memory),
-                          "layouts": [layout.as_dict() for layout in layouts]}, indent=1))
+        print(
+            json.dumps(
+                {
+                    "parameters": params,
+                    "gpus": args.gpus,
+                    "gpu_memory_bytes": args.gpu_memory,
+                    "usable_memory_bytes": int(hardware.usable_memory),
+                    "layouts": [layout.as_dict() for layout in layouts],
+                },
+                indent=1,
+            )
+        )
         return 0 if layouts else 1
     m = config.model
-    print(f"model: {params / 1e9:.2f}B parameters ({m.num_layers} layers incl. the query layer, hidden "
-          f"{m.hidden_size}, {m.num_heads} heads, FFN {m.ffn_size}, vocab {m.vocab_size} -> {m.padded_vocab_size}, "
-          f"seq {m.seq_length}); {config.train.precision}, optimizer {config.optim.name}, "
-          f"global batch {config.train.global_batch_size} sequences")
-    print(f"devices: {args.gpus} x {_gib(args.gpu_memory)} GiB ({_gib(hardware.usable_memory)} GiB usable), "
-          f"{args.gpus_per_node} per node, {args.tflops:g} TFLOP/s peak at {args.efficiency:.0%}, "
-          f"{args.bandwidth:g} GB/s intra-node, {args.inter_node_bandwidth:g} GB/s inter-node, "
-          f"flash attention {'off' if args.no_flash else 'on'}")
+    print(
+        f"model: {params / 1e9:.2f}B parameters ({m.num_layers} layers incl. the query layer, hidden "
+        f"{m.hidden_size}, {m.num_heads} heads, FFN {m.ffn_size}, vocab {m.vocab_size} -> {m.padded_vocab_size}, "
+        f"seq {m.seq_length}); {config.train.precision}, optimizer {config.optim.name}, "
+        f"global batch {config.train.global_batch_size} sequences"
+    )
+    print(
+        f"devices: {args.gpus} x {_gib(args.gpu_memory)} GiB ({_gib(hardware.usable_memory)} GiB usable), "
+        f"{args.gpus_per_node} per node, {args.tflops:g} TFLOP/s peak at {args.efficiency:.0%}, "
+        f"{args.bandwidth:g} GB/s intra-node, {args.inter_node_bandwidth:g} GB/s inter-node, "
+        f"flash attention {'off' if args.no_flash else 'on'}"
+    )
     total = len(enumerate_layouts(config, args.gpus))
     if not layouts:
         best = smallest_memory(config, args.gpus, kernels)
         if best is None:
-            print(f"no layout of {args.gpus} devices divides the model and the global batch "
-                  f"({config.train.global_batch_size}): try another device count", file=sys.stderr)
+            print(
+                f"no layout of {args.gpus} devices divides the model and the global batch "
+                f"({config.train.global_batch_size}): try another device count",
+                file=sys.stderr,
+            )
         else:
-            print(f"none of the {total} layouts fits: the smallest needs {_gib(best.memory.peak)} GiB per device "
-                  f"(dp={best.dp} tp={best.tp} pp={best.pp} recompute={best.recompute} "
-                  f"mbs={best.micro_batch_size})", file=sys.stderr)
+            print(
+                f"none of the {total} layouts fits: the smallest needs {_gib(best.memory.peak)} GiB per device "
+                f"(dp={best.dp} tp={best.tp} pp={best.pp} recompute={best.recompute} "
+                f"mbs={best.micro_batch_size})",
+                file=sys.stderr,
+            )
         return 1
     print(f"{len(layouts)} of {total} layouts fit; fastest first (memory in GiB on the most loaded device):")
-    header = (f"{'#':>2} {'dp':>4} {'tp':>3} {'pp':>3} {'recompute':>9} {'mbs':>3} {'m':>4} | {'params':>6} "
-              f"{'grads':>6} {'master':>6} {'optim':>6} {'activ':>6} {'peak':>6} | {'step s':>7} {'bubble':>6} "
-              f"{'tp s':>6} {'dp s':>6} {'MFU':>5}")
+    header = (
+        f"{'#':>2} {'dp':>4} {'tp':>3} {'pp':>3} {'recompute':>9} {'mbs':>3} {'m':>4} | {'params':>6} "
+        f"{'grads':>6} {'master':>6} {'optim':>6} {'activ':>6} {'peak':>6} | {'step s':>7} {'bubble':>6} "
+        f"{'tp s':>6} {'dp s':>6} {'MFU':>5}"
+    )
     print(header)
     print("-" * len(header))
-    for i, layout in enumerate(layouts[:args.top], 1):
+    for i, layout in enumerate(layouts[: args.top], 1):
         mem, t = layout.memory, layout.step_time
-        print(f"{i:>2} {layout.dp:>4} {layout.tp:>3} {layout.pp:>3} {layout.recompute:>9} "
-              f"{layout.micro_batch_size:>3} {layout.micro_batches:>4} | {_gib(mem.parameters):>6} "
-              f"{_gib(mem.gradients + mem.model_gradients):>6} {_gib(mem.master_weights):>6} "
-              f"{_gib(mem.optimizer_state):>6} {_gib(max(mem.activations, mem.reduce_buffers)):>6} "
-              f"{_gib(mem.peak):>6} | {t.total:>7.3f} {t.bubble_fraction:>6.1%} {t.tensor_parallel:>6.3f} "
-              f"{t.data_parallel:>6.3f} {t.mfu:>5.1%}")
+        print(
+            f"{i:>2} {layout.dp:>4} {layout.tp:>3} {layout.pp:>3} {layout.recompute:>9} "
+            f"{layout.micro_batch_size:>3} {layout.micro_batches:>4} | {_gib(mem.parameters):>6} "
+            f"{_gib(mem.gradients + mem.model_gradients):>6} {_gib(mem.master_weights):>6} "
+            f"{_gib(mem.optimizer_state):>6} {_gib(max(mem.activations, mem.reduce_buffers)):>6} "
+            f"{_gib(mem.peak):>6} | {t.total:>7.3f} {t.bubble_fraction:>6.1%} {t.tensor_parallel:>6.3f} "
+            f"{t.data_parallel:>6.3f} {t.mfu:>5.1%}"
+        )
     reference = _reference_layout(config, args.gpus)
     if reference is not None:
         ranked = [i for i, lay in enumerate(layouts, 1) if lay == reference]
         memory = estimate_memory(config, reference, kernels)
-        where = f"ranked {ranked[0]}" if ranked else (
-            f"does not fit: {_gib(memory.peak)} GiB" if memory.peak > hardware.usable_memory else "")
-        print(f"the config's own layout (dp={reference.dp} tp={reference.tp} pp={reference.pp} "
-              f"recompute={reference.recompute} mbs={reference.micro_batch_size}): {where}")
+        where = (
+            f"ranked {ranked[0]}"
+            if ranked
+            else (f"does not fit: {_gib(memory.peak)} GiB" if memory.peak > hardware.usable_memory else "")
+        )
+        print(
+            f"the config's own layout (dp={reference.dp} tp={reference.tp} pp={reference.pp} "
+            f"recompute={reference.recompute} mbs={reference.micro_batch_size}): {where}"
+        )
     print("\nto train with one of them:")
-    for i, layout in enumerate(layouts[:args.top], 1):
+    for i, layout in enumerate(layouts[: args.top], 1):
         print(f"  #{i}: {layout.set_args()}")
     return 0

@@ -128,8 +128,10 @@ def hf_config(model: ModelConfig, *, vocab_rows: int, torch_dtype: str) -> dict:
     return {
         "architectures": ["GPTPanguForCausalLM"],
         "model_type": "gpt_pangu",
-        "auto_map": {"AutoConfig": "configuration_gptpangu.GPTPanguConfig",
-                     "AutoModelForCausalLM": "modeling_gptpangu.GPTPanguForCausalLM"},
+        "auto_map": {
+            "AutoConfig": "configuration_gptpangu.GPTPanguConfig",
+            "AutoModelForCausalLM": "modeling_gptpangu.GPTPanguForCausalLM",
+        },
         "vocab_size": vocab_rows,
         "max_position_embeddings": model.seq_length,
         "hidden_size": model.hidden_size,
@@ -169,8 +171,15 @@ class _Planned:
         return count * _ITEMSIZES[dtype]
 
 
-def export_hf(checkpoint: str | Path, out: str | Path, *, shard_bytes: int = DEFAULT_SHARD_BYTES,
-              dtype: str | None = None, pad_vocab: bool = False, tie_lm_head: bool = True) -> Path:
+def export_hf(
+    checkpoint: str | Path,
+    out: str | Path,
+    *,
+    shard_bytes: int = DEFAULT_SHARD_BYTES,
+    dtype: str | None = None,
+    pad_vocab: bool = False,
+    tie_lm_head: bool = True,
+) -> Path:
     """Write a pangu checkpoint (any kind and layout: weights-only, or a training checkpoint with
     tensor/pipeline-parallel pieces; a run or checkpoints directory resolves to its latest) as a
     GPTPangu Hugging Face model directory `out`. Returns `out`.
@@ -193,15 +202,20 @@ def export_hf(checkpoint: str | Path, out: str | Path, *, shard_bytes: int = DEF
     if getattr(model, "scale_invariant", False):
         raise CheckpointError(f"{path} is a scale-invariant variant, which the GPTPangu port cannot represent")
     if model.final_layernorm != "before":
-        raise CheckpointError(f"{path} applies the final LayerNorm after the query layer (final_layernorm "
-                              f"'after'); the GPTPangu port applies it before the query layer only")
+        raise CheckpointError(
+            f"{path} applies the final LayerNorm after the query layer (final_layernorm "
+            f"'after'); the GPTPangu port applies it before the query layer only"
+        )
     if model.activation not in ACTIVATION_TO_HF:
         raise CheckpointError(f"{path}: activation {model.activation!r} has no GPTPangu equivalent")
     if model.activation == "fast_gelu":
-        warnings.warn("the checkpoint uses fast_gelu x*sigmoid(1.702x) (the released MindSpore activation); "
-                      "config.json records activation_function 'quick_gelu', which is that function in "
-                      "transformers' ACT2FN, but the published GPTPangu configs use exact 'gelu': code that "
-                      "assumes it will not reproduce this model's logits", stacklevel=2)
+        warnings.warn(
+            "the checkpoint uses fast_gelu x*sigmoid(1.702x) (the released MindSpore activation); "
+            "config.json records activation_function 'quick_gelu', which is that function in "
+            "transformers' ACT2FN, but the published GPTPangu configs use exact 'gelu': code that "
+            "assumes it will not reproduce this model's logits",
+            stacklevel=2,
+        )
 
     reader = TensorReader(path / "tensors")
     names = hf_names(model.num_layers)
@@ -290,8 +304,11 @@ def _write_safetensors(file: Path, items: list[_Planned], dtype: str, reader: Te
     offset = 0
     for item in items:
         nbytes = item.nbytes(dtype)
-        header[item.hf_name] = {"dtype": _SAFETENSORS_DTYPES[dtype], "shape": list(item.shape),
-                                "data_offsets": [offset, offset + nbytes]}
+        header[item.hf_name] = {
+            "dtype": _SAFETENSORS_DTYPES[dtype],
+            "shape": list(item.shape),
+            "data_offsets": [offset, offset + nbytes],
+        }
         offset += nbytes
     header_bytes = json.dumps(header, separators=(",", ":")).encode()
     header_bytes += b" " * (-len(header_bytes) % 8)  # align the data to 8 bytes, as safetensors does
@@ -332,8 +349,10 @@ def _read_hf_tensors(src: Path) -> tuple[list[str], Callable[[str], torch.Tensor
         with safe_open(src / SINGLE_FILE, framework="pt") as f:
             weight_map = {name: SINGLE_FILE for name in f.keys()}
     else:
-        raise CheckpointError(f"{src} has neither {SINGLE_FILE} nor {INDEX_FILE} (pytorch_model.bin checkpoints "
-                              f"are not read: convert them to safetensors first)")
+        raise CheckpointError(
+            f"{src} has neither {SINGLE_FILE} nor {INDEX_FILE} (pytorch_model.bin checkpoints "
+            f"are not read: convert them to safetensors first)"
+        )
 
     def get(name: str) -> torch.Tensor:
         with safe_open(src / weight_map[name], framework="pt") as f:
@@ -342,8 +361,14 @@ def _read_hf_tensors(src: Path) -> tuple[list[str], Callable[[str], torch.Tensor
     return list(weight_map), get
 
 
-def import_hf(src: str | Path, out: str | Path, *, dtype: str | None = None, vocab_size: int | None = None,
-              tokenizer: str | Path | None = None) -> Path:
+def import_hf(
+    src: str | Path,
+    out: str | Path,
+    *,
+    dtype: str | None = None,
+    vocab_size: int | None = None,
+    tokenizer: str | Path | None = None,
+) -> Path:
     """A GPTPangu Hugging Face directory (config.json + safetensors) -> a pangu weights checkpoint.
 
     The activation comes from config.json ("gelu" or "quick_gelu" = fast_gelu); the final
@@ -366,16 +391,25 @@ def import_hf(src: str | Path, out: str | Path, *, dtype: str | None = None, voc
         raise CheckpointError(f"{config_path}: model_type {config.get('model_type')!r} is not 'gpt_pangu'")
     activation = ACTIVATION_FROM_HF.get(config.get("activation_function", "gelu"))
     if activation is None:
-        raise CheckpointError(f"{config_path}: activation_function {config['activation_function']!r} is not one "
-                              f"pangu has ({', '.join(ACTIVATION_FROM_HF)})")
+        raise CheckpointError(
+            f"{config_path}: activation_function {config['activation_function']!r} is not one "
+            f"pangu has ({', '.join(ACTIVATION_FROM_HF)})"
+        )
     hidden = config["hidden_size"]
     rows = config["vocab_size"]
-    model = ModelConfig(num_layers=config["num_layers"], hidden_size=hidden, num_heads=config["num_heads"],
-                        ffn_hidden_size=config.get("intermediate_size") or 4 * hidden,
-                        vocab_size=vocab_size or config.get("pangu_vocab_size") or rows, seq_length=config["max_position_embeddings"],
-                        activation=activation, final_layernorm="before",
-                        dropout=config.get("resid_pdrop", 0.1), layernorm_eps=config.get("layer_norm_epsilon", 1e-5),
-                        init_std=config.get("initializer_range", 0.02))
+    model = ModelConfig(
+        num_layers=config["num_layers"],
+        hidden_size=hidden,
+        num_heads=config["num_heads"],
+        ffn_hidden_size=config.get("intermediate_size") or 4 * hidden,
+        vocab_size=vocab_size or config.get("pangu_vocab_size") or rows,
+        seq_length=config["max_position_embeddings"],
+        activation=activation,
+        final_layernorm="before",
+        dropout=config.get("resid_pdrop", 0.1),
+        layernorm_eps=config.get("layer_norm_epsilon", 1e-5),
+        init_std=config.get("initializer_range", 0.02),
+    )
     if config.get("attn_pdrop", model.dropout) != model.dropout:
         model = dataclasses.replace(model, attention_dropout=config["attn_pdrop"])
     model.validate()
@@ -383,8 +417,9 @@ def import_hf(src: str | Path, out: str | Path, *, dtype: str | None = None, voc
     target = getattr(torch, dtype) if dtype else None
     names, get = _read_hf_tensors(src)
     pangu_of = {hf: pangu for pangu, hf in hf_names(model.num_layers).items()}
-    unknown = [n for n in names if n not in pangu_of and n != LM_HEAD and not n.endswith(("attn.bias",
-                                                                                         "attn.masked_bias"))]
+    unknown = [
+        n for n in names if n not in pangu_of and n != LM_HEAD and not n.endswith(("attn.bias", "attn.masked_bias"))
+    ]
     if unknown:
         raise CheckpointError(f"{src}: tensors the GPTPangu layout does not have: {unknown[:5]}")
     missing = sorted(set(pangu_of) - set(names))
@@ -396,8 +431,10 @@ def import_hf(src: str | Path, out: str | Path, *, dtype: str | None = None, voc
             tensor = get(hf_name)
             if pangu_name == WORD:
                 if LM_HEAD in names and not torch.equal(get(LM_HEAD), tensor):
-                    raise CheckpointError(f"{src}: lm_head.weight differs from transformer.wte.weight; pangu ties "
-                                          f"the head to the word embedding")
+                    raise CheckpointError(
+                        f"{src}: lm_head.weight differs from transformer.wte.weight; pangu ties "
+                        f"the head to the word embedding"
+                    )
                 if tensor.shape[0] > model.padded_vocab_size:
                     raise CheckpointError(f"{src}: {tensor.shape[0]} embedding rows for vocab_size {model.vocab_size}")
                 padding = model.padded_vocab_size - tensor.shape[0]
@@ -405,6 +442,7 @@ def import_hf(src: str | Path, out: str | Path, *, dtype: str | None = None, voc
                     tensor = torch.cat([tensor, tensor.new_zeros(padding, tensor.shape[1])])
             yield pangu_name, tensor if target is None else tensor.to(target)
 
-    tokenizer_path = Path(tokenizer) if tokenizer else (src / TOKENIZER_FILE if (src / TOKENIZER_FILE).is_file()
-                                                         else None)
+    tokenizer_path = (
+        Path(tokenizer) if tokenizer else (src / TOKENIZER_FILE if (src / TOKENIZER_FILE).is_file() else None)
+    )
     return write_weights(out, model, tensors(), tokenizer_path)

@@ -42,14 +42,24 @@ DTYPES = ("float32", "float16", "bfloat16")  # what --dtype accepts
 def check_dtype(dtype: str | None) -> None:
     if dtype is not None and dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+
+
 PANGU_VOCAB_SIZE = 40000  # the released tokenizer's pieces
 PANGU_PADDED_VOCAB_SIZE = 40064  # the embedding rows of the PyTorch (Megatron / HF) ports
 
 
-def import_mindspore(src: str | Path, out: str | Path, *, num_heads: int, activation: str = "fast_gelu",
-                     final_layernorm: str = "before", tokenizer: str | Path | None = None,
-                     strategy: str | Path | None = None, dtype: str | None = None,
-                     vocab_size: int | None = None) -> Path:
+def import_mindspore(
+    src: str | Path,
+    out: str | Path,
+    *,
+    num_heads: int,
+    activation: str = "fast_gelu",
+    final_layernorm: str = "before",
+    tokenizer: str | Path | None = None,
+    strategy: str | Path | None = None,
+    dtype: str | None = None,
+    vocab_size: int | None = None,
+) -> Path:
     """Import original PanGu-α weights into a pangu weights checkpoint at `out`; returns `out`.
 
     `dtype` ("float32", "float16", "bfloat16"; None keeps the stored dtypes) casts every tensor.
@@ -97,13 +107,22 @@ def import_mindspore(src: str | Path, out: str | Path, *, num_heads: int, activa
     shape = infer_model_shape(shapes)
     rows = shape["vocab_size"]
     vocab = _vocab_size(rows, vocab_size, tokenizer, read_word_embedding)
-    model = ModelConfig(num_layers=shape["num_layers"], hidden_size=shape["hidden_size"], num_heads=num_heads,
-                        ffn_hidden_size=shape["ffn_hidden_size"], vocab_size=vocab,
-                        seq_length=shape["seq_length"], activation=activation, final_layernorm=final_layernorm)
+    model = ModelConfig(
+        num_layers=shape["num_layers"],
+        hidden_size=shape["hidden_size"],
+        num_heads=num_heads,
+        ffn_hidden_size=shape["ffn_hidden_size"],
+        vocab_size=vocab,
+        seq_length=shape["seq_length"],
+        activation=activation,
+        final_layernorm=final_layernorm,
+    )
     model.validate()
     if model.padded_vocab_size < rows:
-        raise ValueError(f"the word embedding has {rows} rows, more than vocab_size {vocab} padded to a multiple "
-                         f"of 128 ({model.padded_vocab_size})")
+        raise ValueError(
+            f"the word embedding has {rows} rows, more than vocab_size {vocab} padded to a multiple "
+            f"of 128 ({model.padded_vocab_size})"
+        )
     torch_dtype = getattr(torch, dtype) if dtype else None
     tensors = ((name, _to_torch(array, torch_dtype)) for name, array in to_pangu_names(named_arrays))
     return write_weights(out, model, tensors, Path(tokenizer) if tokenizer else None)
@@ -126,11 +145,17 @@ def _vocab_size(rows: int, vocab_size: int | None, tokenizer, read_word_embeddin
     if rows == PANGU_PADDED_VOCAB_SIZE:
         padding = np.asarray(read_word_embedding()[PANGU_VOCAB_SIZE:])
         if not padding.any():
-            logger.info("word embedding of %d rows, the last %d zero: vocabulary %d", rows, rows - PANGU_VOCAB_SIZE,
-                        PANGU_VOCAB_SIZE)
+            logger.info(
+                "word embedding of %d rows, the last %d zero: vocabulary %d",
+                rows,
+                rows - PANGU_VOCAB_SIZE,
+                PANGU_VOCAB_SIZE,
+            )
             return PANGU_VOCAB_SIZE
-        warnings.warn(f"the word embedding has {rows} rows and its last {rows - PANGU_VOCAB_SIZE} are not zero: "
-                      f"keeping vocab_size {rows}; pass vocab_size (--vocab-size) or the tokenizer to override")
+        warnings.warn(
+            f"the word embedding has {rows} rows and its last {rows - PANGU_VOCAB_SIZE} are not zero: "
+            f"keeping vocab_size {rows}; pass vocab_size (--vocab-size) or the tokenizer to override"
+        )
     return rows
 
 

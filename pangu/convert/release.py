@@ -120,11 +120,14 @@ def index_mindspore_ckpt(path: PathLike) -> dict[str, StoredTensor]:
     for chunks in groups:
         name = sys.intern(chunks[0].tag)
         if name in index:
-            raise ReleaseError(f"{path}: holds {name!r} twice (at byte offsets {index[name].chunks[0].offset} "
-                               f"and {chunks[0].offset})")
+            raise ReleaseError(
+                f"{path}: holds {name!r} twice (at byte offsets {index[name].chunks[0].offset} and {chunks[0].offset})"
+            )
         if any(chunk.dims != chunks[0].dims or chunk.tensor_type != chunks[0].tensor_type for chunk in chunks):
-            raise ReleaseError(f"{path}: the consecutive records of {name!r} (from byte offset {chunks[0].offset}) "
-                               f"disagree on dims or tensor_type")
+            raise ReleaseError(
+                f"{path}: the consecutive records of {name!r} (from byte offset {chunks[0].offset}) "
+                f"disagree on dims or tensor_type"
+            )
         index[name] = StoredTensor(name, _shape_of(chunks), chunks[0].tensor_type, tuple(chunks))
     return index
 
@@ -200,13 +203,13 @@ def _decode_value_header(head: bytes, base: int, size: int) -> tuple[_TensorChun
 
     number, wire_type, position = key(0)
     if number != 1 or wire_type != wire.WireType.LEN:
-        raise wire.WireFormatError(f"top-level field {number} (wire type {wire_type}) is not a Checkpoint.Value",
-                                   base)
+        raise wire.WireFormatError(f"top-level field {number} (wire type {wire_type}) is not a Checkpoint.Value", base)
     value_length, position = varint(position)
     value_end = position + value_length
     if base + value_end > size:
-        raise wire.WireFormatError(f"Checkpoint.Value needs {value_length} bytes but only "
-                                   f"{size - base - position} remain", base)
+        raise wire.WireFormatError(
+            f"Checkpoint.Value needs {value_length} bytes but only {size - base - position} remain", base
+        )
     number, wire_type, position = key(position)
     if number != 1 or wire_type != wire.WireType.LEN:
         raise _NotSimple
@@ -214,7 +217,7 @@ def _decode_value_header(head: bytes, base: int, size: int) -> tuple[_TensorChun
     if position + tag_length > len(head):
         raise _ShortRead
     try:
-        tag = head[position:position + tag_length].decode("utf-8")
+        tag = head[position : position + tag_length].decode("utf-8")
     except UnicodeDecodeError:
         raise wire.WireFormatError("string field 1 is not UTF-8", base + position) from None
     position += tag_length
@@ -243,7 +246,7 @@ def _decode_value_header(head: bytes, base: int, size: int) -> tuple[_TensorChun
             type_length, position = varint(position)
             if position + type_length > len(head):
                 raise _ShortRead
-            tensor_type = head[position:position + type_length].decode("utf-8", "replace")
+            tensor_type = head[position : position + type_length].decode("utf-8", "replace")
             position += type_length
         elif number == 3 and wire_type == wire.WireType.LEN:
             content_length, position = varint(position)
@@ -268,13 +271,17 @@ def read_stored_into(path: PathLike, stored: StoredTensor, out: np.ndarray) -> N
     path = Path(path)
     expected = _NUMPY_DTYPE_OF_TENSOR_TYPE.get(stored.tensor_type)
     if expected != out.dtype or tuple(out.shape) != stored.shape or not out.flags.c_contiguous:
-        raise ValueError(f"{path}: cannot read {stored.tensor_type} {stored.shape} {stored.name!r} into a "
-                         f"{out.dtype} {out.shape} array")
+        raise ValueError(
+            f"{path}: cannot read {stored.tensor_type} {stored.shape} {stored.name!r} into a "
+            f"{out.dtype} {out.shape} array"
+        )
     total = sum(chunk.content_end - chunk.content_start for chunk in stored.chunks)
     if total != out.nbytes:
-        raise ReleaseError(f"{path}: tensor {stored.name!r} at byte offset {stored.chunks[0].offset}: dims "
-                           f"{list(stored.shape)} of {stored.tensor_type} need {out.nbytes} bytes but the content "
-                           f"has {total}")
+        raise ReleaseError(
+            f"{path}: tensor {stored.name!r} at byte offset {stored.chunks[0].offset}: dims "
+            f"{list(stored.shape)} of {stored.tensor_type} need {out.nbytes} bytes but the content "
+            f"has {total}"
+        )
     view = memoryview(out.reshape(-1).view(np.uint8))
     position = 0
     with open(path, "rb", buffering=0) as file:
@@ -306,11 +313,14 @@ def find_strategy_file(directory: Path) -> Path:
     if len(candidates) == 1:
         return candidates[0]
     if not candidates:
-        raise ReleaseError(f"{directory}: no parallel-strategy file (*strategy*.ckpt) next to the slices; "
-                           f"pass it with --strategy (the release ships it as "
-                           f"strategy_load_ckpt/strategy.ckpt or pangu_alpha_<size>_ckpt_strategy.ckpt)")
-    raise ReleaseError(f"{directory}: several strategy files ({', '.join(p.name for p in candidates)}); "
-                       f"choose one with --strategy")
+        raise ReleaseError(
+            f"{directory}: no parallel-strategy file (*strategy*.ckpt) next to the slices; "
+            f"pass it with --strategy (the release ships it as "
+            f"strategy_load_ckpt/strategy.ckpt or pangu_alpha_<size>_ckpt_strategy.ckpt)"
+        )
+    raise ReleaseError(
+        f"{directory}: several strategy files ({', '.join(p.name for p in candidates)}); choose one with --strategy"
+    )
 
 
 def find_slice_files(directory: Path, world_size: int, *, exclude: set[Path] = frozenset()) -> list[Path]:
@@ -333,13 +343,16 @@ def find_slice_files(directory: Path, world_size: int, *, exclude: set[Path] = f
         raise ReleaseError(f"{directory}: no slice files (<prefix><rank>.ckpt, e.g. filtered_0.ckpt)")
     if len(prefixes) > 1:
         shown = ", ".join(f"{prefix!r} (e.g. {path.name})" for prefix, path in prefixes.items())
-        raise ReleaseError(f"{directory}: slice files with different name prefixes: {shown}; keep one release "
-                           f"per directory")
+        raise ReleaseError(
+            f"{directory}: slice files with different name prefixes: {shown}; keep one release per directory"
+        )
     prefix = next(iter(prefixes))
     extra = sorted(rank for rank in by_rank if rank >= world_size)
     if extra:
-        raise ReleaseError(f"{by_rank[extra[0]]}: rank {extra[0]} does not exist: the strategy file describes "
-                           f"{world_size} devices (ranks 0..{world_size - 1})")
+        raise ReleaseError(
+            f"{by_rank[extra[0]]}: rank {extra[0]} does not exist: the strategy file describes "
+            f"{world_size} devices (ranks 0..{world_size - 1})"
+        )
     missing = [rank for rank in range(world_size) if rank not in by_rank]
     if missing:
         names = ", ".join(f"{prefix}{rank}.ckpt" for rank in missing[:8]) + (", ..." if len(missing) > 8 else "")
@@ -409,25 +422,25 @@ class SlicedRelease:
         self.strategy_path = Path(strategy) if strategy is not None else find_strategy_file(self.directory)
         if not self.strategy_path.is_file():
             raise FileNotFoundError(f"strategy file {self.strategy_path} does not exist")
-        self.strategies = {name: s for name, s in read_parallel_strategy(self.strategy_path).items()
-                           if name.startswith("backbone.")}
+        self.strategies = {
+            name: s for name, s in read_parallel_strategy(self.strategy_path).items() if name.startswith("backbone.")
+        }
         if not self.strategies:
             raise ReleaseError(f"{self.strategy_path}: lists no backbone.* parameters")
         world_sizes = {math.prod(s.dev_matrix) for s in self.strategies.values()}
         if len(world_sizes) != 1:
-            raise ReleaseError(f"{self.strategy_path}: parameters laid out over different device counts "
-                               f"{sorted(world_sizes)}")
+            raise ReleaseError(
+                f"{self.strategy_path}: parameters laid out over different device counts {sorted(world_sizes)}"
+            )
         self.world_size = world_sizes.pop()
         self.embedding_files = find_embedding_files(self.directory)
-        self.slice_files = find_slice_files(self.directory, self.world_size,
-                                            exclude={self.strategy_path.resolve()})
+        self.slice_files = find_slice_files(self.directory, self.world_size, exclude={self.strategy_path.resolve()})
         self._index = [index_mindspore_ckpt(path) for path in self.slice_files]
         self._check_names()
         self.shapes = self._full_shapes()
         self.mode = self._decide_mode()
         self._check_slices()
-        logger.info("%s: %d slices, each holding the %s of every parameter", self.directory, self.world_size,
-                    self.mode)
+        logger.info("%s: %d slices, each holding the %s of every parameter", self.directory, self.world_size, self.mode)
 
     # -- checks ---------------------------------------------------------------------------------
 
@@ -440,17 +453,22 @@ class SlicedRelease:
         for path, index in zip(self.slice_files, self._index):
             unknown = [name for name in index if name.startswith("backbone.") and name not in self.strategies]
             if unknown:
-                raise ReleaseError(f"{path}: holds {unknown[0]!r}, which the strategy file "
-                                   f"{self.strategy_path.name} does not list: a slice of another model?")
+                raise ReleaseError(
+                    f"{path}: holds {unknown[0]!r}, which the strategy file "
+                    f"{self.strategy_path.name} does not list: a slice of another model?"
+                )
             missing = [name for name in wanted if name not in index]
             if missing:
                 hint = ""
                 if any(name in EMBEDDING_FILE_BASES for name in missing):
-                    hint = (f" (embedding tables may instead be given as "
-                            f"{', '.join(b + '.npy' for b in EMBEDDING_FILE_BASES.values())} next to the slices)")
+                    hint = (
+                        f" (embedding tables may instead be given as "
+                        f"{', '.join(b + '.npy' for b in EMBEDDING_FILE_BASES.values())} next to the slices)"
+                    )
                 shown = ", ".join(missing[:5]) + (", ..." if len(missing) > 5 else "")
-                raise ReleaseError(f"{path}: lacks {len(missing)} parameters listed in the strategy file: "
-                                   f"{shown}{hint}")
+                raise ReleaseError(
+                    f"{path}: lacks {len(missing)} parameters listed in the strategy file: {shown}{hint}"
+                )
 
     def _npy_shape(self, name: str) -> tuple[int, ...]:
         path = self.embedding_files[name]
@@ -485,8 +503,10 @@ class SlicedRelease:
         hidden = table[1] if table else final_ln[0] if final_ln else None
         seq = position[0] if position else None
         if hidden is None or seq is None:
-            raise ReleaseError(f"{self.directory}: cannot tell the model size: give the embedding tables as .npy "
-                               f"files ({', '.join(b + '.npy' for b in EMBEDDING_FILE_BASES.values())})")
+            raise ReleaseError(
+                f"{self.directory}: cannot tell the model size: give the embedding tables as .npy "
+                f"files ({', '.join(b + '.npy' for b in EMBEDDING_FILE_BASES.values())})"
+            )
         if QUERY_MAPPING not in self.strategies:
             raise ReleaseError(f"{self.strategy_path}: lists no {QUERY_MAPPING}")
         mapping_local = self._index[0][QUERY_MAPPING].shape
@@ -500,8 +520,10 @@ class SlicedRelease:
             if name in self.embedding_files:
                 shape = self._npy_shape(name)
                 if name != WORD and shape != (seq, hidden) or name == WORD and shape[1] != hidden:
-                    raise ReleaseError(f"{self.embedding_files[name]}: shape {shape} does not fit hidden size "
-                                       f"{hidden} and sequence length {seq}")
+                    raise ReleaseError(
+                        f"{self.embedding_files[name]}: shape {shape} does not fit hidden size "
+                        f"{hidden} and sequence length {seq}"
+                    )
             elif name == WORD:
                 shape = word or ()  # decided with the mode if ambiguous
             else:
@@ -516,8 +538,9 @@ class SlicedRelease:
 
     def _slice(self, name: str, rank: int, mode: str, full_shape=None) -> tuple[slice, ...] | None:
         try:
-            return slice_of_rank(self.strategies[name], rank, full_shape or self.shapes[name],
-                                 optimizer_sharded=mode == OPTIMIZER_SHARD)
+            return slice_of_rank(
+                self.strategies[name], rank, full_shape or self.shapes[name], optimizer_sharded=mode == OPTIMIZER_SHARD
+            )
         except ValueError:
             return None  # this mode cannot split the tensor evenly: not a candidate
 
@@ -527,8 +550,11 @@ class SlicedRelease:
             if not self.shapes[name]:
                 continue
             local = self._index[0][name].shape
-            matches = {mode for mode in votes if (index := self._slice(name, 0, mode)) is not None
-                       and _local_shape(index) == local}
+            matches = {
+                mode
+                for mode in votes
+                if (index := self._slice(name, 0, mode)) is not None and _local_shape(index) == local
+            }
             if len(matches) == 1:
                 votes[matches.pop()] += 1
         mode = OPTIMIZER_SHARD if votes[OPTIMIZER_SHARD] > votes[MODEL_SLICE] else MODEL_SLICE
@@ -556,14 +582,18 @@ class SlicedRelease:
                     alternative = self._slice(name, rank, other)
                     full = f"the full {self.shapes[name]} under {self.strategy_path.name}"
                     if alternative is not None and _local_shape(alternative) == stored.shape:
-                        what = (f"which is rank {rank}'s {other} of {full}, but the release holds the "
-                                f"{self.mode}s ({expected} here)")
+                        what = (
+                            f"which is rank {rank}'s {other} of {full}, but the release holds the "
+                            f"{self.mode}s ({expected} here)"
+                        )
                     else:
                         what = f"expected rank {rank}'s {self.mode} {expected} of {full}"
                     raise ReleaseError(f"{path}: {name} has shape {stored.shape}, {what}")
                 if stored.tensor_type != tensor_type:
-                    raise ReleaseError(f"{path}: {name} is stored as {stored.tensor_type}, but as {tensor_type} in "
-                                       f"{self.slice_files[0].name}")
+                    raise ReleaseError(
+                        f"{path}: {name} is stored as {stored.tensor_type}, but as {tensor_type} in "
+                        f"{self.slice_files[0].name}"
+                    )
 
     # -- merging --------------------------------------------------------------------------------
 
@@ -616,7 +646,8 @@ class SlicedRelease:
                     raise ReleaseError(
                         f"{path}: its part of {name} ({_describe(region)}) holds the same values as "
                         f"{self.slice_files[twin].name}'s ({_describe(self._slice(name, twin, self.mode))}), "
-                        f"though they are different parts of the tensor: a slice copied under the wrong rank?")
+                        f"though they are different parts of the tensor: a slice copied under the wrong rank?"
+                    )
                 if fingerprint is not None:
                     fingerprints[fingerprint] = rank
             del piece, target
@@ -624,9 +655,16 @@ class SlicedRelease:
 
     def describe(self) -> dict:
         hidden, ffn, seq = self._dims
-        return {"directory": str(self.directory), "strategy": str(self.strategy_path), "slices": self.world_size,
-                "mode": self.mode, "hidden_size": hidden, "ffn_hidden_size": ffn, "seq_length": seq,
-                "embedding_files": {name: str(path) for name, path in self.embedding_files.items()}}
+        return {
+            "directory": str(self.directory),
+            "strategy": str(self.strategy_path),
+            "slices": self.world_size,
+            "mode": self.mode,
+            "hidden_size": hidden,
+            "ffn_hidden_size": ffn,
+            "seq_length": seq,
+            "embedding_files": {name: str(path) for name, path in self.embedding_files.items()},
+        }
 
 
 def _fingerprint(piece: np.ndarray) -> bytes | None:

@@ -81,12 +81,15 @@ class CleaningReport:
         """Why nothing was kept, for an error message."""
         if self.documents == 0:
             return "the source yielded no documents at all"
-        thresholds = {"too_short": f"data.cleaning.min_length = {config.min_length}",
-                      "low_chinese_ratio": f"data.cleaning.min_chinese_ratio = {config.min_chinese_ratio}",
-                      "heldout_review": "held-out evaluation reviews",
-                      "duplicate": "data.cleaning.deduplicate = true"}
-        removed = [f"{name} removed {getattr(self, name)} ({thresholds[name]})"
-                   for name in FILTERS if getattr(self, name)]
+        thresholds = {
+            "too_short": f"data.cleaning.min_length = {config.min_length}",
+            "low_chinese_ratio": f"data.cleaning.min_chinese_ratio = {config.min_chinese_ratio}",
+            "heldout_review": "held-out evaluation reviews",
+            "duplicate": "data.cleaning.deduplicate = true",
+        }
+        removed = [
+            f"{name} removed {getattr(self, name)} ({thresholds[name]})" for name in FILTERS if getattr(self, name)
+        ]
         return f"of {self.documents} documents read, " + ", ".join(removed)
 
 

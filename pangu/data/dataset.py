@@ -40,7 +40,7 @@ class PackedDataset:
         if not 0 <= i < self.num_samples:
             raise IndexError(f"sample {i} out of range for {self.num_samples} samples")
         start = int(i) * self.sample_length
-        return self.shard.tokens[start:start + self.sample_length].astype(np.int64)
+        return self.shard.tokens[start : start + self.sample_length].astype(np.int64)
 
 
 class BlendedDataset:

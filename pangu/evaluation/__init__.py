@@ -9,10 +9,20 @@ Names are imported lazily: the `pangu` command builds its parser from this packa
 """
 
 _EXPORTS = {
-    "evaluate_tasks": "harness", "build_eval_engine": "harness", "make_scorer": "harness",
-    "Scorer": "scoring", "ModelScorer": "scoring", "EngineScorer": "scoring",
-    "Task": "tasks", "TaskError": "tasks", "load_task": "tasks", "sample_shots": "tasks",
-    "cmrc_scores": "metrics", "exact_match": "metrics", "f1_score": "metrics", "mixed_segmentation": "metrics",
+    "evaluate_tasks": "harness",
+    "build_eval_engine": "harness",
+    "make_scorer": "harness",
+    "Scorer": "scoring",
+    "ModelScorer": "scoring",
+    "EngineScorer": "scoring",
+    "Task": "tasks",
+    "TaskError": "tasks",
+    "load_task": "tasks",
+    "sample_shots": "tasks",
+    "cmrc_scores": "metrics",
+    "exact_match": "metrics",
+    "f1_score": "metrics",
+    "mixed_segmentation": "metrics",
     "wilson_interval": "metrics",
 }
 __all__ = list(_EXPORTS)

@@ -39,13 +39,25 @@ def make_scorer(model_or_engine, *, tokenizer, config=None, topology=None, batch
             raise ValueError("scoring through the pipeline engine needs its config and topology")
         return EngineScorer(model_or_engine, config, topology, pad_id=tokenizer.pad_id, eod_id=tokenizer.eod_id)
     eod_reset = bool(config.data.eod_reset) if config is not None else False
-    return ModelScorer(model_or_engine, pad_id=tokenizer.pad_id, eod_id=tokenizer.eod_id, eod_reset=eod_reset,
-                       batch_size=batch_size)
+    return ModelScorer(
+        model_or_engine, pad_id=tokenizer.pad_id, eod_id=tokenizer.eod_id, eod_reset=eod_reset, batch_size=batch_size
+    )
 
 
-def evaluate_tasks(model_or_engine, tasks, tokenizer=None, *, config=None, topology=None, batch_size: int = 8,
-                   seed: int = 1234, shots: int | None = None, max_examples: int | None = None,
-                   details: bool = False, log=None) -> dict[str, dict]:
+def evaluate_tasks(
+    model_or_engine,
+    tasks,
+    tokenizer=None,
+    *,
+    config=None,
+    topology=None,
+    batch_size: int = 8,
+    seed: int = 1234,
+    shots: int | None = None,
+    max_examples: int | None = None,
+    details: bool = False,
+    log=None,
+) -> dict[str, dict]:
     """{task name: results} for each task (a `Task`, a task file, a builtin name or NAME=DATA).
 
     `model_or_engine`: a `PanguAlpha` (one process), the trainer's pipeline engine (then pass
@@ -59,8 +71,7 @@ def evaluate_tasks(model_or_engine, tasks, tokenizer=None, *, config=None, topol
         from pangu.data.prepare import load_tokenizer
 
         tokenizer = load_tokenizer(config.data.prepared_dir)
-    scorer = make_scorer(model_or_engine, tokenizer=tokenizer, config=config, topology=topology,
-                         batch_size=batch_size)
+    scorer = make_scorer(model_or_engine, tokenizer=tokenizer, config=config, topology=topology, batch_size=batch_size)
     prepared_dir = config.data.prepared_dir if config is not None else None
     loaded = [t if isinstance(t, Task) else load_task(t, prepared_dir=prepared_dir) for t in tasks]
     if shots is not None:
@@ -76,8 +87,12 @@ def evaluate_tasks(model_or_engine, tasks, tokenizer=None, *, config=None, topol
             result = _generation(prepared, scorer, tokenizer, seed)
         else:
             result = _perplexity(prepared, scorer)
-        result = {"kind": task.kind, **({"shots": task.shots} if task.kind != "perplexity" else {}), **result,
-                  "seconds": round(time.perf_counter() - start, 2)}
+        result = {
+            "kind": task.kind,
+            **({"shots": task.shots} if task.kind != "perplexity" else {}),
+            **result,
+            "seconds": round(time.perf_counter() - start, 2),
+        }
         if not details:
             result.pop("details", None)
         name = task.name if task.name not in results else f"{task.name}#{len(results)}"
@@ -89,7 +104,7 @@ def evaluate_tasks(model_or_engine, tasks, tokenizer=None, *, config=None, topol
 
 def span_score(losses: np.ndarray, start: int, end: int, reduce: str) -> float:
     """The loss of tokens [start, end) of a row from its per-token losses (losses[j] is token j+1's)."""
-    values = np.asarray(losses[start - 1:end - 1], dtype=np.float64)
+    values = np.asarray(losses[start - 1 : end - 1], dtype=np.float64)
     return float(values.sum() if reduce == "sum" else values.mean())
 
 
@@ -107,15 +122,27 @@ def _classification(prepared: Prepared, scorer) -> dict:
         counts = per_label.setdefault(labels[gold], [0, 0])
         counts[0] += 1
         counts[1] += prediction == gold
-        records.append({"index": index, "label": labels[gold], "prediction": labels[prediction],
-                        "correct": prediction == gold, "scores": scores})
+        records.append(
+            {
+                "index": index,
+                "label": labels[gold],
+                "prediction": labels[prediction],
+                "correct": prediction == gold,
+                "scores": scores,
+            }
+        )
     majority = Counter(prepared.label_names).most_common(1)[0][1] / len(prepared.label_names)
     sizes = {len(rows) for rows in prepared.rows}
     result = accuracy_summary(correct)
-    result.update({"chance": 1 / sizes.pop() if len(sizes) == 1 else None, "majority": majority,
-                   "score": {"span": task.score_span, "reduce": task.score_reduce},
-                   "per_label": {label: {"examples": n, "correct": c} for label, (n, c) in sorted(per_label.items())},
-                   "details": records})
+    result.update(
+        {
+            "chance": 1 / sizes.pop() if len(sizes) == 1 else None,
+            "majority": majority,
+            "score": {"span": task.score_span, "reduce": task.score_reduce},
+            "per_label": {label: {"examples": n, "correct": c} for label, (n, c) in sorted(per_label.items())},
+            "details": records,
+        }
+    )
     return result
 
 
@@ -139,33 +166,56 @@ def _generation(prepared: Prepared, scorer, tokenizer, seed: int) -> dict:
         f1s.append(scores["f1"])
         records.append({"index": index, "prediction": text, "references": references, **scores})
     em_low, em_high = wilson_interval(int(sum(ems)), len(ems))
-    return {"examples": len(records), "em": float(np.mean(ems)), "em_ci": [em_low, em_high],
-            **mean_summary("f1", f1s, seed=seed), "ci": "Wilson 95% (em), bootstrap 95% (f1)",
-            "details": records}
+    return {
+        "examples": len(records),
+        "em": float(np.mean(ems)),
+        "em_ci": [em_low, em_high],
+        **mean_summary("f1", f1s, seed=seed),
+        "ci": "Wilson 95% (em), bootstrap 95% (f1)",
+        "details": records,
+    }
 
 
 def _perplexity(prepared: Prepared, scorer) -> dict:
     rows = prepared.rows[0]
     losses = scorer.token_losses([row.ids for row in rows])
-    total = sum(float(np.sum(loss[row.start - 1:row.end - 1], dtype=np.float64)) for row, loss in zip(rows, losses))
+    total = sum(float(np.sum(loss[row.start - 1 : row.end - 1], dtype=np.float64)) for row, loss in zip(rows, losses))
     tokens = sum(row.end - row.start for row in rows)
-    return {"documents": prepared.documents, "tokens": tokens, "characters": prepared.characters,
-            "windows": len(rows), "loss": total / tokens, "ppl": math.exp(min(total / tokens, 50.0)),
-            "char_ppl": math.exp(min(total / max(prepared.characters, 1), 50.0)),
-            "details": [{"window": i, "loss_sum": float(np.sum(loss[r.start - 1:r.end - 1], dtype=np.float64)),
-                         "tokens": r.end - r.start} for i, (r, loss) in enumerate(zip(rows, losses))]}
+    return {
+        "documents": prepared.documents,
+        "tokens": tokens,
+        "characters": prepared.characters,
+        "windows": len(rows),
+        "loss": total / tokens,
+        "ppl": math.exp(min(total / tokens, 50.0)),
+        "char_ppl": math.exp(min(total / max(prepared.characters, 1), 50.0)),
+        "details": [
+            {
+                "window": i,
+                "loss_sum": float(np.sum(loss[r.start - 1 : r.end - 1], dtype=np.float64)),
+                "tokens": r.end - r.start,
+            }
+            for i, (r, loss) in enumerate(zip(rows, losses))
+        ],
+    }
 
 
 def summary_line(result: dict) -> str:
     if result["kind"] == "classification":
         low, high = result["accuracy_ci"]
-        return (f"accuracy {result['accuracy']:.4f} (95% CI {low:.4f}-{high:.4f}, {result['examples']} examples, "
-                f"{result['shots']}-shot, majority {result['majority']:.4f})")
+        return (
+            f"accuracy {result['accuracy']:.4f} (95% CI {low:.4f}-{high:.4f}, {result['examples']} examples, "
+            f"{result['shots']}-shot, majority {result['majority']:.4f})"
+        )
     if result["kind"] == "generation":
-        return (f"EM {result['em']:.4f} F1 {result['f1']:.4f} (95% CI {result['f1_ci'][0]:.4f}-"
-                f"{result['f1_ci'][1]:.4f}, {result['examples']} examples, {result['shots']}-shot)")
-    return (f"loss {result['loss']:.4f} ppl {result['ppl']:.2f} char ppl {result['char_ppl']:.2f} "
-            f"({result['tokens']} tokens)")
+        return (
+            f"EM {result['em']:.4f} F1 {result['f1']:.4f} (95% CI {result['f1_ci'][0]:.4f}-"
+            f"{result['f1_ci'][1]:.4f}, {result['examples']} examples, {result['shots']}-shot)"
+        )
+    return (
+        f"loss {result['loss']:.4f} ppl {result['ppl']:.2f} char ppl {result['char_ppl']:.2f} "
+        f"({result['tokens']} tokens)"
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -190,8 +240,10 @@ def build_eval_engine(config, checkpoint_path, micro_batch_size: int | None = No
     manifest = fmt.read_manifest(path)
     mb = micro_batch_size or config.train.micro_batch_size
     config = dataclasses.replace(
-        config, model=ModelConfig(**manifest["model"]),
-        train=dataclasses.replace(config.train, micro_batch_size=mb, global_batch_size=mb * topology.dp))
+        config,
+        model=ModelConfig(**manifest["model"]),
+        train=dataclasses.replace(config.train, micro_batch_size=mb, global_batch_size=mb * topology.dp),
+    )
     config.validate()
     engine, names = build_engine(config, topology)
     load_checkpoint(path, engine, names, topology, config, weights_only=True)

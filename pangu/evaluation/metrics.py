@@ -37,8 +37,11 @@ _CJK = re.compile(r"[\u4e00-\u9fa5]")
 
 
 def is_punctuation(char: str) -> bool:
-    return char in CMRC_SPECIAL_CHARACTERS or unicodedata.category(char).startswith("P") or (
-        char.isascii() and not char.isalnum() and not char.isspace())
+    return (
+        char in CMRC_SPECIAL_CHARACTERS
+        or unicodedata.category(char).startswith("P")
+        or (char.isascii() and not char.isalnum() and not char.isspace())
+    )
 
 
 def _dropped(text: str, i: int) -> bool:
@@ -120,8 +123,10 @@ def max_over_references(metric, prediction: str, references: Sequence[str]) -> f
 
 def cmrc_scores(prediction: str, references: Sequence[str]) -> dict[str, float]:
     """{"em", "f1"} of one prediction, each the maximum over the references."""
-    return {"em": max_over_references(exact_match, prediction, references),
-            "f1": max_over_references(f1_score, prediction, references)}
+    return {
+        "em": max_over_references(exact_match, prediction, references),
+        "f1": max_over_references(f1_score, prediction, references),
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -142,8 +147,9 @@ def wilson_interval(successes: int, n: int, confidence: float = 0.95) -> tuple[f
     return (low, high)
 
 
-def bootstrap_interval(values: Sequence[float], confidence: float = 0.95, resamples: int = 2000,
-                       seed: int = 0) -> tuple[float, float]:
+def bootstrap_interval(
+    values: Sequence[float], confidence: float = 0.95, resamples: int = 2000, seed: int = 0
+) -> tuple[float, float]:
     """Percentile bootstrap interval of the mean (seeded: the same values give the same interval)."""
     values = np.asarray(values, dtype=np.float64)
     if len(values) == 0:
@@ -158,8 +164,13 @@ def bootstrap_interval(values: Sequence[float], confidence: float = 0.95, resamp
 def accuracy_summary(correct: Sequence[bool], confidence: float = 0.95) -> dict:
     n, k = len(correct), int(sum(bool(c) for c in correct))
     low, high = wilson_interval(k, n, confidence)
-    return {"accuracy": k / n if n else float("nan"), "correct": k, "examples": n,
-            "accuracy_ci": [low, high], "ci": f"Wilson {confidence:.0%}"}
+    return {
+        "accuracy": k / n if n else float("nan"),
+        "correct": k,
+        "examples": n,
+        "accuracy_ci": [low, high],
+        "ci": f"Wilson {confidence:.0%}",
+    }
 
 
 def mean_summary(name: str, values: Sequence[float], confidence: float = 0.95, seed: int = 0) -> dict:

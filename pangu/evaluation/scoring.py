@@ -114,9 +114,8 @@ class EngineScorer(Scorer):
         samples = np.full((self.micro_batch_size, self.seq_length + 1), self.pad_id, dtype=np.int64)
         for k, i in enumerate(indices):
             if len(rows[i]) > self.seq_length + 1:
-                raise ValueError(f"row {i} has {len(rows[i])} tokens; at most seq_length + 1 = "
-                                 f"{self.seq_length + 1}")
-            samples[k, :len(rows[i])] = rows[i]
+                raise ValueError(f"row {i} has {len(rows[i])} tokens; at most seq_length + 1 = {self.seq_length + 1}")
+            samples[k, : len(rows[i])] = rows[i]
         batch = make_batch(samples, pad_id=self.pad_id, eod_id=self.eod_id, eod_reset=self.eod_reset)
         return pipeline_inputs(batch), (torch.from_numpy(batch["labels"]),)
 
@@ -131,20 +130,25 @@ class EngineScorer(Scorer):
         module.loss_fn = self._loss_fn
         try:
             for first in range(0, len(groups), per_call):
-                call = groups[first:first + per_call]
-                local = call[topo.dp_rank::topo.dp]
+                call = groups[first : first + per_call]
+                local = call[topo.dp_rank :: topo.dp]
                 batches = [self._micro_batch(rows, indices) for indices in local]
                 # eval_batch adds each micro-batch's loss into total_loss without resetting it (only
                 # train_batch does): a scalar left by training or validation would not take our
                 # per-token losses
                 self.engine.total_loss = None
-                outputs = self.engine.eval_batch(iter(batches), compute_loss=True, reduce_output=None,
-                                                 bcast_loss=False, num_micro_batches=len(batches))
+                outputs = self.engine.eval_batch(
+                    iter(batches),
+                    compute_loss=True,
+                    reduce_output=None,
+                    bcast_loss=False,
+                    num_micro_batches=len(batches),
+                )
                 if topo.is_last_stage and topo.tp_rank == 0:
                     for indices, losses in zip(local, outputs):
                         losses = losses.float().cpu().numpy()
                         for k, i in enumerate(indices):
-                            mine[i] = losses[k, :len(rows[i]) - 1].copy()
+                            mine[i] = losses[k, : len(rows[i]) - 1].copy()
         finally:
             module.loss_fn = saved_loss_fn
         return _gather_rows(mine, len(rows))

@@ -92,24 +92,48 @@ class Task:
         _check(self.kind in KINDS, where, "kind", self.kind, f"one of {list(KINDS)}")
         _check(self.shots >= 0, where, "shots", self.shots, ">= 0")
         _check(self.max_examples >= 0, where, "max_examples", self.max_examples, ">= 0")
-        _check(set(self.metrics) <= set(METRICS.get(self.kind, [])), where, "metric", self.metrics,
-               f"a subset of {METRICS.get(self.kind)} for kind {self.kind!r}")
+        _check(
+            set(self.metrics) <= set(METRICS.get(self.kind, [])),
+            where,
+            "metric",
+            self.metrics,
+            f"a subset of {METRICS.get(self.kind)} for kind {self.kind!r}",
+        )
         if self.kind == "classification":
             fields = _FIELD.findall(self.template)
-            _check(fields.count("candidate") == 1, where, "template", self.template,
-                   "a template with exactly one {candidate}")
+            _check(
+                fields.count("candidate") == 1,
+                where,
+                "template",
+                self.template,
+                "a template with exactly one {candidate}",
+            )
             ways = [self.candidates is not None, self.candidates_from_data, bool(self.candidates_field)]
-            _check(sum(ways) == 1, where, "candidates", self.candidates,
-                   "a mapping {label: text}, a list of label texts, 'from_data', or candidates_field")
+            _check(
+                sum(ways) == 1,
+                where,
+                "candidates",
+                self.candidates,
+                "a mapping {label: text}, a list of label texts, 'from_data', or candidates_field",
+            )
             if self.candidates is not None:
-                _check(len(self.candidates) >= 2 and all(isinstance(v, str) and v for v in self.candidates.values()),
-                       where, "candidates", self.candidates, "at least two non-empty candidate texts")
+                _check(
+                    len(self.candidates) >= 2 and all(isinstance(v, str) and v for v in self.candidates.values()),
+                    where,
+                    "candidates",
+                    self.candidates,
+                    "at least two non-empty candidate texts",
+                )
             _check(self.score_span in SPANS, where, "score.span", self.score_span, f"one of {list(SPANS)}")
-            _check(self.score_reduce in REDUCES, where, "score.reduce", self.score_reduce,
-                   f"one of {list(REDUCES)}")
+            _check(self.score_reduce in REDUCES, where, "score.reduce", self.score_reduce, f"one of {list(REDUCES)}")
         elif self.kind == "generation":
-            _check("candidate" not in _FIELD.findall(self.template), where, "template", self.template,
-                   "a prompt without {candidate} (the answer is generated after it)")
+            _check(
+                "candidate" not in _FIELD.findall(self.template),
+                where,
+                "template",
+                self.template,
+                "a prompt without {candidate} (the answer is generated after it)",
+            )
             _check(self.max_new_tokens >= 1, where, "generation.max_new_tokens", self.max_new_tokens, ">= 1")
         else:
             _check(self.stride >= 0, where, "stride", self.stride, ">= 0")
@@ -172,8 +196,10 @@ def resolve_task_file(name: str) -> Path:
     builtin = TASKS_DIR / f"{name}.yaml"
     if builtin.is_file():
         return builtin
-    raise TaskError(f"task {name!r}: no such task file and no builtin task of that name (builtin: "
-                    f"{', '.join(available_tasks()) or 'none'}); pass a .yaml/.json task file")
+    raise TaskError(
+        f"task {name!r}: no such task file and no builtin task of that name (builtin: "
+        f"{', '.join(available_tasks()) or 'none'}); pass a .yaml/.json task file"
+    )
 
 
 def load_task(spec: str | Path, *, prepared_dir: str | Path | None = None, **changes: Any) -> Task:
@@ -191,13 +217,20 @@ def load_task(spec: str | Path, *, prepared_dir: str | Path | None = None, **cha
         raise TaskError(f"task file {str(path)!r} is not valid {path.suffix[1:].upper()}: {err}") from None
     if not isinstance(raw, dict):
         raise TaskError(f"task file {str(path)!r} must hold a mapping, got {type(raw).__name__}")
-    task = task_from_dict(raw, source=str(path), base_dir=path.parent, prepared_dir=prepared_dir,
-                          data_override=data_override)
+    task = task_from_dict(
+        raw, source=str(path), base_dir=path.parent, prepared_dir=prepared_dir, data_override=data_override
+    )
     return task.replace(**changes) if changes else task
 
 
-def task_from_dict(raw: dict, *, source: str = "<memory>", base_dir: str | Path = ".",
-                   prepared_dir: str | Path | None = None, data_override: str | None = None) -> Task:
+def task_from_dict(
+    raw: dict,
+    *,
+    source: str = "<memory>",
+    base_dir: str | Path = ".",
+    prepared_dir: str | Path | None = None,
+    data_override: str | None = None,
+) -> Task:
     where = f"task file {source!r}"
     try:
         spec = from_dict(TaskFile, _keys_as_text(raw), "", "the task file")
@@ -206,22 +239,40 @@ def task_from_dict(raw: dict, *, source: str = "<memory>", base_dir: str | Path 
     if not spec.data and data_override is None:
         raise TaskError(f"{where}: missing 'data' (a .jsonl/.json/.txt file)")
     base_dir = Path(base_dir)
-    data = _path(data_override, Path("."), prepared_dir, where, "data") if data_override is not None \
+    data = (
+        _path(data_override, Path("."), prepared_dir, where, "data")
+        if data_override is not None
         else _path(spec.data, base_dir, prepared_dir, where, "data")
+    )
     candidates = spec.candidates
     task = Task(
-        name=spec.name, kind=spec.kind, data=data, source=source, template=spec.template,
+        name=spec.name,
+        kind=spec.kind,
+        data=data,
+        source=source,
+        template=spec.template,
         instruction=spec.instruction,
-        candidates=dict(zip(candidates, candidates)) if isinstance(candidates, list) else
-        (candidates if isinstance(candidates, dict) else None),
-        candidates_from_data=candidates == "from_data", candidates_field=spec.candidates_field,
-        label_field=spec.label, skip_labels=spec.skip_labels, score_span=spec.score.span,
-        score_reduce=spec.score.reduce, references_field=spec.references,
-        max_new_tokens=spec.generation.max_new_tokens, stop=_as_list(spec.generation.stop),
-        text_field=spec.text_field, stride=spec.stride, shots=spec.shots,
+        candidates=dict(zip(candidates, candidates))
+        if isinstance(candidates, list)
+        else (candidates if isinstance(candidates, dict) else None),
+        candidates_from_data=candidates == "from_data",
+        candidates_field=spec.candidates_field,
+        label_field=spec.label,
+        skip_labels=spec.skip_labels,
+        score_span=spec.score.span,
+        score_reduce=spec.score.reduce,
+        references_field=spec.references,
+        max_new_tokens=spec.generation.max_new_tokens,
+        stop=_as_list(spec.generation.stop),
+        text_field=spec.text_field,
+        stride=spec.stride,
+        shots=spec.shots,
         shots_from=_path(spec.shots_from, base_dir, prepared_dir, where, "shots_from") if spec.shots_from else None,
-        shot_separator=spec.shot_separator, prepend_eod=spec.prepend_eod, max_examples=spec.max_examples,
-        metrics=_as_list(spec.metric))
+        shot_separator=spec.shot_separator,
+        prepend_eod=spec.prepend_eod,
+        max_examples=spec.max_examples,
+        metrics=_as_list(spec.metric),
+    )
     task.validate()
     return task
 
@@ -254,8 +305,10 @@ def _path(value: Any, base_dir: Path, prepared_dir: str | Path | None, where: st
     expanded = os.path.expanduser(os.path.expandvars(text))
     missing = re.findall(r"\$\{?(\w+)\}?", expanded)
     if missing:
-        raise TaskError(f"{where}: {key} = {text!r}: environment variable(s) {missing} not set; set them "
-                        f"or pass the data file as --task NAME=PATH")
+        raise TaskError(
+            f"{where}: {key} = {text!r}: environment variable(s) {missing} not set; set them "
+            f"or pass the data file as --task NAME=PATH"
+        )
     path = Path(expanded)
     return path if path.is_absolute() else base_dir / path
 
@@ -286,8 +339,10 @@ def read_examples(path: Path, task: Task | None = None) -> list[dict]:
         if isinstance(value, list):
             return value
         if isinstance(value, dict):
-            raise TaskError(f"{where}{path}: a JSON object without 'data'; expected a list of examples, "
-                            f"SQuAD/CMRC2018 format or JSON lines")
+            raise TaskError(
+                f"{where}{path}: a JSON object without 'data'; expected a list of examples, "
+                f"SQuAD/CMRC2018 format or JSON lines"
+            )
     examples = []
     for number, line in enumerate(text.splitlines(), 1):
         if line.strip():
@@ -304,8 +359,14 @@ def _flatten_squad(articles: list, path: Path) -> list[dict]:
         for paragraph in article.get("paragraphs", []):
             for qa in paragraph.get("qas", []):
                 answers = [a["text"] if isinstance(a, dict) else str(a) for a in qa.get("answers", [])]
-                out.append({"id": qa.get("id", str(len(out))), "context": paragraph["context"],
-                            "question": qa["question"], "answers": answers})
+                out.append(
+                    {
+                        "id": qa.get("id", str(len(out))),
+                        "context": paragraph["context"],
+                        "question": qa["question"],
+                        "answers": answers,
+                    }
+                )
     if not out:
         raise TaskError(f"{path}: SQuAD/CMRC2018 file without questions")
     return out
@@ -314,11 +375,14 @@ def _flatten_squad(articles: list, path: Path) -> list[dict]:
 def fill(template: str, example: dict, task: Task, index: int, candidate: str | None = None) -> tuple[str, str]:
     """(text before {candidate}, text after it) of the template filled with the example's fields
     (everything in the first part when there is no {candidate})."""
+
     def value(match: re.Match) -> str:
         key = match.group(1)
         if key not in example:
-            raise TaskError(f"task {task.name!r} ({task.source}): example {index} of {task.data} has no field "
-                            f"{key!r} used in the template (fields: {sorted(example)})")
+            raise TaskError(
+                f"task {task.name!r} ({task.source}): example {index} of {task.data} has no field "
+                f"{key!r} used in the template (fields: {sorted(example)})"
+            )
         return str(example[key])
 
     head, found, tail = template.partition("{candidate}")
@@ -327,8 +391,10 @@ def fill(template: str, example: dict, task: Task, index: int, candidate: str | 
 
 def references_of(example: dict, task: Task, index: int) -> list[str]:
     if task.references_field not in example:
-        raise TaskError(f"task {task.name!r}: example {index} has no references field "
-                        f"{task.references_field!r} (fields: {sorted(example)})")
+        raise TaskError(
+            f"task {task.name!r}: example {index} has no references field "
+            f"{task.references_field!r} (fields: {sorted(example)})"
+        )
     value = example[task.references_field]
     values = value if isinstance(value, list) else [value]
     out = [v["text"] if isinstance(v, dict) else str(v) for v in values]
@@ -339,8 +405,9 @@ def references_of(example: dict, task: Task, index: int) -> list[str]:
 
 def label_of(example: dict, task: Task, index: int) -> str:
     if task.label_field not in example:
-        raise TaskError(f"task {task.name!r}: example {index} has no label field {task.label_field!r} "
-                        f"(fields: {sorted(example)})")
+        raise TaskError(
+            f"task {task.name!r}: example {index} has no label field {task.label_field!r} (fields: {sorted(example)})"
+        )
     return str(example[task.label_field])
 
 
@@ -375,6 +442,7 @@ def example_key(example: dict) -> str:
 class Row:
     """Token ids; the tokens at positions [start, end) are scored (each predicted from the ones
     before it, so start >= 1)."""
+
     ids: list[int]
     start: int
     end: int
@@ -383,6 +451,7 @@ class Row:
 @dataclass
 class Prepared:
     """A task turned into work: examples, their gold answers, and the rows / prompts to run."""
+
     task: Task
     indices: list[int]  # which examples of the data file
     labels: list[Any] = field(default_factory=list)  # classification: gold candidate index; generation: references
@@ -477,20 +546,25 @@ class Prompter:
             return {v: v for v in values}
         return task.candidates
 
-    def _candidates(self, task: Task, example: dict, index: int,
-                    label_set: dict[str, str] | None) -> tuple[list[str], list[str], int]:
+    def _candidates(
+        self, task: Task, example: dict, index: int, label_set: dict[str, str] | None
+    ) -> tuple[list[str], list[str], int]:
         """(labels, texts, gold position) of an example's candidates."""
         if label_set is not None:
             labels, texts = list(label_set), list(label_set.values())
             gold = label_of(example, task, index)
             if gold not in label_set:
-                raise TaskError(f"task {task.name!r}: example {index} has label {gold!r}, not one of the "
-                                f"candidates {labels} (leave such examples out with skip_labels)")
+                raise TaskError(
+                    f"task {task.name!r}: example {index} has label {gold!r}, not one of the "
+                    f"candidates {labels} (leave such examples out with skip_labels)"
+                )
             return labels, texts, labels.index(gold)
         texts = example.get(task.candidates_field)
         if not isinstance(texts, list) or len(texts) < 2:
-            raise TaskError(f"task {task.name!r}: example {index}: {task.candidates_field!r} must list at "
-                            f"least two candidate texts, got {texts!r}")
+            raise TaskError(
+                f"task {task.name!r}: example {index}: {task.candidates_field!r} must list at "
+                f"least two candidate texts, got {texts!r}"
+            )
         texts = [str(t) for t in texts]
         gold = example.get(task.label_field)
         if isinstance(gold, int) and not isinstance(gold, bool) and 0 <= gold < len(texts):
@@ -498,8 +572,10 @@ class Prompter:
         elif str(gold) in texts:
             position = texts.index(str(gold))
         else:
-            raise TaskError(f"task {task.name!r}: example {index}: label {gold!r} is neither an index into "
-                            f"nor one of its candidates {texts}")
+            raise TaskError(
+                f"task {task.name!r}: example {index}: label {gold!r} is neither an index into "
+                f"nor one of its candidates {texts}"
+            )
         return texts, texts, position
 
     def _demo(self, task: Task, example: dict, index: int, label_set: dict[str, str] | None) -> str:
@@ -510,8 +586,9 @@ class Prompter:
         head, _ = fill(task.template, example, task, index)
         return head + references_of(example, task, index)[0]
 
-    def _classification(self, task: Task, example: dict, index: int, context: str,
-                        label_set: dict[str, str] | None, prepared: Prepared) -> None:
+    def _classification(
+        self, task: Task, example: dict, index: int, context: str, label_set: dict[str, str] | None, prepared: Prepared
+    ) -> None:
         labels, texts, gold = self._candidates(task, example, index, label_set)
         head, tail = fill(task.template, example, task, index)
         head_ids = self.encode(context + head)
@@ -527,8 +604,9 @@ class Prompter:
             begin = min(_lcp(context_ids, whole), start)  # where the example starts, after the shots
             shift = 1 if task.prepend_eod else 0
             ids = self._with_eod(task, whole)
-            span = {"candidate": (start, end), "candidate_to_end": (start, len(whole)),
-                    "example": (begin, len(whole))}[task.score_span]
+            span = {"candidate": (start, end), "candidate_to_end": (start, len(whole)), "example": (begin, len(whole))}[
+                task.score_span
+            ]
             rows.append(Row(ids, span[0] + shift, span[1] + shift))
         self._truncate(task, index, rows)
         prepared.rows.append(rows)
@@ -549,9 +627,11 @@ class Prompter:
             start, r.end = r.start - cut, r.end - cut
             # the whole example may lose its beginning (long texts); a candidate span must fit whole
             if r.end <= max(start, 1) or (start < 1 and task.score_span != "example"):
-                raise TaskError(f"task {task.name!r}: example {index}: the scored span ({task.score_span}) does "
-                                f"not fit into the model's {self.seq_length} tokens; use fewer shots or a shorter "
-                                f"template")
+                raise TaskError(
+                    f"task {task.name!r}: example {index}: the scored span ({task.score_span}) does "
+                    f"not fit into the model's {self.seq_length} tokens; use fewer shots or a shorter "
+                    f"template"
+                )
             r.start = max(start, 1)
 
     def _perplexity(self, task: Task, examples: list[dict]) -> Prepared:
@@ -568,8 +648,10 @@ class Prompter:
             raise TaskError(f"task {task.name!r}: {task.data} holds no text")
         window, stride = self.seq_length + 1, task.stride or self.seq_length
         if stride > self.seq_length:
-            raise TaskError(f"task {task.name!r}: stride = {stride} is not allowed: expected at most the "
-                            f"sequence length {self.seq_length}")
+            raise TaskError(
+                f"task {task.name!r}: stride = {stride} is not allowed: expected at most the "
+                f"sequence length {self.seq_length}"
+            )
         rows, scored_until, begin = [], 1, 0
         while scored_until < len(stream):
             end = min(begin + window, len(stream))

@@ -73,9 +73,15 @@ def cube_root(x: Tensor) -> Tensor:
 # --------------------------------------------------------------------------------------------
 
 
-def _update_tensor(param: Tensor, grad: Tensor, m: Tensor, s: Tensor, hyperparameters: Tensor,
-                   abs_pow: Callable[[Tensor, Tensor], Tensor],
-                   root: Callable[[Tensor, Tensor], Tensor]) -> None:
+def _update_tensor(
+    param: Tensor,
+    grad: Tensor,
+    m: Tensor,
+    s: Tensor,
+    hyperparameters: Tensor,
+    abs_pow: Callable[[Tensor, Tensor], Tensor],
+    root: Callable[[Tensor, Tensor], Tensor],
+) -> None:
     """The docs/reference.md formulas for one tensor, in fp32.
 
     maximize and nesterov are numbers rather than branches so that torch.compile builds one
@@ -123,18 +129,15 @@ def _root_p(x: Tensor, p: Tensor) -> Tensor:
 
 # One top-level function per special case of p. torch.compile keeps its cache per function, so
 # each case compiles once per dtype (shapes are dynamic, hyperparameters are tensor values).
-def _update_tensor_p2(param: Tensor, grad: Tensor, m: Tensor, s: Tensor,
-                      hyperparameters: Tensor) -> None:
+def _update_tensor_p2(param: Tensor, grad: Tensor, m: Tensor, s: Tensor, hyperparameters: Tensor) -> None:
     _update_tensor(param, grad, m, s, hyperparameters, abs_pow=_square, root=_sqrt)
 
 
-def _update_tensor_p3(param: Tensor, grad: Tensor, m: Tensor, s: Tensor,
-                      hyperparameters: Tensor) -> None:
+def _update_tensor_p3(param: Tensor, grad: Tensor, m: Tensor, s: Tensor, hyperparameters: Tensor) -> None:
     _update_tensor(param, grad, m, s, hyperparameters, abs_pow=_abs_cube, root=_cube_root)
 
 
-def _update_tensor_any_p(param: Tensor, grad: Tensor, m: Tensor, s: Tensor,
-                         hyperparameters: Tensor) -> None:
+def _update_tensor_any_p(param: Tensor, grad: Tensor, m: Tensor, s: Tensor, hyperparameters: Tensor) -> None:
     _update_tensor(param, grad, m, s, hyperparameters, abs_pow=_abs_pow, root=_root_p)
 
 
@@ -158,8 +161,7 @@ def _tensor_update_for(p: float, fused: bool) -> _TensorUpdate:
         # With dynamic shapes the CPU backend decides at compile time, from the first tensor
         # it sees, whether the kernel runs on several threads; dynamic_threads makes it always
         # emit a parallel loop and leaves the thread count to OpenMP at run time.
-        _compiled_updates[update] = torch.compile(update, dynamic=True,
-                                                  options={"cpp.dynamic_threads": True})
+        _compiled_updates[update] = torch.compile(update, dynamic=True, options={"cpp.dynamic_threads": True})
     return _compiled_updates[update]
 
 
@@ -207,9 +209,20 @@ def _foreach_root(values: list[Tensor], p: float, *, in_place: bool) -> list[Ten
     return torch._foreach_pow(values, 1.0 / p)
 
 
-def _s3_foreach(params: Sequence[Tensor], grads: Sequence[Tensor], ms: list[Tensor],
-                ss: list[Tensor], *, lr: float, beta: float, p: float, nesterov: bool, eps: float,
-                weight_decay: float, maximize: bool) -> None:
+def _s3_foreach(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    ms: list[Tensor],
+    ss: list[Tensor],
+    *,
+    lr: float,
+    beta: float,
+    p: float,
+    nesterov: bool,
+    eps: float,
+    weight_decay: float,
+    maximize: bool,
+) -> None:
     # .float() returns fp32 gradients themselves: every op below on grads32 is out of place.
     grads32 = [g.float() for g in grads]
     if maximize:
@@ -237,8 +250,7 @@ def _s3_foreach(params: Sequence[Tensor], grads: Sequence[Tensor], ms: list[Tens
 # --------------------------------------------------------------------------------------------
 
 
-def check_s3_hyperparameters(lr: float, beta: float, p: float, eps: float,
-                             weight_decay: float) -> None:
+def check_s3_hyperparameters(lr: float, beta: float, p: float, eps: float, weight_decay: float) -> None:
     """Raise a ValueError naming the first hyperparameter outside its allowed range."""
     if not lr >= 0:
         raise ValueError(f"S3: lr must be >= 0, got {lr}")
@@ -252,10 +264,22 @@ def check_s3_hyperparameters(lr: float, beta: float, p: float, eps: float,
         raise ValueError(f"S3: weight_decay must be >= 0, got {weight_decay}")
 
 
-def s3_update_(params: Sequence[Tensor], grads: Sequence[Tensor], ms: list[Tensor],
-               ss: list[Tensor], *, lr: float, beta: float, p: float, nesterov: bool, eps: float,
-               weight_decay: float, maximize: bool, fused: bool = False,
-               foreach: bool | None = None) -> None:
+def s3_update_(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    ms: list[Tensor],
+    ss: list[Tensor],
+    *,
+    lr: float,
+    beta: float,
+    p: float,
+    nesterov: bool,
+    eps: float,
+    weight_decay: float,
+    maximize: bool,
+    fused: bool = False,
+    foreach: bool | None = None,
+) -> None:
     """One S3 step, in place on params and their fp32 state buffers ms and ss.
 
     foreach=None picks the foreach path when every tensor is on one device and fused is off.
@@ -267,14 +291,32 @@ def s3_update_(params: Sequence[Tensor], grads: Sequence[Tensor], ms: list[Tenso
     if foreach is None:
         foreach = not fused and len({t.device for t in chain(params, grads, ms, ss)}) == 1
     if foreach:
-        _s3_foreach(params, grads, ms, ss, lr=lr, beta=beta, p=p, nesterov=nesterov, eps=eps,
-                    weight_decay=weight_decay, maximize=maximize)
+        _s3_foreach(
+            params,
+            grads,
+            ms,
+            ss,
+            lr=lr,
+            beta=beta,
+            p=p,
+            nesterov=nesterov,
+            eps=eps,
+            weight_decay=weight_decay,
+            maximize=maximize,
+        )
         return
     update = _tensor_update_for(p, fused)
     # Passed as one small tensor (per device): with seven Python floats instead, torch.compile
     # would wrap each into a tensor on every call, doubling the ~25 us a call costs.
-    hyperparameters = [lr, beta, p, eps, weight_decay, -1.0 if maximize else 1.0,
-                       beta if nesterov else 1.0]  # the order _update_tensor unpacks
+    hyperparameters = [
+        lr,
+        beta,
+        p,
+        eps,
+        weight_decay,
+        -1.0 if maximize else 1.0,
+        beta if nesterov else 1.0,
+    ]  # the order _update_tensor unpacks
     hyperparameters_on: dict[torch.device, Tensor] = {}
     for param, grad, m, s in zip(params, grads, ms, ss, strict=True):
         if param.device not in hyperparameters_on:
@@ -305,13 +347,12 @@ def restore_fp32_state(optimizer: torch.optim.Optimizer, state_dict: dict[str, A
     for saved_id, param in zip(saved_ids, params, strict=True):
         for key, value in state_dict["state"].get(saved_id, {}).items():
             if torch.is_tensor(value) and value.is_floating_point():
-                optimizer.state[param][key] = value.to(device=param.device, dtype=torch.float32,
-                                                       copy=True)
+                optimizer.state[param][key] = value.to(device=param.device, dtype=torch.float32, copy=True)
 
 
-def params_with_fp32_state(optimizer: torch.optim.Optimizer, group: dict[str, Any],
-                           state_names: tuple[str, str]
-                           ) -> tuple[list[Tensor], list[Tensor], list[Tensor], list[Tensor]]:
+def params_with_fp32_state(
+    optimizer: torch.optim.Optimizer, group: dict[str, Any], state_names: tuple[str, str]
+) -> tuple[list[Tensor], list[Tensor], list[Tensor], list[Tensor]]:
     """The group's parameters that have a gradient, their gradients and their two state
     buffers, created as fp32 zeros on first use (so the state never holds anything else)."""
     params, grads, firsts, seconds = [], [], [], []
@@ -337,18 +378,35 @@ class S3(torch.optim.Optimizer):
     partitions as parameters: the update is elementwise, so sharding it is exact.
     """
 
-    def __init__(self, params: Iterable[Tensor] | Iterable[dict[str, Any]], lr: float = 1e-3,
-                 beta: float = 0.95, p: float = 3.0, nesterov: bool = True, eps: float = 1e-8,
-                 weight_decay: float = 0.0, maximize: bool = False, foreach: bool | None = None,
-                 fused: bool = False) -> None:
-        defaults = dict(lr=lr, beta=beta, p=p, nesterov=nesterov, eps=eps,
-                        weight_decay=weight_decay, maximize=maximize, foreach=foreach, fused=fused)
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        lr: float = 1e-3,
+        beta: float = 0.95,
+        p: float = 3.0,
+        nesterov: bool = True,
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        maximize: bool = False,
+        foreach: bool | None = None,
+        fused: bool = False,
+    ) -> None:
+        defaults = dict(
+            lr=lr,
+            beta=beta,
+            p=p,
+            nesterov=nesterov,
+            eps=eps,
+            weight_decay=weight_decay,
+            maximize=maximize,
+            foreach=foreach,
+            fused=fused,
+        )
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         group = {**self.defaults, **param_group}  # what the group will hold, checked first
-        check_s3_hyperparameters(group["lr"], group["beta"], group["p"], group["eps"],
-                                 group["weight_decay"])
+        check_s3_hyperparameters(group["lr"], group["beta"], group["p"], group["eps"], group["weight_decay"])
         if group["fused"] and group["foreach"]:
             raise ValueError("S3: choose at most one of fused=True and foreach=True")
         super().add_param_group(param_group)
@@ -361,10 +419,21 @@ class S3(torch.optim.Optimizer):
                 loss = closure()
         for group in self.param_groups:
             params, grads, ms, ss = params_with_fp32_state(self, group, ("m", "s"))
-            s3_update_(params, grads, ms, ss, lr=group["lr"], beta=group["beta"], p=group["p"],
-                       nesterov=group["nesterov"], eps=group["eps"],
-                       weight_decay=group["weight_decay"], maximize=group["maximize"],
-                       fused=group["fused"], foreach=group["foreach"])
+            s3_update_(
+                params,
+                grads,
+                ms,
+                ss,
+                lr=group["lr"],
+                beta=group["beta"],
+                p=group["p"],
+                nesterov=group["nesterov"],
+                eps=group["eps"],
+                weight_decay=group["weight_decay"],
+                maximize=group["maximize"],
+                fused=group["fused"],
+                foreach=group["foreach"],
+            )
         return loss
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

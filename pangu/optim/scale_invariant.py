@@ -70,12 +70,21 @@ class ScaleInvariantSGD(torch.optim.Optimizer):
     are kept as tensors so that a step never waits for the device; reading them does.
     """
 
-    def __init__(self, params: Iterable[dict[str, Any]] | Iterable[Tensor], lr: float,
-                 weight_decay: float, clip_c: float = 4.0, other: OtherOptimizer = "s3",
-                 beta: float = 0.95, p: float = 3.0, nesterov: bool = True,
-                 betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8,
-                 fused: bool = False,
-                 norm_group: dist.ProcessGroup | None = None) -> None:
+    def __init__(
+        self,
+        params: Iterable[dict[str, Any]] | Iterable[Tensor],
+        lr: float,
+        weight_decay: float,
+        clip_c: float = 4.0,
+        other: OtherOptimizer = "s3",
+        beta: float = 0.95,
+        p: float = 3.0,
+        nesterov: bool = True,
+        betas: tuple[float, float] = (0.9, 0.95),
+        eps: float = 1e-8,
+        fused: bool = False,
+        norm_group: dist.ProcessGroup | None = None,
+    ) -> None:
         if other not in ("s3", "adamw"):
             raise ValueError(f"ScaleInvariantSGD: other must be 's3' or 'adamw', got {other!r}")
         if not clip_c >= 0:
@@ -87,8 +96,17 @@ class ScaleInvariantSGD(torch.optim.Optimizer):
         self.norm_group = norm_group
         self._clip_events: Tensor | None = None
         self._last_norms: tuple[Tensor, Tensor, Tensor] | None = None  # ratio, ||x||, ||g||
-        defaults = dict(lr=lr, weight_decay=weight_decay, scale_invariant=False, beta=beta, p=p,
-                        nesterov=nesterov, betas=betas, eps=eps, step=0)
+        defaults = dict(
+            lr=lr,
+            weight_decay=weight_decay,
+            scale_invariant=False,
+            beta=beta,
+            p=p,
+            nesterov=nesterov,
+            betas=betas,
+            eps=eps,
+            step=0,
+        )
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -100,17 +118,21 @@ class ScaleInvariantSGD(torch.optim.Optimizer):
             raise ValueError(f"{name}: weight_decay must be >= 0, got {group['weight_decay']}")
         if group["scale_invariant"]:
             if any(g["scale_invariant"] for g in self.param_groups):
-                raise ValueError(f"{name}: only one group may be scale invariant (its norms "
-                                 "must be complete when DeepSpeed steps it on its own)")
+                raise ValueError(
+                    f"{name}: only one group may be scale invariant (its norms "
+                    "must be complete when DeepSpeed steps it on its own)"
+                )
             if self.clip_c > 0 and group["weight_decay"] == 0:
-                raise ValueError(f"{name}: the relative clip needs weight_decay > 0 (its "
-                                 "threshold is proportional to sqrt(weight_decay)); or clip_c=0")
+                raise ValueError(
+                    f"{name}: the relative clip needs weight_decay > 0 (its "
+                    "threshold is proportional to sqrt(weight_decay)); or clip_c=0"
+                )
         elif self.other == "s3":
-            check_s3_hyperparameters(group["lr"], group["beta"], group["p"], group["eps"],
-                                     group["weight_decay"])
+            check_s3_hyperparameters(group["lr"], group["beta"], group["p"], group["eps"], group["weight_decay"])
         elif not all(0 <= b < 1 for b in group["betas"]) or not group["eps"] >= 0:
-            raise ValueError(f"{name}: AdamW needs betas in [0, 1) and eps >= 0, got "
-                             f"betas={group['betas']}, eps={group['eps']}")
+            raise ValueError(
+                f"{name}: AdamW needs betas in [0, 1) and eps >= 0, got betas={group['betas']}, eps={group['eps']}"
+            )
         super().add_param_group(param_group)
 
     @torch.no_grad()
@@ -157,14 +179,24 @@ class ScaleInvariantSGD(torch.optim.Optimizer):
 
     def _step_s3(self, group: dict[str, Any]) -> None:
         params, grads, ms, ss = params_with_fp32_state(self, group, ("m", "s"))
-        s3_update_(params, grads, ms, ss, lr=group["lr"], beta=group["beta"], p=group["p"],
-                   nesterov=group["nesterov"], eps=group["eps"],
-                   weight_decay=group["weight_decay"], maximize=False, fused=self.fused)
+        s3_update_(
+            params,
+            grads,
+            ms,
+            ss,
+            lr=group["lr"],
+            beta=group["beta"],
+            p=group["p"],
+            nesterov=group["nesterov"],
+            eps=group["eps"],
+            weight_decay=group["weight_decay"],
+            maximize=False,
+            fused=self.fused,
+        )
 
     def _step_adamw(self, group: dict[str, Any]) -> None:
         """AdamW with bias correction, as torch.optim.AdamW computes it, state in fp32."""
-        params, grads, exp_avgs, exp_avg_sqs = params_with_fp32_state(
-            self, group, ("exp_avg", "exp_avg_sq"))
+        params, grads, exp_avgs, exp_avg_sqs = params_with_fp32_state(self, group, ("exp_avg", "exp_avg_sq"))
         if not params:
             return
         lr, weight_decay, eps = group["lr"], group["weight_decay"], group["eps"]

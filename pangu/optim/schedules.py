@@ -27,8 +27,9 @@ def step_decay(step: int, total_steps: int) -> float:
     return STEP_DECAY_FACTOR**passed
 
 
-def lr_factor(step: int, *, total_steps: int, warmup_steps: int, decay: Decay = "cosine",
-              min_ratio: float = 0.1) -> float:
+def lr_factor(
+    step: int, *, total_steps: int, warmup_steps: int, decay: Decay = "cosine", min_ratio: float = 0.1
+) -> float:
     """Multiplier of the base learning rate at `step`.
 
     Warmup: (step + 1) / warmup_steps for step < warmup_steps, so the first step already moves
@@ -43,8 +44,7 @@ def lr_factor(step: int, *, total_steps: int, warmup_steps: int, decay: Decay = 
     if total_steps < 1:
         raise ValueError(f"lr_factor: total_steps must be >= 1, got {total_steps}")
     if not 0 <= warmup_steps <= total_steps:
-        raise ValueError(f"lr_factor: warmup_steps must be in [0, total_steps={total_steps}], "
-                         f"got {warmup_steps}")
+        raise ValueError(f"lr_factor: warmup_steps must be in [0, total_steps={total_steps}], got {warmup_steps}")
     if not 0 <= min_ratio <= 1:
         raise ValueError(f"lr_factor: min_ratio must be in [0, 1], got {min_ratio}")
     if step < 0:

@@ -22,8 +22,9 @@ from pangu.parallel.pipeline import build_pipeline, canonical_names
 from pangu.parallel.topology import Topology
 
 
-def pipeline_loss(logits: torch.Tensor, labels: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
-                  vocab_size: int) -> torch.Tensor:
+def pipeline_loss(
+    logits: torch.Tensor, labels: tuple[torch.Tensor, torch.Tensor, torch.Tensor], vocab_size: int
+) -> torch.Tensor:
     """Sum of this micro-batch's token losses times `scale`.
 
     The loss of a step must be (sum of token losses) / (tokens counted in the whole global batch),
@@ -41,7 +42,8 @@ def micro_batches_per_step(config: Config, topology: Topology) -> int:
     if config.train.global_batch_size % per_step != 0:
         raise ConfigError(
             f"train.global_batch_size = {config.train.global_batch_size} is not allowed: expected a "
-            f"multiple of train.micro_batch_size x dp = {config.train.micro_batch_size} x {topology.dp}")
+            f"multiple of train.micro_batch_size x dp = {config.train.micro_batch_size} x {topology.dp}"
+        )
     return config.train.global_batch_size // per_step
 
 
@@ -64,9 +66,14 @@ def deepspeed_config(config: Config, topology: Topology) -> dict:
     elif train.precision == "fp16":
         # dynamic loss scale as in the original recipe: halve on every overflow (hysteresis 1,
         # like MindSpore's DynamicLossScaleUpdateCell) and skip that step; double after a window
-        ds["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": train.initial_loss_scale_power,
-                      "loss_scale_window": train.loss_scale_window, "hysteresis": 1,
-                      "min_loss_scale": train.min_loss_scale}
+        ds["fp16"] = {
+            "enabled": True,
+            "loss_scale": 0,
+            "initial_scale_power": train.initial_loss_scale_power,
+            "loss_scale_window": train.loss_scale_window,
+            "hysteresis": 1,
+            "min_loss_scale": train.min_loss_scale,
+        }
     return ds
 
 
@@ -93,8 +100,9 @@ def allow_fp16_on_cpu() -> None:
 
 def build_engine(config: Config, topology: Topology):
     """(engine, {pipeline name: canonical name}) for this rank's pipeline stage."""
-    pipe = build_pipeline(config, topology,
-                          loss_fn=lambda logits, labels: pipeline_loss(logits, labels, config.model.vocab_size))
+    pipe = build_pipeline(
+        config, topology, loss_fn=lambda logits, labels: pipeline_loss(logits, labels, config.model.vocab_size)
+    )
     names = canonical_names(pipe, config.model)
     named = [(names[n], p) for n, p in pipe.named_parameters()]
     initialize_parameters(named, config.model, config.train.seed, topology.tp_rank, topology.tp)
@@ -107,7 +115,5 @@ def build_engine(config: Config, topology: Topology):
     )
     if config.train.precision == "fp16":
         allow_fp16_on_cpu()
-    engine, _, _, _ = deepspeed.initialize(model=pipe, optimizer=optimizer,
-                                           config=deepspeed_config(config, topology))
+    engine, _, _, _ = deepspeed.initialize(model=pipe, optimizer=optimizer, config=deepspeed_config(config, topology))
     return engine, names
-

@@ -111,8 +111,7 @@ class MemoryEstimate:
 
     @property
     def static(self) -> int:
-        return (self.parameters + self.gradients + self.model_gradients + self.master_weights
-                + self.optimizer_state)
+        return self.parameters + self.gradients + self.model_gradients + self.master_weights + self.optimizer_state
 
     @property
     def peak(self) -> int:
@@ -253,8 +252,14 @@ class StageMemory:
 
     @property
     def peak(self) -> int:
-        return (self.parameters + self.gradients + self.model_gradients + self.master_weights
-                + self.optimizer_state + max(self.activations, self.reduce_buffers))
+        return (
+            self.parameters
+            + self.gradients
+            + self.model_gradients
+            + self.master_weights
+            + self.optimizer_state
+            + max(self.activations, self.reduce_buffers)
+        )
 
 
 def dtype_bytes(precision: str) -> int:
@@ -278,7 +283,7 @@ def stage_memory(config: Config, layout: Layout, stage: int, kernels: Kernels = 
     dp, tp, pp = layout.dp, layout.tp, layout.pp
     layers = pipeline_layers(config, tp)
     bounds = stage_bounds(config, tp, pp)
-    own = layers[bounds[stage]:bounds[stage + 1]]
+    own = layers[bounds[stage] : bounds[stage + 1]]
     groups: dict[str, int] = {}
     tied_seen = False
     for layer in own:
@@ -325,9 +330,22 @@ def stage_memory(config: Config, layout: Layout, stage: int, kernels: Kernels = 
     buffers = 0
     if pp > 1:  # the engine keeps each in-flight micro-batch's received input and sent output
         buffers = in_flight * e * model.seq_length * b * model.hidden_size * ((stage > 0) + (stage < pp - 1))
-    return StageMemory(stage, tuple(layer.kind for layer in own), group_numel, parameters, gradients,
-                       model_gradients, master, optimizer_state, per_mb, in_flight, saved_peak, buffers,
-                       saved_peak + buffers, reduce_buffers)
+    return StageMemory(
+        stage,
+        tuple(layer.kind for layer in own),
+        group_numel,
+        parameters,
+        gradients,
+        model_gradients,
+        master,
+        optimizer_state,
+        per_mb,
+        in_flight,
+        saved_peak,
+        buffers,
+        saved_peak + buffers,
+        reduce_buffers,
+    )
 
 
 def _bf16_reduce_buffers(padded: list[int]) -> int:
@@ -350,13 +368,13 @@ def _bucket_bytes(bucket: list[int]) -> int:
     return (4 * n if len(bucket) > 1 else 0) + 2 * n
 
 
-def activation_bytes(config: Config, kind: str, micro_batch_size: int, tp: int, recompute: str,
-                     kernels: Kernels = Kernels()) -> int:
+def activation_bytes(
+    config: Config, kind: str, micro_batch_size: int, tp: int, recompute: str, kernels: Kernels = Kernels()
+) -> int:
     """Bytes one micro-batch's forward through a layer of `kind` saves for backward on one
     tensor-parallel rank (see the module docstring for the terms and their sources)."""
     model, e = config.model, dtype_bytes(config.train.precision)
-    s, b, h, f, a, t = (model.seq_length, micro_batch_size, model.hidden_size, model.ffn_size,
-                        model.num_heads, tp)
+    s, b, h, f, a, t = (model.seq_length, micro_batch_size, model.hidden_size, model.ffn_size, model.num_heads, tp)
     T = s * b
     dropout, attention_dropout = model.dropout > 0, model.attention_dropout_rate > 0
     mask = (kernels.dropout_mask_bytes or e) if dropout else 0
@@ -409,5 +427,13 @@ def estimate_memory(config: Config, layout: Layout, kernels: Kernels = Kernels()
     """Per-device bytes of the layout's most loaded pipeline stage."""
     stages = [stage_memory(config, layout, j, kernels) for j in range(layout.pp)]
     worst = max(stages, key=lambda sm: (sm.peak, -sm.stage))
-    return MemoryEstimate(worst.stage, worst.parameters, worst.gradients, worst.model_gradients,
-                          worst.master_weights, worst.optimizer_state, worst.activations, worst.reduce_buffers)
+    return MemoryEstimate(
+        worst.stage,
+        worst.parameters,
+        worst.gradients,
+        worst.model_gradients,
+        worst.master_weights,
+        worst.optimizer_state,
+        worst.activations,
+        worst.reduce_buffers,
+    )

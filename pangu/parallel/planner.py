@@ -116,18 +116,28 @@ class Layout:
 
     def overrides(self) -> list[str]:
         """The `--set` values that make a config train with this layout."""
-        return [f"parallel.tp={self.tp}", f"parallel.pp={self.pp}", f"parallel.recompute={self.recompute}",
-                f"train.micro_batch_size={self.micro_batch_size}"]
+        return [
+            f"parallel.tp={self.tp}",
+            f"parallel.pp={self.pp}",
+            f"parallel.recompute={self.recompute}",
+            f"train.micro_batch_size={self.micro_batch_size}",
+        ]
 
     def set_args(self) -> str:
         return " ".join(f"--set {o}" for o in self.overrides())
 
     def as_dict(self) -> dict:
-        return {"dp": self.dp, "tp": self.tp, "pp": self.pp, "recompute": self.recompute,
-                "micro_batch_size": self.micro_batch_size, "micro_batches": self.micro_batches,
-                "overrides": self.overrides(),
-                "memory": self.memory.as_dict() if self.memory else None,
-                "step_time": self.step_time.as_dict() if self.step_time else None}
+        return {
+            "dp": self.dp,
+            "tp": self.tp,
+            "pp": self.pp,
+            "recompute": self.recompute,
+            "micro_batch_size": self.micro_batch_size,
+            "micro_batches": self.micro_batches,
+            "overrides": self.overrides(),
+            "memory": self.memory.as_dict() if self.memory else None,
+            "step_time": self.step_time.as_dict() if self.step_time else None,
+        }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -162,7 +172,7 @@ def estimate_step_time(config: Config, layout: Layout, hardware: Hardware) -> St
     stage_compute, stage_tensor = [], []
     for j in range(pp):
         flops, collectives = 0.0, 0
-        for layer in layers[bounds[j]:bounds[j + 1]]:
+        for layer in layers[bounds[j] : bounds[j + 1]]:
             forward = forward_flops_per_token(model, layer) * T
             flops += 3 * forward
             if layer.kind in ("block", "query_layer", "stem"):
@@ -185,8 +195,11 @@ def estimate_step_time(config: Config, layout: Layout, hardware: Hardware) -> St
     pipeline = (m + pp - 1) * per_micro_batch
 
     dp_bw = hardware.bandwidth if dp * tp <= G else hardware.inter_node_bandwidth
-    numel = max(stage_memory(config, layout, j).numel for j in range(pp)) if pp > 1 else \
-        stage_memory(config, layout, 0).numel
+    numel = (
+        max(stage_memory(config, layout, j).numel for j in range(pp))
+        if pp > 1
+        else stage_memory(config, layout, 0).numel
+    )
     comm_bytes = 2 if config.train.precision in ("bf16", "fp16") else 4
     if config.train.precision == "bf16":  # BF16_Optimizer: all-reduce of the whole buffer
         data_parallel = _ring_allreduce(comm_bytes * numel, dp, dp_bw, hardware.latency)
@@ -199,11 +212,16 @@ def estimate_step_time(config: Config, layout: Layout, hardware: Hardware) -> St
     total = pipeline + data_parallel
     tokens = config.train.global_batch_size * model.seq_length
     mfu = tokens * flops_per_token(model) / (layout.gpus * hardware.tflops * 1e12 * total)
-    return StepTime(compute=(m + pp - 1) * stage_compute[slowest],
-                    tensor_parallel=(m + pp - 1) * stage_tensor[slowest],
-                    pipeline_p2p=(m + pp - 1) * p2p, data_parallel=data_parallel,
-                    bubble_fraction=(pp - 1) / (m + pp - 1), total=total, mfu=mfu,
-                    tokens_per_second=tokens / total)
+    return StepTime(
+        compute=(m + pp - 1) * stage_compute[slowest],
+        tensor_parallel=(m + pp - 1) * stage_tensor[slowest],
+        pipeline_p2p=(m + pp - 1) * p2p,
+        data_parallel=data_parallel,
+        bubble_fraction=(pp - 1) / (m + pp - 1),
+        total=total,
+        mfu=mfu,
+        tokens_per_second=tokens / total,
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -245,8 +263,9 @@ def plan(config: Config, hardware: Hardware, kernels: Kernels = Kernels()) -> li
         memory = estimate_memory(config, layout, kernels)
         if memory.peak > hardware.usable_memory:
             continue
-        fitting.append(dataclasses.replace(layout, memory=memory,
-                                           step_time=estimate_step_time(config, layout, hardware)))
+        fitting.append(
+            dataclasses.replace(layout, memory=memory, step_time=estimate_step_time(config, layout, hardware))
+        )
     fitting.sort(key=lambda lay: (round(lay.step_time.total, 9), lay.memory.peak, lay.tp, lay.pp))
     return fitting
 

@@ -69,22 +69,36 @@ def init_distributed(parallel: ParallelConfig) -> Topology:
     if world_size % (tp * pp) != 0:
         raise ConfigError(
             f"world size {world_size} is not divisible by parallel.tp x parallel.pp = {tp} x {pp}: "
-            f"launch a multiple of {tp * pp} processes, or change parallel.tp / parallel.pp")
+            f"launch a multiple of {tp * pp} processes, or change parallel.tp / parallel.pp"
+        )
     dp = world_size // (tp * pp)
 
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
-    parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp,
-                                             pipeline_model_parallel_size=pp)
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
     ds_topology = PipeModelDataParallelTopology(num_pp=pp, num_mp=tp, num_dp=dp)
     coords = ds_topology.get_coord(rank)
-    megatron = (parallel_state.get_data_parallel_rank(), parallel_state.get_tensor_model_parallel_rank(),
-                parallel_state.get_pipeline_model_parallel_rank())
+    megatron = (
+        parallel_state.get_data_parallel_rank(),
+        parallel_state.get_tensor_model_parallel_rank(),
+        parallel_state.get_pipeline_model_parallel_rank(),
+    )
     if (coords.data, coords.model, coords.pipe) != megatron:
-        raise RuntimeError(f"rank {rank}: DeepSpeed places it at (dp, tp, pp) = "
-                           f"{(coords.data, coords.model, coords.pipe)} but megatron-core at {megatron}")
-    return Topology(world_size=world_size, rank=rank, dp=dp, tp=tp, pp=pp, dp_rank=coords.data,
-                    tp_rank=coords.model, pp_rank=coords.pipe, deepspeed_topology=ds_topology)
+        raise RuntimeError(
+            f"rank {rank}: DeepSpeed places it at (dp, tp, pp) = "
+            f"{(coords.data, coords.model, coords.pipe)} but megatron-core at {megatron}"
+        )
+    return Topology(
+        world_size=world_size,
+        rank=rank,
+        dp=dp,
+        tp=tp,
+        pp=pp,
+        dp_rank=coords.data,
+        tp_rank=coords.model,
+        pp_rank=coords.pipe,
+        deepspeed_topology=ds_topology,
+    )
 
 
 def _init_process_group() -> None:
@@ -95,8 +109,13 @@ def _init_process_group() -> None:
         # passed explicitly, not through os.environ, which child processes would inherit
         single = dict(init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
         os.environ.setdefault("LOCAL_RANK", "0")  # DeepSpeed's PipelineModule reads it
-    deepspeed.init_distributed(dist_backend=backend(), timeout=datetime.timedelta(minutes=30),
-                               auto_mpi_discovery=False, verbose=False, **single)
+    deepspeed.init_distributed(
+        dist_backend=backend(),
+        timeout=datetime.timedelta(minutes=30),
+        auto_mpi_discovery=False,
+        verbose=False,
+        **single,
+    )
 
 
 def free_port() -> int:

@@ -94,11 +94,16 @@ class MetricsLogger:
         parts = [f"step {step}/{self.total_steps}", f"loss {record['loss']:.4f}"]
         if "val_loss" in record:
             parts.append(f"val {record['val_loss']:.4f} (ppl {record['val_ppl']:.1f})")
-        parts += [f"{key.removeprefix('task/')} {value:.4g}"
-                  for key, value in record.items() if key.startswith("task/")]
-        parts += [f"lr {record['lr']:.2e}", f"gnorm {record['grad_norm']:.3f}",
-                  f"{record['tokens_per_sec']:,.0f} tok/s", f"mfu {100 * record['mfu']:.1f}%",
-                  f"eta {_duration(eta)}"]
+        parts += [
+            f"{key.removeprefix('task/')} {value:.4g}" for key, value in record.items() if key.startswith("task/")
+        ]
+        parts += [
+            f"lr {record['lr']:.2e}",
+            f"gnorm {record['grad_norm']:.3f}",
+            f"{record['tokens_per_sec']:,.0f} tok/s",
+            f"mfu {100 * record['mfu']:.1f}%",
+            f"eta {_duration(eta)}",
+        ]
         print(" | ".join(parts), file=sys.stderr, flush=True)
 
     def close(self) -> None:

@@ -58,11 +58,15 @@ class Batches:
         counted = int((samples[:, :-1] != self.pad_id).sum())
         scale = torch.tensor([self.micro_batches * self.topology.dp / max(counted, 1)], dtype=torch.float32)
         out = []
-        for local in micro_batches(np.arange(len(global_batch)), dp_size=self.topology.dp,
-                                   dp_rank=self.topology.dp_rank,
-                                   micro_batch_size=self.config.train.micro_batch_size):
-            batch = make_batch(samples[local], pad_id=self.pad_id, eod_id=self.eod_id,
-                               eod_reset=self.config.data.eod_reset)
+        for local in micro_batches(
+            np.arange(len(global_batch)),
+            dp_size=self.topology.dp,
+            dp_rank=self.topology.dp_rank,
+            micro_batch_size=self.config.train.micro_batch_size,
+        ):
+            batch = make_batch(
+                samples[local], pad_id=self.pad_id, eod_id=self.eod_id, eod_reset=self.config.data.eod_reset
+            )
             labels = (torch.from_numpy(batch["labels"]), torch.from_numpy(batch["loss_mask"]).float(), scale)
             out.append((pipeline_inputs(batch), labels))
         return out
@@ -92,8 +96,13 @@ class StopRequest:
 
 def learning_rate(config: Config, step: int) -> float:
     optim = config.optim
-    return optim.lr * lr_factor(step, total_steps=config.train.steps, warmup_steps=optim.warmup_steps,
-                                decay=optim.decay, min_ratio=optim.min_lr_ratio)
+    return optim.lr * lr_factor(
+        step,
+        total_steps=config.train.steps,
+        warmup_steps=optim.warmup_steps,
+        decay=optim.decay,
+        min_ratio=optim.min_lr_ratio,
+    )
 
 
 def set_learning_rate(engine, config: Config, step: int) -> float:
@@ -115,9 +124,11 @@ class Trainer:
         self.train_data, self.meta = load_prepared(config.data.prepared_dir, "train", config.model.seq_length)
         valid_data, _ = load_prepared(config.data.prepared_dir, "valid", config.model.seq_length)
         if self.meta["vocab_size"] != config.model.vocab_size:
-            raise ConfigError(f"model.vocab_size = {config.model.vocab_size} does not match the tokenizer of "
-                              f"{config.data.prepared_dir} ({self.meta['vocab_size']} pieces): set "
-                              f"model.vocab_size = {self.meta['vocab_size']}")
+            raise ConfigError(
+                f"model.vocab_size = {config.model.vocab_size} does not match the tokenizer of "
+                f"{config.data.prepared_dir} ({self.meta['vocab_size']} pieces): set "
+                f"model.vocab_size = {self.meta['vocab_size']}"
+            )
         # task files are read now, so that a missing one fails before any training
         self.eval_tasks = [load_task(spec, prepared_dir=config.data.prepared_dir) for spec in train.eval_tasks]
         self.tokenizer = load_tokenizer(config.data.prepared_dir) if self.eval_tasks else None
@@ -151,10 +162,12 @@ class Trainer:
         if state.get("tokenizer_fingerprint") != self.meta["tokenizer"]["fingerprint"]:
             raise CheckpointError(
                 f"checkpoint {path} was trained with another tokenizer than the one of "
-                f"{self.config.data.prepared_dir}: resume with the data it was trained on")
+                f"{self.config.data.prepared_dir}: resume with the data it was trained on"
+            )
         self.step = state["step"]
-        self.sampler = GlobalBatchSampler.from_state_dict(state["sampler"], len(self.train_data),
-                                                          self.config.train.global_batch_size)
+        self.sampler = GlobalBatchSampler.from_state_dict(
+            state["sampler"], len(self.train_data), self.config.train.global_batch_size
+        )
 
     def train_step(self) -> dict:
         """One optimizer step on the next global batch; returns its metrics record."""
@@ -168,10 +181,17 @@ class Trainer:
         # A step whose gradients are not finite (or overflow in fp16) is skipped by DeepSpeed: the
         # weights and optimizer state stay as they were, while the step counter, the LR schedule
         # and the sampler move on (that batch is not retried).
-        record = {"step": self.step, "loss": float(loss), "skipped": not self.engine.was_step_applied(),
-                  "lr": lr, "grad_norm": _grad_norm(self.engine),
-                  "tokens_per_sec": tokens_per_sec, "mfu": tokens_per_sec * self.model_flops / self.peak_flops,
-                  "consumed_samples": self.sampler.consumed_samples, "peak_memory_bytes": peak_memory_bytes()}
+        record = {
+            "step": self.step,
+            "loss": float(loss),
+            "skipped": not self.engine.was_step_applied(),
+            "lr": lr,
+            "grad_norm": _grad_norm(self.engine),
+            "tokens_per_sec": tokens_per_sec,
+            "mfu": tokens_per_sec * self.model_flops / self.peak_flops,
+            "consumed_samples": self.sampler.consumed_samples,
+            "peak_memory_bytes": peak_memory_bytes(),
+        }
         record.update(registry.get(self.config.optim.name).metrics(self.engine.optimizer.optimizer))
         return record
 
@@ -179,18 +199,36 @@ class Trainer:
         """The train.eval_tasks scored through the training engine: {task/NAME/METRIC: value}."""
         if not self.eval_tasks:
             return {}
-        results = evaluate_tasks(self.engine, self.eval_tasks, self.tokenizer, config=self.config,
-                                 topology=self.topology, seed=self.config.train.seed,
-                                 max_examples=self.config.train.eval_task_examples or None)
-        return {f"task/{name}/{metric}": result[metric]
-                for task, (name, result) in zip(self.eval_tasks, results.items()) for metric in task.headline}
+        results = evaluate_tasks(
+            self.engine,
+            self.eval_tasks,
+            self.tokenizer,
+            config=self.config,
+            topology=self.topology,
+            seed=self.config.train.seed,
+            max_examples=self.config.train.eval_task_examples or None,
+        )
+        return {
+            f"task/{name}/{metric}": result[metric]
+            for task, (name, result) in zip(self.eval_tasks, results.items())
+            for metric in task.headline
+        }
 
     def save(self) -> Path:
         return save_checkpoint(
-            self.output_dir, self.step, self.engine, self.names, self.topology, self.config,
-            {"step": self.step, "sampler": self.sampler.state_dict(),
-             "tokenizer_fingerprint": self.meta["tokenizer"]["fingerprint"]},
-            Path(self.config.data.prepared_dir) / TOKENIZER_FILE)
+            self.output_dir,
+            self.step,
+            self.engine,
+            self.names,
+            self.topology,
+            self.config,
+            {
+                "step": self.step,
+                "sampler": self.sampler.state_dict(),
+                "tokenizer_fingerprint": self.meta["tokenizer"]["fingerprint"],
+            },
+            Path(self.config.data.prepared_dir) / TOKENIZER_FILE,
+        )
 
     def run(self) -> dict:
         """Trains until train.steps, or checkpoints and stops after train.stop_at; returns the last record."""
@@ -203,8 +241,11 @@ class Trainer:
         dist.all_gather_object(memory, self.memory)
         logger.event(self.step, "memory", per_rank=memory)
         if self.topology.rank == 0:
-            print(f"[pangu] {parameter_count(self.config.model) / 1e6:.1f}M parameters, {self.topology.layout}, "
-                  f"{len(self.train_data)} training samples, steps {self.step} -> {stop}", flush=True)
+            print(
+                f"[pangu] {parameter_count(self.config.model) / 1e6:.1f}M parameters, {self.topology.layout}, "
+                f"{len(self.train_data)} training samples, steps {self.step} -> {stop}",
+                flush=True,
+            )
         record: dict = {}
         while self.step < stop:
             record = self.train_step()
@@ -233,23 +274,30 @@ class Trainer:
         dist.barrier()
         return record
 
-
     def _roll_back(self, logger: MetricsLogger) -> None:
         """Reloads the last checkpoint and skips the samples seen since it (recorded in the sampler
         state, so the skip survives later resumes)."""
         guard = self.spike_guard
         last = latest_checkpoint(self.output_dir)
         if guard.rollbacks >= guard.config.max_rollbacks or last is None:
-            raise TrainingError(f"the loss spiked at step {self.step} (above {guard.config.factor} x the running "
-                                f"median for {guard.config.consecutive} steps) after {guard.rollbacks} rollbacks "
-                                f"(train.spike_guard.max_rollbacks = {guard.config.max_rollbacks}): stopping")
+            raise TrainingError(
+                f"the loss spiked at step {self.step} (above {guard.config.factor} x the running "
+                f"median for {guard.config.consecutive} steps) after {guard.rollbacks} rollbacks "
+                f"(train.spike_guard.max_rollbacks = {guard.config.max_rollbacks}): stopping"
+            )
         spiked_at, seen_until = self.step, self.sampler.consumed_samples
         self._restore(last)
         skipped = [self.sampler.consumed_samples, seen_until]
         self.sampler.skip(*skipped)
         guard.rolled_back()
-        logger.event(self.step, "rollback", spike_step=spiked_at, checkpoint=last.name,
-                     skipped_samples=skipped, rollbacks=guard.rollbacks)
+        logger.event(
+            self.step,
+            "rollback",
+            spike_step=spiked_at,
+            checkpoint=last.name,
+            skipped_samples=skipped,
+            rollbacks=guard.rollbacks,
+        )
 
 
 class TrainingError(RuntimeError):
@@ -290,8 +338,9 @@ def _check_writable(directory: Path, field: str) -> None:
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as err:
-        raise ConfigError(f"{field} = {str(directory)!r} is not writable ({err.strerror}): choose a "
-                          f"directory this user can write") from None
+        raise ConfigError(
+            f"{field} = {str(directory)!r} is not writable ({err.strerror}): choose a directory this user can write"
+        ) from None
 
 
 def pretrain(config: Config) -> dict:

@@ -28,26 +28,40 @@ def test_original_layouts():
 
 
 def test_overrides_are_typed():
-    config = load_config(None, ["train.steps=7", "optim.warmup_steps=2", "optim.lr=1e-3", "model.dropout=0", "optim.betas=[0.9, 0.99]",
-                                "data.sources=[{kind: jsonl, path: x.jsonl, text_field: content}]"])
+    config = load_config(
+        None,
+        [
+            "train.steps=7",
+            "optim.warmup_steps=2",
+            "optim.lr=1e-3",
+            "model.dropout=0",
+            "optim.betas=[0.9, 0.99]",
+            "data.sources=[{kind: jsonl, path: x.jsonl, text_field: content}]",
+        ],
+    )
     assert config.train.steps == 7 and config.optim.lr == 1e-3 and config.model.dropout == 0.0
     assert config.optim.betas == (0.9, 0.99)
     assert config.data.sources[0].text_field == "content"
 
 
-@pytest.mark.parametrize("override,message", [
-    ("train.stpes=3", "unknown key 'train.stpes'. Did you mean 'steps'?"),
-    ("modle.hidden_size=3", "unknown key 'modle'"),
-    ("model.hidden_size=130", "model.hidden_size = 130 is not allowed: expected a multiple of model.num_heads (4)"),
-    ("train.steps=ten", "train.steps = 'ten' is not allowed: expected an integer"),
-    ("model.dropout=true", "model.dropout = True is not allowed: expected a number"),
-    ("optim.name=lamb", "optim.name = 'lamb' is not allowed: expected one of 's3', 'adamw', 'sgd_si'"),
-    ("parallel.tp=3", "parallel.tp = 3 is not allowed: expected a divisor of model.num_heads (4)"),
-    ("train.global_batch_size=10", "train.global_batch_size = 10 is not allowed: expected a multiple of "
-                                   "train.micro_batch_size (4)"),
-    ("data.sources=[{kind: parquet}]", "data.sources[0].path = '' is not allowed"),
-    ("train.steps", "expected section.key=value"),
-])
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("train.stpes=3", "unknown key 'train.stpes'. Did you mean 'steps'?"),
+        ("modle.hidden_size=3", "unknown key 'modle'"),
+        ("model.hidden_size=130", "model.hidden_size = 130 is not allowed: expected a multiple of model.num_heads (4)"),
+        ("train.steps=ten", "train.steps = 'ten' is not allowed: expected an integer"),
+        ("model.dropout=true", "model.dropout = True is not allowed: expected a number"),
+        ("optim.name=lamb", "optim.name = 'lamb' is not allowed: expected one of 's3', 'adamw', 'sgd_si'"),
+        ("parallel.tp=3", "parallel.tp = 3 is not allowed: expected a divisor of model.num_heads (4)"),
+        (
+            "train.global_batch_size=10",
+            "train.global_batch_size = 10 is not allowed: expected a multiple of train.micro_batch_size (4)",
+        ),
+        ("data.sources=[{kind: parquet}]", "data.sources[0].path = '' is not allowed"),
+        ("train.steps", "expected section.key=value"),
+    ],
+)
 def test_bad_values_are_named(override, message):
     with pytest.raises(ConfigError) as err:
         load_config(None, ["train.micro_batch_size=4", override])
@@ -56,8 +70,20 @@ def test_bad_values_are_named(override, message):
 
 def test_cli_reports_config_errors_before_any_work(tmp_path, capsys):
     out = tmp_path / "run"
-    assert main(["pretrain", "--config", str(CONFIGS[0].parent / "tiny.yaml"), "--set", "train.stpes=3",
-                 "--set", f"train.output_dir={out}"]) == 2
+    assert (
+        main(
+            [
+                "pretrain",
+                "--config",
+                str(CONFIGS[0].parent / "tiny.yaml"),
+                "--set",
+                "train.stpes=3",
+                "--set",
+                f"train.output_dir={out}",
+            ]
+        )
+        == 2
+    )
     assert "unknown key 'train.stpes'" in capsys.readouterr().err
     assert not out.exists()
     missing = tmp_path / "nope.yaml"

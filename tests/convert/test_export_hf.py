@@ -36,8 +36,14 @@ def _weights(tmp_path: Path, *, vocab=300, activation="gelu", final_ln="before",
             params[name] = params[name] * 30
     src = tmp_path / f"weights-{seed}.ckpt"
     write_mindspore_ckpt(src, params.items())
-    return import_mindspore(src, tmp_path / f"pangu-{seed}-{activation}-{final_ln}", num_heads=HEADS,
-                            activation=activation, final_layernorm=final_ln, tokenizer=tokenizer)
+    return import_mindspore(
+        src,
+        tmp_path / f"pangu-{seed}-{activation}-{final_ln}",
+        num_heads=HEADS,
+        activation=activation,
+        final_layernorm=final_ln,
+        tokenizer=tokenizer,
+    )
 
 
 def _hf_tensors(directory: Path) -> dict[str, torch.Tensor]:
@@ -98,8 +104,14 @@ def test_export_layout_config_and_port_forward(tmp_path):
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors", "vocab.model"]
     config = json.loads((out / "config.json").read_text())
     assert config["architectures"] == ["GPTPanguForCausalLM"] and config["model_type"] == "gpt_pangu"
-    assert (config["num_layers"], config["hidden_size"], config["num_heads"], config["intermediate_size"],
-            config["vocab_size"], config["max_position_embeddings"]) == (LAYERS, HIDDEN, HEADS, FFN, 40000, SEQ)
+    assert (
+        config["num_layers"],
+        config["hidden_size"],
+        config["num_heads"],
+        config["intermediate_size"],
+        config["vocab_size"],
+        config["max_position_embeddings"],
+    ) == (LAYERS, HIDDEN, HEADS, FFN, 40000, SEQ)
     assert config["activation_function"] == "gelu" and config["tie_word_embeddings"] is True
     assert config["torch_dtype"] == "float32"
     tensors = _hf_tensors(out)
@@ -180,8 +192,9 @@ def test_fast_gelu_is_recorded_and_warned_about(tmp_path):
     tensors = _hf_tensors(out)
     assert all(t.dtype == torch.float16 for t in tensors.values())
     input_ids = torch.from_numpy(np.random.default_rng(5).integers(0, 300, size=(1, SEQ)))
-    torch.testing.assert_close(gptpangu_logits(tensors, config, input_ids),
-                               _pangu_logits(weights, input_ids).double(), rtol=2e-2, atol=2e-3)
+    torch.testing.assert_close(
+        gptpangu_logits(tensors, config, input_ids), _pangu_logits(weights, input_ids).double(), rtol=2e-2, atol=2e-3
+    )
     back = import_hf(out, tmp_path / "back")
     model, _ = pangu.load(back)
     assert model.config.activation == "fast_gelu"

@@ -92,8 +92,13 @@ def _google_message_classes(messages: dict[str, list[tuple[str, int, str, str]]]
 
     proto = descriptor_pb2.FieldDescriptorProto
     file = descriptor_pb2.FileDescriptorProto(name="mindspore_test.proto", syntax="proto2")
-    scalar_types = {"string": proto.TYPE_STRING, "bytes": proto.TYPE_BYTES, "int64": proto.TYPE_INT64,
-                    "int32": proto.TYPE_INT32, "uint32": proto.TYPE_UINT32}
+    scalar_types = {
+        "string": proto.TYPE_STRING,
+        "bytes": proto.TYPE_BYTES,
+        "int64": proto.TYPE_INT64,
+        "int32": proto.TYPE_INT32,
+        "uint32": proto.TYPE_UINT32,
+    }
     labels = {"required": proto.LABEL_REQUIRED, "repeated": proto.LABEL_REPEATED}
     for message_name, fields in messages.items():
         message = file.message_type.add(name=message_name)
@@ -101,8 +106,9 @@ def _google_message_classes(messages: dict[str, list[tuple[str, int, str, str]]]
             if type_name in scalar_types:
                 message.field.add(name=name, number=number, label=labels[label], type=scalar_types[type_name])
             else:
-                message.field.add(name=name, number=number, label=labels[label], type=proto.TYPE_MESSAGE,
-                                  type_name="." + type_name)
+                message.field.add(
+                    name=name, number=number, label=labels[label], type=proto.TYPE_MESSAGE, type_name="." + type_name
+                )
     pool = descriptor_pool.DescriptorPool()
     pool.Add(file)
     return {name: message_factory.GetMessageClass(pool.FindMessageTypeByName(name)) for name in messages}
@@ -110,8 +116,11 @@ def _google_message_classes(messages: dict[str, list[tuple[str, int, str, str]]]
 
 # checkpoint.proto, with Checkpoint.Value flattened to a top-level message.
 CHECKPOINT_PROTO = {
-    "TensorProto": [("dims", 1, "repeated", "int64"), ("tensor_type", 2, "required", "string"),
-                    ("tensor_content", 3, "required", "bytes")],
+    "TensorProto": [
+        ("dims", 1, "repeated", "int64"),
+        ("tensor_type", 2, "required", "string"),
+        ("tensor_content", 3, "required", "bytes"),
+    ],
     "Value": [("tag", 1, "required", "string"), ("tensor", 2, "required", "TensorProto")],
     "Checkpoint": [("value", 1, "repeated", "Value")],
 }
@@ -331,21 +340,34 @@ def test_real_strategy_files_rewrite_byte_for_byte(size: str, tmp_path: Path) ->
 @needs_release
 def test_strategy_decoding_agrees_with_protobuf_library() -> None:
     dims = [("dim", 1, "repeated", "int64")]
-    classes = _google_message_classes({
-        "Dims": dims,
-        "ParallelLayouts": [("dev_matrix", 1, "repeated", "Dims"), ("tensor_map", 2, "repeated", "Dims"),
-                            ("param_split_shape", 3, "repeated", "Dims"), ("indices_offset", 4, "repeated", "Dims"),
-                            ("field", 5, "required", "int32"), ("opt_weight_shard_step", 6, "required", "int32"),
-                            ("opt_weight_shard_size", 7, "required", "int32")],
-        "ParallelLayoutItem": [("param_name", 1, "required", "string"),
-                               ("parallel_layouts", 2, "required", "ParallelLayouts")],
-        "ParallelStrategys": [("stage", 1, "required", "uint32"), ("parallel_strategy", 2, "repeated", "Dims")],
-        "ParallelStrategyItem": [("node_name", 1, "required", "string"),
-                                 ("parallel_strategys", 2, "required", "ParallelStrategys")],
-        "ParallelStrategyMap": [("current_stage", 1, "required", "uint32"),
-                                ("parallel_strategy_item", 2, "repeated", "ParallelStrategyItem"),
-                                ("parallel_layout_item", 3, "repeated", "ParallelLayoutItem")],
-    })
+    classes = _google_message_classes(
+        {
+            "Dims": dims,
+            "ParallelLayouts": [
+                ("dev_matrix", 1, "repeated", "Dims"),
+                ("tensor_map", 2, "repeated", "Dims"),
+                ("param_split_shape", 3, "repeated", "Dims"),
+                ("indices_offset", 4, "repeated", "Dims"),
+                ("field", 5, "required", "int32"),
+                ("opt_weight_shard_step", 6, "required", "int32"),
+                ("opt_weight_shard_size", 7, "required", "int32"),
+            ],
+            "ParallelLayoutItem": [
+                ("param_name", 1, "required", "string"),
+                ("parallel_layouts", 2, "required", "ParallelLayouts"),
+            ],
+            "ParallelStrategys": [("stage", 1, "required", "uint32"), ("parallel_strategy", 2, "repeated", "Dims")],
+            "ParallelStrategyItem": [
+                ("node_name", 1, "required", "string"),
+                ("parallel_strategys", 2, "required", "ParallelStrategys"),
+            ],
+            "ParallelStrategyMap": [
+                ("current_stage", 1, "required", "uint32"),
+                ("parallel_strategy_item", 2, "repeated", "ParallelStrategyItem"),
+                ("parallel_layout_item", 3, "repeated", "ParallelLayoutItem"),
+            ],
+        }
+    )
     path, _ = STRATEGY_FILES["13B"]
     reference = classes["ParallelStrategyMap"].FromString(path.read_bytes())
     ours = read_parallel_strategy(path)
@@ -443,8 +465,11 @@ def test_name_mapping_renames_transposes_and_pads(scheme: str) -> None:
     pangu = dict(to_pangu_names([*ms.items(), *extras.items()], ignored=ignored))
     assert sorted(ignored) == sorted(extras)
 
-    word = "backbone.embedding.word_embedding.embedding_table" if scheme == "mindformers" else \
-        "backbone.word_embedding.embedding_table"
+    word = (
+        "backbone.embedding.word_embedding.embedding_table"
+        if scheme == "mindformers"
+        else "backbone.word_embedding.embedding_table"
+    )
     assert pangu["embedding.word_embeddings.weight"].shape == (256, 16)  # 200 padded to a multiple of 128
     np.testing.assert_array_equal(pangu["embedding.word_embeddings.weight"][:200], ms[word])
     assert not pangu["embedding.word_embeddings.weight"][200:].any()
@@ -521,7 +546,11 @@ def test_infer_model_shape(scheme: str) -> None:
     ms = random_ms_params(**TINY, rng=np.random.default_rng(0), names=scheme)
     shapes = {name: array.shape for name, array in ms.items()} | {"adam_m.x": (3,), "global_step": ()}
     assert infer_model_shape(shapes) == {
-        "num_layers": 3, "hidden_size": 16, "ffn_hidden_size": 64, "vocab_size": 200, "seq_length": 12,
+        "num_layers": 3,
+        "hidden_size": 16,
+        "ffn_hidden_size": 64,
+        "vocab_size": 200,
+        "seq_length": 12,
     }
     shapes["backbone.word_embedding.embedding_table"] = (40064, 16)  # PyTorch ports pad the vocabulary
     shapes.pop("backbone.embedding.word_embedding.embedding_table", None)

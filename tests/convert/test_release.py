@@ -39,6 +39,7 @@ SEQ = 16
 
 def _small_strategy(size: str, path: Path) -> dict:
     """The real strategy file with only blocks 0..LAYERS-2 kept, re-encoded with the real encoder."""
+
     def kept(name: str) -> bool:  # also the optimizer moments' entries (adam_m.*, adam_v.*)
         block = re.search(r"backbone\.blocks\.(\d+)\.", name)
         return block is None or int(block.group(1)) < LAYERS - 1
@@ -48,18 +49,38 @@ def _small_strategy(size: str, path: Path) -> dict:
     return strategies
 
 
-def write_release(directory: Path, params: dict[str, np.ndarray], strategy_file: Path, *, optimizer_sharded: bool,
-                  dtype, npy: tuple[str, ...], prefix: str = "filtered_") -> None:
+def write_release(
+    directory: Path,
+    params: dict[str, np.ndarray],
+    strategy_file: Path,
+    *,
+    optimizer_sharded: bool,
+    dtype,
+    npy: tuple[str, ...],
+    prefix: str = "filtered_",
+) -> None:
     """Every rank's slice file, as MindSpore wrote them (optimizer state left out), plus .npy tables."""
     directory.mkdir(parents=True)
     strategies = {n: s for n, s in read_parallel_strategy(strategy_file).items() if n.startswith("backbone.")}
     sliced = [name for name in strategies if name not in npy]
     world = int(np.prod(next(iter(strategies.values())).dev_matrix))
     for rank in range(world):
-        write_mindspore_ckpt(directory / f"{prefix}{rank}.ckpt", (
-            (name, np.ascontiguousarray(params[name][slice_of_rank(
-                strategies[name], rank, params[name].shape, optimizer_sharded=optimizer_sharded)]).astype(dtype))
-            for name in sliced))
+        write_mindspore_ckpt(
+            directory / f"{prefix}{rank}.ckpt",
+            (
+                (
+                    name,
+                    np.ascontiguousarray(
+                        params[name][
+                            slice_of_rank(
+                                strategies[name], rank, params[name].shape, optimizer_sharded=optimizer_sharded
+                            )
+                        ]
+                    ).astype(dtype),
+                )
+                for name in sliced
+            ),
+        )
     for name in npy:
         np.save(directory / f"{EMBEDDING_FILE_BASES[name]}.npy", params[name])
 
@@ -73,8 +94,9 @@ def sharded_release(tmp_path_factory):
     # hidden and ffn must split 8 ways (model) then 64 ways (parallel optimizer): 512 is the least
     params = random_ms_params(LAYERS, 512, 8, 1024, 300, SEQ, np.random.default_rng(0))
     params = {name: array.astype(np.float16) for name, array in params.items()}
-    write_release(root / "slices", params, strategy, optimizer_sharded=True, dtype=np.float16,
-                  npy=tuple(EMBEDDING_FILE_BASES))
+    write_release(
+        root / "slices", params, strategy, optimizer_sharded=True, dtype=np.float16, npy=tuple(EMBEDDING_FILE_BASES)
+    )
     return root, params
 
 
@@ -100,7 +122,9 @@ def _logits_match(model, params, *, rtol=1e-4, atol=1e-4) -> None:
     vocab = model.config.vocab_size
     input_ids = rng.integers(0, vocab, size=(2, SEQ))
     positions = np.broadcast_to(np.arange(SEQ), (2, SEQ))
-    expected = numpy_pangu_logits(params, input_ids, positions, causal_attention_mask(2, SEQ), num_heads=model.config.num_heads)
+    expected = numpy_pangu_logits(
+        params, input_ids, positions, causal_attention_mask(2, SEQ), num_heads=model.config.num_heads
+    )
     with torch.no_grad():
         got = model(torch.from_numpy(input_ids)).numpy()
     np.testing.assert_allclose(got, expected[..., :vocab], rtol=rtol, atol=atol)
@@ -132,8 +156,11 @@ def test_gathered_release_with_padded_vocabulary_and_dtype(gathered_release, tmp
     release = SlicedRelease(root / "slices")  # the strategy file is found next to the slices
     assert release.mode == MODEL_SLICE
     assert release.shapes["backbone.position_embedding.embedding_table"] == (SEQ, 64)
-    for name in ("backbone.blocks.1.output.mapping.weight", "backbone.top_query_embedding.embedding_table",
-                 "backbone.top_query_layer.attention.projection.weight"):
+    for name in (
+        "backbone.blocks.1.output.mapping.weight",
+        "backbone.top_query_embedding.embedding_table",
+        "backbone.top_query_layer.attention.projection.weight",
+    ):
         assert np.array_equal(release.read(name), params[name]), name
 
     out = import_mindspore(root / "slices", tmp_path / "imported", num_heads=4, dtype="bfloat16")
@@ -195,10 +222,15 @@ def test_slice_with_a_shape_the_strategy_does_not_allow_is_named(sharded_release
     gathered = params[name][slice_of_rank(strategy, 300, params[name].shape, optimizer_sharded=False)]
     replacement = gathered if which == "other mode" else np.zeros((3, 512), np.float16)
     target.unlink()
-    write_mindspore_ckpt(target, [(n, replacement if n == name else a)
-                                  for n, a in read_mindspore_ckpt(root / "slices" / "filtered_300.ckpt")])
-    expected = ("which is rank 300's model-parallel slice" if which == "other mode"
-                else r"expected rank 300's optimizer-sharded piece \(1, 512\)")
+    write_mindspore_ckpt(
+        target,
+        [(n, replacement if n == name else a) for n, a in read_mindspore_ckpt(root / "slices" / "filtered_300.ckpt")],
+    )
+    expected = (
+        "which is rank 300's model-parallel slice"
+        if which == "other mode"
+        else r"expected rank 300's optimizer-sharded piece \(1, 512\)"
+    )
     with pytest.raises(ReleaseError, match=rf"filtered_300\.ckpt: {name} has shape .*{expected}"):
         SlicedRelease(variant, strategy=root / "strategy.ckpt")
 
@@ -207,9 +239,14 @@ def test_parameter_missing_from_a_slice_is_named(gathered_release, tmp_path):
     root, _ = gathered_release
     variant = _variant(root / "slices", tmp_path)
     (variant / "filtered_42.ckpt").unlink()
-    write_mindspore_ckpt(variant / "filtered_42.ckpt", [
-        (n, a) for n, a in read_mindspore_ckpt(root / "slices" / "filtered_42.ckpt")
-        if n != "backbone.blocks.0.layernorm2.beta"])
+    write_mindspore_ckpt(
+        variant / "filtered_42.ckpt",
+        [
+            (n, a)
+            for n, a in read_mindspore_ckpt(root / "slices" / "filtered_42.ckpt")
+            if n != "backbone.blocks.0.layernorm2.beta"
+        ],
+    )
     with pytest.raises(ReleaseError, match=r"filtered_42\.ckpt: lacks 1 parameters .*blocks\.0\.layernorm2\.beta"):
         SlicedRelease(variant)
 
@@ -227,9 +264,12 @@ def test_header_scan_locates_what_a_full_scan_does(tmp_path):
     from pangu.convert.release import index_mindspore_ckpt, read_stored_into, scan_value_headers
 
     rng = np.random.default_rng(2)
-    arrays = [("n" * 3000, rng.random(10, np.float32)),  # a name longer than the first read
-              ("large", rng.random((1000, 30)).astype(np.float16)),  # cut into several Values
-              ("scalar", np.array(3.0, np.float32)), ("bf16", rng.random((7, 3), np.float32))]
+    arrays = [
+        ("n" * 3000, rng.random(10, np.float32)),  # a name longer than the first read
+        ("large", rng.random((1000, 30)).astype(np.float16)),  # cut into several Values
+        ("scalar", np.array(3.0, np.float32)),
+        ("bf16", rng.random((7, 3), np.float32)),
+    ]
     path = tmp_path / "mixed.ckpt"
     write_mindspore_ckpt(path, arrays, chunk_bytes=4000, tensor_types={"bf16": "BFloat16"})
     with _MappedFile(path) as data:

@@ -37,8 +37,12 @@ def test_builtin_people_daily_lines_lose_their_tags_and_spaces():
 
 
 def test_heldout_reviews_are_a_fixed_tenth_chosen_by_text_and_never_yielded():
-    reviews = {line.strip() for path in review_files() for line in path.read_text(encoding="utf-8").splitlines()
-               if line.strip()}
+    reviews = {
+        line.strip()
+        for path in review_files()
+        for line in path.read_text(encoding="utf-8").splitlines()
+        if line.strip()
+    }
     held = {text for text in reviews if is_heldout_review(text, 0.1)}
     assert 0.08 < len(held) / len(reviews) < 0.12
     # a property of the text alone: independent of order and of surrounding whitespace
@@ -146,8 +150,15 @@ def test_each_filter_counts_what_it_removed():
     ]
     kept, report = cleaner.clean(documents)
     assert kept == ["北京今天天气很好", "北京今天天气 很好"]
-    assert report.to_dict() == {"documents": 8, "too_short": 2, "low_chinese_ratio": 1, "heldout_review": 1,
-                                "duplicate": 2, "kept": 2, "kept_characters": 17}
+    assert report.to_dict() == {
+        "documents": 8,
+        "too_short": 2,
+        "low_chinese_ratio": 1,
+        "heldout_review": 1,
+        "duplicate": 2,
+        "kept": 2,
+        "kept_characters": 17,
+    }
     # a second source cleaned by the same cleaner: its repeat of a kept document is a duplicate there
     kept_2, report_2 = cleaner.clean(["北京今天天气很好", "上海今天下雨了"])
     assert kept_2 == ["上海今天下雨了"] and report_2.duplicate == 1

@@ -23,8 +23,10 @@ SHARD_FILES = ["train-0.bin", "train-0.idx", "valid-0.bin", "valid-0.idx"]
 
 
 def _jsonl(path: Path, texts: list[str]) -> Path:
-    path.write_text("".join(json.dumps({"id": i, "content": t}, ensure_ascii=False) + "\n"
-                            for i, t in enumerate(texts)), encoding="utf-8")
+    path.write_text(
+        "".join(json.dumps({"id": i, "content": t}, ensure_ascii=False) + "\n" for i, t in enumerate(texts)),
+        encoding="utf-8",
+    )
     return path
 
 
@@ -60,8 +62,9 @@ def test_prepare_writes_a_self_contained_directory_that_loads_back(tmp_path, cor
     config = _config(tmp_path, corpus)
     report = prepare(config, progress=False)
     out = Path(config.data.prepared_dir)
-    assert sorted(p.name for p in out.iterdir()) == sorted(SHARD_FILES + ["meta.json", "tokenizer.model",
-                                                                           "heldout_reviews.jsonl"])
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        SHARD_FILES + ["meta.json", "tokenizer.model", "heldout_reviews.jsonl"]
+    )
     assert (out / "tokenizer.model").read_bytes() == RELEASED_MODEL.read_bytes()
     assert report["reused"] is False and json.loads((out / "meta.json").read_text())["seconds"] == report["seconds"]
     assert (report["vocab_size"], report["eod_id"], report["pad_id"]) == (40000, 9, 6)
@@ -74,8 +77,11 @@ def test_prepare_writes_a_self_contained_directory_that_loads_back(tmp_path, cor
         expected = [tokenizer.encode(t) + [9] for t in kept if is_validation_document(t, 0.1) == (split == "valid")]
         shard = IndexedShard(out / f"{split}-0")
         assert _documents(shard) == expected
-        assert report["sources"][0][split] == {"shard": f"{split}-0", "documents": len(expected),
-                                               "tokens": sum(map(len, expected))}
+        assert report["sources"][0][split] == {
+            "shard": f"{split}-0",
+            "documents": len(expected),
+            "tokens": sum(map(len, expected)),
+        }
     assert report["totals"]["valid"]["documents"] > 0
 
     dataset, meta = load_prepared(out, "train", seq_length=64)
@@ -122,8 +128,11 @@ def test_corpus_emptied_by_cleaning_names_the_filter_and_keeps_the_previous_prep
     out = Path(config.data.prepared_dir)
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     config.data.cleaning.min_length = 100000
-    with pytest.raises(DataError, match=r"data.sources\[0\].*no documents left after cleaning.*too_short removed "
-                                        r"\d+ \(data.cleaning.min_length = 100000\)"):
+    with pytest.raises(
+        DataError,
+        match=r"data.sources\[0\].*no documents left after cleaning.*too_short removed "
+        r"\d+ \(data.cleaning.min_length = 100000\)",
+    ):
         prepare(config, progress=False)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus.jsonl", "prepared"]
@@ -233,8 +242,9 @@ def test_heldout_reviews_never_reach_a_shard(builtin_prepared):
     assert len(heldout) == meta["heldout_reviews"]["documents"] > 1000
     assert {r["label"] for r in heldout} == {"positive", "negative"}
 
-    in_shards = {tuple(document) for split in ("train", "valid")
-                 for document in _documents(IndexedShard(out / f"{split}-0"))}
+    in_shards = {
+        tuple(document) for split in ("train", "valid") for document in _documents(IndexedShard(out / f"{split}-0"))
+    }
     tokenizer = load_tokenizer(out)
     normalize = Cleaner(Config().data.cleaning).normalize
     encoded = lambda text: tuple(tokenizer.encode(normalize(text)) + [tokenizer.eod_id])
@@ -242,8 +252,11 @@ def test_heldout_reviews_never_reach_a_shard(builtin_prepared):
     # the check can fail: reviews that are not held out are found there
     positive = next(path for path, label in review_files().items() if label == "positive")
     held = {r["text"] for r in heldout}
-    trained = [line.strip() for line in positive.read_text(encoding="utf-8").splitlines()[:300]
-               if len(line.strip()) > 20 and line.strip() not in held]
+    trained = [
+        line.strip()
+        for line in positive.read_text(encoding="utf-8").splitlines()[:300]
+        if len(line.strip()) > 20 and line.strip() not in held
+    ]
     assert sum(encoded(text) in in_shards for text in trained) > 0.8 * len(trained)
 
 
@@ -251,8 +264,9 @@ def test_builtin_corpus_report_and_training_view(builtin_prepared):
     dataset, meta = load_prepared(builtin_prepared, "train", seq_length=1024)
     cleaning = meta["sources"][0]["cleaning"]
     assert cleaning["kept"] == meta["totals"]["train"]["documents"] + meta["totals"]["valid"]["documents"]
-    assert cleaning["documents"] == sum(cleaning[k] for k in ("too_short", "low_chinese_ratio", "heldout_review",
-                                                              "duplicate", "kept"))
+    assert cleaning["documents"] == sum(
+        cleaning[k] for k in ("too_short", "low_chinese_ratio", "heldout_review", "duplicate", "kept")
+    )
     assert meta["totals"]["train"]["tokens"] > 1_000_000
     assert len(dataset) == meta["totals"]["train"]["tokens"] // 1025
     assert dataset[len(dataset) - 1].shape == (1025,)

@@ -66,8 +66,10 @@ def test_micro_batch_pattern():
 def test_every_layout_trains_on_the_same_global_batch(micro_batch_size):
     global_batch = GlobalBatchSampler(NUM_SAMPLES, 16, SEED).next_global_batch()
     for dp_size in (1, 2, 4):
-        per_rank = [micro_batches(global_batch, dp_size=dp_size, dp_rank=d, micro_batch_size=micro_batch_size)
-                    for d in range(dp_size)]
+        per_rank = [
+            micro_batches(global_batch, dp_size=dp_size, dp_rank=d, micro_batch_size=micro_batch_size)
+            for d in range(dp_size)
+        ]
         assert all(len(m) == 16 // (dp_size * micro_batch_size) for m in per_rank)
         # interleaving micro-batch j of every rank, in rank order, restores the global batch exactly
         restored = np.concatenate([per_rank[d][j] for j in range(len(per_rank[0])) for d in range(dp_size)])

@@ -125,10 +125,12 @@ def test_blending_is_deterministic():
 # Batches
 
 
-SAMPLES = np.array([
-    [11, 12, EOD, 21, 22, 23, EOD, 31, 32],
-    [41, 42, 43, 44, EOD, PAD, PAD, PAD, PAD],
-])
+SAMPLES = np.array(
+    [
+        [11, 12, EOD, 21, 22, 23, EOD, 31, 32],
+        [41, 42, 43, 44, EOD, PAD, PAD, PAD, PAD],
+    ]
+)
 
 
 def test_batch_shifts_labels_and_masks_pad_inputs():

@@ -30,8 +30,15 @@ from tests.helpers import PROBES, REPO, TASK_DATA, run_pretrain, tiny_overrides
 EXAMPLES = TASK_DATA
 PROBE = PROBES / "evaluation_probe.py"
 # each builtin/CLUE-shaped task definition with its tiny example data file
-EXAMPLE_TASKS = {"sentiment": "sentiment.jsonl", "tnews": "tnews.json", "iflytek": "iflytek.json",
-                 "ocnli": "ocnli.json", "cmrc2018": "cmrc2018.json", "webqa": "webqa.jsonl", "text_ppl": "text.txt"}
+EXAMPLE_TASKS = {
+    "sentiment": "sentiment.jsonl",
+    "tnews": "tnews.json",
+    "iflytek": "iflytek.json",
+    "ocnli": "ocnli.json",
+    "cmrc2018": "cmrc2018.json",
+    "webqa": "webqa.jsonl",
+    "text_ppl": "text.txt",
+}
 
 
 def example_spec(name: str) -> str:
@@ -50,20 +57,23 @@ def test_mixed_segmentation_splits_cjk_characters_and_drops_punctuation():
     assert mixed_segmentation("……") == []
 
 
-@pytest.mark.parametrize("prediction, reference, em, f1", [
-    ("北京", "北京", 1.0, 1.0),
-    ("北京。", "北京", 1.0, 1.0),                        # punctuation dropped
-    ("“北京”", "北京", 1.0, 1.0),
-    ("北京天安门", "天安门广场", 0.0, 0.6),               # LCS 天安门: p = r = 3/5
-    ("京北", "北京", 0.0, 0.5),                          # longest common SUBSTRING, not bag of tokens
-    ("上海", "北京", 0.0, 0.0),
-    ("", "北京", 0.0, 0.0),
-    ("the Eiffel Tower", "Eiffel Tower", 0.0, 0.8),      # p = 2/3, r = 1
-    ("EIFFEL tower!", "eiffel tower", 1.0, 1.0),         # lower-cased
-    ("2009年2月22日", "2009年2月22日", 1.0, 1.0),
-    ("2009年2月", "2009年2月22日", 0.0, 0.8),            # [2009 年 2 月] in [2009 年 2 月 22 日]: p 1, r 4/6
-    ("iPhone 6的价格", "iphone 6", 0.0, 2 * (2 / 5) * 1 / (2 / 5 + 1)),           # mixed text
-])
+@pytest.mark.parametrize(
+    "prediction, reference, em, f1",
+    [
+        ("北京", "北京", 1.0, 1.0),
+        ("北京。", "北京", 1.0, 1.0),  # punctuation dropped
+        ("“北京”", "北京", 1.0, 1.0),
+        ("北京天安门", "天安门广场", 0.0, 0.6),  # LCS 天安门: p = r = 3/5
+        ("京北", "北京", 0.0, 0.5),  # longest common SUBSTRING, not bag of tokens
+        ("上海", "北京", 0.0, 0.0),
+        ("", "北京", 0.0, 0.0),
+        ("the Eiffel Tower", "Eiffel Tower", 0.0, 0.8),  # p = 2/3, r = 1
+        ("EIFFEL tower!", "eiffel tower", 1.0, 1.0),  # lower-cased
+        ("2009年2月22日", "2009年2月22日", 1.0, 1.0),
+        ("2009年2月", "2009年2月22日", 0.0, 0.8),  # [2009 年 2 月] in [2009 年 2 月 22 日]: p 1, r 4/6
+        ("iPhone 6的价格", "iphone 6", 0.0, 2 * (2 / 5) * 1 / (2 / 5 + 1)),  # mixed text
+    ],
+)
 def test_exact_match_and_f1_on_known_pairs(prediction, reference, em, f1):
     assert exact_match(prediction, reference) == em
     assert f1_score(prediction, reference) == pytest.approx(f1)
@@ -152,31 +162,37 @@ def test_ranking_picks_the_candidate_with_the_lower_loss():
 
 def test_reduce_mean_or_sum_and_the_scored_span():
     tok = FakeTokenizer()
-    raw = {"name": "t", "kind": "classification", "data": str(EXAMPLES / "sentiment.jsonl"),
-           "template": "评论：{text}\n这是一条{candidate}评。", "candidates": {"positive": "好好", "negative": "差"}}
+    raw = {
+        "name": "t",
+        "kind": "classification",
+        "data": str(EXAMPLES / "sentiment.jsonl"),
+        "template": "评论：{text}\n这是一条{candidate}评。",
+        "candidates": {"positive": "好好", "negative": "差"},
+    }
     costs = {"好": 0.4, "差": 0.7}
     by_mean = evaluate_tasks(FakeScorer(tok, costs), [task_from_dict(raw)], tok, details=True)["t"]["details"]
     assert by_mean[0]["scores"] == pytest.approx([0.4, 0.7])
-    by_sum = evaluate_tasks(FakeScorer(tok, costs), [task_from_dict({**raw, "score": {"reduce": "sum"}})], tok,
-                            details=True)["t"]["details"]
+    by_sum = evaluate_tasks(
+        FakeScorer(tok, costs), [task_from_dict({**raw, "score": {"reduce": "sum"}})], tok, details=True
+    )["t"]["details"]
     assert by_sum[0]["scores"] == pytest.approx([0.8, 0.7]) and by_sum[0]["prediction"] == "negative"
     # the whole example: every token after the (prepended) separator, with the shots left out
     task = task_from_dict({**raw, "score": {"span": "example", "reduce": "sum"}, "shots": 1})
     prepared = Prompter(tok, 256).prepare(task)
     text = "评论：房间很干净，服务也很周到，下次还会再来。\n这是一条好好评。"
     row = prepared.rows[0][0]
-    assert tok.decode(row.ids[row.start:row.end]) == text and row.end == len(row.ids)
-    assert tok.decode(row.ids[1:row.start]).endswith("评。\n")  # one demonstration, then the separator
+    assert tok.decode(row.ids[row.start : row.end]) == text and row.end == len(row.ids)
+    assert tok.decode(row.ids[1 : row.start]).endswith("评。\n")  # one demonstration, then the separator
     assert row.ids[0] == tok.eod_id
     to_end = Prompter(tok, 256).prepare(task.replace(score_span="candidate_to_end")).rows[0][0]
-    assert tok.decode(to_end.ids[to_end.start:to_end.end]) == "好好评。"
+    assert tok.decode(to_end.ids[to_end.start : to_end.end]) == "好好评。"
 
 
 def test_a_token_straddling_the_candidate_seam_belongs_to_the_candidate():
     tok = FakeTokenizer(merges=["好评", "差评"])  # as jieba + BPE do with real text
     prepared = Prompter(tok, 256).prepare(sentiment_task())
     for row, word in zip(prepared.rows[0], ["好评", "差评"]):
-        assert tok.decode(row.ids[row.start:row.end]) == word
+        assert tok.decode(row.ids[row.start : row.end]) == word
 
 
 def test_truncation_keeps_the_span_and_cuts_every_candidate_alike():
@@ -184,8 +200,8 @@ def test_truncation_keeps_the_span_and_cuts_every_candidate_alike():
     prepared = Prompter(tok, 16).prepare(sentiment_task(score_span="candidate_to_end"))
     for rows in prepared.rows:
         assert {len(r.ids) for r in rows} == {17}
-        assert {tok.decode(r.ids[:r.start]) for r in rows}.__len__() == 1  # the same (cut) context
-        assert [tok.decode(r.ids[r.start:r.end]) for r in rows] == ["好评。", "差评。"]
+        assert {tok.decode(r.ids[: r.start]) for r in rows}.__len__() == 1  # the same (cut) context
+        assert [tok.decode(r.ids[r.start : r.end]) for r in rows] == ["好评。", "差评。"]
     with pytest.raises(TaskError, match="does not fit"):
         Prompter(tok, 2).prepare(sentiment_task(score_span="candidate_to_end"))
 
@@ -230,7 +246,7 @@ def test_prompts_use_seeded_shots_without_the_example_or_its_duplicates(tmp_path
         assert shots == first.shots[first.indices.index(index)]
     # demonstrations carry their gold label word
     row = first.rows[0][0]
-    assert tok.decode(row.ids[:row.start]).count("评。\n") == 3
+    assert tok.decode(row.ids[: row.start]).count("评。\n") == 3
 
 
 # ---------------------------------------------------------------------------------------------
@@ -282,8 +298,13 @@ def test_perplexity_windows_score_every_token_once():
 
 
 def test_task_errors_name_the_problem(tmp_path, monkeypatch):
-    base = {"name": "t", "kind": "classification", "data": str(EXAMPLES / "sentiment.jsonl"),
-            "template": "{text}{candidate}", "candidates": ["positive", "negative"]}
+    base = {
+        "name": "t",
+        "kind": "classification",
+        "data": str(EXAMPLES / "sentiment.jsonl"),
+        "template": "{text}{candidate}",
+        "candidates": ["positive", "negative"],
+    }
     with pytest.raises(TaskError, match="unknown key"):
         task_from_dict({**base, "shot": 1})
     with pytest.raises(TaskError, match="kind"):
@@ -312,8 +333,20 @@ GENERATION_TASKS = [example_spec("webqa"), example_spec("cmrc2018"), example_spe
 
 def harness_args(corpus: Path, run: Path, tp: int, pp: int, tasks: list[str], predictions: Path, *extra: str):
     overrides = tiny_overrides(corpus, run, f"parallel.tp={tp}", f"parallel.pp={pp}")
-    return [*overrides, "--checkpoint", str(run), "--task", *tasks, "--shots", "1", "--batch-size", "2",
-            "--predictions", str(predictions), *extra]
+    return [
+        *overrides,
+        "--checkpoint",
+        str(run),
+        "--task",
+        *tasks,
+        "--shots",
+        "1",
+        "--batch-size",
+        "2",
+        "--predictions",
+        str(predictions),
+        *extra,
+    ]
 
 
 @pytest.fixture(scope="session")
@@ -321,10 +354,19 @@ def engine_predictions(tiny_corpus, straight_run, tmp_path_factory) -> dict[str,
     """Both layouts evaluated in one 8-process job (gloo on the CPU)."""
     out = tmp_path_factory.mktemp("engine_eval")
     files = {"222": out / "scores_222.jsonl", "421": out / "generation_421.jsonl"}
-    commands = [harness_args(tiny_corpus, straight_run, 2, 2, PARITY_TASKS, files["222"]),
-                harness_args(tiny_corpus, straight_run, 2, 1, GENERATION_TASKS, files["421"])]
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=8", str(PROBE),
-               *map(json.dumps, commands)]
+    commands = [
+        harness_args(tiny_corpus, straight_run, 2, 2, PARITY_TASKS, files["222"]),
+        harness_args(tiny_corpus, straight_run, 2, 1, GENERATION_TASKS, files["421"]),
+    ]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node=8",
+        str(PROBE),
+        *map(json.dumps, commands),
+    ]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
     done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
     assert done.returncode == 0, done.stderr[-4000:]
@@ -344,8 +386,11 @@ def test_engine_layouts_score_and_generate_like_one_process(straight_run, engine
 
     model, tokenizer = pangu.load(straight_run)
     single = evaluate_tasks(model, PARITY_TASKS + GENERATION_TASKS, tokenizer, shots=1, batch_size=3, details=True)
-    expected = {(name, r.get("index", r.get("window"))): (result["kind"], r)
-                for name, result in single.items() for r in result["details"]}
+    expected = {
+        (name, r.get("index", r.get("window"))): (result["kind"], r)
+        for name, result in single.items()
+        for r in result["details"]
+    }
     for layout, path in engine_predictions.items():
         records = _records(path)
         tasks = PARITY_TASKS if layout == "222" else GENERATION_TASKS
@@ -383,8 +428,9 @@ def test_tasks_during_training_are_logged_and_leave_training_unchanged(tiny_corp
 
     seed = load_config(out / "config.yaml").train.seed
     model, tokenizer = pangu.load(out)
-    alone = evaluate_tasks(model, [example_spec("sentiment"), example_spec("text_ppl")], tokenizer, seed=seed,
-                           max_examples=6)
+    alone = evaluate_tasks(
+        model, [example_spec("sentiment"), example_spec("text_ppl")], tokenizer, seed=seed, max_examples=6
+    )
     assert scored[6]["task/sentiment/accuracy"] == alone["sentiment"]["accuracy"]
     assert scored[6]["task/text_ppl/ppl"] == pytest.approx(alone["text_ppl"]["ppl"], rel=1e-5)
 
@@ -411,7 +457,7 @@ def test_trained_model_runs_every_task_file(straight_run):
     with torch.no_grad():
         losses = F.cross_entropy(model(ids[:, :-1])[0], ids[0, 1:], reduction="none")
     single = evaluate_tasks(model, [load_task(example_spec("text_ppl"))], tokenizer, details=True)["text_ppl"]
-    assert single["details"][0]["loss_sum"] == pytest.approx(float(losses[row.start - 1:row.end - 1].sum()), rel=1e-5)
+    assert single["details"][0]["loss_sum"] == pytest.approx(float(losses[row.start - 1 : row.end - 1].sum()), rel=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -442,32 +488,55 @@ def test_tiny_model_trained_on_the_sentiment_examples_scores_high(tmp_path):
         lines.append(head + task.candidates[review.label] + tail)
         if not is_validation_document(normalize_whitespace(lines[-1]), 0.2):
             trained.append((example, lines[-1]))
-    (tmp_path / "train.jsonl").write_text("".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in lines),
-                                          encoding="utf-8")
+    (tmp_path / "train.jsonl").write_text(
+        "".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in lines), encoding="utf-8"
+    )
     corpus, out = tmp_path / "prepared", tmp_path / "run"
-    data_settings = [f"data.sources=[{{kind: jsonl, path: {tmp_path / 'train.jsonl'}}}]", "data.tokenizer.kind=train",
-                     "data.tokenizer.vocab_size=1200", f"data.prepared_dir={corpus}", "data.valid_fraction=0.2",
-                     "data.eod_reset=true", "data.num_proc=1"]
+    data_settings = [
+        f"data.sources=[{{kind: jsonl, path: {tmp_path / 'train.jsonl'}}}]",
+        "data.tokenizer.kind=train",
+        "data.tokenizer.vocab_size=1200",
+        f"data.prepared_dir={corpus}",
+        "data.valid_fraction=0.2",
+        "data.eod_reset=true",
+        "data.num_proc=1",
+    ]
     config = load_config(None, data_settings)
     prepare(config, progress=False)
-    result = run_pretrain(tiny_overrides(corpus, out, "data.eod_reset=true", "model.num_layers=2",
-                                         "model.hidden_size=128", "model.vocab_size=1200", "model.seq_length=128",
-                                         "model.dropout=0.0", "train.steps=200", "train.micro_batch_size=8",
-                                         "train.global_batch_size=8", "train.eval_interval=0",
-                                         "train.log_interval=50", "optim.lr=0.01", "optim.warmup_steps=20"))
+    result = run_pretrain(
+        tiny_overrides(
+            corpus,
+            out,
+            "data.eod_reset=true",
+            "model.num_layers=2",
+            "model.hidden_size=128",
+            "model.vocab_size=1200",
+            "model.seq_length=128",
+            "model.dropout=0.0",
+            "train.steps=200",
+            "train.micro_batch_size=8",
+            "train.global_batch_size=8",
+            "train.eval_interval=0",
+            "train.log_interval=50",
+            "optim.lr=0.01",
+            "optim.warmup_steps=20",
+        )
+    )
     assert result.returncode == 0, result.stderr[-3000:]
 
     model, tokenizer = pangu.load(out)
     samples = [list(sample) for sample in load_prepared(corpus, "train", 128)[0]]
 
     def seen_whole(ids: list[int]) -> bool:
-        return any(sample[k:k + len(ids)] == ids for sample in samples for k in range(len(sample) - len(ids) + 1))
+        return any(sample[k : k + len(ids)] == ids for sample in samples for k in range(len(sample) - len(ids) + 1))
 
     examples = [example for example, line in trained if seen_whole(tokenizer.encode(line))]
     data = tmp_path / "examples.jsonl"
     data.write_text("".join(json.dumps(e, ensure_ascii=False) + "\n" for e in examples), encoding="utf-8")
     results = evaluate_tasks(model, [load_task(f"sentiment={data}")], config=config, batch_size=16)["sentiment"]
     assert results["examples"] == len(examples) >= 40
-    assert {label: c["examples"] >= 15 for label, c in results["per_label"].items()} == {"positive": True,
-                                                                                        "negative": True}
+    assert {label: c["examples"] >= 15 for label, c in results["per_label"].items()} == {
+        "positive": True,
+        "negative": True,
+    }
     assert results["accuracy"] >= 0.95, results

@@ -42,10 +42,13 @@ def _import(tmp_path, params, fmt: str, **flags) -> torch.nn.Module:
     return model
 
 
-@pytest.mark.parametrize("names,fmt,activation,final_ln", [
-    ("release", "ckpt", "fast_gelu", "before"),
-    ("mindformers", "npz", "gelu", "after"),
-])
+@pytest.mark.parametrize(
+    "names,fmt,activation,final_ln",
+    [
+        ("release", "ckpt", "fast_gelu", "before"),
+        ("mindformers", "npz", "gelu", "after"),
+    ],
+)
 def test_imported_model_matches_numpy_reference(tmp_path, names, fmt, activation, final_ln):
     rng = np.random.default_rng(0)
     params = random_ms_params(LAYERS, HIDDEN, HEADS, FFN, VOCAB, SEQ, rng, names=names)
@@ -58,11 +61,15 @@ def test_imported_model_matches_numpy_reference(tmp_path, names, fmt, activation
     eod_positions, eod_mask = eod_reset_positions_and_mask(input_ids, SEPARATOR)
     cases = [(causal_positions, causal_attention_mask(2, SEQ), False), (eod_positions, eod_mask, True)]
     for positions, mask, pass_mask in cases:
-        expected = numpy_pangu_logits(params, input_ids, positions, mask, num_heads=HEADS,
-                                      activation=activation, final_ln=final_ln)
+        expected = numpy_pangu_logits(
+            params, input_ids, positions, mask, num_heads=HEADS, activation=activation, final_ln=final_ln
+        )
         with torch.no_grad():
-            got = model(torch.from_numpy(input_ids), torch.from_numpy(np.ascontiguousarray(positions)),
-                        torch.from_numpy(mask) if pass_mask else None)
+            got = model(
+                torch.from_numpy(input_ids),
+                torch.from_numpy(np.ascontiguousarray(positions)),
+                torch.from_numpy(mask) if pass_mask else None,
+            )
         assert got.shape == (2, SEQ, VOCAB)
         np.testing.assert_allclose(got.numpy(), expected, rtol=1e-4, atol=1e-4)
 
@@ -80,8 +87,9 @@ def test_import_rejects_missing_parameter_and_existing_output(tmp_path, capsys):
     assert "already exists" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("config,paper", [("configs/2.6b.yaml", 2.6e9), ("configs/13b.yaml", 13.1e9),
-                                          ("configs/200b.yaml", 207.0e9)])
+@pytest.mark.parametrize(
+    "config,paper", [("configs/2.6b.yaml", 2.6e9), ("configs/13b.yaml", 13.1e9), ("configs/200b.yaml", 207.0e9)]
+)
 def test_parameter_counts_match_the_paper(config, paper):
     count = parameter_count(load_config(config).model)
     assert abs(count - paper) / paper < 0.03, count
@@ -105,7 +113,7 @@ def test_initialisation_is_per_parameter_and_deterministic(single_process):
     initialize_parameters(reversed(list(b.named_parameters())), config, seed=5)
     for (name, pa), (_, pb) in zip(a.named_parameters(), b.named_parameters()):
         assert torch.equal(pa, pb), name
-    assert torch.all(a.embedding.word_embeddings.weight[config.vocab_size:] == 0)
+    assert torch.all(a.embedding.word_embeddings.weight[config.vocab_size :] == 0)
     stds = {name: float(p.std()) for name, p in a.named_parameters() if p.dim() == 2}
     assert stds["blocks.0.attention.query.weight"] == pytest.approx(0.01, rel=0.2)
     assert stds["blocks.0.mlp.dense_4h_to_h.weight"] == pytest.approx(0.02 / np.sqrt(6), rel=0.2)
@@ -122,5 +130,5 @@ def test_kv_cache_generation_equals_full_forward_greedy(single_process):
     with torch.no_grad():
         for _ in range(8):
             ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
-    assert generated == ids[len(prompt):]
+    assert generated == ids[len(prompt) :]
     assert all(t < config.vocab_size for t in generated)

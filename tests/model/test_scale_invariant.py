@@ -13,8 +13,16 @@ from pangu.model.sizes import parameter_count
 from pangu.optim.param_groups import param_groups
 from pangu.optim.scale_invariant import ScaleInvariantSGD
 
-CONFIG = ModelConfig(num_layers=3, hidden_size=32, num_heads=4, vocab_size=100, seq_length=12, dropout=0.0,
-                     scale_invariant=True, final_layernorm="after")
+CONFIG = ModelConfig(
+    num_layers=3,
+    hidden_size=32,
+    num_heads=4,
+    vocab_size=100,
+    seq_length=12,
+    dropout=0.0,
+    scale_invariant=True,
+    final_layernorm="after",
+)
 
 
 def si_model(seed: int = 0) -> PanguAlpha:
@@ -101,7 +109,9 @@ def _equilibrium_weight_norm(initial_scale: float, steps: int = 500, average_ove
     model = si_model().train()
     scale_trunk(model, initial_scale)
     named = list(model.named_parameters())
-    groups = param_groups(named, 0.0, no_decay=[], scale_invariant=TRUNK, scale_invariant_lr=0.5, scale_invariant_weight_decay=0.1)
+    groups = param_groups(
+        named, 0.0, no_decay=[], scale_invariant=TRUNK, scale_invariant_lr=0.5, scale_invariant_weight_decay=0.1
+    )
     optimizer = ScaleInvariantSGD(groups, lr=1e-3, weight_decay=0.0)
     generator = torch.Generator().manual_seed(0)
     norms = []

@@ -25,8 +25,7 @@ PATHS = {"foreach": dict(foreach=True), "single": dict(foreach=False), "fused": 
 
 def test_cube_root_is_accurate_over_all_magnitudes() -> None:
     exponents = torch.linspace(-149, 127.99, 20_001, dtype=torch.float64)  # subnormals to max
-    x = torch.cat([torch.exp2(exponents).float(),
-                   torch.tensor([1e-45, 1.17e-38, 1.0, 8.0, 27.0, 3.4028235e38])])
+    x = torch.cat([torch.exp2(exponents).float(), torch.tensor([1e-45, 1.17e-38, 1.0, 8.0, 27.0, 3.4028235e38])])
     exact = x.double().pow(1 / 3)
 
     def max_relative_error(root: torch.Tensor) -> float:
@@ -52,8 +51,9 @@ def adversarial_gradients(size: int = 64) -> list[torch.Tensor]:
     return tiny + [1e3 * torch.randn(size, generator=generator).sign()]
 
 
-def largest_update(optimizer_for: Callable[[list[torch.nn.Parameter]], torch.optim.Optimizer],
-                   weight_decay: float, lr: float) -> float:
+def largest_update(
+    optimizer_for: Callable[[list[torch.nn.Parameter]], torch.optim.Optimizer], weight_decay: float, lr: float
+) -> float:
     """Largest |coordinate| of any update over the adversarial sequence, weight decay removed."""
     param = torch.nn.Parameter(torch.zeros(64))
     optimizer = optimizer_for([param])
@@ -72,16 +72,15 @@ def largest_update(optimizer_for: Callable[[list[torch.nn.Parameter]], torch.opt
 def test_every_update_coordinate_is_within_lr(p: float, nesterov: bool) -> None:
     lr, weight_decay = 1e-2, 0.1
     largest = largest_update(
-        lambda params: S3(params, lr=lr, p=p, nesterov=nesterov, weight_decay=weight_decay),
-        weight_decay, lr)
+        lambda params: S3(params, lr=lr, p=p, nesterov=nesterov, weight_decay=weight_decay), weight_decay, lr
+    )
     assert largest <= lr * (1 + 1e-5)
     assert largest > 0.05 * lr  # the huge gradient did move the weights
 
 
 def test_adam_exceeds_lr_on_the_same_gradients() -> None:
     lr = 1e-2
-    largest = largest_update(lambda params: torch.optim.Adam(params, lr=lr, betas=(0.9, 0.999)),
-                             0.0, lr)
+    largest = largest_update(lambda params: torch.optim.Adam(params, lr=lr, betas=(0.9, 0.999)), 0.0, lr)
     assert largest > 1.5 * lr
 
 
@@ -90,8 +89,9 @@ def test_adam_exceeds_lr_on_the_same_gradients() -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def random_problem(seed: int, dtype: torch.dtype = torch.float32
-                   ) -> tuple[list[torch.Tensor], list[list[torch.Tensor]]]:
+def random_problem(
+    seed: int, dtype: torch.dtype = torch.float32
+) -> tuple[list[torch.Tensor], list[list[torch.Tensor]]]:
     """Two parameters (one matrix, one vector) and 5 steps of gradients, some exactly 0."""
     generator = torch.Generator().manual_seed(seed)
     params = [torch.randn(4, 6, generator=generator), torch.randn(5, generator=generator)]
@@ -100,15 +100,17 @@ def random_problem(seed: int, dtype: torch.dtype = torch.float32
         step_grads = []
         for param in params:
             grad = torch.randn(param.shape, generator=generator) * 10 ** torch.randint(
-                -3, 2, param.shape, generator=generator)
+                -3, 2, param.shape, generator=generator
+            )
             grad[..., 0] = 0.0
             step_grads.append(grad)
         grads.append(step_grads)
     return [p.to(dtype) for p in params], [[g.to(dtype) for g in gs] for gs in grads]
 
 
-def run_s3(params: list[torch.Tensor], grads: list[list[torch.Tensor]], lrs: list[float],
-           **settings: object) -> tuple[list[torch.nn.Parameter], S3]:
+def run_s3(
+    params: list[torch.Tensor], grads: list[list[torch.Tensor]], lrs: list[float], **settings: object
+) -> tuple[list[torch.nn.Parameter], S3]:
     params = [torch.nn.Parameter(p.clone()) for p in params]
     optimizer = S3(params, **settings)
     for lr, step_grads in zip(lrs, grads, strict=True):
@@ -119,9 +121,18 @@ def run_s3(params: list[torch.Tensor], grads: list[list[torch.Tensor]], lrs: lis
     return params, optimizer
 
 
-def reference_s3(params: list[torch.Tensor], grads: list[list[torch.Tensor]], lrs: list[float],
-                 *, beta: float, p: float, nesterov: bool, eps: float, weight_decay: float,
-                 maximize: bool) -> tuple[list[list[float]], list[list[float]], list[list[float]]]:
+def reference_s3(
+    params: list[torch.Tensor],
+    grads: list[list[torch.Tensor]],
+    lrs: list[float],
+    *,
+    beta: float,
+    p: float,
+    nesterov: bool,
+    eps: float,
+    weight_decay: float,
+    maximize: bool,
+) -> tuple[list[list[float]], list[list[float]], list[list[float]]]:
     """docs/reference.md section 2, literally, one element at a time, in Python (fp64) floats."""
     thetas = [p.double().flatten().tolist() for p in params]
     ms = [[0.0] * len(t) for t in thetas]
@@ -158,24 +169,21 @@ def test_every_path_matches_the_reference_formulas(path: str, p: float) -> None:
     lrs = [1e-2, 3e-2, 2e-2, 1e-2, 5e-3]  # the lr changes between steps
     for seed, (nesterov, maximize, weight_decay) in enumerate(FORMULA_CASES):
         params, grads = random_problem(seed)
-        settings = dict(beta=0.9, p=p, nesterov=nesterov, eps=1e-8, weight_decay=weight_decay,
-                        maximize=maximize)
+        settings = dict(beta=0.9, p=p, nesterov=nesterov, eps=1e-8, weight_decay=weight_decay, maximize=maximize)
         result, optimizer = run_s3(params, grads, lrs, **settings, **PATHS[path])
         thetas, ms, ss = reference_s3(params, grads, lrs, **settings)
         for param, theta, m, s in zip(result, thetas, ms, ss, strict=True):
             state = optimizer.state[param]
-            for actual, expected, atol in ((param, theta, 1e-6), (state["m"], m, 1e-9),
-                                           (state["s"], s, 1e-12)):
-                torch.testing.assert_close(actual.double().flatten(),
-                                           torch.tensor(expected, dtype=torch.float64),
-                                           rtol=1e-5, atol=atol)
+            for actual, expected, atol in ((param, theta, 1e-6), (state["m"], m, 1e-9), (state["s"], s, 1e-12)):
+                torch.testing.assert_close(
+                    actual.double().flatten(), torch.tensor(expected, dtype=torch.float64), rtol=1e-5, atol=atol
+                )
 
 
 def test_p2_without_nesterov_is_adam_with_equal_betas_and_no_bias_correction() -> None:
     beta, lr, eps = 0.9, 1e-2, 1e-8
     params, grads = random_problem(seed=7)
-    result, _ = run_s3(params, grads, [lr] * len(grads), beta=beta, p=2.0, nesterov=False,
-                       eps=eps)
+    result, _ = run_s3(params, grads, [lr] * len(grads), beta=beta, p=2.0, nesterov=False, eps=eps)
     for index, param in enumerate(params):
         theta, m, v = param.double().clone(), torch.zeros_like(param).double(), 0.0
         for step_grads in grads:
@@ -192,14 +200,14 @@ def test_bf16_params_are_updated_in_fp32(path: str) -> None:
     params, grads = random_problem(seed=3, dtype=torch.bfloat16)
     settings = dict(beta=0.9, p=3.0, nesterov=True, eps=1e-8, weight_decay=0.1)
     bf16_result, optimizer = run_s3(params, grads[:1], [1e-2], **settings, **PATHS[path])
-    fp32_result, _ = run_s3([p.float() for p in params], [[g.float() for g in grads[0]]],
-                            [1e-2], **settings, **PATHS[path])
+    fp32_result, _ = run_s3(
+        [p.float() for p in params], [[g.float() for g in grads[0]]], [1e-2], **settings, **PATHS[path]
+    )
     for low, high in zip(bf16_result, fp32_result, strict=True):
         assert low.dtype == torch.bfloat16
         assert torch.equal(low, high.to(torch.bfloat16))
     for state in optimizer.state.values():
-        assert {name: t.dtype for name, t in state.items()} == {"m": torch.float32,
-                                                                  "s": torch.float32}
+        assert {name: t.dtype for name, t in state.items()} == {"m": torch.float32, "s": torch.float32}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -275,15 +283,18 @@ def test_fused_path_compiles_once_for_all_shapes_and_learning_rates() -> None:
     assert counters["stats"]["unique_graphs"] == graphs
 
 
-@pytest.mark.parametrize("arguments, message", [
-    (dict(p=0.5), "p must be"),
-    (dict(beta=1.0), "beta must be"),
-    (dict(beta=-0.1), "beta must be"),
-    (dict(lr=-1e-3), "lr must be"),
-    (dict(eps=-1.0), "eps must be"),
-    (dict(weight_decay=-0.1), "weight_decay must be"),
-    (dict(fused=True, foreach=True), "at most one"),
-])
+@pytest.mark.parametrize(
+    "arguments, message",
+    [
+        (dict(p=0.5), "p must be"),
+        (dict(beta=1.0), "beta must be"),
+        (dict(beta=-0.1), "beta must be"),
+        (dict(lr=-1e-3), "lr must be"),
+        (dict(eps=-1.0), "eps must be"),
+        (dict(weight_decay=-0.1), "weight_decay must be"),
+        (dict(fused=True, foreach=True), "at most one"),
+    ],
+)
 def test_invalid_arguments_are_rejected(arguments: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         S3([torch.nn.Parameter(torch.zeros(2))], **arguments)
@@ -322,20 +333,24 @@ def make_optimizer(model: torch.nn.Module) -> S3:
 
 
 def zero1_worker(rank: int, world_size: int, port: int, result_path: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size)
+    )
     torch.set_num_threads(1)
     import deepspeed
     from deepspeed.utils import safe_get_full_optimizer_state
 
     deepspeed.init_distributed(dist_backend="gloo")
     model = tiny_model()
-    config = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1,
-              "zero_optimization": {"stage": 1}, "zero_allow_untested_optimizer": True,
-              "gradient_clipping": 0.0,  # DeepSpeed clips at 1.0 unless told otherwise
-              "steps_per_print": 10**9}
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=make_optimizer(model),
-                                           config=config)
+    config = {
+        "train_micro_batch_size_per_gpu": 2,
+        "gradient_accumulation_steps": 1,
+        "zero_optimization": {"stage": 1},
+        "zero_allow_untested_optimizer": True,
+        "gradient_clipping": 0.0,  # DeepSpeed clips at 1.0 unless told otherwise
+        "steps_per_print": 10**9,
+    }
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=make_optimizer(model), config=config)
     for step in range(ZERO_STEPS):
         apply_lr_factor(engine.optimizer.param_groups, 1 / (step + 1))
         inputs, targets = batch(step)
@@ -351,8 +366,10 @@ def zero1_worker(rank: int, world_size: int, port: int, result_path: str) -> Non
     engine.optimizer._hp_optimizer_states_linked = False
     engine.optimizer._lazy_init_hp_params_optimizer_state()
     params = {name: p.detach().clone() for name, p in engine.module.named_parameters()}
-    states = {name: {key: safe_get_full_optimizer_state(p, key).clone() for key in ("m", "s")}
-              for name, p in engine.module.named_parameters()}
+    states = {
+        name: {key: safe_get_full_optimizer_state(p, key).clone() for key in ("m", "s")}
+        for name, p in engine.module.named_parameters()
+    }
     if rank == 0:
         torch.save({"params": params, "states": states}, result_path)
     torch.distributed.barrier()
@@ -378,9 +395,9 @@ def test_zero_stage1_at_dp2_matches_a_single_process(tmp_path, monkeypatch) -> N
         optimizer.step()
 
     for name, param in model.named_parameters():
-        torch.testing.assert_close(distributed["params"][name], param.detach(),
-                                   rtol=0, atol=1e-6)
+        torch.testing.assert_close(distributed["params"][name], param.detach(), rtol=0, atol=1e-6)
         for key in ("m", "s"):
-            torch.testing.assert_close(distributed["states"][name][key],
-                                       optimizer.state[param][key], rtol=1e-5, atol=1e-9)
+            torch.testing.assert_close(
+                distributed["states"][name][key], optimizer.state[param][key], rtol=1e-5, atol=1e-9
+            )
     assert not torch.equal(distributed["params"]["0.weight"], tiny_model()[0].weight)

@@ -22,14 +22,15 @@ LR, WEIGHT_DECAY = 0.1, 0.01
 def trunk_and_head(seed: int = 0) -> tuple[list[torch.nn.Parameter], torch.nn.Parameter]:
     """Two scale-invariant tensors (the trunk) and one ordinary one (the head)."""
     generator = torch.Generator().manual_seed(seed)
-    trunk = [torch.nn.Parameter(torch.randn(4, 5, generator=generator)),
-             torch.nn.Parameter(torch.randn(6, generator=generator))]
+    trunk = [
+        torch.nn.Parameter(torch.randn(4, 5, generator=generator)),
+        torch.nn.Parameter(torch.randn(6, generator=generator)),
+    ]
     head = torch.nn.Parameter(torch.randn(3, 4, generator=generator))
     return trunk, head
 
 
-def si_optimizer(trunk: list[torch.nn.Parameter], head: torch.nn.Parameter,
-                 **settings: object) -> ScaleInvariantSGD:
+def si_optimizer(trunk: list[torch.nn.Parameter], head: torch.nn.Parameter, **settings: object) -> ScaleInvariantSGD:
     groups = [{"params": trunk, "scale_invariant": True}, {"params": [head]}]
     return ScaleInvariantSGD(groups, **{"lr": LR, "weight_decay": WEIGHT_DECAY, **settings})
 
@@ -40,8 +41,7 @@ def global_norm(tensors: list[torch.Tensor]) -> float:
 
 def applied_gradients(before: list[torch.Tensor], after: list[torch.Tensor]) -> list[torch.Tensor]:
     """g such that after = (1 - lr wd) before - lr g, solved in fp64."""
-    return [((1 - LR * WEIGHT_DECAY) * b.double() - a.double()) / LR
-            for b, a in zip(before, after, strict=True)]
+    return [((1 - LR * WEIGHT_DECAY) * b.double() - a.double()) / LR for b, a in zip(before, after, strict=True)]
 
 
 def threshold(weights: list[torch.Tensor], clip_c: float = 4.0) -> float:
@@ -75,8 +75,7 @@ def test_clip_fires_on_a_large_gradient_and_leaves_exactly_the_threshold_norm() 
 
 
 @pytest.mark.parametrize("gradient_scale, clip_c", [(0.01, 4.0), (100.0, 0.0)])
-def test_unclipped_step_is_exactly_sgd_with_decoupled_weight_decay(gradient_scale: float,
-                                                                   clip_c: float) -> None:
+def test_unclipped_step_is_exactly_sgd_with_decoupled_weight_decay(gradient_scale: float, clip_c: float) -> None:
     """A small gradient is never clipped, and clip_c=0 turns clipping off for any gradient."""
     trunk, head = trunk_and_head()
     generator = torch.Generator().manual_seed(1)
@@ -96,8 +95,7 @@ def test_unclipped_step_is_exactly_sgd_with_decoupled_weight_decay(gradient_scal
     assert optimizer.last_clip_ratio == 1.0
 
 
-def run_steps(optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter],
-              steps: int, seed: int = 1) -> None:
+def run_steps(optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter], steps: int, seed: int = 1) -> None:
     generator = torch.Generator().manual_seed(seed)
     for _ in range(steps):
         for param in params:
@@ -110,18 +108,17 @@ def test_other_groups_are_updated_by_s3_exactly_as_the_s3_optimizer() -> None:
     alone = torch.nn.Parameter(head.detach().clone())
     settings = dict(beta=0.9, p=3.0, nesterov=True, eps=1e-8)
     run_steps(si_optimizer(trunk, head, **settings), [*trunk, head], steps=4)
-    run_steps(S3([alone], lr=LR, weight_decay=WEIGHT_DECAY, **settings), [*trunk, alone],
-              steps=4)  # same gradient stream
+    run_steps(
+        S3([alone], lr=LR, weight_decay=WEIGHT_DECAY, **settings), [*trunk, alone], steps=4
+    )  # same gradient stream
     assert torch.equal(head, alone)
 
 
 def test_other_groups_with_adamw_match_torch_adamw() -> None:
     trunk, head = trunk_and_head()
     alone = torch.nn.Parameter(head.detach().clone())
-    run_steps(si_optimizer(trunk, head, other="adamw", betas=(0.9, 0.95), eps=1e-8),
-              [*trunk, head], steps=4)
-    adamw = torch.optim.AdamW([alone], lr=LR, weight_decay=WEIGHT_DECAY, betas=(0.9, 0.95),
-                              eps=1e-8)
+    run_steps(si_optimizer(trunk, head, other="adamw", betas=(0.9, 0.95), eps=1e-8), [*trunk, head], steps=4)
+    adamw = torch.optim.AdamW([alone], lr=LR, weight_decay=WEIGHT_DECAY, betas=(0.9, 0.95), eps=1e-8)
     run_steps(adamw, [*trunk, alone], steps=4)
     torch.testing.assert_close(head.detach(), alone.detach(), rtol=1e-6, atol=1e-7)
 
@@ -181,14 +178,17 @@ def test_state_dict_round_trip_continues_bitwise(other: str) -> None:
     assert [g["step"] for g in resumed.param_groups] == [5, 5]
 
 
-@pytest.mark.parametrize("groups, settings, message", [
-    ([{"scale_invariant": True}, {"scale_invariant": True}], {}, "only one group"),
-    ([{"scale_invariant": True, "weight_decay": 0.0}], {}, "needs weight_decay > 0"),
-    ([{}], {"other": "sgd"}, "other must be"),
-    ([{}], {"clip_c": -1.0}, "clip_c must be"),
-    ([{"p": 0.5}], {}, "p must be"),
-    ([{}], {"other": "adamw", "betas": (0.9, 1.0)}, "betas"),
-])
+@pytest.mark.parametrize(
+    "groups, settings, message",
+    [
+        ([{"scale_invariant": True}, {"scale_invariant": True}], {}, "only one group"),
+        ([{"scale_invariant": True, "weight_decay": 0.0}], {}, "needs weight_decay > 0"),
+        ([{}], {"other": "sgd"}, "other must be"),
+        ([{}], {"clip_c": -1.0}, "clip_c must be"),
+        ([{"p": 0.5}], {}, "p must be"),
+        ([{}], {"other": "adamw", "betas": (0.9, 1.0)}, "betas"),
+    ],
+)
 def test_invalid_settings_are_rejected(groups: list[dict], settings: dict, message: str) -> None:
     groups = [{"params": [torch.nn.Parameter(torch.ones(2))], **g} for g in groups]
     with pytest.raises(ValueError, match=message):
@@ -205,20 +205,23 @@ ZERO_STEPS = 3
 
 def si_model() -> torch.nn.Module:
     torch.manual_seed(0)
-    return torch.nn.Sequential(torch.nn.Linear(8, 16, bias=False), torch.nn.ReLU(),
-                               torch.nn.Linear(16, 4))
+    return torch.nn.Sequential(torch.nn.Linear(8, 16, bias=False), torch.nn.ReLU(), torch.nn.Linear(16, 4))
 
 
 def si_model_optimizer(model: torch.nn.Module) -> ScaleInvariantSGD:
     """The first layer is the scale-invariant trunk, the last one the head (trained by S3)."""
-    groups = param_groups(model.named_parameters(), weight_decay=0.1, no_decay=["2.bias"],
-                          scale_invariant={"0.weight"}, scale_invariant_lr=LR,
-                          scale_invariant_weight_decay=WEIGHT_DECAY)
+    groups = param_groups(
+        model.named_parameters(),
+        weight_decay=0.1,
+        no_decay=["2.bias"],
+        scale_invariant={"0.weight"},
+        scale_invariant_lr=LR,
+        scale_invariant_weight_decay=WEIGHT_DECAY,
+    )
     return ScaleInvariantSGD(groups, lr=1e-2, weight_decay=0.1)
 
 
-def loss_at(step: int, model: Callable[[torch.Tensor], torch.Tensor],
-            rows: slice = slice(None)) -> torch.Tensor:
+def loss_at(step: int, model: Callable[[torch.Tensor], torch.Tensor], rows: slice = slice(None)) -> torch.Tensor:
     generator = torch.Generator().manual_seed(100 + step)
     inputs, targets = torch.randn(4, 8, generator=generator), torch.randn(4, 4, generator=generator)
     scale = 10.0 if step == 1 else 1.0  # a gradient spike on step 1: the clip fires there only
@@ -227,28 +230,38 @@ def loss_at(step: int, model: Callable[[torch.Tensor], torch.Tensor],
 
 def zero1_worker(rank: int, world_size: int, port: int, result_dir: str) -> None:
     """ZeRO-1 gives each rank half of the flat trunk: the norms need the all-reduce."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size)
+    )
     torch.set_num_threads(1)
     import deepspeed
 
     deepspeed.init_distributed(dist_backend="gloo")
     model = si_model()
-    config = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1,
-              "zero_optimization": {"stage": 1}, "zero_allow_untested_optimizer": True,
-              "gradient_clipping": 0.0, "steps_per_print": 10**9}
-    engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=si_model_optimizer(model),
-                                                   config=config)
+    config = {
+        "train_micro_batch_size_per_gpu": 2,
+        "gradient_accumulation_steps": 1,
+        "zero_optimization": {"stage": 1},
+        "zero_allow_untested_optimizer": True,
+        "gradient_clipping": 0.0,
+        "steps_per_print": 10**9,
+    }
+    engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=si_model_optimizer(model), config=config)
     trunk_partition = optimizer.optimizer.param_groups[-1]["params"][0]
     norms = []
     for step in range(ZERO_STEPS):
         engine.backward(loss_at(step, engine, rows=slice(2 * rank, 2 * rank + 2)))
         engine.step()
         norms.append((optimizer.optimizer.last_weight_norm, optimizer.optimizer.last_grad_norm))
-    torch.save({"params": {n: p.detach().clone() for n, p in engine.module.named_parameters()},
-                "norms": norms, "clip_events": optimizer.optimizer.clip_events,
-                "trunk_partition_numel": trunk_partition.numel()},
-               os.path.join(result_dir, f"rank{rank}.pt"))
+    torch.save(
+        {
+            "params": {n: p.detach().clone() for n, p in engine.module.named_parameters()},
+            "norms": norms,
+            "clip_events": optimizer.optimizer.clip_events,
+            "trunk_partition_numel": trunk_partition.numel(),
+        },
+        os.path.join(result_dir, f"rank{rank}.pt"),
+    )
     torch.distributed.barrier()
     torch.distributed.destroy_process_group()
 
@@ -316,9 +329,14 @@ def test_no_decay_parameters_get_no_weight_decay() -> None:
 
 def test_scale_invariant_parameters_get_their_own_group_with_weight_decay() -> None:
     model = Block()
-    groups = param_groups(model.named_parameters(), weight_decay=0.1, no_decay=NO_DECAY,
-                          scale_invariant={"dense.weight", "dense.bias"},
-                          scale_invariant_lr=8e-4, scale_invariant_weight_decay=1e-2)
+    groups = param_groups(
+        model.named_parameters(),
+        weight_decay=0.1,
+        no_decay=NO_DECAY,
+        scale_invariant={"dense.weight", "dense.bias"},
+        scale_invariant_lr=8e-4,
+        scale_invariant_weight_decay=1e-2,
+    )
     assert names_by_group(groups, model) == {
         "decay": ["embedding.weight"],
         "no_decay": ["final_norm_scale", "layernorm.weight", "layernorm.bias"],

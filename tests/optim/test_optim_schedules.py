@@ -14,8 +14,7 @@ TOTAL, WARMUP, MIN_RATIO = 110, 10, 0.1
 
 
 def factors(decay: str, steps: range = range(TOTAL + 20)) -> list[float]:
-    return [lr_factor(step, total_steps=TOTAL, warmup_steps=WARMUP, decay=decay,
-                      min_ratio=MIN_RATIO) for step in steps]
+    return [lr_factor(step, total_steps=TOTAL, warmup_steps=WARMUP, decay=decay, min_ratio=MIN_RATIO) for step in steps]
 
 
 @pytest.mark.parametrize("decay", ["cosine", "linear", "constant", "step"])
@@ -51,7 +50,8 @@ def test_constant_stays_at_one_after_warmup() -> None:
 
 def test_step_decay_divides_by_ten_at_60_and_90_percent_of_training() -> None:
     assert [step_decay(step, 100) for step in (0, 59, 60, 89, 90, 99, 150)] == pytest.approx(
-        [1.0, 1.0, 0.1, 0.1, 0.01, 0.01, 0.01])
+        [1.0, 1.0, 0.1, 0.1, 0.01, 0.01, 0.01]
+    )
     values = factors("step")
     assert values[65] == 1.0 and values[66] == pytest.approx(0.1)  # 0.6 * 110 = 66
     assert values[98] == pytest.approx(0.1) and values[99] == pytest.approx(0.01)
@@ -59,16 +59,18 @@ def test_step_decay_divides_by_ten_at_60_and_90_percent_of_training() -> None:
 
 def test_no_warmup_starts_at_full_learning_rate() -> None:
     assert lr_factor(0, total_steps=10, warmup_steps=0, decay="cosine") == 1.0
-    assert lr_factor(10, total_steps=10, warmup_steps=10, decay="cosine",
-                     min_ratio=0.2) == pytest.approx(0.2)
+    assert lr_factor(10, total_steps=10, warmup_steps=10, decay="cosine", min_ratio=0.2) == pytest.approx(0.2)
 
 
-@pytest.mark.parametrize("arguments, message", [
-    (dict(total_steps=10, warmup_steps=11), "warmup_steps"),
-    (dict(total_steps=0, warmup_steps=0), "total_steps"),
-    (dict(total_steps=10, warmup_steps=2, decay="exponential"), "decay"),
-    (dict(total_steps=10, warmup_steps=2, min_ratio=1.5), "min_ratio"),
-])
+@pytest.mark.parametrize(
+    "arguments, message",
+    [
+        (dict(total_steps=10, warmup_steps=11), "warmup_steps"),
+        (dict(total_steps=0, warmup_steps=0), "total_steps"),
+        (dict(total_steps=10, warmup_steps=2, decay="exponential"), "decay"),
+        (dict(total_steps=10, warmup_steps=2, min_ratio=1.5), "min_ratio"),
+    ],
+)
 def test_invalid_schedules_are_rejected(arguments: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         lr_factor(0, **arguments)

@@ -33,11 +33,15 @@ def test_the_planner_counts_the_state_the_spec_declares():
 
 
 def _pangu(args: list[str], world: int = 1) -> subprocess.CompletedProcess:
-    launcher = [sys.executable] if world == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                                                    f"--nproc-per-node={world}"]
+    launcher = (
+        [sys.executable]
+        if world == 1
+        else [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world}"]
+    )
     env = {"OMP_NUM_THREADS": "1", **__import__("os").environ}
-    return subprocess.run([*launcher, RUN_CLI, PLUGIN, "pretrain", *args], capture_output=True, text=True,
-                          env=env, timeout=600)
+    return subprocess.run(
+        [*launcher, RUN_CLI, PLUGIN, "pretrain", *args], capture_output=True, text=True, env=env, timeout=600
+    )
 
 
 @pytest.mark.slow

@@ -28,11 +28,26 @@ PROBE = PROBES / "parallel_probe.py"
 
 
 def settings(corpus: Path, out: Path, tp: int, pp: int, *extra: str) -> list[str]:
-    values = [f"data.prepared_dir={corpus}", f"train.output_dir={out}", "model.num_layers=3",
-              "model.hidden_size=64", "model.num_heads=4", "model.ffn_hidden_size=128", "model.vocab_size=600",
-              "model.seq_length=32", "model.dropout=0.0", f"train.steps={STEPS}", "train.micro_batch_size=1",
-              "train.global_batch_size=8", f"optim.lr={LR}", "optim.warmup_steps=2", "optim.grad_clip=0.3",
-              f"parallel.tp={tp}", f"parallel.pp={pp}", *extra]
+    values = [
+        f"data.prepared_dir={corpus}",
+        f"train.output_dir={out}",
+        "model.num_layers=3",
+        "model.hidden_size=64",
+        "model.num_heads=4",
+        "model.ffn_hidden_size=128",
+        "model.vocab_size=600",
+        "model.seq_length=32",
+        "model.dropout=0.0",
+        f"train.steps={STEPS}",
+        "train.micro_batch_size=1",
+        "train.global_batch_size=8",
+        f"optim.lr={LR}",
+        "optim.warmup_steps=2",
+        "optim.grad_clip=0.3",
+        f"parallel.tp={tp}",
+        f"parallel.pp={pp}",
+        *extra,
+    ]
     return ["--config", TINY_CONFIG] + [arg for value in values for arg in ("--set", value)]
 
 
@@ -40,8 +55,16 @@ def probe(corpus: Path, out: Path, layout: tuple[int, int, int], *extra: str) ->
     dp, tp, pp = layout
     result_file = out / "probe.json"
     out.mkdir(parents=True, exist_ok=True)
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={dp * tp * pp}",
-               str(PROBE), str(result_file), *settings(corpus, out, tp, pp, *extra)]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={dp * tp * pp}",
+        str(PROBE),
+        str(result_file),
+        *settings(corpus, out, tp, pp, *extra),
+    ]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
     done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
     assert done.returncode == 0, f"layout {layout} failed:\n{done.stderr[-4000:]}"
@@ -173,8 +196,9 @@ def test_bf16_tracks_fp32(tiny_corpus, tmp_path):
 def test_fp16_overflow_skips_the_step(tiny_corpus, tmp_path, single_process):
     """The original recipe starts the dynamic loss scale at 2^32: the first gradients overflow in
     fp16, so DeepSpeed skips the update and halves the scale. The weights must be untouched."""
-    run = probe(tiny_corpus, tmp_path / "fp16", (1, 1, 1), "train.precision=fp16", "train.steps=1",
-                "optim.warmup_steps=0")
+    run = probe(
+        tiny_corpus, tmp_path / "fp16", (1, 1, 1), "train.precision=fp16", "train.steps=1", "optim.warmup_steps=0"
+    )
     assert run["steps"][0]["skipped"] is True
     assert run["loss_scale"] == 2.0**31
     initial = tensors_at_init()
@@ -205,11 +229,21 @@ def test_two_node_rendezvous(tiny_corpus, layout_runs, tmp_path):
 
     port = free_port()
     launcher = REPO / "launch" / "torchrun.sh"
-    env = dict(os.environ, NNODES="2", NPROC_PER_NODE="1", RDZV_ENDPOINT=f"127.0.0.1:{port}",
-               RDZV_ID="pangu-test", PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+    env = dict(
+        os.environ,
+        NNODES="2",
+        NPROC_PER_NODE="1",
+        RDZV_ENDPOINT=f"127.0.0.1:{port}",
+        RDZV_ID="pangu-test",
+        PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+    )
     args = settings(tiny_corpus, tmp_path / "run", 1, 1, "train.log_interval=1")
-    nodes = [subprocess.Popen(["bash", str(launcher), *args], env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True) for _ in range(2)]
+    nodes = [
+        subprocess.Popen(
+            ["bash", str(launcher), *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
+        for _ in range(2)
+    ]
     outputs = [node.communicate(timeout=300)[0] for node in nodes]
     assert all(node.returncode == 0 for node in nodes), outputs[0][-3000:] + outputs[1][-3000:]
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
@@ -224,8 +258,14 @@ def test_two_node_rendezvous(tiny_corpus, layout_runs, tmp_path):
 
 
 def test_relative_clip_uses_the_same_global_norms_at_every_layout(tiny_corpus, tmp_path):
-    recipe = ["model.scale_invariant=true", "model.final_layernorm=after", "optim.name=sgd_si",
-              "optim.si_lr=0.05", "optim.si_weight_decay=0.1", "optim.si_clip_c=1e-4"]
+    recipe = [
+        "model.scale_invariant=true",
+        "model.final_layernorm=after",
+        "optim.name=sgd_si",
+        "optim.si_lr=0.05",
+        "optim.si_weight_decay=0.1",
+        "optim.si_clip_c=1e-4",
+    ]
     one = probe(tiny_corpus, tmp_path / "one", (1, 1, 1), *recipe)
     eight = probe(tiny_corpus, tmp_path / "eight", (2, 2, 2), *recipe)
     assert one["steps"][-1]["si_clip_events"] > 0  # C this small makes the clip fire

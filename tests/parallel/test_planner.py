@@ -23,25 +23,42 @@ from tests.helpers import PROBES, REPO
 PROBE = PROBES / "memory_probe.py"
 ROOT = REPO
 WORLD = 4
-SMALL = ["model.num_layers=4", "model.hidden_size=64", "model.num_heads=4", "model.ffn_hidden_size=256",
-         "model.vocab_size=600", "model.seq_length=64", "train.micro_batch_size=2", "train.global_batch_size=16",
-         "train.steps=2", "optim.warmup_steps=1"]
+SMALL = [
+    "model.num_layers=4",
+    "model.hidden_size=64",
+    "model.num_heads=4",
+    "model.ffn_hidden_size=256",
+    "model.vocab_size=600",
+    "model.seq_length=64",
+    "train.micro_batch_size=2",
+    "train.global_batch_size=16",
+    "train.steps=2",
+    "optim.warmup_steps=1",
+]
 TINY = "configs/tiny.yaml"
 # (name, overrides): layouts (dp, tp, pp) of WORLD ranks, every precision, every recompute mode,
 # dropout, and sgd_si (no optimizer state for the scale-invariant trunk); SMALL, or the quickstart's
 # model when the name starts with TINY
 CASES = [
-    (f"{TINY} bf16 (2,2,1) selective", ["parallel.tp=2", "train.precision=bf16", "parallel.recompute=selective",
-                                         "train.micro_batch_size=2"]),
+    (
+        f"{TINY} bf16 (2,2,1) selective",
+        ["parallel.tp=2", "train.precision=bf16", "parallel.recompute=selective", "train.micro_batch_size=2"],
+    ),
     ("fp32 (2,2,1)", ["parallel.tp=2", "parallel.pp=1"]),
     ("bf16 (2,1,2)", ["parallel.tp=1", "parallel.pp=2", "train.precision=bf16"]),
-    ("bf16 (1,2,2) recompute full", ["parallel.tp=2", "parallel.pp=2", "train.precision=bf16",
-                                     "parallel.recompute=full"]),
-    ("fp32 (1,2,2) recompute selective, dropout", ["parallel.tp=2", "parallel.pp=2", "parallel.recompute=selective",
-                                                   "model.dropout=0.1"]),
+    (
+        "bf16 (1,2,2) recompute full",
+        ["parallel.tp=2", "parallel.pp=2", "train.precision=bf16", "parallel.recompute=full"],
+    ),
+    (
+        "fp32 (1,2,2) recompute selective, dropout",
+        ["parallel.tp=2", "parallel.pp=2", "parallel.recompute=selective", "model.dropout=0.1"],
+    ),
     ("fp16 (4,1,1)", ["train.precision=fp16"]),
-    ("sgd_si (2,1,2)", ["parallel.pp=2", "model.scale_invariant=true", "model.final_layernorm=after",
-                        "optim.name=sgd_si"]),
+    (
+        "sgd_si (2,1,2)",
+        ["parallel.pp=2", "model.scale_invariant=true", "model.final_layernorm=after", "optim.name=sgd_si"],
+    ),
 ]
 EXACT = ("parameters", "gradients", "model_gradients", "master_weights", "optimizer_state")
 
@@ -61,8 +78,16 @@ def case_config(name: str, overrides: list[str]):
 def measured(tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("memory") / "measured.json"
     cases = [case(name, overrides) for name, overrides in CASES]
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={WORLD}",
-               str(PROBE), str(out), json.dumps(cases)]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={WORLD}",
+        str(PROBE),
+        str(out),
+        json.dumps(cases),
+    ]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=900)
     assert done.returncode == 0, done.stderr[-4000:]
@@ -90,8 +115,9 @@ def test_memory_model_matches_the_engine(measured, name, overrides):
             assert rank["tensors"][key] == getattr(model, key), f"{where}: {key}"
         forward_error = rank["saved_forward"] / model.activations_per_micro_batch - 1
         peak_error = rank["saved_peak"] / model.saved_activations - 1
-        assert abs(forward_error) < 0.2, f"{where}: one forward saves {rank['saved_forward']} B, model " \
-                                         f"{model.activations_per_micro_batch} B"
+        assert abs(forward_error) < 0.2, (
+            f"{where}: one forward saves {rank['saved_forward']} B, model {model.activations_per_micro_batch} B"
+        )
         assert abs(peak_error) < 0.2, f"{where}: peak {rank['saved_peak']} B, model {model.saved_activations} B"
         print(f"{where}: activations forward {forward_error:+.2%}, step peak {peak_error:+.2%}")
 
@@ -142,8 +168,11 @@ def test_layouts_divide_the_devices_the_model_and_the_batch():
         assert config.model.num_heads % lay.tp == 0 and lay.pp <= config.model.num_layers
         # the printed overrides make a valid config that trains with this layout
         tuned = load_config(None, [*SMALL, *lay.overrides()])
-        assert (tuned.parallel.tp, tuned.parallel.pp, tuned.train.micro_batch_size) == \
-               (lay.tp, lay.pp, lay.micro_batch_size)
+        assert (tuned.parallel.tp, tuned.parallel.pp, tuned.train.micro_batch_size) == (
+            lay.tp,
+            lay.pp,
+            lay.micro_batch_size,
+        )
     assert {(lay.tp, lay.pp) for lay in layouts} >= {(1, 1), (2, 2), (4, 1), (1, 4), (2, 4)}
 
 
@@ -152,16 +181,19 @@ def test_more_memory_never_fits_fewer_layouts_and_recompute_saves_activations():
     fits = [len(planner.plan(config, planner.Hardware(512, size * GiB))) for size in (16, 32, 80)]
     assert fits[0] <= fits[1] <= fits[2] and fits[2] > 0
     layout = Layout(64, 8, 1, "none", 8, 1)
-    activations = {mode: memory_model.estimate_memory(config, Layout(64, 8, 1, mode, 8, 1)).activations
-                   for mode in planner.RECOMPUTE_MODES}
+    activations = {
+        mode: memory_model.estimate_memory(config, Layout(64, 8, 1, mode, 8, 1)).activations
+        for mode in planner.RECOMPUTE_MODES
+    }
     assert activations["full"] < activations["selective"] <= activations["none"]
     no_flash = memory_model.estimate_memory(config, layout, Kernels(flash_attention=False))
     assert no_flash.activations > memory_model.estimate_memory(config, layout).activations
 
 
 def run_plan(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pangu.cli", "plan", *args], capture_output=True, text=True,
-                          cwd=ROOT, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "pangu.cli", "plan", *args], capture_output=True, text=True, cwd=ROOT, timeout=120
+    )
 
 
 def test_plan_for_pangu_2_6b_on_its_512_devices():
@@ -188,8 +220,18 @@ def test_plan_says_when_nothing_fits_and_rejects_bad_input():
         planner.plan(load_config(ROOT / "configs/tiny.yaml", []), planner.Hardware(0, 80 * GiB))
 
 
-@pytest.mark.parametrize("text,expected", [("80GiB", 80 * GiB), ("32GB", 32 * 10**9), ("1.5TiB", int(1.5 * 2**40)),
-                                           ("81920MiB", 80 * GiB), ("1000", 1000),
-                                           ("80G", 80 * 10**9), ("8e10", 8 * 10**10), ("500 MB", 500 * 10**6)])
+@pytest.mark.parametrize(
+    "text,expected",
+    [
+        ("80GiB", 80 * GiB),
+        ("32GB", 32 * 10**9),
+        ("1.5TiB", int(1.5 * 2**40)),
+        ("81920MiB", 80 * GiB),
+        ("1000", 1000),
+        ("80G", 80 * 10**9),
+        ("8e10", 8 * 10**10),
+        ("500 MB", 500 * 10**6),
+    ],
+)
 def test_memory_sizes(text, expected):
     assert parse_bytes(text) == expected

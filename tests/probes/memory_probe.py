@@ -138,8 +138,9 @@ def measure_case(config) -> dict:
         "parameters": _bytes(params),
         "parameter_flat_buffer": _bytes(flat or []),
         "master_weights": _bytes(masters),
-        "optimizer_state": _bytes(v for state in base.state.values() for v in state.values()
-                                  if torch.is_tensor(v) and v.dim() > 0),
+        "optimizer_state": _bytes(
+            v for state in base.state.values() for v in state.values() if torch.is_tensor(v) and v.dim() > 0
+        ),
     }
     excluded = {p.untyped_storage().data_ptr() for p in params} | {m.untyped_storage().data_ptr() for m in masters}
 
@@ -190,9 +191,17 @@ def measure_case(config) -> dict:
         PipelineEngine._INSTRUCTION_MAP[schedule.ReduceGrads] = original_reduce
     tensors.update(at_reduce)
     engine.destroy()
-    return {"rank": topology.rank, "dp_rank": topology.dp_rank, "tp_rank": topology.tp_rank,
-            "stage": topology.pp_rank, "layout": [topology.dp, topology.tp, topology.pp],
-            "report": report, "tensors": tensors, "saved_forward": saved_forward, "saved_peak": saved_peak}
+    return {
+        "rank": topology.rank,
+        "dp_rank": topology.dp_rank,
+        "tp_rank": topology.tp_rank,
+        "stage": topology.pp_rank,
+        "layout": [topology.dp, topology.tp, topology.pp],
+        "report": report,
+        "tensors": tensors,
+        "saved_forward": saved_forward,
+        "saved_peak": saved_peak,
+    }
 
 
 def run_cases(cases: list[dict]) -> dict[str, list[dict]]:

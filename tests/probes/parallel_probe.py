@@ -47,13 +47,21 @@ def main() -> None:
     while trainer.step < (trainer.config.train.stop_at or trainer.config.train.steps):
         block_inputs.clear()
         record = trainer.train_step()
-        steps.append({"step": record["step"], "loss": record["loss"], "grad_norm": record["grad_norm"],
-                      "skipped": bool(trainer.engine.was_step_applied() is False),
-                      **{k: v for k, v in record.items() if k.startswith("si_")}})
-    replicated_differ = [name for pipe_name, name in trainer.names.items()
-                         if not getattr(dict(trainer.engine.module.named_parameters())[pipe_name],
-                                        "tensor_model_parallel", False)
-                         and differs_across_tp(dict(trainer.engine.module.named_parameters())[pipe_name].data)]
+        steps.append(
+            {
+                "step": record["step"],
+                "loss": record["loss"],
+                "grad_norm": record["grad_norm"],
+                "skipped": bool(trainer.engine.was_step_applied() is False),
+                **{k: v for k, v in record.items() if k.startswith("si_")},
+            }
+        )
+    replicated_differ = [
+        name
+        for pipe_name, name in trainer.names.items()
+        if not getattr(dict(trainer.engine.module.named_parameters())[pipe_name], "tensor_model_parallel", False)
+        and differs_across_tp(dict(trainer.engine.module.named_parameters())[pipe_name].data)
+    ]
     inputs_differ = sum(differs_across_tp(x) for x in block_inputs)
     checkpoint = trainer.save()
     memory = [None] * trainer.topology.world_size
@@ -62,10 +70,15 @@ def main() -> None:
     dist.all_reduce(flags)
     scaler = getattr(trainer.engine.optimizer, "loss_scaler", None)
     if trainer.topology.rank == 0:
-        result = {"steps": steps, "memory": memory, "checkpoint": str(checkpoint),
-                  "replicated_params_differing_across_tp": int(flags[0]),
-                  "block_inputs_differing_across_tp": int(flags[1]), "block_inputs_checked": len(block_inputs),
-                  "loss_scale": float(scaler.cur_scale) if scaler is not None else None}
+        result = {
+            "steps": steps,
+            "memory": memory,
+            "checkpoint": str(checkpoint),
+            "replicated_params_differing_across_tp": int(flags[0]),
+            "block_inputs_differing_across_tp": int(flags[1]),
+            "block_inputs_checked": len(block_inputs),
+            "loss_scale": float(scaler.cur_scale) if scaler is not None else None,
+        }
         with open(args.result, "w") as f:
             json.dump(result, f)
     dist.barrier()

@@ -40,15 +40,19 @@ def ensure_slurm() -> str | None:
         return "Slurm is not installed and there is no apt-get to install it"
     env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
     lock = ["-o", "DPkg::Lock::Timeout=300"]  # wait for a concurrent apt/dpkg instead of failing
-    for command in (["apt-get", *lock, "update"],
-                    ["apt-get", *lock, "install", "-y", "--no-install-recommends", *PACKAGES]):
+    for command in (
+        ["apt-get", *lock, "update"],
+        ["apt-get", *lock, "install", "-y", "--no-install-recommends", *PACKAGES],
+    ):
         try:
             done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900, check=False)
         except subprocess.TimeoutExpired:
             return f"Slurm is not installed and `{' '.join(command)}` timed out"
         if done.returncode != 0:
-            return (f"Slurm is not installed and `{' '.join(command)}` failed "
-                    f"(exit {done.returncode}): {(done.stdout + done.stderr)[-1500:]}")
+            return (
+                f"Slurm is not installed and `{' '.join(command)}` failed "
+                f"(exit {done.returncode}): {(done.stdout + done.stderr)[-1500:]}"
+            )
     missing = [command for command in COMMANDS if not shutil.which(command)]
     return f"installed {' '.join(PACKAGES)} but {missing} are still missing" if missing else None
 
@@ -135,8 +139,14 @@ class SlurmCluster:
     def _spawn(self, command: list[str], log_name: str) -> subprocess.Popen:
         # Own session: a Ctrl-C meant for pytest does not reach the daemons; stop() ends them.
         with open(self.root / "log" / f"{log_name}.out", "ab") as log:
-            proc = subprocess.Popen(command, env=self.env, stdin=subprocess.DEVNULL, stdout=log,
-                                    stderr=subprocess.STDOUT, start_new_session=True)
+            proc = subprocess.Popen(
+                command,
+                env=self.env,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         time.sleep(0.2)
         if proc.poll() is not None:
             raise SlurmError(f"{' '.join(command)} exited with {proc.returncode}: {self.logs(log_name)}")
@@ -158,18 +168,34 @@ class SlurmCluster:
         key = self.root / "munge" / "munge.key"
         key.write_bytes(os.urandom(1024))
         key.chmod(0o400)
-        self._daemons.append(("munged", self._spawn(
-            ["munged", "--foreground", "--force", f"--key-file={key}", f"--socket={self.munge_socket}",
-             f"--pid-file={self.root / 'munge' / 'munged.pid'}", f"--seed-file={self.root / 'munge' / 'seed'}",
-             f"--log-file={self.root / 'log' / 'munged.log'}"], "munged")))
+        self._daemons.append(
+            (
+                "munged",
+                self._spawn(
+                    [
+                        "munged",
+                        "--foreground",
+                        "--force",
+                        f"--key-file={key}",
+                        f"--socket={self.munge_socket}",
+                        f"--pid-file={self.root / 'munge' / 'munged.pid'}",
+                        f"--seed-file={self.root / 'munge' / 'seed'}",
+                        f"--log-file={self.root / 'log' / 'munged.log'}",
+                    ],
+                    "munged",
+                ),
+            )
+        )
         self.wait_for(self.munge_socket.exists, 10, "munged's socket")
 
     def _write_config(self) -> None:
         hardware = subprocess.run(["slurmd", "-C"], capture_output=True, text=True, check=True).stdout
         fields = dict(re.findall(r"(\w+)=(\S+)", hardware.splitlines()[0]))
-        node_hardware = " ".join(f"{key}={fields[key]}" for key in
-                                 ("CPUs", "Boards", "SocketsPerBoard", "CoresPerSocket", "ThreadsPerCore",
-                                  "RealMemory") if key in fields)
+        node_hardware = " ".join(
+            f"{key}={fields[key]}"
+            for key in ("CPUs", "Boards", "SocketsPerBoard", "CoresPerSocket", "ThreadsPerCore", "RealMemory")
+            if key in fields
+        )
         controller_port, *node_ports = free_ports(1 + len(self.nodes))
         host = socket.gethostname().split(".")[0]
         root = self.root
@@ -212,17 +238,31 @@ class SlurmCluster:
             "InactiveLimit=0",
         ]
         for node, port in zip(self.nodes, node_ports):
-            lines.append(f"NodeName={node} NodeHostname={host} NodeAddr=127.0.0.1 Port={port} {node_hardware} "
-                         "State=UNKNOWN")
+            lines.append(
+                f"NodeName={node} NodeHostname={host} NodeAddr=127.0.0.1 Port={port} {node_hardware} State=UNKNOWN"
+            )
         lines.append(f"PartitionName=test Nodes={','.join(self.nodes)} Default=YES MaxTime=INFINITE State=UP")
         self.conf.write_text("\n".join(lines) + "\n", encoding="utf-8")
 
     # -- using it -----------------------------------------------------------------------------
 
-    def run(self, command: list[str], check: bool = True, env: dict | None = None, cwd: Path | None = None,
-            timeout: float = 60) -> subprocess.CompletedProcess:
-        done = subprocess.run(command, env={**(env or self.env), "SLURM_CONF": str(self.conf)},
-                              capture_output=True, text=True, timeout=timeout, cwd=cwd, check=False)
+    def run(
+        self,
+        command: list[str],
+        check: bool = True,
+        env: dict | None = None,
+        cwd: Path | None = None,
+        timeout: float = 60,
+    ) -> subprocess.CompletedProcess:
+        done = subprocess.run(
+            command,
+            env={**(env or self.env), "SLURM_CONF": str(self.conf)},
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            cwd=cwd,
+            check=False,
+        )
         if check and done.returncode != 0:
             raise SlurmError(f"{' '.join(command)} failed ({done.returncode}): {done.stdout}{done.stderr}")
         return done
@@ -251,8 +291,9 @@ class SlurmCluster:
         records = [dict(re.findall(r"(\w+)=(\S*)", line)) for line in self.jobcomp.read_text().splitlines()]
         return [record for record in records if record.get("JobId") == str(job_id)]
 
-    def wait_for(self, condition: Callable[[], object], timeout: float, what: str = "a condition",
-                 interval: float = 0.2):
+    def wait_for(
+        self, condition: Callable[[], object], timeout: float, what: str = "a condition", interval: float = 0.2
+    ):
         deadline = time.monotonic() + timeout
         while True:
             value = condition()

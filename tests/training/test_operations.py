@@ -31,20 +31,24 @@ def weights(checkpoint: Path) -> dict[str, torch.Tensor]:
 
 def test_nan_gradient_skips_the_update_and_training_goes_on(tiny_corpus, tmp_path):
     out = tmp_path / "nan"
-    nan_in_step_3 = ("from pangu.pretrain.trainer import Trainer\n"
-                     "step = Trainer.train_step\n"
-                     "def train_step(self):\n"
-                     "    hooks = []\n"
-                     "    if self.step == 2:\n"
-                     "        param = next(self.engine.module.parameters())\n"
-                     "        hooks.append(param.register_hook(lambda g: g * float('nan')))\n"
-                     "    record = step(self)\n"
-                     "    for hook in hooks:\n"
-                     "        hook.remove()\n"
-                     "    return record\n"
-                     "Trainer.train_step = train_step\n")
-    result = run_pretrain(tiny_overrides(tiny_corpus, out, "train.save_interval=1", f"train.keep_checkpoints={STEPS}"),
-                          prelude=nan_in_step_3)
+    nan_in_step_3 = (
+        "from pangu.pretrain.trainer import Trainer\n"
+        "step = Trainer.train_step\n"
+        "def train_step(self):\n"
+        "    hooks = []\n"
+        "    if self.step == 2:\n"
+        "        param = next(self.engine.module.parameters())\n"
+        "        hooks.append(param.register_hook(lambda g: g * float('nan')))\n"
+        "    record = step(self)\n"
+        "    for hook in hooks:\n"
+        "        hook.remove()\n"
+        "    return record\n"
+        "Trainer.train_step = train_step\n"
+    )
+    result = run_pretrain(
+        tiny_overrides(tiny_corpus, out, "train.save_interval=1", f"train.keep_checkpoints={STEPS}"),
+        prelude=nan_in_step_3,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     records = {r["step"]: r for r in events(out) if "loss" in r}
     assert records[3]["skipped"] and not records[2]["skipped"] and not records[4]["skipped"]
@@ -57,30 +61,47 @@ def test_nan_gradient_skips_the_update_and_training_goes_on(tiny_corpus, tmp_pat
 
 def test_loss_spike_rolls_back_and_skips_the_data(tiny_corpus, tmp_path):
     out = tmp_path / "spike"
-    fake_spike = ("from pangu.pretrain.trainer import Trainer\n"
-                  "step = Trainer.train_step\n"
-                  "seen = set()\n"
-                  "def train_step(self):\n"
-                  "    record = step(self)\n"
-                  "    if record['step'] in (5, 6) and record['step'] not in seen:\n"
-                  "        seen.add(record['step'])\n"
-                  "        record['loss'] *= 10\n"
-                  "    return record\n"
-                  "Trainer.train_step = train_step\n")
-    guard = ["train.spike_guard.enabled=true", "train.spike_guard.window=3", "train.spike_guard.consecutive=2",
-             "train.save_interval=2", f"train.steps={STEPS + 2}", "optim.warmup_steps=2"]
+    fake_spike = (
+        "from pangu.pretrain.trainer import Trainer\n"
+        "step = Trainer.train_step\n"
+        "seen = set()\n"
+        "def train_step(self):\n"
+        "    record = step(self)\n"
+        "    if record['step'] in (5, 6) and record['step'] not in seen:\n"
+        "        seen.add(record['step'])\n"
+        "        record['loss'] *= 10\n"
+        "    return record\n"
+        "Trainer.train_step = train_step\n"
+    )
+    guard = [
+        "train.spike_guard.enabled=true",
+        "train.spike_guard.window=3",
+        "train.spike_guard.consecutive=2",
+        "train.save_interval=2",
+        f"train.steps={STEPS + 2}",
+        "optim.warmup_steps=2",
+    ]
     result = run_pretrain(tiny_overrides(tiny_corpus, out, *guard), prelude=fake_spike)
     assert result.returncode == 0, result.stderr[-3000:]
     rollback = [e for e in events(out) if e.get("event") == "rollback"]
-    assert rollback == [{"step": 4, "event": "rollback", "spike_step": 6, "checkpoint": "step_00000004",
-                         "skipped_samples": [32, 48], "rollbacks": 1}]
+    assert rollback == [
+        {
+            "step": 4,
+            "event": "rollback",
+            "spike_step": 6,
+            "checkpoint": "step_00000004",
+            "skipped_samples": [32, 48],
+            "rollbacks": 1,
+        }
+    ]
     final = json.loads((latest_checkpoint(out) / "trainer.json").read_text())
     assert final["step"] == STEPS + 2 and final["sampler"]["skipped_ranges"] == [[32, 48]]
     assert final["sampler"]["consumed_samples"] == 8 * (STEPS + 2) + 16  # the skipped batches are not reused
 
     capped = tmp_path / "capped"
-    result = run_pretrain(tiny_overrides(tiny_corpus, capped, *guard, "train.spike_guard.max_rollbacks=0"),
-                          prelude=fake_spike)
+    result = run_pretrain(
+        tiny_overrides(tiny_corpus, capped, *guard, "train.spike_guard.max_rollbacks=0"), prelude=fake_spike
+    )
     assert result.returncode == 3 and "max_rollbacks = 0" in result.stderr
 
 
@@ -100,13 +121,15 @@ def test_torn_latest_checkpoint_falls_back_to_the_previous_one(tiny_corpus, stra
 
 def test_full_disk_during_save_keeps_the_previous_checkpoint(tiny_corpus, tmp_path):
     out = tmp_path / "full"
-    disk_full_at_step_4 = ("import errno\nfrom pangu.checkpoint.store import TensorWriter\n"
-                           "add = TensorWriter.add\n"
-                           "def full(self, *args, **kwargs):\n"
-                           "    if 'step_00000004' in str(self.bin_path):\n"
-                           "        raise OSError(errno.ENOSPC, 'No space left on device', str(self.bin_path))\n"
-                           "    return add(self, *args, **kwargs)\n"
-                           "TensorWriter.add = full\n")
+    disk_full_at_step_4 = (
+        "import errno\nfrom pangu.checkpoint.store import TensorWriter\n"
+        "add = TensorWriter.add\n"
+        "def full(self, *args, **kwargs):\n"
+        "    if 'step_00000004' in str(self.bin_path):\n"
+        "        raise OSError(errno.ENOSPC, 'No space left on device', str(self.bin_path))\n"
+        "    return add(self, *args, **kwargs)\n"
+        "TensorWriter.add = full\n"
+    )
     result = run_pretrain(tiny_overrides(tiny_corpus, out, "train.save_interval=2"), prelude=disk_full_at_step_4)
     assert result.returncode == 2
     assert "No space left on device" in result.stderr and "step_00000002) is intact" in result.stderr
@@ -138,8 +161,10 @@ def test_checkpoint_with_another_tokenizer_is_refused(tiny_corpus, straight_run,
     manifest = json.loads((step / "manifest.json").read_text())  # keep the checksum valid: only the
     from pangu.checkpoint.store import sha256_file  # tokenizer differs, not the bytes
 
-    manifest["files"]["trainer.json"] = {"bytes": (step / "trainer.json").stat().st_size,
-                                         "sha256": sha256_file(step / "trainer.json")}
+    manifest["files"]["trainer.json"] = {
+        "bytes": (step / "trainer.json").stat().st_size,
+        "sha256": sha256_file(step / "trainer.json"),
+    }
     (step / "manifest.json").write_text(json.dumps(manifest))
     result = run_pretrain(tiny_overrides(tiny_corpus, out))
     assert result.returncode == 2 and "another tokenizer" in result.stderr
@@ -154,17 +179,34 @@ def test_unwritable_output_directory_is_refused(tiny_corpus, tmp_path):
 
 @pytest.mark.distributed
 def test_world_size_that_does_not_fit_the_layout_is_refused(tiny_corpus, tmp_path):
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=3", "-m", "pangu",
-               "pretrain", *tiny_overrides(tiny_corpus, tmp_path / "run", "parallel.tp=2")]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300,
-                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node=3",
+        "-m",
+        "pangu",
+        "pretrain",
+        *tiny_overrides(tiny_corpus, tmp_path / "run", "parallel.tp=2"),
+    ]
+    result = subprocess.run(
+        command, capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1")
+    )
     assert result.returncode != 0
     assert "world size 3 is not divisible by parallel.tp x parallel.pp = 2 x 1" in result.stderr
 
 
 def _torchrun_pretrain(script: Path, args: list[str], nproc: int) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-               str(script), *args]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={nproc}",
+        str(script),
+        *args,
+    ]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
     return subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
 
@@ -176,14 +218,16 @@ def test_kill_9_of_a_rank_while_checkpointing(tiny_corpus, tmp_path):
     plain = tmp_path / "pretrain.py"
     plain.write_text("import sys\nfrom pangu.cli import main\nsys.exit(main(['pretrain', *sys.argv[1:]]))\n")
     killer = tmp_path / "killed.py"
-    killer.write_text("import os, signal, sys\nimport torch.distributed as dist\n"
-                      "from pangu.checkpoint.store import TensorWriter\n"
-                      "add = TensorWriter.add\n"
-                      "def add_then_die(self, *args, **kwargs):\n"
-                      "    add(self, *args, **kwargs)\n"
-                      "    if 'step_00000004' in str(self.bin_path) and len(self._entries) == 5:\n"
-                      "        os.kill(os.getpid(), signal.SIGKILL)\n"
-                      "TensorWriter.add = add_then_die\n" + plain.read_text())
+    killer.write_text(
+        "import os, signal, sys\nimport torch.distributed as dist\n"
+        "from pangu.checkpoint.store import TensorWriter\n"
+        "add = TensorWriter.add\n"
+        "def add_then_die(self, *args, **kwargs):\n"
+        "    add(self, *args, **kwargs)\n"
+        "    if 'step_00000004' in str(self.bin_path) and len(self._entries) == 5:\n"
+        "        os.kill(os.getpid(), signal.SIGKILL)\n"
+        "TensorWriter.add = add_then_die\n" + plain.read_text()
+    )
     settings = ["model.dropout=0.0", "train.save_interval=2", "train.micro_batch_size=1"]
     reference = tmp_path / "reference"
     assert _torchrun_pretrain(plain, tiny_overrides(tiny_corpus, reference, *settings), 2).returncode == 0

@@ -38,10 +38,14 @@ def submit(cluster: SlurmCluster, corpus: Path, out: Path, env: dict | None = No
     """sbatch --nodes=2 launch/slurm.sbatch --config ... --set ...: dp = 4 (2 nodes x 2 processes)."""
     out.mkdir(parents=True)
     args = tiny_overrides(corpus, out, f"train.steps={STEPS}", "model.dropout=0.0", "train.global_batch_size=128")
-    job_env = dict(cluster.env, PANGU_NPROC_PER_NODE="2", OMP_NUM_THREADS="1",
-                   PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}", **(env or {}))
-    return cluster.sbatch(["--nodes=2", f"--output={out / 'slurm-%j.out'}", str(SBATCH), *args],
-                          env=job_env, cwd=ROOT)
+    job_env = dict(
+        cluster.env,
+        PANGU_NPROC_PER_NODE="2",
+        OMP_NUM_THREADS="1",
+        PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+        **(env or {}),
+    )
+    return cluster.sbatch(["--nodes=2", f"--output={out / 'slurm-%j.out'}", str(SBATCH), *args], env=job_env, cwd=ROOT)
 
 
 def records(out: Path) -> list[dict]:
@@ -55,6 +59,7 @@ def losses(out: Path) -> dict[int, float]:
 
 def wait_until_ended(cluster: SlurmCluster, job: int, out: Path, timeout: float = 600) -> list[dict]:
     """The job's completion records (one per run) once a run ended for good (not requeued)."""
+
     def ended():
         runs = cluster.completions(job)
         return runs if runs and runs[-1]["JobState"] in ENDED else None

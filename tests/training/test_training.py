@@ -31,13 +31,15 @@ def test_resume_is_exact(tiny_corpus, straight_run, tmp_path):
 
 def test_crash_before_publishing_keeps_the_previous_checkpoint(tiny_corpus, straight_run, tmp_path):
     out = tmp_path / "crashed"
-    crash = ("import os\nfrom pangu.checkpoint import format as checkpoint\n"
-             "publish = checkpoint.publish_latest\n"
-             "def crash_at_step_4(root, name):\n"
-             "    if name == 'step_00000004':\n"
-             "        os._exit(17)\n"
-             "    publish(root, name)\n"
-             "checkpoint.publish_latest = crash_at_step_4\n")
+    crash = (
+        "import os\nfrom pangu.checkpoint import format as checkpoint\n"
+        "publish = checkpoint.publish_latest\n"
+        "def crash_at_step_4(root, name):\n"
+        "    if name == 'step_00000004':\n"
+        "        os._exit(17)\n"
+        "    publish(root, name)\n"
+        "checkpoint.publish_latest = crash_at_step_4\n"
+    )
     result = run_pretrain(tiny_overrides(tiny_corpus, out, "train.save_interval=2"), prelude=crash)
     assert result.returncode == 17
     assert latest_checkpoint(out).name == "step_00000002"
@@ -45,8 +47,9 @@ def test_crash_before_publishing_keeps_the_previous_checkpoint(tiny_corpus, stra
     assert result.returncode == 0, result.stderr[-3000:]
     assert "resumed" in (out / "metrics.jsonl").read_text()
     run = losses(out)
-    assert {step: run[step] for step in range(3, STEPS + 1)} == \
-        {step: losses(straight_run)[step] for step in range(3, STEPS + 1)}
+    assert {step: run[step] for step in range(3, STEPS + 1)} == {
+        step: losses(straight_run)[step] for step in range(3, STEPS + 1)
+    }
     assert latest_checkpoint(out).name == f"step_{STEPS:08d}"
 
 
@@ -95,10 +98,28 @@ def test_cli_evaluate_generate_plot_export(tiny_corpus, straight_run, capsys, tm
     args = tiny_overrides(tiny_corpus, straight_run)
     assert main(["evaluate", *args, "--checkpoint", str(straight_run), "--baseline", "--max-samples", "16"]) == 0
     out = capsys.readouterr().out
-    result = json.loads(out[out.index("{\n"):])  # DeepSpeed may print a build line before it
+    result = json.loads(out[out.index("{\n") :])  # DeepSpeed may print a build line before it
     assert result["samples"] == 16 and result["val_ppl"] > 1 and result["unigram_ppl"] > 1
-    assert main(["generate", "--checkpoint", str(straight_run), "--prompt", "中国", "--max-new-tokens", "5",
-                 "--temperature", "0.8", "--top-k", "10", "--top-p", "0.9"]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                "--checkpoint",
+                str(straight_run),
+                "--prompt",
+                "中国",
+                "--max-new-tokens",
+                "5",
+                "--temperature",
+                "0.8",
+                "--top-k",
+                "10",
+                "--top-p",
+                "0.9",
+            ]
+        )
+        == 0
+    )
     assert capsys.readouterr().out.startswith("中国")
     assert main(["plot", str(straight_run)]) == 0
     assert (straight_run / "curves.png").stat().st_size > 1000
@@ -117,13 +138,15 @@ def test_preemption_signal_checkpoints_and_resumes_exactly(tiny_corpus, straight
     """SIGUSR1 (Slurm's preemption warning) during step 3: the run finishes the step, checkpoints,
     exits 0; the next run resumes and reaches the same losses as the uninterrupted run."""
     out = tmp_path / "preempted"
-    signal_in_step_3 = ("import os, signal\nfrom pangu.pretrain.trainer import Trainer\n"
-                        "step = Trainer.train_step\n"
-                        "def train_step(self):\n"
-                        "    if self.step == 2:\n"
-                        "        os.kill(os.getpid(), signal.SIGUSR1)\n"
-                        "    return step(self)\n"
-                        "Trainer.train_step = train_step\n")
+    signal_in_step_3 = (
+        "import os, signal\nfrom pangu.pretrain.trainer import Trainer\n"
+        "step = Trainer.train_step\n"
+        "def train_step(self):\n"
+        "    if self.step == 2:\n"
+        "        os.kill(os.getpid(), signal.SIGUSR1)\n"
+        "    return step(self)\n"
+        "Trainer.train_step = train_step\n"
+    )
     result = run_pretrain(tiny_overrides(tiny_corpus, out), prelude=signal_in_step_3)
     assert result.returncode == 0, result.stderr[-3000:]
     events = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
