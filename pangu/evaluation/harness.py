@@ -21,7 +21,8 @@ from collections import Counter
 import numpy as np
 
 from pangu.evaluation.metrics import accuracy_summary, cmrc_scores, mean_summary, wilson_interval
-from pangu.evaluation.tasks import Prepared, Prompter, Task, load_task
+from pangu.evaluation.prompts import Prepared, Prompter
+from pangu.evaluation.tasks import Task, load_task
 
 # torch and the scorers are imported where used: `add_arguments` is called while the `pangu`
 # command builds its parser, which must stay fast

@@ -23,8 +23,9 @@ from pangu.evaluation.metrics import (
     mixed_segmentation,
     wilson_interval,
 )
+from pangu.evaluation.prompts import Prompter
 from pangu.evaluation.scoring import Scorer
-from pangu.evaluation.tasks import Prompter, TaskError, available_tasks, load_task, sample_shots, task_from_dict
+from pangu.evaluation.tasks import TaskError, available_tasks, load_task, sample_shots, task_from_dict
 from tests.helpers import PROBES, REPO, TASK_DATA, run_pretrain, tiny_overrides
 
 EXAMPLES = TASK_DATA
