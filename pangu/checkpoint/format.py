@@ -84,7 +84,7 @@ def find_intact(run_dir: str | Path) -> Path | None:
             problems.append(str(err))
             continue
         for problem in problems:
-            warnings.warn(f"{problem}; using {candidate.name} instead")
+            warnings.warn(f"{problem}; using {candidate.name} instead", stacklevel=2)
         return candidate
     raise CheckpointError(f"no intact checkpoint in {root}: " + "; ".join(problems))
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from functools import partial
 from pathlib import Path
 
 import deepspeed
@@ -118,19 +119,13 @@ def _write_rank_files(
         if name == layout.WORD_EMBEDDING_WEIGHT and not topology.is_first_stage:
             continue  # the head's copy of the tied embedding: the first stage writes it
         # Each call below is a collective over the data-parallel group: all dp ranks take part.
-        weight = ds.safe_get_full_fp32_param(param)
-        states = {key: ds.safe_get_full_optimizer_state(param, key) for key in state_keys[param]}
+        pieces = {"weight": ds.safe_get_full_fp32_param(param)}
+        pieces.update({key: ds.safe_get_full_optimizer_state(param, key) for key in state_keys[param]})
         spec = table[name]
         replica = topology.tp_rank != 0 and spec.split_dim is None
         if writer is not None and not replica:  # a parameter replicated across tp: tp rank 0 writes it
             index = spec.local_index(topology.tp_rank, topology.tp)
-
-            def add():
-                writer.add(name, "weight", weight, spec.shape, index)
-                for key, value in states.items():
-                    writer.add(name, key, value, spec.shape, index)
-
-            error = _attempt(add)
+            error = _attempt(partial(_add_pieces, writer, name, pieces, spec.shape, index))
             if error is not None:
                 writer.abort()
                 writer = None
@@ -142,6 +137,11 @@ def _write_rank_files(
         if error is None:
             files[f"rng/{rng_file.name}"] = fmt.file_entry(rng_file)
     return files, error
+
+
+def _add_pieces(writer: TensorWriter, name: str, pieces: dict, shape: tuple[int, ...], index) -> None:
+    for key, tensor in pieces.items():
+        writer.add(name, key, tensor, shape, index)
 
 
 def _finalize(

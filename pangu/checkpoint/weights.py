@@ -68,5 +68,5 @@ def load(path: str | Path, dtype: torch.dtype = torch.float32) -> tuple[PanguAlp
     tokenizer_file = path / TOKENIZER_FILE
     tokenizer = PanguTokenizer.from_file(tokenizer_file) if tokenizer_file.is_file() else None
     if tokenizer is not None and tokenizer.vocab_size != model_config.vocab_size:
-        warnings.warn(f"tokenizer has {tokenizer.vocab_size} pieces, the model {model_config.vocab_size}")
+        warnings.warn(f"tokenizer has {tokenizer.vocab_size} pieces, the model {model_config.vocab_size}", stacklevel=2)
     return model, tokenizer

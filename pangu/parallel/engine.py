@@ -94,7 +94,9 @@ def allow_fp16_on_cpu() -> None:
 
     accelerator = get_accelerator()
     if accelerator.device_name() == "cpu" and not accelerator.is_fp16_supported():
-        warnings.warn("fp16 on a CPU without oneDNN fp16 kernels: correct but slow; use bf16 or fp32 on CPU")
+        warnings.warn(
+            "fp16 on a CPU without oneDNN fp16 kernels: correct but slow; use bf16 or fp32 on CPU", stacklevel=2
+        )
         accelerator.is_fp16_supported = lambda: True
 
 

@@ -81,7 +81,7 @@ def test_trained_tokenizer_keeps_released_special_ids_and_round_trips(tmp_path, 
     assert trained.unk_id not in ids
     assert trained.decode(ids) == unicodedata.normalize("NFKC", text)
     # it learned something: frequent review words are single pieces
-    assert len(trained.encode("不错")) < len("不错".encode("utf-8"))
+    assert len(trained.encode("不错")) < len("不错".encode())
 
 
 def test_training_rejects_a_vocabulary_too_small_for_the_special_and_byte_pieces(tmp_path, review_lines):
