@@ -27,7 +27,7 @@ from collections.abc import Callable
 
 import torch
 
-from pangu.optim import S3
+from pangu.optim.s3 import S3
 
 # (hidden size, layers) of a stack of transformer blocks holding about that many elements.
 SIZES = {"1M": (128, 5), "16M": (512, 5), "100M": (1024, 8)}

@@ -24,10 +24,12 @@ from pangu.config import load_config
 from pangu.data.dataset import make_batch
 from pangu.data.prepare import prepare
 from pangu.data.sampler import GlobalBatchSampler
+from pangu.model import layout
 from pangu.model.init import initialize_parameters
 from pangu.model.pangu_alpha import PanguAlpha
 from pangu.model.sizes import flops_per_token
-from pangu.optim import S3, param_groups
+from pangu.optim.param_groups import param_groups
+from pangu.optim.s3 import S3
 from pangu.pretrain.trainer import Trainer, learning_rate
 
 
@@ -41,7 +43,11 @@ class PlainLoop:
         self.model.train()
         optim = config.optim
         self.optimizer = S3(
-            param_groups(self.model.named_parameters(), optim.weight_decay),
+            param_groups(
+                self.model.named_parameters(),
+                optim.weight_decay,
+                no_decay=[p.name for p in layout.parameters(config.model) if not p.weight_decay],
+            ),
             lr=optim.lr,
             beta=optim.beta,
             p=optim.p,

@@ -3,6 +3,8 @@ MindSpore import path; sizes of the paper's configs; layout-independent initiali
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -132,3 +134,25 @@ def test_kv_cache_generation_equals_full_forward_greedy(single_process):
             ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
     assert generated == ids[len(prompt) :]
     assert all(t < config.vocab_size for t in generated)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [{}, {"final_layernorm": "after"}, {"scale_invariant": True, "final_layernorm": "after"}],
+    ids=["before", "after", "scale_invariant"],
+)
+def test_the_model_and_the_pipeline_build_exactly_the_declared_parameters(single_process, overrides):
+    """pangu/model/layout.py is the one declaration: the single-process model registers its
+    parameters under the declared names, shapes and order, and the pipeline's stage modules map
+    onto the same canonical names (the head sharing the word embedding)."""
+    from pangu.model import layout
+    from pangu.parallel.pipeline import build_pipeline, canonical_names
+    from pangu.parallel.topology import init_distributed
+
+    config = _tiny(**overrides)
+    declared = [(p.name, p.shape) for p in layout.parameters(config)]
+    assert [(n, tuple(p.shape)) for n, p in PanguAlpha(config).named_parameters()] == declared
+    full = dataclasses.replace(load_config(None, []), model=config)
+    pipe = build_pipeline(full, init_distributed(full.parallel), loss_fn=None)
+    names = canonical_names(pipe, config)
+    assert sorted((names[n], tuple(p.shape)) for n, p in pipe.named_parameters()) == sorted(declared)
