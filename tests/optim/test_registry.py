@@ -9,10 +9,10 @@ import sys
 import pytest
 
 from pangu.config import ConfigError, load_config
-from tests.helpers import REPO, losses, stored_tensors, tiny_overrides
+from tests.helpers import PROBES, losses, stored_tensors, subprocess_env, tiny_overrides, torchrun
 
 PLUGIN = "tests.optim.momentum_sgd_spec"
-RUN_CLI = str(REPO / "tests" / "probes" / "run_cli.py")
+RUN_CLI = str(PROBES / "run_cli.py")
 
 
 def test_unknown_optimizer_is_a_config_error_naming_the_registered_ones():
@@ -33,14 +33,12 @@ def test_the_planner_counts_the_state_the_spec_declares():
 
 
 def _pangu(args: list[str], world: int = 1) -> subprocess.CompletedProcess:
-    launcher = (
-        [sys.executable]
-        if world == 1
-        else [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world}"]
-    )
-    env = {"OMP_NUM_THREADS": "1", **__import__("os").environ}
+    """`pangu pretrain ARGS` with the test optimizer registered, in `world` processes."""
+    command = [PLUGIN, "pretrain", *args]
+    if world > 1:
+        return torchrun(RUN_CLI, command, world)
     return subprocess.run(
-        [*launcher, RUN_CLI, PLUGIN, "pretrain", *args], capture_output=True, text=True, env=env, timeout=600
+        [sys.executable, RUN_CLI, *command], capture_output=True, text=True, env=subprocess_env(), timeout=600
     )
 
 
@@ -50,7 +48,7 @@ def test_a_registered_optimizer_trains_checkpoints_and_resumes(tiny_corpus, tmp_
     """momentum_sgd, registered by a test module: 4 steps straight at (1, 1, 1); stopped at step 2
     and resumed at (1, 1, 1) (bitwise the same) and at (2, 1, 1) (the same to float rounding);
     its momentum buffers are in the checkpoint."""
-    steps = ["train.steps=4", "optim.name=momentum_sgd", "optim.lr=0.05", "optim.warmup_steps=1"]
+    steps = ["train.steps=4", "optim.name=momentum_sgd", "optim.lr=0.05", "optim.warmup_steps=1", "model.dropout=0.0"]
     straight = tmp_path / "straight"
     assert _pangu(tiny_overrides(tiny_corpus, straight, *steps)).returncode == 0
     for world, out in ((1, tmp_path / "resumed"), (2, tmp_path / "resumed_dp2")):

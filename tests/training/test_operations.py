@@ -15,7 +15,7 @@ import torch
 
 from pangu.checkpoint.store import TensorReader
 from pangu.checkpoint.training import latest_checkpoint
-from tests.helpers import REPO, STEPS, losses, run_pretrain, tiny_overrides
+from tests.helpers import STEPS, losses, run_pretrain, tiny_overrides, torchrun
 
 pytestmark = [pytest.mark.slow]
 
@@ -197,20 +197,6 @@ def test_world_size_that_does_not_fit_the_layout_is_refused(tiny_corpus, tmp_pat
     assert "world size 3 is not divisible by parallel.tp x parallel.pp = 2 x 1" in result.stderr
 
 
-def _torchrun_pretrain(script: Path, args: list[str], nproc: int) -> subprocess.CompletedProcess:
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        f"--nproc-per-node={nproc}",
-        str(script),
-        *args,
-    ]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-    return subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
-
-
 @pytest.mark.distributed
 def test_kill_9_of_a_rank_while_checkpointing(tiny_corpus, tmp_path):
     """Two data-parallel ranks; rank 0 is killed (SIGKILL) halfway through writing checkpoint 4.
@@ -230,13 +216,13 @@ def test_kill_9_of_a_rank_while_checkpointing(tiny_corpus, tmp_path):
     )
     settings = ["model.dropout=0.0", "train.save_interval=2", "train.micro_batch_size=1"]
     reference = tmp_path / "reference"
-    assert _torchrun_pretrain(plain, tiny_overrides(tiny_corpus, reference, *settings), 2).returncode == 0
+    assert torchrun(plain, tiny_overrides(tiny_corpus, reference, *settings), 2).returncode == 0
     out = tmp_path / "killed"
-    crashed = _torchrun_pretrain(killer, tiny_overrides(tiny_corpus, out, *settings), 2)
+    crashed = torchrun(killer, tiny_overrides(tiny_corpus, out, *settings), 2)
     assert crashed.returncode != 0
     assert latest_checkpoint(out).name == "step_00000002"
     assert (out / "checkpoints" / ".tmp_step_00000004").exists()  # the torn one, never published
-    resumed = _torchrun_pretrain(plain, tiny_overrides(tiny_corpus, out, *settings), 2)
+    resumed = torchrun(plain, tiny_overrides(tiny_corpus, out, *settings), 2)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert losses(out) == losses(reference)
     assert not (out / "checkpoints" / ".tmp_step_00000004").exists()
