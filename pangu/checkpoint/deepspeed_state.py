@@ -1,12 +1,21 @@
 """The one place that reaches into DeepSpeed's optimizer wrappers (ZeRO-1's
-DeepSpeedZeroOptimizer, BF16_Optimizer): per-parameter access to the fp32 master weights and the
-optimizer state that ZeRO partitions, the per-group scalars, and the loss scaler.
+DeepSpeedZeroOptimizer, BF16_Optimizer): where each parameter's fragment of this rank's flat fp32
+partition lies (what a rank owns and writes), the flat partitions of the master weights and of
+the optimizer state, refreshing the model's weights from them, the per-group scalars, and the
+loss scaler.
+
+Under ZeRO-1 each param group is one flat fp32 tensor split evenly over the data-parallel ranks;
+a rank's partition cuts parameters at arbitrary flat positions. DeepSpeed records, per model
+parameter, the fragment this rank owns (`param._hp_mapping`: its start in the partition and in
+the flattened parameter, and its length; deepspeed/utils/tensor_fragment.py).
 
 What state an optimizer keeps is its spec's to say (pangu/optim/registry.py); this module only
 knows where DeepSpeed keeps it.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 from deepspeed.utils import (
@@ -35,6 +44,51 @@ def base_optimizer(engine) -> torch.optim.Optimizer:
 def flat_partitions(engine) -> list[torch.Tensor]:
     """The flat fp32 partition each param group of the base optimizer updates on this rank."""
     return [group["params"][0] for group in base_optimizer(engine).param_groups]
+
+
+@dataclass(frozen=True)
+class Fragment:
+    """The part of one model parameter that this rank's ZeRO-1 partition holds."""
+
+    pipe_name: str  # the parameter's name in the pipeline module
+    group: int  # its param group
+    start: int  # first element in the group's flat fp32 partition
+    offset: int  # first element in the flattened parameter (this rank's tensor-parallel slice)
+    numel: int
+
+
+def fragments(engine) -> list[Fragment]:
+    """This rank's fragments, in the module's parameter order (a parameter outside the rank's
+    partitions has none)."""
+    out = []
+    for pipe_name, param in engine.module.named_parameters():
+        mapping = getattr(param, "_hp_mapping", None)
+        if mapping is None:
+            continue
+        hp, lp = mapping.get_hp_fragment_address(), mapping.lp_fragment_address
+        out.append(Fragment(pipe_name, mapping.param_group_index, hp.start, lp.start, lp.numel))
+    return out
+
+
+def partitions(engine, optim: OptimConfig, weights_only: bool = False) -> list[dict[str, torch.Tensor]]:
+    """Per param group, this rank's flat fp32 tensors: {"weight": the master weights, state key:
+    that optimizer state} (the state must exist: link_optimizer_state)."""
+    spec = registry.get(optim.name)
+    base = base_optimizer(engine)
+    out = []
+    for group, flat in zip(base.param_groups, flat_partitions(engine)):
+        tensors = {"weight": flat.detach()}
+        if not weights_only:
+            tensors.update({key: base.state[flat][key] for key in spec.state_keys(optim, group["name"])})
+        out.append(tensors)
+    return out
+
+
+def refresh_model_weights(engine) -> None:
+    """The model's (possibly half-precision) weights from the fp32 master partitions: each rank
+    rounds its partition and the partitions are all-gathered over the data-parallel group, as
+    after every optimizer step."""
+    engine.optimizer.update_lp_params()
 
 
 def state_keys_by_param(engine, optim: OptimConfig) -> dict[torch.nn.Parameter, tuple[str, ...]]:

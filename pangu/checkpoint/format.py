@@ -1,21 +1,27 @@
-"""pangu's checkpoint format: per parameter, layout-independent, crash-safe.
+"""pangu's checkpoint format: per parameter, layout-independent, crash-safe, written and read in
+parallel by every rank (format 2; format 1 is still read).
 
     RUN_DIR/checkpoints/
         latest                     name of the newest complete checkpoint (replaced atomically)
         step_00000100/
             manifest.json          written last: format, kind, step, config, layout, tokenizer
-                                   fingerprint, every file with its size and sha256
-            tensors/pp{P}-tp{T}.*  weights (fp32 master copy) and optimizer state of every
-                                   parameter, each tensor-parallel slice with its place in the
-                                   full tensor (see store.py)
+                                   fingerprint, every file with its size (and CRC-32 for the
+                                   small files)
+            tensors/rank{R}.bin    what rank R owns under ZeRO-1: the fp32 master weights and the
+                                   optimizer state of its fragment of each parameter (store.py)
+            tensors/index.json     every piece: parameter, state key, tensor-parallel box, flat
+                                   range within it, file, offset, CRC-32
             rng/rank{R}.pt         every RNG of every rank (exact resume on the same layout)
             trainer.json           step, sampler state, loss scaler, optimizer scalars
             tokenizer.model        so that a checkpoint is usable on its own
 
 A checkpoint is written into a hidden temporary directory, fsynced, renamed into place, and
 only then does `latest` move (written to a temporary file and renamed). A crash at any moment
-leaves the previous checkpoint and pointer intact. A weights-only checkpoint (imported or
-converted weights) has the same manifest with kind "weights" and no rng/ or trainer.json.
+leaves the previous checkpoint and pointer intact. Start-up checks structure only (the manifest,
+every file present with its size: O(files)); the rank that reads a piece checks its checksum.
+A weights-only checkpoint (imported or converted weights) has the same layout with kind
+"weights", one tensors/rank00000.bin and no rng/ or trainer.json. Format 1 (before parallel
+saves): tensors/pp{P}-tp{T}.{bin,json} with whole tensor-parallel slices and a sha256 per file.
 """
 
 from __future__ import annotations
@@ -23,13 +29,14 @@ from __future__ import annotations
 import json
 import shutil
 import warnings
+import zlib
 from pathlib import Path
 
-from pangu.checkpoint.store import CheckpointError, fsync_dir, sha256_file, write_file_synced
+from pangu.checkpoint.store import CheckpointError, CorruptCheckpointError, crc32_file, fsync_dir, write_file_synced
 from pangu.config import ModelConfig
 
 FORMAT = "pangu-checkpoint"
-VERSION = 1
+VERSION = 2
 # Model fields that decide the shapes of the parameters: a checkpoint must agree on all of them.
 SHAPE_FIELDS = (
     "num_layers",
@@ -64,50 +71,84 @@ def resolve(path: str | Path) -> Path:
     )
 
 
-def find_intact(run_dir: str | Path) -> Path | None:
-    """The newest intact checkpoint of a run, or None for a fresh run.
-
-    Starts from the `latest` pointer; a checkpoint that is torn or corrupt (a file missing,
-    truncated or not matching its checksum) is passed over with a warning for the next older
-    complete one."""
+def intact_checkpoints(run_dir: str | Path) -> list[Path]:
+    """A run's checkpoints whose structure is intact, newest first, starting from the `latest`
+    pointer ([] for a fresh run). A torn one (manifest or a file missing, a size wrong) is passed
+    over with a warning naming what is wrong; raises if the pointer exists but none is intact."""
     root = checkpoint_root(run_dir)
     pointer = root / "latest"
     if not pointer.is_file():
-        return None
+        return []
     newest = root / pointer.read_text().strip()
     older = sorted((p for p in root.glob("step_*") if p.name < newest.name), reverse=True)
-    problems = []
+    problems, intact = [], []
     for candidate in [newest, *older]:
         try:
-            read_manifest(candidate)
+            check_structure(candidate)
         except CheckpointError as err:
-            problems.append(str(err))
+            if not intact:
+                problems.append(str(err))
             continue
-        for problem in problems:
-            warnings.warn(f"{problem}; using {candidate.name} instead", stacklevel=2)
-        return candidate
-    raise CheckpointError(f"no intact checkpoint in {root}: " + "; ".join(problems))
+        intact.append(candidate)
+    if not intact:
+        raise CheckpointError(f"no intact checkpoint in {root}: " + "; ".join(problems))
+    for problem in problems:
+        warnings.warn(f"{problem}; using {intact[0].name} instead", stacklevel=2)
+    return intact
+
+
+def find_intact(run_dir: str | Path) -> Path | None:
+    """The newest checkpoint of a run whose structure is intact, or None for a fresh run."""
+    intact = intact_checkpoints(run_dir)
+    return intact[0] if intact else None
 
 
 def read_manifest(path: Path, verify: bool = True) -> dict:
-    """The manifest, after checking that every file it lists is there with its size and checksum."""
-    manifest_path = path / "manifest.json"
+    """The manifest; with `verify`, after checking the checkpoint's structure (check_structure)."""
+    manifest_path = Path(path) / "manifest.json"
     if not manifest_path.is_file():
-        raise CheckpointError(f"{path} is not a complete pangu checkpoint: manifest.json is missing")
+        raise CorruptCheckpointError(f"{path} is not a complete pangu checkpoint: manifest.json is missing")
     try:
         manifest = json.loads(manifest_path.read_text())
-    except json.JSONDecodeError as err:
-        raise CheckpointError(f"{manifest_path} is corrupt: {err}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CorruptCheckpointError(f"{manifest_path} is corrupt: {err}") from None
     if manifest.get("format") != FORMAT:
         raise CheckpointError(f"{manifest_path} is not a pangu checkpoint manifest")
+    if manifest.get("version", 1) > VERSION:
+        raise CheckpointError(f"{path} is format {manifest['version']}; this pangu reads formats 1 to {VERSION}")
     if verify:
         for rel, info in manifest["files"].items():
-            file = path / rel
+            file = Path(path) / rel
             if not file.is_file():
-                raise CheckpointError(f"checkpoint {path} is incomplete: {rel} is missing")
-            if file.stat().st_size != info["bytes"] or sha256_file(file) != info["sha256"]:
-                raise CheckpointError(f"checkpoint {path} is corrupt: {rel} does not match its checksum")
+                raise CorruptCheckpointError(f"checkpoint {path} is incomplete: {rel} is missing")
+            if file.stat().st_size != info["bytes"]:
+                raise CorruptCheckpointError(
+                    f"checkpoint {path} is torn: {rel} has {file.stat().st_size} bytes, the manifest says {info['bytes']}"
+                )
     return manifest
+
+
+def check_structure(path: Path) -> dict:
+    """The manifest, after checking that every file it lists is there with its size (O(files),
+    no byte is read); returns the manifest."""
+    return read_manifest(path, verify=True)
+
+
+def read_checked(path: Path, rel: str, manifest: dict) -> bytes:
+    """A small file of a checkpoint, checked against the CRC-32 (or format 1's sha256) in its manifest."""
+    import hashlib
+
+    file = Path(path) / rel
+    try:
+        data = file.read_bytes()
+    except FileNotFoundError:
+        raise CorruptCheckpointError(f"checkpoint {path} is incomplete: {rel} is missing") from None
+    info = manifest["files"].get(rel, {})
+    if ("crc32" in info and zlib.crc32(data) != info["crc32"]) or (
+        "crc32" not in info and info.get("sha256") and hashlib.sha256(data).hexdigest() != info["sha256"]
+    ):
+        raise CorruptCheckpointError(f"{file} is corrupt: it does not match its checksum")
+    return data
 
 
 def model_fields(model: ModelConfig) -> dict:
@@ -125,8 +166,8 @@ def check_model_matches(manifest: dict, model: ModelConfig, path: Path) -> None:
 
 
 def file_entry(path: Path) -> dict:
-    """A manifest's record of one written file."""
-    return {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
+    """A manifest's record of one written (small) file: its size and CRC-32."""
+    return {"bytes": path.stat().st_size, "crc32": crc32_file(path)}
 
 
 def write_manifest(directory: Path, manifest: dict) -> None:
@@ -138,7 +179,7 @@ def write_manifest(directory: Path, manifest: dict) -> None:
 def publish(tmp: Path, final: Path) -> None:
     """Moves a finished checkpoint directory into place (replacing one of the same name from an
     earlier attempt)."""
-    for sub in sorted({p.parent for p in tmp.rglob("*") if p.is_file()} | {tmp}, reverse=True):
+    for sub in sorted({p for p in tmp.rglob("*") if p.is_dir()} | {tmp}, reverse=True):
         fsync_dir(sub)
     if final.exists():
         shutil.rmtree(final)
@@ -154,8 +195,23 @@ def publish_latest(root: Path, name: str) -> None:
     fsync_dir(root)
 
 
-def prune(root: Path, keep: int) -> None:
-    """Keeps the newest `keep` complete checkpoints; removes older ones and leftovers of crashed saves."""
-    complete = sorted(p for p in root.glob("step_*") if (p / "manifest.json").is_file())
+def prune(root: Path, keep: int, current: str | None = None) -> None:
+    """Keeps the newest `keep` complete checkpoints up to `current` (the one just published; newer
+    ones belong to a timeline the run has left, e.g. written but never published before a crash,
+    and are replaced when the run gets there again); removes older ones and leftovers of crashed
+    saves."""
+    complete = sorted(
+        p for p in root.glob("step_*") if (p / "manifest.json").is_file() and (current is None or p.name <= current)
+    )
     for old in complete[:-keep] + list(root.glob(".tmp_step_*")):
         shutil.rmtree(old, ignore_errors=True)
+
+
+def set_aside(path: Path) -> Path:
+    """Renames a torn or corrupt checkpoint to corrupt_step_N (kept for inspection, never read)."""
+    target = path.with_name(f"corrupt_{path.name}")
+    if target.exists():
+        shutil.rmtree(target)
+    path.rename(target)
+    fsync_dir(path.parent)
+    return target

@@ -1,21 +1,32 @@
-"""A streaming, layout-independent tensor file: the storage under every pangu checkpoint.
+"""The tensor store under every pangu checkpoint: pieces of tensors in flat binary files, each
+recorded with its place in the full tensor and a CRC-32 of its bytes.
 
-A store is a pair of files: `NAME.bin` (raw tensor bytes, appended one tensor at a time) and
-`NAME.json` (for each entry: parameter name, state key, dtype, offset, the full tensor's shape and
-the slice of it this entry holds). A tensor-parallel rank writes its slices; a reader assembles
-any region of the full tensor from whichever slices cover it, so a checkpoint written under one
-(tp, pp) layout loads under another.
+A piece is a run of elements of one stored tensor (a parameter's "weight" or one of its optimizer
+states): the box of the full tensor it lies in ([start, stop) in every dimension: a
+tensor-parallel slice), the flat range [start, stop) of that box's row-major elements it holds (a
+ZeRO-1 fragment; the whole box for a tensor written whole), and `copy`: 0 for the copy readers use
+under any layout, > 0 for a replica that only its own writer reads back (a parameter replicated
+across the tensor-parallel group, the head's copy of the tied word embedding). A reader assembles
+any region of the full tensor, or any fragment of any box, from the pieces that overlap it, so a
+checkpoint written under one (dp, tp, pp) loads under another; the rank that reads a piece checks
+its checksum.
+
+Two index layouts, both read by `TensorReader`:
+- format 2: `index.json` ({"pieces": [...]}) for every piece of every `rank{R}.bin` in the directory;
+- format 1 (read, and still written by `TensorWriter.close`): per store `NAME.json`
+  ({"bin": "NAME.bin", "entries": [...]}) beside `NAME.bin`, whole boxes, checksums per file.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
 _DTYPES = {
@@ -25,35 +36,94 @@ _DTYPES = {
     "int64": torch.int64,
     "int32": torch.int32,
 }
+INDEX_FILE = "index.json"
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint is missing, incomplete, corrupt or does not fit the model."""
 
 
+class CorruptCheckpointError(CheckpointError):
+    """Bytes of a checkpoint do not match what its manifest or index records (torn or corrupt):
+    a run falls back to the previous checkpoint."""
+
+
+Box = tuple[tuple[int, int], ...]
+
+
 @dataclass(frozen=True)
-class Entry:
+class Piece:
     name: str
     key: str  # "weight" or an optimizer state name ("m", "s", "exp_avg", ...)
     dtype: str
+    file: Path
     offset: int
     full_shape: tuple[int, ...]
-    index: tuple[tuple[int, int], ...]  # [start, stop) of this piece in every dimension
-    file: Path
+    box: Box  # [start, stop) in every dimension of the full tensor
+    flat: tuple[int, int]  # [start, stop) of the box's row-major elements
+    crc32: int | None = None  # None in format 1 (checked per file)
+    copy: int = 0
+
+    @property
+    def numel(self) -> int:
+        return self.flat[1] - self.flat[0]
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * _DTYPES[self.dtype].itemsize
 
     @property
     def shape(self) -> tuple[int, ...]:
-        return tuple(stop - start for start, stop in self.index)
+        """The box's shape (a format-1 piece holds its whole box)."""
+        return tuple(stop - start for start, stop in self.box)
+
+
+def _record(name, key, dtype, offset, full_shape, box, flat, crc, copy) -> dict:
+    return {
+        "name": name,
+        "key": key,
+        "dtype": dtype,
+        "offset": offset,
+        "full_shape": list(full_shape),
+        "index": [list(r) for r in box],
+        "flat": list(flat),
+        "crc32": crc,
+        "copy": copy,
+    }
+
+
+def _piece(record: dict, file: Path) -> Piece:
+    box = tuple(tuple(r) for r in record["index"])
+    flat = tuple(record.get("flat") or (0, math.prod(b - a for a, b in box)))
+    return Piece(
+        record["name"],
+        record["key"],
+        record["dtype"],
+        file,
+        record["offset"],
+        tuple(record["full_shape"]),
+        box,
+        flat,
+        record.get("crc32"),
+        record.get("copy", 0),
+    )
+
+
+def tensor_bytes(tensor: torch.Tensor):
+    """A contiguous CPU tensor's bytes as a buffer (no copy; any dtype, bfloat16 included)."""
+    return tensor.reshape(-1).view(torch.uint8).numpy()
 
 
 class TensorWriter:
-    """Appends tensors to NAME.bin and records them; `close()` fsyncs and writes NAME.json."""
+    """Appends tensors (or fragments of them) to NAME.bin, recording each with its CRC-32.
+    `finish()` fsyncs and returns the records for a format-2 index; `close()` also writes a
+    format-1 NAME.json beside it (with the file's sha256 when `hash_file`)."""
 
-    def __init__(self, directory: Path, name: str):
-        self.bin_path = directory / f"{name}.bin"
-        self.index_path = directory / f"{name}.json"
+    def __init__(self, directory: Path, name: str, hash_file: bool = True):
+        self.bin_path = Path(directory) / f"{name}.bin"
+        self.index_path = Path(directory) / f"{name}.json"
         self._file = open(self.bin_path, "wb")
-        self._sha = hashlib.sha256()
+        self._sha = hashlib.sha256() if hash_file else None
         self._entries: list[dict] = []
         self._offset = 0
 
@@ -64,111 +134,233 @@ class TensorWriter:
         tensor: torch.Tensor,
         full_shape: tuple[int, ...],
         index: tuple[slice, ...] | None = None,
+        flat: tuple[int, int] | None = None,
+        copy: int = 0,
     ) -> None:
+        """Stores `tensor`: the region `index` of the full tensor (default: all of it), or with
+        `flat` the elements [start, stop) of that box in row-major order (`tensor` then holds
+        exactly those, in any shape)."""
         tensor = tensor.detach().cpu().contiguous()
         if index is None:
             index = tuple(slice(0, n) for n in tensor.shape)
-        data = (
-            tensor.view(torch.uint8).numpy().tobytes() if tensor.dtype == torch.bfloat16 else tensor.numpy().tobytes()
-        )
+        box = tuple((s.start, s.stop) for s in index)
+        flat = tuple(flat) if flat is not None else (0, math.prod(b - a for a, b in box))
+        if flat[1] - flat[0] != tensor.numel():
+            raise ValueError(f"{name} ({key}): {tensor.numel()} elements for the flat range {flat}")
+        data = tensor_bytes(tensor)
         self._file.write(data)
-        self._sha.update(data)
-        self._entries.append(
-            {
-                "name": name,
-                "key": key,
-                "dtype": str(tensor.dtype).removeprefix("torch."),
-                "offset": self._offset,
-                "full_shape": list(full_shape),
-                "index": [[s.start, s.stop] for s in index],
-            }
-        )
-        self._offset += len(data)
+        if self._sha is not None:
+            self._sha.update(data)
+        dtype = str(tensor.dtype).removeprefix("torch.")
+        self._entries.append(_record(name, key, dtype, self._offset, full_shape, box, flat, zlib.crc32(data), copy))
+        self._offset += data.nbytes
 
     def abort(self) -> None:
         """Stops writing after an error (the caller removes the partial files)."""
         self._file.close()
 
-    def close(self) -> dict[str, dict]:
-        """Flush to disk; returns {file name: {"bytes", "sha256"}} for the manifest."""
+    def finish(self) -> tuple[int, list[dict]]:
+        """Flush to disk; returns (bytes written, the pieces' records with their file name)."""
         self._file.flush()
         os.fsync(self._file.fileno())
         self._file.close()
+        return self._offset, [dict(e, file=self.bin_path.name) for e in self._entries]
+
+    def close(self) -> dict[str, dict]:
+        """Flush to disk and write the format-1 NAME.json; returns {file name: {"bytes", "sha256"}}."""
+        size, _ = self.finish()
         index_bytes = json.dumps({"bin": self.bin_path.name, "entries": self._entries}).encode()
         write_file_synced(self.index_path, index_bytes)
         return {
-            self.bin_path.name: {"bytes": self._offset, "sha256": self._sha.hexdigest()},
+            self.bin_path.name: {"bytes": size, "sha256": self._sha.hexdigest() if self._sha else None},
             self.index_path.name: {"bytes": len(index_bytes), "sha256": hashlib.sha256(index_bytes).hexdigest()},
         }
 
 
-class TensorReader:
-    """Reads any region of any stored tensor, from all the stores in a directory."""
+def write_index(directory: Path, records: list[dict]) -> bytes:
+    """Writes the format-2 index of a directory's pieces; returns its bytes."""
+    data = json.dumps({"pieces": records}, separators=(",", ":")).encode()
+    write_file_synced(Path(directory) / INDEX_FILE, data)
+    return data
 
-    def __init__(self, directory: Path):
-        self._entries: dict[tuple[str, str], list[Entry]] = {}
-        self._maps: dict[Path, np.memmap] = {}
-        for index_path in sorted(directory.glob("*.json")):
-            meta = json.loads(index_path.read_text())
-            bin_path = directory / meta["bin"]
-            for e in meta["entries"]:
-                entry = Entry(
-                    e["name"],
-                    e["key"],
-                    e["dtype"],
-                    e["offset"],
-                    tuple(e["full_shape"]),
-                    tuple(tuple(i) for i in e["index"]),
-                    bin_path,
-                )
-                self._entries.setdefault((entry.name, entry.key), []).append(entry)
+
+def flat_runs(shape: tuple[int, ...], start: int, stop: int):
+    """The elements [start, stop) of an array of `shape` in row-major order, as rectangles:
+    (first index, sizes, offset of the rectangle's first element from `start`). A flat range of
+    an n-dimensional box is at most 2n - 1 rectangles (a partial first row, whole rows, a partial
+    last row, recursively)."""
+    if start >= stop:
+        return
+    if len(shape) <= 1:
+        yield (start,), (stop - start,), 0
+        return
+    inner = math.prod(shape[1:])
+    row, offset = start // inner, 0
+    if start % inner:  # a partial first row
+        end = min(stop, (row + 1) * inner)
+        for first, sizes, at in flat_runs(shape[1:], start - row * inner, end - row * inner):
+            yield (row, *first), (1, *sizes), at
+        offset, row = end - start, row + 1
+        if end == stop:
+            return
+    last = stop // inner
+    if last > row:  # whole rows
+        yield (row,) + (0,) * (len(shape) - 1), (last - row, *shape[1:]), offset
+        offset += (last - row) * inner
+    if stop % inner:  # a partial last row
+        for first, sizes, at in flat_runs(shape[1:], 0, stop - last * inner):
+            yield (last, *first), (1, *sizes), offset + at
+
+
+def _rectangles(box: Box, flat: tuple[int, int]):
+    """(rectangle in full-tensor coordinates, offset in the run's data) of a flat range of a box."""
+    shape = tuple(b - a for a, b in box)
+    for first, sizes, at in flat_runs(shape, *flat):
+        yield tuple((a + f, a + f + n) for (a, _), f, n in zip(box, first, sizes)), at
+
+
+def _overlaps(a: Box, b: Box) -> bool:
+    return all(max(x0, y0) < min(x1, y1) for (x0, x1), (y0, y1) in zip(a, b))
+
+
+class TensorReader:
+    """Reads any region of any stored tensor, or any fragment of any box, from the pieces in a
+    directory (format 2 or 1), checking the checksum of every piece it reads. `prefer`: a file
+    whose pieces are read where one matches a request exactly (a rank's own file on the layout
+    that wrote it). `index`: the format-2 index's bytes, when the caller has read (and checked)
+    them. `bytes_read` counts the tensor bytes read."""
+
+    def __init__(self, directory: Path, prefer: str | None = None, index: bytes | None = None):
+        self.directory = Path(directory)
+        self.prefer = prefer
+        self.bytes_read = 0
+        self.index_bytes = 0
+        self._by_key: dict[tuple[str, str], list[Piece]] = {}
+        self._maps: dict[Path, object] = {}  # open files
+        if index is None and (self.directory / INDEX_FILE).is_file():
+            index = (self.directory / INDEX_FILE).read_bytes()
+        if index is not None:
+            self.index_bytes += len(index)
+            for record in json.loads(index)["pieces"]:
+                self._add(_piece(record, self.directory / record["file"]))
+        for store in sorted(self.directory.glob("*.json")):
+            if store.name == INDEX_FILE:
+                continue
+            meta = json.loads(store.read_text())
+            for record in meta["entries"]:
+                self._add(_piece(record, self.directory / meta["bin"]))
+
+    def _add(self, piece: Piece) -> None:
+        self._by_key.setdefault((piece.name, piece.key), []).append(piece)
 
     def names(self) -> set[str]:
-        return {name for name, _ in self._entries}
+        return {name for name, _ in self._by_key}
 
     def keys(self, name: str) -> set[str]:
-        return {key for n, key in self._entries if n == name}
+        return {key for n, key in self._by_key if n == name}
+
+    def pieces(self) -> list[Piece]:
+        """Every stored piece, replicas included."""
+        return [p for pieces in self._by_key.values() for p in pieces]
 
     def full_shape(self, name: str, key: str = "weight") -> tuple[int, ...]:
         return self._pieces(name, key)[0].full_shape
 
+    def dtype(self, name: str, key: str = "weight") -> str:
+        return self._pieces(name, key)[0].dtype
+
     def read(self, name: str, key: str = "weight", index: tuple[slice, ...] | None = None) -> torch.Tensor:
         """The region `index` (default: everything) of the full tensor, assembled from its pieces."""
-        pieces = self._pieces(name, key)
-        full_shape = pieces[0].full_shape
+        full_shape = self.full_shape(name, key)
         if index is None:
             index = tuple(slice(0, n) for n in full_shape)
-        out = torch.empty([s.stop - s.start for s in index], dtype=_DTYPES[pieces[0].dtype])
+        box = tuple((s.start, s.stop) for s in index)
+        shape = tuple(b - a for a, b in box)
+        return self.read_flat(name, key, box, (0, math.prod(shape))).reshape(shape)
+
+    def read_flat(
+        self, name: str, key: str, box: Box, flat: tuple[int, int], out: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The elements [start, stop) of the region `box` of the full tensor, in row-major order, as
+        a 1-D tensor (written into `out`, cast to its dtype, when given)."""
+        pieces = self._pieces(name, key, primary=False)
+        box, flat = tuple(tuple(r) for r in box), tuple(flat)
+        exact = [p for p in pieces if p.box == box and p.flat == flat]
+        if exact:
+            own = [p for p in exact if p.file.name == self.prefer]
+            piece = (own or [p for p in exact if p.copy == 0] or exact)[0]
+            if out is not None and out.dtype == _DTYPES[piece.dtype] and out.is_contiguous():
+                self._read_piece(piece, into=out)
+                return out
+            data = self._read_piece(piece)
+            return data if out is None else out.copy_(data.view(out.shape))
+        dtype = _DTYPES[pieces[0].dtype] if out is None else out.dtype
+        result = torch.empty(flat[1] - flat[0], dtype=dtype) if out is None else out
+        wanted = list(_rectangles(box, flat))
         covered = 0
-        for piece in pieces:
-            overlap = [(max(a, s.start), min(b, s.stop)) for (a, b), s in zip(piece.index, index)]
-            if any(lo >= hi for lo, hi in overlap):
+        for piece in (p for p in pieces if p.copy == 0 and _overlaps(p.box, box)):
+            pairs = [
+                (r, at, q, pat) for r, at in wanted for q, pat in _rectangles(piece.box, piece.flat) if _overlaps(r, q)
+            ]
+            if not pairs:
                 continue
-            source = self._tensor(piece)[tuple(slice(lo - a, hi - a) for (lo, hi), (a, _) in zip(overlap, piece.index))]
-            out[tuple(slice(lo - s.start, hi - s.start) for (lo, hi), s in zip(overlap, index))] = source
-            covered += int(np.prod([hi - lo for lo, hi in overlap]))
-        if covered != out.numel():
+            data = self._read_piece(piece)
+            for r, at, q, pat in pairs:
+                both = tuple((max(a0, b0), min(a1, b1)) for (a0, a1), (b0, b1) in zip(r, q))
+                target = result[at : at + _numel(r)].view(_sizes(r))
+                source = data[pat : pat + _numel(q)].view(_sizes(q))
+                target[_local(both, r)] = source[_local(both, q)]
+                covered += _numel(both)
+        if covered != flat[1] - flat[0]:
             raise CheckpointError(
-                f"checkpoint pieces of {name!r} ({key}) cover {covered} of the "
-                f"{out.numel()} elements asked for: a shard file is missing"
+                f"checkpoint pieces of {name!r} ({key}) cover {covered} of the {flat[1] - flat[0]} "
+                f"elements asked for: a shard file is missing"
             )
-        return out
+        return result
 
-    def _pieces(self, name: str, key: str) -> list[Entry]:
-        if (name, key) not in self._entries:
+    def _pieces(self, name: str, key: str = "weight", primary: bool = True) -> list[Piece]:
+        if (name, key) not in self._by_key:
             raise CheckpointError(f"the checkpoint has no {key!r} for parameter {name!r}")
-        return self._entries[(name, key)]
+        pieces = self._by_key[(name, key)]
+        if not primary:
+            return pieces
+        return [p for p in pieces if p.copy == 0] or pieces
 
-    def _tensor(self, entry: Entry) -> torch.Tensor:
-        if entry.file not in self._maps:
-            self._maps[entry.file] = np.memmap(entry.file, dtype=np.uint8, mode="r")
-        count = int(np.prod(entry.shape))
-        dtype = _DTYPES[entry.dtype]
-        nbytes = count * torch.empty((), dtype=dtype).element_size()
-        raw = self._maps[entry.file][entry.offset : entry.offset + nbytes]
-        if raw.size != nbytes:
-            raise CheckpointError(f"{entry.file} is truncated: {entry.name!r} ends past the end of the file")
-        return torch.frombuffer(bytearray(raw), dtype=dtype).reshape(entry.shape)
+    def _read_piece(self, piece: Piece, into: torch.Tensor | None = None) -> torch.Tensor:
+        """A piece's elements (1-D), read into `into` when given, after checking its checksum."""
+        handle = self._maps.get(piece.file)
+        if handle is None:
+            if not piece.file.is_file():
+                raise CorruptCheckpointError(f"{piece.file} is missing")
+            handle = self._maps[piece.file] = open(piece.file, "rb")
+        buffer = into.view(-1).view(torch.uint8) if into is not None else torch.empty(piece.nbytes, dtype=torch.uint8)
+        handle.seek(piece.offset)
+        got = handle.readinto(buffer.numpy())
+        if got != piece.nbytes:
+            raise CorruptCheckpointError(f"{piece.file} is truncated: {piece.name!r} ({piece.key}) ends past its end")
+        if piece.crc32 is not None and zlib.crc32(buffer.numpy()) != piece.crc32:
+            raise CorruptCheckpointError(
+                f"{piece.file} is corrupt: {piece.name!r} ({piece.key}) at byte {piece.offset} does not match its checksum"
+            )
+        self.bytes_read += piece.nbytes
+        return into.view(-1) if into is not None else buffer.view(_DTYPES[piece.dtype])
+
+    def close(self) -> None:
+        for handle in self._maps.values():
+            handle.close()
+        self._maps.clear()
+
+
+def _numel(box: Box) -> int:
+    return math.prod(b - a for a, b in box)
+
+
+def _sizes(box: Box) -> tuple[int, ...]:
+    return tuple(b - a for a, b in box)
+
+
+def _local(box: Box, within: Box) -> tuple[slice, ...]:
+    return tuple(slice(a - w, b - w) for (a, b), (w, _) in zip(box, within))
 
 
 def write_file_synced(path: Path, data: bytes) -> None:
@@ -192,3 +384,20 @@ def sha256_file(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 22), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def crc32_file(path: Path, start: int = 0, length: int | None = None, progress=None) -> int:
+    """CRC-32 of a file's bytes [start, start + length); `progress(n)` is told of every block."""
+    crc, left = 0, length
+    with open(path, "rb") as f:
+        f.seek(start)
+        while left is None or left > 0:
+            block = f.read(1 << 22 if left is None else min(1 << 22, left))
+            if not block:
+                break
+            crc = zlib.crc32(block, crc)
+            if left is not None:
+                left -= len(block)
+            if progress is not None:
+                progress(len(block))
+    return crc

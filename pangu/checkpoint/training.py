@@ -1,15 +1,32 @@
-"""Saving and loading a training checkpoint: every rank calls these (format: format.py).
+"""Saving and loading a training checkpoint under any layout: every rank writes what it owns and
+reads what it needs (the format: format.py; the pieces: store.py; DeepSpeed's internals:
+deepspeed_state.py; saving in the background: saver.py).
 
-Optimizer state partitioned by ZeRO is gathered one parameter at a time with DeepSpeed's
-`safe_get_full_optimizer_state` (deepspeed_state.py), so a rank never holds more than one full
-parameter; data-parallel rank 0 of each (pp, tp) coordinate writes that stage's slices.
+Save: each rank writes, for its ZeRO-1 fragment of every parameter, the fp32 master weight and
+each optimizer state as pieces of tensors/rank{R}.bin, each with its tensor-parallel box and flat
+range, plus its RNG states. Rank 0 then gathers the pieces' records (metadata, not tensors),
+writes the index, the trainer state, the tokenizer and the manifest, and publishes. No collective
+carries tensor data, and the model's half-precision weights are not written (they are the master
+weights rounded).
+
+Load: each rank reads the pieces covering its own fragments (on the layout that wrote the
+checkpoint, exactly its own pieces; under another layout, the stored pieces overlapping its
+share), checks their checksums, and only then do the ranks agree: a corrupt piece found by any
+rank makes every rank raise CorruptCheckpointError (`resume` falls back to the previous
+checkpoint). The model's weights are refreshed from the master weights by the data-parallel
+all-gather every optimizer step ends with.
 """
 
 from __future__ import annotations
 
+import datetime
+import io
 import json
 import shutil
-from functools import partial
+import time
+import traceback
+import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import deepspeed
@@ -18,24 +35,112 @@ import torch.distributed as dist
 
 from pangu.checkpoint import deepspeed_state as ds
 from pangu.checkpoint import format as fmt
-from pangu.checkpoint.store import CheckpointError, TensorReader, TensorWriter, write_file_synced
+from pangu.checkpoint.store import (
+    INDEX_FILE,
+    CheckpointError,
+    CorruptCheckpointError,
+    TensorReader,
+    TensorWriter,
+    write_file_synced,
+    write_index,
+)
 from pangu.config import Config
 from pangu.model import layout
 from pangu.parallel.tensor_parallel import seed_rng_streams
 from pangu.parallel.topology import Topology
 
+_GROUP: list = []  # [the checkpoint group, the default group it was made under]
+TIMEOUT = datetime.timedelta(minutes=30)  # as every other group's (pangu.parallel.topology)
+
+
+def checkpoint_group():
+    """A gloo group of all ranks for checkpoint metadata (host objects), also used by the
+    background writer while training runs collectives on the other groups. Every rank creates it
+    at the same point (the first save or load)."""
+    default = dist.distributed_c10d._get_default_group()
+    if not _GROUP or _GROUP[1] is not default:
+        _GROUP[:] = [dist.new_group(backend="gloo", timeout=TIMEOUT), default]
+    return _GROUP[0]
+
+
+def rank_file(rank: int) -> str:
+    return f"rank{rank:05d}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Finding a checkpoint to resume from
+
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
-    """The newest intact checkpoint of a run (see format.find_intact), or None for a fresh run.
-    In a distributed run rank 0 checks the files and tells the others."""
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        box = [fmt.find_intact(run_dir) if dist.get_rank() == 0 else None]
-        dist.broadcast_object_list(box, src=0)
-        return box[0]
-    return fmt.find_intact(run_dir)
+    """The newest checkpoint of a run whose structure is intact (format.find_intact), or None for
+    a fresh run. In a distributed run rank 0 looks and tells the others."""
+    candidates = checkpoint_candidates(run_dir)
+    return candidates[0] if candidates else None
 
 
-def save_checkpoint(
+def checkpoint_candidates(run_dir: str | Path) -> list[Path]:
+    """A run's structurally intact checkpoints, newest first (format.intact_checkpoints); in a
+    distributed run rank 0 checks the files (O(files), no byte read) and tells the others."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return fmt.intact_checkpoints(run_dir)
+    box: list = [None]
+    if dist.get_rank() == 0:
+        try:
+            box = [[str(p) for p in fmt.intact_checkpoints(run_dir)]]
+        except CheckpointError as err:
+            box = [err]
+    dist.broadcast_object_list(box, src=0, group=checkpoint_group())
+    if isinstance(box[0], Exception):
+        raise box[0]
+    return [Path(p) for p in box[0]]
+
+
+def resume(
+    candidates: list[Path], engine, names: dict[str, str], topology: Topology, config: Config
+) -> tuple[Path, dict]:
+    """Loads the newest of `candidates` whose pieces all check out; a torn or corrupt piece found
+    by any rank makes every rank go on to the next older one, with a warning naming the file."""
+    problems = []
+    for i, path in enumerate(candidates):
+        try:
+            state = load_checkpoint(path, engine, names, topology, config)
+        except CorruptCheckpointError as err:
+            problems.append(str(err))
+            following = candidates[i + 1].name if i + 1 < len(candidates) else "none is left"
+            if topology.rank == 0:
+                warnings.warn(f"{err}; falling back to {following}", stacklevel=2)
+            continue
+        return path, state
+    raise CheckpointError("no intact checkpoint to resume from: " + "; ".join(problems))
+
+
+# ---------------------------------------------------------------------------------------------
+# Saving
+
+
+@dataclass
+class SaveRequest:
+    """Everything one rank writes for checkpoint `step`, captured when the save was asked for."""
+
+    root: Path
+    step: int
+    pieces: list[tuple]  # (name, key, tensor, full shape, box, flat range, copy)
+    rng: bytes
+    rank: int
+    world_size: int
+    keep: int
+    finalize: dict = field(default_factory=dict)  # rank 0: trainer state, tokenizer, manifest fields
+
+    @property
+    def final(self) -> Path:
+        return self.root / fmt.step_name(self.step)
+
+    @property
+    def tmp(self) -> Path:
+        return self.root / f".tmp_{self.final.name}"
+
+
+def save_request(
     run_dir: str | Path,
     step: int,
     engine,
@@ -44,34 +149,83 @@ def save_checkpoint(
     config: Config,
     trainer_state: dict,
     tokenizer_path: Path | None,
-) -> Path:
-    """Writes checkpoint `step` (every rank calls this). A failure on any rank (a full disk, say)
-    removes the partial checkpoint and raises CheckpointError on every rank; the previous
-    checkpoint and the `latest` pointer are untouched."""
-    root = fmt.checkpoint_root(run_dir)
-    final = root / fmt.step_name(step)
-    tmp = root / f".tmp_{final.name}"
-    error = None
+    snapshot: list[dict[str, torch.Tensor]] | None = None,
+) -> SaveRequest:
+    """This rank's part of checkpoint `step`: its fragments of every parameter's weight and
+    optimizer state (views of the live partitions, or of `snapshot` for a background save)."""
+    ds.link_optimizer_state(engine, config.optim)
+    parts = snapshot if snapshot is not None else ds.partitions(engine, config.optim)
+    table = layout.parameter_table(config.model)
+    pieces = []
+    for fragment in ds.fragments(engine):
+        name = names[fragment.pipe_name]
+        spec = table[name]
+        box = spec.local_range(topology.tp_rank, topology.tp)
+        flat = (fragment.offset, fragment.offset + fragment.numel)
+        if name == layout.WORD_EMBEDDING_WEIGHT and not topology.is_first_stage:
+            copy = 1  # the head's copy of the tied embedding; the first stage's is read elsewhere
+        else:
+            copy = topology.tp_rank if spec.split_dim is None else 0  # replicated across tp
+        for key, flat_tensor in parts[fragment.group].items():
+            tensor = flat_tensor.narrow(0, fragment.start, fragment.numel)
+            pieces.append((name, key, tensor, spec.shape, box, flat, copy))
+    rng = io.BytesIO()
+    torch.save(_rng_state(), rng)
+    request = SaveRequest(
+        fmt.checkpoint_root(run_dir),
+        step,
+        pieces,
+        rng.getvalue(),
+        topology.rank,
+        topology.world_size,
+        config.train.keep_checkpoints,
+    )
     if topology.rank == 0:
-        error = _attempt(lambda: _make_tmp(tmp))
-    error = _first_error(error)
-    if error is None:
-        files, error = _write_rank_files(tmp, engine, names, topology, config)
-        gathered: list = [None] * topology.world_size
-        dist.all_gather_object(gathered, (files, error))
-        error = next((e for _, e in gathered if e), None)
-        if topology.rank == 0 and error is None:
-            all_files = {k: v for part, _ in gathered for k, v in part.items()}
-            error = _attempt(
-                lambda: _finalize(
-                    root, tmp, final, step, all_files, config, topology, engine, trainer_state, tokenizer_path
+        request.finalize = {
+            "trainer": json.loads(
+                json.dumps(
+                    dict(
+                        trainer_state,
+                        optimizer_scalars=ds.optimizer_scalars(engine),
+                        loss_scaler=ds.loss_scaler_state(engine),
+                    )
                 )
-            )
-        error = _first_error(error)
+            ),
+            "tokenizer_path": tokenizer_path,
+            "manifest": {
+                "kind": "training",
+                "step": step,
+                "model": fmt.model_fields(config.model),
+                "config": config.to_dict(),
+                "layout": {"dp": topology.dp, "tp": topology.tp, "pp": topology.pp},
+                "tokenizer_fingerprint": trainer_state.get("tokenizer_fingerprint"),
+            },
+        }
+    return request
+
+
+def write_checkpoint(request: SaveRequest, group=None) -> Path:
+    """Writes and publishes a checkpoint (every rank calls this with its request, on the training
+    thread or a background one). A failure on any rank (a full disk, say) removes the partial
+    checkpoint and raises CheckpointError on every rank; the previous checkpoint and the `latest`
+    pointer are untouched."""
+    group = group if group is not None else checkpoint_group()
+    root, tmp, final = request.root, request.tmp, request.final
+    error = _attempt(lambda: _make_tmp(tmp)) if request.rank == 0 else None
+    error = _broadcast(error, group)
+    if error is None:
+        files, records, error = _write_rank_files(request)
+        gathered = [None] * request.world_size if request.rank == 0 else None
+        dist.gather_object((files, records, error), gathered, dst=0, group=group)
+        if request.rank == 0:
+            error = next((e for _, _, e in gathered if e), None)
+            if error is None:
+                error = _attempt(lambda: _finalize(request, gathered))
+        error = _broadcast(error, group)
     if error is not None:
-        if topology.rank == 0:
+        if request.rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
-        dist.barrier()
+        dist.barrier(group=group)
         previous = (root / "latest").read_text().strip() if (root / "latest").is_file() else "none"
         raise CheckpointError(
             f"could not write checkpoint {final}: {error}. The previous checkpoint "
@@ -85,13 +239,15 @@ def _attempt(action) -> str | None:
         action()
     except OSError as err:
         return f"{err.strerror or err} ({err.filename or 'while writing'})"
+    except Exception as err:  # noqa: BLE001 - every rank must still take part in the collectives
+        return f"{type(err).__name__}: {err}\n{traceback.format_exc()}"
     return None
 
 
-def _first_error(error: str | None) -> str | None:
-    """Rank 0's error, known to every rank."""
-    box = [error]
-    dist.broadcast_object_list(box, src=0)
+def _broadcast(value, group):
+    """Rank 0's value, known to every rank."""
+    box = [value]
+    dist.broadcast_object_list(box, src=0, group=group)
     return box[0]
 
 
@@ -101,135 +257,147 @@ def _make_tmp(tmp: Path) -> None:
     (tmp / "rng").mkdir()
 
 
-def _write_rank_files(
-    tmp: Path, engine, names: dict[str, str], topology: Topology, config: Config
-) -> tuple[dict, str | None]:
-    """This rank's tensors and RNG state. Keeps taking part in the data-parallel collectives
-    after a write error, so that no rank is left waiting."""
+def _write_rank_files(request: SaveRequest) -> tuple[dict, list[dict], str | None]:
+    """This rank's pieces (tensors/rank{R}.bin) and RNG states (rng/rank{R}.pt)."""
     files: dict[str, dict] = {}
-    error = None
-    writer = (
-        TensorWriter(tmp / "tensors", f"pp{topology.pp_rank}-tp{topology.tp_rank}") if topology.dp_rank == 0 else None
-    )
-    ds.link_optimizer_state(engine, config.optim)
-    state_keys = ds.state_keys_by_param(engine, config.optim)
-    table = layout.parameter_table(config.model)
-    for pipe_name, param in engine.module.named_parameters():
-        name = names[pipe_name]
-        if name == layout.WORD_EMBEDDING_WEIGHT and not topology.is_first_stage:
-            continue  # the head's copy of the tied embedding: the first stage writes it
-        # Each call below is a collective over the data-parallel group: all dp ranks take part.
-        pieces = {"weight": ds.safe_get_full_fp32_param(param)}
-        pieces.update({key: ds.safe_get_full_optimizer_state(param, key) for key in state_keys[param]})
-        spec = table[name]
-        replica = topology.tp_rank != 0 and spec.split_dim is None
-        if writer is not None and not replica:  # a parameter replicated across tp: tp rank 0 writes it
-            index = spec.local_index(topology.tp_rank, topology.tp)
-            error = _attempt(partial(_add_pieces, writer, name, pieces, spec.shape, index))
-            if error is not None:
-                writer.abort()
-                writer = None
-    if writer is not None:
-        error = _attempt(lambda: files.update({f"tensors/{k}": v for k, v in writer.close().items()}))
-    if error is None:
-        rng_file = tmp / "rng" / f"rank{topology.rank:05d}.pt"
-        error = _attempt(lambda: torch.save(_rng_state(), rng_file))
-        if error is None:
-            files[f"rng/{rng_file.name}"] = fmt.file_entry(rng_file)
-    return files, error
+    records: list[dict] = []
+    name = rank_file(request.rank)
+    box: list = []
+
+    def write() -> None:
+        writer = TensorWriter(request.tmp / "tensors", name, hash_file=False)
+        box.append(writer)
+        for piece_name, key, tensor, shape, piece_box, flat, copy in request.pieces:
+            index = tuple(slice(a, b) for a, b in piece_box)
+            writer.add(piece_name, key, tensor, shape, index, flat=flat, copy=copy)
+        size, written = writer.finish()
+        files[f"tensors/{name}.bin"] = {"bytes": size}
+        records.extend(written)
+        rng_file = request.tmp / "rng" / f"{name}.pt"
+        write_file_synced(rng_file, request.rng)
+        files[f"rng/{rng_file.name}"] = fmt.file_entry(rng_file)
+
+    error = _attempt(write)
+    if error is not None and box:
+        box[0].abort()
+    return files, records, error
 
 
-def _add_pieces(writer: TensorWriter, name: str, pieces: dict, shape: tuple[int, ...], index) -> None:
-    for key, tensor in pieces.items():
-        writer.add(name, key, tensor, shape, index)
-
-
-def _finalize(
-    root: Path,
-    tmp: Path,
-    final: Path,
-    step: int,
-    all_files: dict,
-    config: Config,
-    topology: Topology,
-    engine,
-    trainer_state: dict,
-    tokenizer_path: Path | None,
-) -> None:
-    """Rank 0: trainer state, tokenizer and manifest, fsync, rename into place, move `latest`."""
-    trainer = dict(
-        trainer_state,
-        optimizer_scalars=ds.optimizer_scalars(engine),
-        loss_scaler=ds.loss_scaler_state(engine),
-    )
-    write_file_synced(tmp / "trainer.json", json.dumps(trainer, indent=1).encode())
-    all_files["trainer.json"] = fmt.file_entry(tmp / "trainer.json")
-    if tokenizer_path is not None:
-        write_file_synced(tmp / "tokenizer.model", Path(tokenizer_path).read_bytes())
-        all_files["tokenizer.model"] = fmt.file_entry(tmp / "tokenizer.model")
-    fmt.write_manifest(
-        tmp,
-        {
-            "kind": "training",
-            "step": step,
-            "model": fmt.model_fields(config.model),
-            "config": config.to_dict(),
-            "layout": {"dp": topology.dp, "tp": topology.tp, "pp": topology.pp},
-            "tokenizer_fingerprint": trainer_state.get("tokenizer_fingerprint"),
-            "files": all_files,
-        },
-    )
+def _finalize(request: SaveRequest, gathered: list) -> None:
+    """Rank 0: index, trainer state, tokenizer and manifest, fsync, rename into place, move `latest`."""
+    tmp, final, info = request.tmp, request.final, request.finalize
+    files = {rel: entry for part, _, _ in gathered for rel, entry in part.items()}
+    records = [record for _, part, _ in gathered for record in part]
+    write_index(tmp / "tensors", records)
+    files[f"tensors/{INDEX_FILE}"] = fmt.file_entry(tmp / "tensors" / INDEX_FILE)
+    write_file_synced(tmp / "trainer.json", json.dumps(info["trainer"], indent=1).encode())
+    files["trainer.json"] = fmt.file_entry(tmp / "trainer.json")
+    if info["tokenizer_path"] is not None:
+        write_file_synced(tmp / "tokenizer.model", Path(info["tokenizer_path"]).read_bytes())
+        files["tokenizer.model"] = fmt.file_entry(tmp / "tokenizer.model")
+    total = sum(entry["bytes"] for entry in files.values())
+    fmt.write_manifest(tmp, {**info["manifest"], "pieces": len(records), "bytes": total, "files": files})
     fmt.publish(tmp, final)
-    fmt.publish_latest(root, final.name)
-    fmt.prune(root, config.train.keep_checkpoints)
+    fmt.publish_latest(request.root, final.name)
+    fmt.prune(request.root, request.keep, current=final.name)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
 
 
 def load_checkpoint(
     path: Path, engine, names: dict[str, str], topology: Topology, config: Config, weights_only: bool = False
 ) -> dict:
     """Loads weights (and, unless `weights_only`, optimizer state, loss scaler and RNGs) into the
-    engine from a checkpoint written under any layout. Returns the stored trainer state.
-    The caller has verified the files (latest_checkpoint does)."""
-    manifest = fmt.read_manifest(path, verify=False)
-    fmt.check_model_matches(manifest, config.model, path)
-    reader = TensorReader(path / "tensors")
-    if not weights_only:
-        ds.link_optimizer_state(engine, config.optim)
-    state_keys = ds.state_keys_by_param(engine, config.optim)
-    table = layout.parameter_table(config.model)
-    for pipe_name, param in engine.module.named_parameters():
-        name = names[pipe_name]
-        index = table[name].local_index(topology.tp_rank, topology.tp)
-        weight = reader.read(name, "weight", index).float()
-        with torch.no_grad():
-            param.copy_(weight.to(param.dtype))
-        ds.safe_set_full_fp32_param(param, weight.to(param.device))
-        if weights_only:
-            continue
-        for key in state_keys[param]:
-            if key not in reader.keys(name):
-                raise CheckpointError(
-                    f"checkpoint {path} has no optimizer state {key!r} for {name!r}: it was written with "
-                    f"optim.name = {manifest['config']['optim']['name']!r}, this run uses "
-                    f"{config.optim.name!r}; resume with the same optimizer or start from its weights "
-                    f"with train.init_from"
-                )
-            ds.safe_set_full_optimizer_state(param, reader.read(name, key, index).to(param.device), key)
+    engine from a checkpoint written under any layout; every rank calls this. Returns the stored
+    trainer state, with `same_layout` and `read` (this rank's bytes read, its share, the index's
+    bytes). The caller has checked the structure (checkpoint_candidates or format.read_manifest);
+    a piece that does not match its checksum raises CorruptCheckpointError on every rank."""
+    group = checkpoint_group() if dist.is_initialized() else None
+    start = time.perf_counter()
+    outcome: dict = {}
+    try:
+        outcome = _read_rank_share(Path(path), engine, names, topology, config, weights_only)
+        problem = None
+    except (CorruptCheckpointError, OSError, ValueError, KeyError) as err:
+        problem = ("corrupt", str(err) if isinstance(err, CheckpointError) else f"{path}: {type(err).__name__}: {err}")
+    except CheckpointError as err:
+        problem = ("refused", str(err))
+    except Exception as err:  # noqa: BLE001 - every rank must reach the agreement below
+        problem = ("failed", f"{type(err).__name__}: {err}\n{traceback.format_exc()}")
+    problems = [problem]
+    if group is not None and dist.get_world_size() > 1:
+        problems = [None] * dist.get_world_size()
+        dist.all_gather_object(problems, problem, group=group)
+    found = [p for p in problems if p is not None]
+    if found:
+        kind, message = next((p for p in found if p[0] != "corrupt"), found[0])
+        raise {"corrupt": CorruptCheckpointError, "refused": CheckpointError}.get(kind, RuntimeError)(message)
+    ds.refresh_model_weights(engine)
     if weights_only:
         return {}
-    trainer = json.loads((path / "trainer.json").read_text())
+    trainer = outcome["trainer"]
     ds.restore_optimizer_scalars(engine, trainer["optimizer_scalars"])
     ds.restore_loss_scaler(engine, trainer["loss_scaler"])
-    same_layout = manifest["layout"] == {"dp": topology.dp, "tp": topology.tp, "pp": topology.pp}
-    rng_file = path / "rng" / f"rank{topology.rank:05d}.pt"
-    if same_layout and rng_file.is_file():
-        _restore_rng_state(torch.load(rng_file, weights_only=False))
+    if outcome["rng"] is not None:
+        _restore_rng_state(torch.load(io.BytesIO(outcome["rng"]), weights_only=False))
     else:
         # Dropout streams belong to ranks; under a new layout they are re-derived from the seed
         # and the step, so the run stays deterministic (but its dropout masks differ).
-        seed_rng_streams(config.train.seed + 7919 * manifest["step"])
-    trainer["same_layout"] = same_layout
+        seed_rng_streams(config.train.seed + 7919 * outcome["step"])
+    trainer["same_layout"] = outcome["same_layout"]
+    trainer["read"] = dict(outcome["read"], seconds=time.perf_counter() - start)
     return trainer
+
+
+def _read_rank_share(
+    path: Path, engine, names: dict[str, str], topology: Topology, config: Config, weights_only: bool
+) -> dict:
+    """Reads this rank's fragments into the engine's fp32 partitions, and (for a resume) the
+    trainer state and this rank's RNG states, checking every checksum. No collective."""
+    manifest = fmt.read_manifest(path, verify=False)
+    fmt.check_model_matches(manifest, config.model, path)
+    same_layout = manifest["layout"] == {"dp": topology.dp, "tp": topology.tp, "pp": topology.pp}
+    index_rel = f"tensors/{INDEX_FILE}"
+    index = fmt.read_checked(path, index_rel, manifest) if index_rel in manifest["files"] else None
+    own = f"{rank_file(topology.rank)}.bin" if same_layout else None
+    reader = TensorReader(path / "tensors", prefer=own, index=index)
+    if not weights_only:
+        ds.link_optimizer_state(engine, config.optim)
+    parts = ds.partitions(engine, config.optim, weights_only)
+    table = layout.parameter_table(config.model)
+    share = 0
+    try:
+        for fragment in ds.fragments(engine):
+            name = names[fragment.pipe_name]
+            box = table[name].local_range(topology.tp_rank, topology.tp)
+            flat = (fragment.offset, fragment.offset + fragment.numel)
+            for key, flat_tensor in parts[fragment.group].items():
+                if key not in reader.keys(name):
+                    raise CheckpointError(
+                        f"checkpoint {path} has no {'weights' if key == 'weight' else 'optimizer state'} {key!r} "
+                        f"for {name!r}: it was written with optim.name = "
+                        f"{manifest.get('config', {}).get('optim', {}).get('name')!r}, this run uses "
+                        f"{config.optim.name!r}; resume with the same optimizer or start from its weights "
+                        f"with train.init_from"
+                    )
+                target = flat_tensor.narrow(0, fragment.start, fragment.numel)
+                reader.read_flat(name, key, box, flat, out=target)
+                share += target.numel() * target.element_size()
+    finally:
+        reader.close()
+    outcome = {
+        "same_layout": same_layout,
+        "step": manifest["step"],
+        "read": {"bytes": reader.bytes_read, "share_bytes": share, "index_bytes": len(index or b"")},
+    }
+    if not weights_only:
+        outcome["trainer"] = json.loads(fmt.read_checked(path, "trainer.json", manifest))
+        rng_rel = f"rng/{rank_file(topology.rank)}.pt"
+        has_rng = same_layout and rng_rel in manifest["files"]
+        outcome["rng"] = fmt.read_checked(path, rng_rel, manifest) if has_rng else None
+    return outcome
 
 
 def _rng_state() -> dict:

@@ -1,8 +1,13 @@
-"""Layout-independent initialisation.
+"""Layout-independent initialisation whose cost follows each rank's share.
 
-Each parameter is drawn as the FULL tensor from its own generator, seeded by (seed, canonical
-parameter name), and each tensor-parallel rank keeps its slice. So the initial model is the same
-whatever the (dp, tp, pp) layout and whichever layers a pipeline stage builds. The rule of each
+Every parameter's full tensor, seen as rows x columns (the last dimension is the columns), is cut
+into fixed tiles, and each tile is drawn from its own generator, seeded by (seed, canonical
+parameter name, tile). A rank draws only the tiles that overlap its tensor-parallel slice and
+keeps the overlap: the initial model is the same whatever the (dp, tp, pp) layout and whichever
+layers a pipeline stage builds, and no rank draws a full tensor it holds a slice of. The tiles
+depend only on the full shape: TILE_COLUMNS columns (a divisor of every tensor-parallel slice of
+the PanGu-α sizes, so slices cut no tile) and about TILE_ELEMENTS elements. A resumed run skips
+drawing altogether (`zero_parameters`): the checkpoint overwrites every weight. The rule of each
 parameter (the original PanGu-α initialisation) is declared in layout.py.
 """
 
@@ -16,10 +21,51 @@ import torch
 from pangu.config import ModelConfig
 from pangu.model import layout
 
+TILE_COLUMNS = 1024
+TILE_ELEMENTS = 1 << 20
+
 
 def generator_for(seed: int, name: str) -> torch.Generator:
     digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
     return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
+
+
+def tile_shape(rows: int, columns: int) -> tuple[int, int]:
+    """(rows, columns) of the tiles of a rows x columns tensor."""
+    width = min(columns, TILE_COLUMNS)
+    return max(1, min(rows, TILE_ELEMENTS // width)), width
+
+
+def _draw_tile(tile: torch.Tensor, spec: layout.Parameter, generator: torch.Generator) -> None:
+    if spec.init == layout.NORMAL:
+        tile.normal_(0.0, spec.std, generator=generator)
+    else:  # truncated at two standard deviations, as MindSpore's TruncatedNormal
+        std = spec.std
+        torch.nn.init.trunc_normal_(tile, 0.0, std, -2 * std, 2 * std, generator=generator)
+
+
+def draw(spec: layout.Parameter, box: tuple[tuple[int, int], ...], seed: int) -> torch.Tensor:
+    """The region `box` ([start, stop) per dimension) of parameter `spec`'s initial value (fp32)."""
+    shape = tuple(stop - start for start, stop in box)
+    if spec.init == layout.ONES:
+        return torch.ones(shape)
+    if spec.init == layout.ZEROS:
+        return torch.zeros(shape)
+    if len(spec.shape) > 2:
+        raise ValueError(f"{spec.name}: initialisation of {len(spec.shape)}-dimensional tensors is not declared")
+    rows, columns = (1, spec.shape[0]) if len(spec.shape) == 1 else spec.shape
+    (r0, r1), (c0, c1) = ((0, 1), box[0]) if len(spec.shape) == 1 else box
+    height, width = tile_shape(rows, columns)
+    out = torch.empty(r1 - r0, c1 - c0)
+    for i in range(r0 // height, (r1 - 1) // height + 1):
+        for j in range(c0 // width, (c1 - 1) // width + 1):
+            t0, t1 = i * height, min(rows, (i + 1) * height)
+            u0, u1 = j * width, min(columns, (j + 1) * width)
+            tile = torch.empty(t1 - t0, u1 - u0)  # contiguous: torch draws differently otherwise
+            _draw_tile(tile, spec, generator_for(seed, f"{spec.name}#{i}.{j}"))
+            a0, a1, b0, b1 = max(r0, t0), min(r1, t1), max(c0, u0), min(c1, u1)
+            out[a0 - r0 : a1 - r0, b0 - c0 : b1 - c0] = tile[a0 - t0 : a1 - t0, b0 - u0 : b1 - u0]
+    return out.reshape(shape)
 
 
 @torch.no_grad()
@@ -30,20 +76,20 @@ def initialize_parameters(
     tp_rank: int = 0,
     tp_size: int = 1,
 ) -> None:
-    """Initialise every parameter (canonical names) of this tensor-parallel rank."""
+    """Initialise every parameter (canonical names) of this tensor-parallel rank: only its slice
+    is drawn."""
     table = layout.parameter_table(config)
     for name, param in named_parameters:
         spec = table[name]
-        full = torch.empty(spec.shape, dtype=torch.float32)
-        if spec.init == layout.ONES:
-            full.fill_(1.0)
-        elif spec.init == layout.ZEROS:
-            full.zero_()
-        elif spec.init == layout.NORMAL:
-            full.normal_(0.0, spec.std, generator=generator_for(seed, name))
-        else:  # truncated at two standard deviations, as MindSpore's TruncatedNormal
-            std = spec.std
-            torch.nn.init.trunc_normal_(full, 0.0, std, -2 * std, 2 * std, generator=generator_for(seed, name))
-        if name == layout.WORD_EMBEDDING_WEIGHT:
-            full[config.vocab_size :] = 0.0  # padding rows: never looked up, masked out of the logits
-        param.copy_(full[spec.local_index(tp_rank, tp_size)])
+        box = spec.local_range(tp_rank, tp_size)
+        value = draw(spec, box, seed)
+        if name == layout.WORD_EMBEDDING_WEIGHT:  # padding rows: never looked up, masked out of the logits
+            value[max(0, config.vocab_size - box[0][0]) :] = 0.0
+        param.copy_(value)
+
+
+@torch.no_grad()
+def zero_parameters(named_parameters: Iterable[tuple[str, torch.nn.Parameter]]) -> None:
+    """Defined values without drawing, for a model whose weights a checkpoint is about to set."""
+    for _, param in named_parameters:
+        param.zero_()

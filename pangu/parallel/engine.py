@@ -15,7 +15,7 @@ import torch
 
 from pangu.config import Config, ConfigError
 from pangu.model import layout
-from pangu.model.init import initialize_parameters
+from pangu.model.init import initialize_parameters, zero_parameters
 from pangu.optim.registry import build_optimizer
 from pangu.parallel import tensor_parallel as tp
 from pangu.parallel.pipeline import build_pipeline, canonical_names
@@ -100,14 +100,18 @@ def allow_fp16_on_cpu() -> None:
         accelerator.is_fp16_supported = lambda: True
 
 
-def build_engine(config: Config, topology: Topology):
-    """(engine, {pipeline name: canonical name}) for this rank's pipeline stage."""
+def build_engine(config: Config, topology: Topology, initialize: bool = True):
+    """(engine, {pipeline name: canonical name}) for this rank's pipeline stage. Without
+    `initialize` (a resumed run: a checkpoint sets every weight) no initial weight is drawn."""
     pipe = build_pipeline(
         config, topology, loss_fn=lambda logits, labels: pipeline_loss(logits, labels, config.model.vocab_size)
     )
     names = canonical_names(pipe, config.model)
     named = [(names[n], p) for n, p in pipe.named_parameters()]
-    initialize_parameters(named, config.model, config.train.seed, topology.tp_rank, topology.tp)
+    if initialize:
+        initialize_parameters(named, config.model, config.train.seed, topology.tp_rank, topology.tp)
+    else:
+        zero_parameters(named)
     table = layout.parameter_table(config.model)
     optimizer = build_optimizer(
         config.optim,

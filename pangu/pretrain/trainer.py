@@ -19,10 +19,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from pangu.checkpoint import format as fmt
 from pangu.checkpoint.deepspeed_state import link_optimizer_state, memory_report
+from pangu.checkpoint.saver import Checkpointer
 from pangu.checkpoint.store import CheckpointError
-from pangu.checkpoint.training import latest_checkpoint, load_checkpoint, save_checkpoint
 from pangu.config import Config, ConfigError, SpikeGuardConfig
 from pangu.data.dataset import make_batch
 from pangu.data.prepare import load_prepared, load_tokenizer
@@ -137,16 +136,17 @@ class Trainer:
             _check_writable(self.output_dir, "train.output_dir")
             (self.output_dir / "config.yaml").write_text(config.dump(), encoding="utf-8")
 
-        self.engine, self.names = build_engine(config, self.topology)
+        self.checkpoints = Checkpointer(self.output_dir, config, self.topology)
+        candidates = self.checkpoints.candidates()  # structure only: O(files)
+        # a run that resumes (or starts from train.init_from) draws no initial weights
+        self.engine, self.names = build_engine(config, self.topology, initialize=not (candidates or train.init_from))
         self.sampler = GlobalBatchSampler(len(self.train_data), train.global_batch_size, seed=train.seed)
         self.step = 0
-        self.resumed_from = latest_checkpoint(self.output_dir)
-        if self.resumed_from is not None:
-            self._restore(self.resumed_from)
+        self.resumed_from, self.resume_read = None, {}
+        if candidates:
+            self._restore(candidates)
         elif train.init_from:
-            source = fmt.resolve(train.init_from)
-            fmt.read_manifest(source)
-            load_checkpoint(source, self.engine, self.names, self.topology, config, weights_only=True)
+            self.checkpoints.load_weights(train.init_from, self.engine, self.names)
         self.spike_guard = SpikeGuard(train.spike_guard)
         link_optimizer_state(self.engine, config.optim)  # optimizer state exists from here on: measurable
         self.memory = memory_report(self.engine)
@@ -156,9 +156,11 @@ class Trainer:
         self.model_flops = flops_per_token(config.model)
         self.peak_flops = total_peak_flops(train.peak_flops)
 
-    def _restore(self, path: Path) -> None:
-        """Continues from a training checkpoint: weights, optimizer, RNGs, step and data position."""
-        state = load_checkpoint(path, self.engine, self.names, self.topology, self.config)
+    def _restore(self, candidates: list[Path]) -> Path:
+        """Continues from the newest of `candidates` that loads (falling back over corrupt ones):
+        weights, optimizer, RNGs, step and data position."""
+        path, state = self.checkpoints.restore(self.engine, self.names, candidates)
+        self.resumed_from, self.resume_read = path, state["read"]
         if state.get("tokenizer_fingerprint") != self.meta["tokenizer"]["fingerprint"]:
             raise CheckpointError(
                 f"checkpoint {path} was trained with another tokenizer than the one of "
@@ -168,6 +170,7 @@ class Trainer:
         self.sampler = GlobalBatchSampler.from_state_dict(
             state["sampler"], len(self.train_data), self.config.train.global_batch_size
         )
+        return path
 
     def train_step(self) -> dict:
         """One optimizer step on the next global batch; returns its metrics record."""
@@ -215,13 +218,11 @@ class Trainer:
         }
 
     def save(self) -> Path:
-        return save_checkpoint(
-            self.output_dir,
+        """Checkpoint this step (in the background with train.async_save: see checkpoint/saver.py)."""
+        return self.checkpoints.save(
             self.step,
             self.engine,
             self.names,
-            self.topology,
-            self.config,
             {
                 "step": self.step,
                 "sampler": self.sampler.state_dict(),
@@ -235,11 +236,14 @@ class Trainer:
         train = self.config.train
         stop = train.stop_at or train.steps
         logger = MetricsLogger(self.output_dir, train.steps, self.step, enabled=self.topology.rank == 0)
-        if self.resumed_from is not None:
-            logger.event(self.step, "resumed", checkpoint=str(self.resumed_from), layout=self.topology.layout)
         memory = [None] * self.topology.world_size
-        dist.all_gather_object(memory, self.memory)
-        logger.event(self.step, "memory", per_rank=memory)
+        dist.all_gather_object(memory, (self.memory, self.resume_read))
+        if self.resumed_from is not None:  # with what each rank read: tensor bytes, its own share, the index
+            read = [r for _, r in memory]
+            logger.event(
+                self.step, "resumed", checkpoint=str(self.resumed_from), layout=self.topology.layout, read=read
+            )
+        logger.event(self.step, "memory", per_rank=[m for m, _ in memory])
         if self.topology.rank == 0:
             print(
                 f"[pangu] {parameter_count(self.config.model) / 1e6:.1f}M parameters, {self.topology.layout}, "
@@ -263,13 +267,15 @@ class Trainer:
                 logger.log(record)
             preempted = self.stop_request.agreed()
             if (train.save_interval and step % train.save_interval == 0) or step == stop or preempted:
-                logger.event(step, "checkpoint", path=str(self.save()))
+                path = self.save()
+                logger.event(step, "checkpoint", path=str(path), **self.checkpoints.last)
             if preempted:
                 logger.event(step, "preempted", signal=self.stop_request.signal_name or "on another rank")
                 break
         else:
             if stop < train.steps:
                 logger.event(self.step, "stopped", reason=f"train.stop_at = {train.stop_at}")
+        self.checkpoints.wait()  # a background save in flight is published before the run ends
         logger.close()
         dist.barrier()
         return record
@@ -278,15 +284,16 @@ class Trainer:
         """Reloads the last checkpoint and skips the samples seen since it (recorded in the sampler
         state, so the skip survives later resumes)."""
         guard = self.spike_guard
-        last = latest_checkpoint(self.output_dir)
-        if guard.rollbacks >= guard.config.max_rollbacks or last is None:
+        self.checkpoints.wait()
+        candidates = self.checkpoints.candidates()
+        if guard.rollbacks >= guard.config.max_rollbacks or not candidates:
             raise TrainingError(
                 f"the loss spiked at step {self.step} (above {guard.config.factor} x the running "
                 f"median for {guard.config.consecutive} steps) after {guard.rollbacks} rollbacks "
                 f"(train.spike_guard.max_rollbacks = {guard.config.max_rollbacks}): stopping"
             )
         spiked_at, seen_until = self.step, self.sampler.consumed_samples
-        self._restore(last)
+        last = self._restore(candidates)
         skipped = [self.sampler.consumed_samples, seen_until]
         self.sampler.skip(*skipped)
         guard.rolled_back()

@@ -1,0 +1,119 @@
+"""A run's checkpoints as the trainer sees them: resume from the newest intact one, start from
+another run's weights, save on the training thread or in the background (train.async_save).
+
+Background save: the rank's fp32 partitions (master weights and optimizer state) are copied to
+host buffers (pinned on a GPU, reused from save to save) and a daemon thread writes them while
+training goes on; the background threads of all ranks agree on a gloo group of their own and rank
+0 publishes once every rank has written. At most one save is in flight: the next save, a
+rollback, preemption and the end of the run wait for it (`wait`), and a failed background save
+raises there, on every rank alike. A process that dies mid-write leaves only a temporary
+directory: the previous checkpoint stays in use.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+from pangu.checkpoint import deepspeed_state as ds
+from pangu.checkpoint import format as fmt
+from pangu.checkpoint.training import (
+    checkpoint_candidates,
+    checkpoint_group,
+    load_checkpoint,
+    resume,
+    save_request,
+    write_checkpoint,
+)
+from pangu.config import Config
+from pangu.parallel.topology import Topology
+
+
+class Checkpointer:
+    def __init__(self, run_dir: str | Path, config: Config, topology: Topology):
+        self.run_dir = Path(run_dir)
+        self.config = config
+        self.topology = topology
+        self.async_save = config.train.async_save
+        self.group = checkpoint_group()
+        self.last: dict = {}  # the last save: blocked_s (training waited), write_s (background)
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+        self._host: list[dict[str, torch.Tensor]] | None = None
+
+    def candidates(self) -> list[Path]:
+        """Structurally intact checkpoints of the run, newest first (rank 0 looks: O(files))."""
+        return checkpoint_candidates(self.run_dir)
+
+    def restore(self, engine, names: dict[str, str], candidates: list[Path] | None = None) -> tuple[Path, dict] | None:
+        """(checkpoint, trainer state) of the newest checkpoint that loads, or None for a fresh run."""
+        self.wait()
+        candidates = self.candidates() if candidates is None else candidates
+        return resume(candidates, engine, names, self.topology, self.config) if candidates else None
+
+    def load_weights(self, source: str | Path, engine, names: dict[str, str]) -> Path:
+        """Only the weights of any checkpoint (train.init_from), read where this rank owns them."""
+        path = fmt.resolve(source)
+        fmt.read_manifest(path)
+        load_checkpoint(path, engine, names, self.topology, self.config, weights_only=True)
+        return path
+
+    def save(self, step: int, engine, names: dict[str, str], trainer_state: dict, tokenizer_path: Path | None) -> Path:
+        """Checkpoint `step`: written before returning, or (async_save) in the background once the
+        state is copied to host memory. Returns the checkpoint's directory (published on return,
+        or when the background write is done)."""
+        self.wait()
+        start = time.perf_counter()
+        snapshot = self._snapshot(engine) if self.async_save else None
+        request = save_request(
+            self.run_dir, step, engine, names, self.topology, self.config, trainer_state, tokenizer_path, snapshot
+        )
+        if not self.async_save:
+            path = write_checkpoint(request, self.group)
+            self.last = {"blocked_s": time.perf_counter() - start, "async": False}
+            return path
+        self.last = {"blocked_s": time.perf_counter() - start, "async": True}
+        self._thread = threading.Thread(target=self._write, args=(request,), name="pangu-checkpoint", daemon=True)
+        self._thread.start()
+        return request.final
+
+    def _write(self, request) -> None:
+        start = time.perf_counter()
+        try:
+            write_checkpoint(request, self.group)
+        except BaseException as err:  # noqa: BLE001 - raised on the training thread by wait()
+            self._error = err
+        self.last["write_s"] = time.perf_counter() - start
+
+    def wait(self) -> None:
+        """Waits for the save in flight; raises its error (CheckpointError on every rank alike)."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+
+    @property
+    def in_flight(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def _snapshot(self, engine) -> list[dict[str, torch.Tensor]]:
+        """A host copy of this rank's fp32 partitions (weights and optimizer state)."""
+        ds.link_optimizer_state(engine, self.config.optim)
+        parts = ds.partitions(engine, self.config.optim)
+        shapes = [{k: (t.shape, t.dtype) for k, t in part.items()} for part in parts]
+        if self._host is None or [{k: (t.shape, t.dtype) for k, t in part.items()} for part in self._host] != shapes:
+            pinned = torch.cuda.is_available()
+            self._host = [
+                {k: torch.empty(t.shape, dtype=t.dtype, pin_memory=pinned) for k, t in part.items()} for part in parts
+            ]
+        for host, part in zip(self._host, parts):
+            for key, tensor in part.items():
+                host[key].copy_(tensor, non_blocking=True)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        return self._host
