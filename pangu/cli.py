@@ -1,4 +1,4 @@
-"""The `pangu` command: prepare | pretrain | evaluate | generate | convert | plot | plan.
+"""The `pangu` command: prepare | pretrain | evaluate | generate | convert | plot | plan | checkpoint.
 Each verb lives in pangu/commands/; this module builds the parser and turns the errors a user can
 cause into one line on stderr (exit status 2)."""
 

@@ -2,7 +2,7 @@
 (the work, returning the exit status), and imports heavy modules (torch, DeepSpeed) only in
 `run`, so that `pangu --help` and `pangu plan` stay fast."""
 
-from pangu.commands import convert, evaluate, generate, plan, plot, prepare, pretrain
+from pangu.commands import checkpoint, convert, evaluate, generate, plan, plot, prepare, pretrain
 
 COMMANDS = {
     "prepare": prepare,
@@ -12,4 +12,5 @@ COMMANDS = {
     "convert": convert,
     "plot": plot,
     "plan": plan,
+    "checkpoint": checkpoint,
 }

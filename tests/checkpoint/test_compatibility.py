@@ -1,5 +1,7 @@
 """Checkpoints written by earlier code still load: tests/fixtures/checkpoint_v1 was written by the
-code before the architecture refactor, at (dp, tp, pp) = (1, 2, 1) (see tests/fixtures/README.md)."""
+code before the architecture refactor, at (dp, tp, pp) = (1, 2, 1) (see tests/fixtures/README.md),
+in format 1. It loads as it is, and `pangu checkpoint upgrade` converts it to format 2, which
+loads the same."""
 
 from __future__ import annotations
 
@@ -7,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "checkpoint_v1"
@@ -32,9 +35,42 @@ def test_load_needs_no_process_group_and_gives_the_logits_it_gave_before():
     assert float(result.stdout.strip().splitlines()[-1]) <= 1e-6
 
 
-def test_an_old_training_checkpoint_resumes_weights_and_optimizer_state(single_process):
+@pytest.fixture(scope="module")
+def upgraded(tmp_path_factory):
+    from pangu.cli import main
+
+    out = tmp_path_factory.mktemp("upgrade") / "v2"
+    assert main(["checkpoint", "upgrade", str(FIXTURE), str(out)]) == 0
+    return out
+
+
+def test_upgrade_writes_format_2_with_the_same_tensors(upgraded):
+    import numpy as np
+
+    import pangu
+    from pangu.checkpoint import format as fmt
+    from pangu.checkpoint.store import TensorReader
+    from pangu.cli import main
+
+    manifest = fmt.read_manifest(upgraded)
+    assert manifest["version"] == 2 and manifest["upgraded_from"] == 1 and manifest["step"] == 2
+    assert main(["checkpoint", "verify", str(upgraded), "--quiet"]) == 0
+    old, new = TensorReader(FIXTURE / "tensors"), TensorReader(upgraded / "tensors")
+    assert old.names() == new.names()
+    for name in old.names():
+        assert old.keys(name) == new.keys(name) == {"weight", "m", "s"}
+        for key in old.keys(name):
+            assert torch.equal(old.read(name, key), new.read(name, key)), (name, key)
+    model, tokenizer = pangu.load(upgraded)
+    with torch.no_grad():
+        logits = model(torch.arange(16).view(1, 16) * 17 % 300).numpy()
+    assert np.abs(logits - np.load(LOGITS)).max() <= 1e-6 and tokenizer.vocab_size == 300
+
+
+@pytest.mark.parametrize("which", ["format 1", "upgraded"])
+def test_an_old_training_checkpoint_resumes_weights_and_optimizer_state(single_process, upgraded, which):
     """Loaded into a training engine at (1, 1, 1), the old tp=2 checkpoint's weights and S3
-    state are what it stores, element for element."""
+    state (and those of its upgraded copy) are what it stores, element for element."""
     from pangu.checkpoint import deepspeed_state as ds
     from pangu.checkpoint import format as fmt
     from pangu.checkpoint.store import TensorReader
@@ -43,13 +79,15 @@ def test_an_old_training_checkpoint_resumes_weights_and_optimizer_state(single_p
     from pangu.parallel.engine import build_engine
     from pangu.parallel.topology import init_distributed
 
-    manifest = fmt.read_manifest(FIXTURE)
-    assert manifest["version"] == 1 and manifest["layout"] == {"dp": 1, "tp": 2, "pp": 1}
+    path = FIXTURE if which == "format 1" else upgraded
+    manifest = fmt.read_manifest(path)
+    assert manifest["version"] == (1 if which == "format 1" else 2)
+    assert manifest["layout"] == {"dp": 1, "tp": 2, "pp": 1}
     config = config_from_dict(manifest["config"])
     config = config_from_dict({**config.to_dict(), "parallel": {**config.to_dict()["parallel"], "tp": 1}})
     topology = init_distributed(config.parallel)
     engine, names = build_engine(config, topology)
-    trainer = load_checkpoint(FIXTURE, engine, names, topology, config)
+    trainer = load_checkpoint(path, engine, names, topology, config)
     assert trainer["step"] == 2 and not trainer["same_layout"]
     reader = TensorReader(FIXTURE / "tensors")
     keys = ds.state_keys_by_param(engine, config.optim)

@@ -54,18 +54,26 @@ def test_crash_before_publishing_keeps_the_previous_checkpoint(tiny_corpus, stra
 
 
 def test_corrupt_checkpoint_is_refused(tiny_corpus, straight_run, tmp_path):
+    """A flipped byte passes the start-up check (structure: files and sizes, no byte read) and is
+    caught by the reader of the piece it is in, which names the file."""
     import shutil
 
     from pangu.checkpoint.store import CheckpointError
 
     copy = tmp_path / "copy"
     shutil.copytree(straight_run, copy)
-    shard = next((latest_checkpoint(copy) / "tensors").glob("*.bin"))
-    with open(shard, "r+b") as f:
-        f.seek(100)
+    checkpoint = latest_checkpoint(copy)
+    index = json.loads((checkpoint / "tensors" / "index.json").read_text())["pieces"]
+    weight = next(p for p in index if p["key"] == "weight")
+    with open(checkpoint / "tensors" / weight["file"], "r+b") as f:
+        f.seek(weight["offset"] + 100)
         f.write(b"\xff\xff\xff\xff")
-    with pytest.raises(CheckpointError, match="checksum"):
-        latest_checkpoint(copy)
+    assert latest_checkpoint(copy) == checkpoint
+    with pytest.raises(CheckpointError, match=f"{weight['file']} is corrupt.*checksum"):
+        pangu.load(copy)
+    result = run_pretrain(tiny_overrides(tiny_corpus, copy, f"train.steps={STEPS + 1}"))
+    assert result.returncode == 2 and "does not match its checksum" in result.stderr
+    assert "no intact checkpoint to resume from" in result.stderr
 
 
 def test_loaded_model_reproduces_validation_loss(tiny_corpus, straight_run):
