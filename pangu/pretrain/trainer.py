@@ -238,11 +238,17 @@ class Trainer:
         logger = MetricsLogger(self.output_dir, train.steps, self.step, enabled=self.topology.rank == 0)
         memory = [None] * self.topology.world_size
         dist.all_gather_object(memory, (self.memory, self.resume_read))
-        if self.resumed_from is not None:  # with what each rank read: tensor bytes, its own share, the index
-            read = [r for _, r in memory]
+        if self.resumed_from is not None:
+            read = [r for _, r in memory]  # per rank: tensor bytes read, its own share, index bytes, seconds
             logger.event(
-                self.step, "resumed", checkpoint=str(self.resumed_from), layout=self.topology.layout, read=read
+                self.step,
+                "resumed",
+                checkpoint=str(self.resumed_from),
+                layout=self.topology.layout,
+                read_seconds=round(max(r["seconds"] for r in read), 3),
+                read_over_share=round(max(r["bytes"] / max(r["share_bytes"], 1) for r in read), 3),
             )
+            logger.log_raw({"step": self.step, "event": "resume_read", "per_rank": read})
         logger.event(self.step, "memory", per_rank=[m for m, _ in memory])
         if self.topology.rank == 0:
             print(
