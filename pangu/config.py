@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import re
 import types
 import typing
@@ -185,10 +186,14 @@ class ParallelConfig:
     pp: int = 1  # pipeline stages; dp = world_size / (tp * pp)
     recompute: Literal["none", "full", "selective"] = "none"
     partition: Literal["parameters", "uniform"] = "parameters"  # how layers are split across stages
+    # every process group's collective timeout: long enough for the slowest collective a run
+    # waits in (a checkpoint save, a validation pass)
+    timeout_minutes: float = 30.0
 
     def validate(self) -> None:
         _require(self.tp >= 1, "parallel.tp", self.tp, ">= 1")
         _require(self.pp >= 1, "parallel.pp", self.pp, ">= 1")
+        _require(self.timeout_minutes > 0, "parallel.timeout_minutes", self.timeout_minutes, "> 0 (minutes)")
 
 
 @dataclass
@@ -514,8 +519,8 @@ def _coerce(hint: Any, value: Any, where: str) -> Any:
                 value = float(value)
             except ValueError:
                 pass
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{where} = {value!r} is not allowed: expected a number")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ConfigError(f"{where} = {value!r} is not allowed: expected a finite number")
         return float(value)
     if hint is str:
         if not isinstance(value, str):

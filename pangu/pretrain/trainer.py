@@ -154,7 +154,7 @@ class Trainer:
         self.valid_batches = Batches(valid_data, config, self.topology, self.meta)
         self.tokens_per_step = train.global_batch_size * config.model.seq_length
         self.model_flops = flops_per_token(config.model)
-        self.peak_flops = total_peak_flops(train.peak_flops)
+        self.peak_flops = total_peak_flops(train.peak_flops, device(), self.topology.host_group)
 
     def _restore(self, path: Path) -> None:
         """Continues from a training checkpoint: weights, optimizer, RNGs, step and data position."""
@@ -238,7 +238,7 @@ class Trainer:
         if self.resumed_from is not None:
             logger.event(self.step, "resumed", checkpoint=str(self.resumed_from), layout=self.topology.layout)
         memory = [None] * self.topology.world_size
-        dist.all_gather_object(memory, self.memory)
+        dist.all_gather_object(memory, self.memory, group=self.topology.host_group)
         logger.event(self.step, "memory", per_rank=memory)
         if self.topology.rank == 0:
             print(
