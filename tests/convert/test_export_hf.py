@@ -21,7 +21,7 @@ import pangu
 from pangu.checkpoint.store import CheckpointError, TensorReader, TensorWriter, sha256_file
 from pangu.convert.huggingface import export_hf, hf_names, import_hf
 from pangu.convert.importer import import_mindspore
-from pangu.convert.mindspore import write_mindspore_ckpt
+from pangu.convert.mindspore.ckpt import write_mindspore_ckpt
 from tests.helpers import RELEASE
 from tests.model.numpy_pangu import random_ms_params
 
