@@ -12,7 +12,7 @@ import torch
 import pangu
 from pangu.cli import main
 from pangu.config import ModelConfig, load_config
-from pangu.convert.mindspore import write_mindspore_ckpt
+from pangu.convert.mindspore.ckpt import write_mindspore_ckpt
 from pangu.evaluation.inference import generate_ids
 from pangu.model.init import initialize_parameters
 from pangu.model.pangu_alpha import PanguAlpha
