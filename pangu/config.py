@@ -210,8 +210,9 @@ class OptimConfig:
     betas: tuple[float, float] = (0.9, 0.95)
     # S3 and AdamW: one fused kernel per tensor (S3: torch.compile, built on the first step;
     # AdamW: torch's fused kernel) instead of the multi-tensor foreach path; under sgd_si it
-    # applies to si_other = s3 (its AdamW part runs unfused)
-    fused: bool = False
+    # applies to si_other = s3 (its AdamW part runs unfused). "auto": fused on GPUs, where it is
+    # faster; foreach on the CPU, where compiling costs more than a short run saves
+    fused: bool | Literal["auto"] = "auto"
     # scale-invariant SGD (sgd_si): the trunk uses SGD + weight decay + relative clip,
     # everything else the `si_other` optimizer with the settings above
     si_lr: float = 8e-4
@@ -274,6 +275,7 @@ class TrainConfig:
     # scored with every validation; results go to metrics.jsonl as task/NAME/METRIC
     eval_tasks: list[str] = field(default_factory=list)
     eval_task_examples: int = 0  # > 0: a seeded subset of this many examples per task
+    compile: bool = False  # torch.compile the transformer layers (CPU and GPU)
     peak_flops: float = 0.0  # per device, for MFU; 0 measures a matmul peak on CPU, or uses a known GPU peak
     # fp16 dynamic loss scaling (as in the original recipe)
     initial_loss_scale_power: int = 32

@@ -107,10 +107,11 @@ class EngineScorer(Scorer):
         self.micro_batch_size = config.train.micro_batch_size
         self.eod_reset = config.data.eod_reset
         self.pad_id, self.eod_id = pad_id, eod_id
+        self.layers = tp.layer_factory(topology.tp)
 
     def _loss_fn(self, logits, labels):
         (targets,) = labels
-        return tp.vocab_parallel_cross_entropy(tp.mask_padded_vocab(logits, self.config.model.vocab_size), targets)
+        return self.layers.cross_entropy(logits, targets, self.config.model.vocab_size)
 
     def _micro_batch(self, rows, indices: list[int]):
         samples = np.full((self.micro_batch_size, self.seq_length + 1), self.pad_id, dtype=np.int64)
