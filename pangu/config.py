@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import re
 import types
 import typing
@@ -185,10 +186,14 @@ class ParallelConfig:
     pp: int = 1  # pipeline stages; dp = world_size / (tp * pp)
     recompute: Literal["none", "full", "selective"] = "none"
     partition: Literal["parameters", "uniform"] = "parameters"  # how layers are split across stages
+    # every process group's collective timeout: long enough for the slowest collective a run
+    # waits in (a checkpoint save, a validation pass)
+    timeout_minutes: float = 30.0
 
     def validate(self) -> None:
         _require(self.tp >= 1, "parallel.tp", self.tp, ">= 1")
         _require(self.pp >= 1, "parallel.pp", self.pp, ">= 1")
+        _require(self.timeout_minutes > 0, "parallel.timeout_minutes", self.timeout_minutes, "> 0 (minutes)")
 
 
 @dataclass
@@ -205,8 +210,9 @@ class OptimConfig:
     betas: tuple[float, float] = (0.9, 0.95)
     # S3 and AdamW: one fused kernel per tensor (S3: torch.compile, built on the first step;
     # AdamW: torch's fused kernel) instead of the multi-tensor foreach path; under sgd_si it
-    # applies to si_other = s3 (its AdamW part runs unfused)
-    fused: bool = False
+    # applies to si_other = s3 (its AdamW part runs unfused). "auto": fused on GPUs, where it is
+    # faster; foreach on the CPU, where compiling costs more than a short run saves
+    fused: bool | Literal["auto"] = "auto"
     # scale-invariant SGD (sgd_si): the trunk uses SGD + weight decay + relative clip,
     # everything else the `si_other` optimizer with the settings above
     si_lr: float = 8e-4
@@ -272,6 +278,7 @@ class TrainConfig:
     # scored with every validation; results go to metrics.jsonl as task/NAME/METRIC
     eval_tasks: list[str] = field(default_factory=list)
     eval_task_examples: int = 0  # > 0: a seeded subset of this many examples per task
+    compile: bool = False  # torch.compile the transformer layers (CPU and GPU)
     peak_flops: float = 0.0  # per device, for MFU; 0 measures a matmul peak on CPU, or uses a known GPU peak
     # fp16 dynamic loss scaling (as in the original recipe)
     initial_loss_scale_power: int = 32
@@ -517,8 +524,8 @@ def _coerce(hint: Any, value: Any, where: str) -> Any:
                 value = float(value)
             except ValueError:
                 pass
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{where} = {value!r} is not allowed: expected a number")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ConfigError(f"{where} = {value!r} is not allowed: expected a finite number")
         return float(value)
     if hint is str:
         if not isinstance(value, str):

@@ -19,7 +19,6 @@ all-gather every optimizer step ends with.
 
 from __future__ import annotations
 
-import datetime
 import io
 import json
 import shutil
@@ -50,16 +49,16 @@ from pangu.parallel.tensor_parallel import seed_rng_streams
 from pangu.parallel.topology import Topology
 
 _GROUP: list = []  # [the checkpoint group, the default group it was made under]
-TIMEOUT = datetime.timedelta(minutes=30)  # as every other group's (pangu.parallel.topology)
 
 
 def checkpoint_group():
-    """A gloo group of all ranks for checkpoint metadata (host objects), also used by the
-    background writer while training runs collectives on the other groups. Every rank creates it
-    at the same point (the first save or load)."""
+    """A gloo group of all ranks for checkpoint metadata (host objects), used by the background
+    writer while the training thread runs collectives on the other groups. Every rank creates it
+    at the same point (the first save or load); its timeout is every group's
+    (parallel.timeout_minutes, which pangu.parallel.topology makes torch's default)."""
     default = dist.distributed_c10d._get_default_group()
     if not _GROUP or _GROUP[1] is not default:
-        _GROUP[:] = [dist.new_group(backend="gloo", timeout=TIMEOUT), default]
+        _GROUP[:] = [dist.new_group(backend="gloo"), default]
     return _GROUP[0]
 
 

@@ -68,6 +68,7 @@ from typing import TYPE_CHECKING
 
 from pangu.config import ModelConfig
 from pangu.convert.importer import check_dtype
+from pangu.model import layout
 
 if TYPE_CHECKING:  # torch is imported when needed: the CLI builds its parser from this module
     import torch
@@ -103,13 +104,13 @@ _LAYER_NAMES = {  # pangu sub-name in a block -> the port's
     "mlp.dense_4h_to_h.weight": "mlp.c_proj.weight",
     "mlp.dense_4h_to_h.bias": "mlp.c_proj.bias",
 }
-WORD = "embedding.word_embeddings.weight"
-_TOP_NAMES = {
+WORD = layout.WORD_EMBEDDING_WEIGHT
+_TOP_NAMES = {  # pangu name outside the blocks -> the port's
     WORD: "transformer.wte.weight",
-    "embedding.position_embeddings.weight": "transformer.wpe.weight",
-    "query_layer.query_embeddings.weight": "transformer.wqe.weight",
-    "final_layernorm.weight": "transformer.ln_f.weight",
-    "final_layernorm.bias": "transformer.ln_f.bias",
+    layout.POSITION_EMBEDDING_WEIGHT: "transformer.wpe.weight",
+    layout.QUERY_EMBEDDING_WEIGHT: "transformer.wqe.weight",
+    f"{layout.FINAL_LAYERNORM}.weight": "transformer.ln_f.weight",
+    f"{layout.FINAL_LAYERNORM}.bias": "transformer.ln_f.bias",
 }
 LM_HEAD = "lm_head.weight"
 
@@ -118,8 +119,9 @@ def hf_names(num_layers: int) -> dict[str, str]:
     """pangu canonical name -> GPTPangu name, for a model of `num_layers` (counting the query layer)."""
     names = dict(_TOP_NAMES)
     for i in range(num_layers - 1):
-        names.update({f"blocks.{i}.{sub}": f"transformer.h.{i}.{hf}" for sub, hf in _LAYER_NAMES.items()})
-    names.update({f"query_layer.{sub}": f"transformer.h.{num_layers - 1}.{hf}" for sub, hf in _LAYER_NAMES.items()})
+        names.update({f"{layout.block_name(i)}.{sub}": f"transformer.h.{i}.{hf}" for sub, hf in _LAYER_NAMES.items()})
+    query = num_layers - 1
+    names.update({f"{layout.QUERY_LAYER}.{sub}": f"transformer.h.{query}.{hf}" for sub, hf in _LAYER_NAMES.items()})
     return names
 
 
@@ -219,7 +221,11 @@ def export_hf(
 
     reader = TensorReader(path / "tensors")
     names = hf_names(model.num_layers)
-    missing = sorted(set(names) - reader.names())
+    declared = [p.name for p in layout.parameters(model)]
+    unmapped = [name for name in declared if name not in names]
+    if unmapped:
+        raise CheckpointError(f"{path}: parameters the GPTPangu port has no place for: {unmapped[:5]}")
+    missing = sorted(set(declared) - reader.names())
     if missing:
         raise CheckpointError(f"checkpoint {path} lacks parameters {missing[:5]}")
     vocab_rows = model.padded_vocab_size if pad_vocab else model.vocab_size

@@ -5,7 +5,7 @@ SRC is one of
   * a directory holding a sliced release: per-rank `<prefix><rank>.ckpt` slices (the 2.6B/13B
     release's `filtered_0.ckpt` ... `filtered_511.ckpt`), the embedding tables as `.npy` files, and
     the parallel-strategy file (there, or given with `strategy=` / `--strategy`); see
-    pangu/convert/release.py.
+    pangu/convert/mindspore/release.py.
 
 Streams one tensor at a time: read (merging the slices of a release), rename and transpose to the
 canonical layout, cast to `dtype` if asked, append to a weights-only pangu checkpoint
@@ -16,20 +16,16 @@ from __future__ import annotations
 
 import logging
 import warnings
+import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from pangu.config import ModelConfig
-from pangu.convert.mindspore import (
-    _MINDSPORE_WORD_EMBEDDINGS,
-    infer_model_shape,
-    read_mindspore_ckpt,
-    read_mindspore_ckpt_shapes,
-    read_npz,
-    to_pangu_names,
-)
+from pangu.convert.mindspore.ckpt import read_mindspore_ckpt, read_mindspore_ckpt_shapes, read_one_tensor
+from pangu.convert.mindspore.names import MINDSPORE_WORD_EMBEDDINGS, infer_model_shape, to_pangu_names
 
 if TYPE_CHECKING:  # torch is imported when needed: the CLI builds its parser from this module
     import torch
@@ -74,7 +70,7 @@ def import_mindspore(
     src, out = Path(src), Path(out)
     check_dtype(dtype)
     if src.is_dir():
-        from pangu.convert.release import SlicedRelease
+        from pangu.convert.mindspore.release import SlicedRelease
 
         release = SlicedRelease(src, strategy=strategy)
         shapes = release.shapes
@@ -94,8 +90,6 @@ def import_mindspore(
                 with np.load(src) as arrays:
                     return arrays[_word_name(shapes)]
         else:
-            from pangu.convert.release import read_one_tensor
-
             shapes = read_mindspore_ckpt_shapes(src)
             named_arrays = read_mindspore_ckpt(src)
 
@@ -124,12 +118,30 @@ def import_mindspore(
             f"of 128 ({model.padded_vocab_size})"
         )
     torch_dtype = getattr(torch, dtype) if dtype else None
-    tensors = ((name, _to_torch(array, torch_dtype)) for name, array in to_pangu_names(named_arrays))
+    tensors = ((name, _to_torch(array, torch_dtype)) for name, array in to_pangu_names(named_arrays, model=model))
     return write_weights(out, model, tensors, Path(tokenizer) if tokenizer else None)
 
 
+def read_npz(path: str | Path) -> Iterator[tuple[str, np.ndarray]]:
+    """Yield (name, array) from an .npz keyed by MindSpore names (what people export from a
+    MindSpore session to move weights around), one array at a time."""
+    try:
+        archive = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, zipfile.BadZipFile) as error:
+        raise ValueError(f"{path}: not a readable .npz archive: {error}") from error
+    if not isinstance(archive, np.lib.npyio.NpzFile):
+        raise ValueError(f"{path}: is a single .npy array, not an .npz archive of named arrays")
+    with archive:
+        for name in archive.files:
+            try:
+                array = archive[name]
+            except (OSError, ValueError, zipfile.BadZipFile, EOFError) as error:
+                raise ValueError(f"{path}: member {name!r} cannot be read: {error}") from error
+            yield name, array
+
+
 def _word_name(shapes) -> str:
-    return next(name for name in _MINDSPORE_WORD_EMBEDDINGS if name in shapes)
+    return next(name for name in MINDSPORE_WORD_EMBEDDINGS if name in shapes)
 
 
 def _vocab_size(rows: int, vocab_size: int | None, tokenizer, read_word_embedding) -> int:
@@ -154,7 +166,8 @@ def _vocab_size(rows: int, vocab_size: int | None, tokenizer, read_word_embeddin
             return PANGU_VOCAB_SIZE
         warnings.warn(
             f"the word embedding has {rows} rows and its last {rows - PANGU_VOCAB_SIZE} are not zero: "
-            f"keeping vocab_size {rows}; pass vocab_size (--vocab-size) or the tokenizer to override"
+            f"keeping vocab_size {rows}; pass vocab_size (--vocab-size) or the tokenizer to override",
+            stacklevel=3,
         )
     return rows
 

@@ -62,7 +62,8 @@ def evaluate_tasks(
     """{task name: results} for each task (a `Task`, a task file, a builtin name or NAME=DATA).
 
     `model_or_engine`: a `PanguAlpha` (one process), the trainer's pipeline engine (then pass
-    `config` and `topology`; every rank must call, every rank gets the results), or a `Scorer`.
+    `config` and `topology`; every rank must call, rank 0 gets the results and the
+    other ranks an empty dict), or a `Scorer`.
     `tokenizer` defaults to the one of `config.data.prepared_dir`. `shots` and `max_examples`
     override the task files'. With `details`, each result carries its per-example records.
     """
@@ -88,6 +89,8 @@ def evaluate_tasks(
             result = _generation(prepared, scorer, tokenizer, seed)
         else:
             result = _perplexity(prepared, scorer)
+        if result is None:  # a rank other than 0 of an engine: the results are on rank 0
+            continue
         result = {
             "kind": task.kind,
             **({"shots": task.shots} if task.kind != "perplexity" else {}),
@@ -109,10 +112,12 @@ def span_score(losses: np.ndarray, start: int, end: int, reduce: str) -> float:
     return float(values.sum() if reduce == "sum" else values.mean())
 
 
-def _classification(prepared: Prepared, scorer) -> dict:
+def _classification(prepared: Prepared, scorer) -> dict | None:
     task = prepared.task
     flat = [row for rows in prepared.rows for row in rows]
     losses = scorer.token_losses([row.ids for row in flat])
+    if losses is None:
+        return None
     records, correct, k = [], [], 0
     per_label: dict[str, list[int]] = {}
     for index, rows, gold, labels in zip(prepared.indices, prepared.rows, prepared.labels, prepared.candidates):
@@ -147,7 +152,7 @@ def _classification(prepared: Prepared, scorer) -> dict:
     return result
 
 
-def _generation(prepared: Prepared, scorer, tokenizer, seed: int) -> dict:
+def _generation(prepared: Prepared, scorer, tokenizer, seed: int) -> dict | None:
     task = prepared.task
 
     def stop(ids: list[int]) -> bool:
@@ -155,6 +160,8 @@ def _generation(prepared: Prepared, scorer, tokenizer, seed: int) -> dict:
         return any(s and s in text for s in task.stop)
 
     outputs = scorer.generate(prepared.prompts, task.max_new_tokens, stop)
+    if outputs is None:
+        return None
     records, ems, f1s = [], [], []
     for index, ids, references in zip(prepared.indices, outputs, prepared.labels):
         text = tokenizer.decode(ids)
@@ -177,9 +184,11 @@ def _generation(prepared: Prepared, scorer, tokenizer, seed: int) -> dict:
     }
 
 
-def _perplexity(prepared: Prepared, scorer) -> dict:
+def _perplexity(prepared: Prepared, scorer) -> dict | None:
     rows = prepared.rows[0]
     losses = scorer.token_losses([row.ids for row in rows])
+    if losses is None:
+        return None
     total = sum(float(np.sum(loss[row.start - 1 : row.end - 1], dtype=np.float64)) for row, loss in zip(rows, losses))
     tokens = sum(row.end - row.start for row in rows)
     return {

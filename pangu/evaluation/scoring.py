@@ -8,8 +8,8 @@
   attention mask exactly when training passes one (data.eod_reset). The engine's loss function is
   swapped, for the call, for one returning per-token losses (vocab-parallel cross entropy, so
   the last stage never gathers the vocabulary), `eval_batch` runs with `reduce_output=None` (no
-  averaging over data-parallel ranks), and the last stage's per-row losses are gathered on every
-  rank. Micro-batches are dealt round-robin to the data-parallel ranks. Generation runs the stage
+  averaging over data-parallel ranks), and the last stage's per-row losses are gathered on rank 0
+  (over the gloo host group: no copy per rank, nothing on the GPUs); the other ranks get None. Micro-batches are dealt round-robin to the data-parallel ranks. Generation runs the stage
   module directly (full recomputation per token, logits gathered over tp) and needs pp = 1.
 
 Both build a row's inputs with `pangu.data.dataset.make_batch`, as training does, so positions
@@ -34,7 +34,8 @@ MICRO_BATCHES_PER_CALL = 64  # per data-parallel rank and eval_batch call: bound
 
 
 class Scorer:
-    """What the harness needs: `seq_length`, `token_losses(rows)` -> for each row of token ids,
+    """What the harness needs (results may be None on ranks other than 0): `seq_length`,
+    `token_losses(rows)` -> for each row of token ids,
     the losses of tokens 1..len-1 (each predicted from the ones before it), and
     `generate(prompts, max_new_tokens, stop)` -> greedy continuations."""
 
@@ -97,7 +98,8 @@ class ModelScorer(Scorer):
 
 class EngineScorer(Scorer):
     """Scores through DeepSpeed's PipelineEngine (see the module docstring). Every rank of the
-    job must call the same methods with the same rows; every rank gets the full results."""
+    job must call the same methods with the same rows; rank 0 gets the full results, the other
+    ranks None."""
 
     def __init__(self, engine, config, topology, *, pad_id: int, eod_id: int):
         self.engine, self.config, self.topology = engine, config, topology
@@ -105,10 +107,11 @@ class EngineScorer(Scorer):
         self.micro_batch_size = config.train.micro_batch_size
         self.eod_reset = config.data.eod_reset
         self.pad_id, self.eod_id = pad_id, eod_id
+        self.layers = tp.layer_factory(topology.tp)
 
     def _loss_fn(self, logits, labels):
         (targets,) = labels
-        return tp.vocab_parallel_cross_entropy(tp.mask_padded_vocab(logits, self.config.model.vocab_size), targets)
+        return self.layers.cross_entropy(logits, targets, self.config.model.vocab_size)
 
     def _micro_batch(self, rows, indices: list[int]):
         samples = np.full((self.micro_batch_size, self.seq_length + 1), self.pad_id, dtype=np.int64)
@@ -151,7 +154,7 @@ class EngineScorer(Scorer):
                             mine[i] = losses[k, : len(rows[i]) - 1].copy()
         finally:
             module.loss_fn = saved_loss_fn
-        return _gather_rows(mine, len(rows))
+        return _gather_rows(mine, len(rows), self.topology)
 
     @torch.no_grad()
     def generate(self, prompts, max_new_tokens, stop):
@@ -187,13 +190,18 @@ class EngineScorer(Scorer):
         module.train(was_training)
         if self.topology.tp_rank != 0:
             mine = {}
-        return [row.tolist() for row in _gather_rows(mine, len(prompts))]
+        rows = _gather_rows(mine, len(prompts), self.topology)
+        return None if rows is None else [row.tolist() for row in rows]
 
 
-def _gather_rows(mine: dict[int, np.ndarray], count: int) -> list[np.ndarray]:
-    """Every rank's {row index: values} merged, on every rank."""
-    gathered: list[dict | None] = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, mine)
+def _gather_rows(mine: dict[int, np.ndarray], count: int, topology) -> list[np.ndarray] | None:
+    """Every rank's {row index: values} merged on rank 0 over the host (gloo) group; None on the
+    other ranks, which have nothing to do with the results."""
+    rank = dist.get_rank()
+    gathered: list[dict | None] | None = [None] * dist.get_world_size() if rank == 0 else None
+    dist.gather_object(mine, gathered, dst=0, group=topology.host_group)
+    if rank != 0:
+        return None
     merged: dict[int, np.ndarray] = {}
     for part in gathered:
         merged.update(part or {})

@@ -45,6 +45,12 @@ class LayerFactory:
         """The full vocabulary's logits from each rank's slice (last dimension)."""
         return logits
 
+    def cross_entropy(self, logits: torch.Tensor, labels: torch.Tensor, vocab_size: int) -> torch.Tensor:
+        """Per-token cross entropy (fp32) over the real vocabulary: the padding rows of the
+        embedding (ids >= vocab_size) take no probability."""
+        losses = F.cross_entropy(logits[..., :vocab_size].float().flatten(0, 1), labels.flatten(), reduction="none")
+        return losses.view(labels.shape)
+
     def tensor_parallel_rng(self, enabled: bool = True) -> contextlib.AbstractContextManager:
         """Context for random ops on activations split across the tensor-parallel group."""
         return contextlib.nullcontext()

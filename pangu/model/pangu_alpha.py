@@ -38,6 +38,7 @@ model and the pipeline (pangu/parallel/pipeline.py) run them the same way.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -90,6 +91,27 @@ def relu_attention(q, k, v, attention_mask, causal: bool, dropout: float) -> tor
     probs = scores / (scores.sum(dim=-1, keepdim=True) + SCALE_INVARIANT_EPS)
     probs = F.dropout(probs, dropout, training=dropout > 0)
     return (probs @ at_least_fp32(v)).type_as(v)
+
+
+@functools.cache
+def _compiled_flex_attention():
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def masked_attention(q, k, v, attention_mask: torch.Tensor) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d) masked) v under a boolean mask [b, s_q, s_k] (EOD reset's
+    block-diagonal causal mask) through FlexAttention: blocks the mask leaves empty are skipped,
+    and no [b, heads, s, s] score tensor is made, where scaled_dot_product_attention would fall
+    back to a kernel that makes one. No dropout (FlexAttention has none); no backward on the CPU."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    def mask_mod(batch, head, query, key):
+        return attention_mask[batch, query, key]
+
+    block_mask = create_block_mask(mask_mod, q.shape[0], None, q.shape[-2], k.shape[-2], device=q.device)
+    return _compiled_flex_attention()(q, k, v, block_mask=block_mask)
 
 
 class Attention(nn.Module):
@@ -147,6 +169,8 @@ class Attention(nn.Module):
         with self.layers.tensor_parallel_rng(enabled=dropout > 0):
             if self.scale_invariant:
                 return relu_attention(q, k, v, attention_mask, causal, dropout)
+            if mask is not None and dropout == 0 and q.is_cuda:
+                return masked_attention(q, k, v, attention_mask)
             return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=causal)
 
 

@@ -76,6 +76,15 @@ def _check_config(config: Config) -> None:
 config_module.register_check(_check_config)
 
 
+def fused(optim: OptimConfig) -> bool:
+    """optim.fused, with "auto" resolved: fused kernels on a GPU."""
+    if optim.fused == "auto":
+        import torch
+
+        return torch.cuda.is_available()
+    return optim.fused
+
+
 def build_optimizer(
     optim: OptimConfig,
     named_parameters: list[tuple[str, torch.nn.Parameter]],
@@ -116,7 +125,7 @@ def _build_s3(optim: OptimConfig, groups: list[dict[str, Any]]):
         nesterov=optim.nesterov,
         eps=optim.eps,
         weight_decay=optim.weight_decay,
-        fused=optim.fused,
+        fused=fused(optim),
     )
 
 
@@ -129,8 +138,8 @@ def _build_adamw(optim: OptimConfig, groups: list[dict[str, Any]]):
         betas=optim.betas,
         eps=optim.eps,
         weight_decay=optim.weight_decay,
-        fused=optim.fused,
-        foreach=not optim.fused,
+        fused=fused(optim),
+        foreach=not fused(optim),
     )
 
 
@@ -148,7 +157,7 @@ def _build_sgd_si(optim: OptimConfig, groups: list[dict[str, Any]]):
         nesterov=optim.nesterov,
         betas=optim.betas,
         eps=optim.eps,
-        fused=optim.fused,
+        fused=fused(optim),
     )
 
 

@@ -9,21 +9,27 @@ scaling. pangu owns the model, the optimizer and the loss normalisation.
 from __future__ import annotations
 
 import warnings
+from functools import partial
 
 import deepspeed
 import torch
 
 from pangu.config import Config, ConfigError
 from pangu.model import layout
+from pangu.model.factory import LayerFactory
 from pangu.model.init import initialize_parameters, zero_parameters
 from pangu.optim.registry import build_optimizer
-from pangu.parallel import tensor_parallel as tp
 from pangu.parallel.pipeline import build_pipeline, canonical_names
+from pangu.parallel.tensor_parallel import layer_factory
 from pangu.parallel.topology import Topology
 
 
 def pipeline_loss(
-    logits: torch.Tensor, labels: tuple[torch.Tensor, torch.Tensor, torch.Tensor], vocab_size: int
+    logits: torch.Tensor,
+    labels: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    *,
+    layers: LayerFactory,
+    vocab_size: int,
 ) -> torch.Tensor:
     """Sum of this micro-batch's token losses times `scale`.
 
@@ -33,7 +39,7 @@ def pipeline_loss(
     scale = micro_batches x dp / counted_tokens_of_the_global_batch, and the two cancel.
     """
     targets, loss_mask, scale = labels
-    token_losses = tp.vocab_parallel_cross_entropy(tp.mask_padded_vocab(logits, vocab_size), targets)
+    token_losses = layers.cross_entropy(logits, targets, vocab_size)
     return (token_losses * loss_mask).sum() * scale[0]
 
 
@@ -103,8 +109,9 @@ def allow_fp16_on_cpu() -> None:
 def build_engine(config: Config, topology: Topology, initialize: bool = True):
     """(engine, {pipeline name: canonical name}) for this rank's pipeline stage. Without
     `initialize` (a resumed run: a checkpoint sets every weight) no initial weight is drawn."""
+    layers = layer_factory(config.parallel.tp)
     pipe = build_pipeline(
-        config, topology, loss_fn=lambda logits, labels: pipeline_loss(logits, labels, config.model.vocab_size)
+        config, topology, layers, loss_fn=partial(pipeline_loss, layers=layers, vocab_size=config.model.vocab_size)
     )
     names = canonical_names(pipe, config.model)
     named = [(names[n], p) for n, p in pipe.named_parameters()]

@@ -17,8 +17,9 @@ from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
 
 from pangu.config import Config, ModelConfig
 from pangu.model import layout
+from pangu.model.factory import LayerFactory
 from pangu.model.pangu_alpha import FinalLayerNorm, QueryLayer, Stem, TransformerLayer
-from pangu.parallel.tensor_parallel import MegatronLayers, VocabParallelEmbedding
+from pangu.parallel.tensor_parallel import VocabParallelEmbedding, megatron_config
 from pangu.parallel.topology import Topology
 
 TIED_KEY = "word_embeddings"
@@ -27,8 +28,8 @@ TIED_KEY = "word_embeddings"
 class WordEmbeddingPipe(VocabParallelEmbedding):
     """First layer: token ids -> word vectors. Also the head on the last stage (tied weights)."""
 
-    def __init__(self, config: ModelConfig, layers: MegatronLayers):
-        super().__init__(config.padded_vocab_size, config.hidden_size, config=layers.config)
+    def __init__(self, config: ModelConfig, layers: LayerFactory):
+        super().__init__(config.padded_vocab_size, config.hidden_size, config=megatron_config(layers.tp_size))
         self.layers = layers
 
     def forward(self, inputs):
@@ -82,7 +83,7 @@ class FinalLayerNormPipe(TrunkPipe, FinalLayerNorm):
 TRANSFORMER_PIPES = {layout.BLOCK: TransformerLayerPipe, layout.QUERY: QueryLayerPipe}
 
 
-def _layer_spec(layer: layout.Layer, config: Config, layers: MegatronLayers) -> LayerSpec:
+def _layer_spec(layer: layout.Layer, config: Config, layers: LayerFactory) -> LayerSpec:
     model, selective = config.model, config.parallel.recompute == "selective"
     if layer.kind == layout.WORD_EMBEDDING:
         return TiedLayerSpec(TIED_KEY, WordEmbeddingPipe, model, layers, tied_weight_attr=["weight"])
@@ -99,12 +100,12 @@ def _layer_spec(layer: layout.Layer, config: Config, layers: MegatronLayers) -> 
     return LayerSpec(TRANSFORMER_PIPES[layer.kind], model, layers, selective)
 
 
-def build_pipeline(config: Config, topology: Topology, loss_fn) -> PipelineModule:
-    layers = MegatronLayers(config.parallel.tp)
+def build_pipeline(config: Config, topology: Topology, layers: LayerFactory, loss_fn) -> PipelineModule:
+    """This rank's stage of the pipeline, its splittable layers made by `layers`."""
     transformer_classes = [cls.__name__ for cls in TRANSFORMER_PIPES.values()]
     # "uniform" balances the transformer layers over the stages; "parameters" the parameters
     partition = "parameters" if config.parallel.partition == "parameters" else "type:" + "|".join(transformer_classes)
-    return PipelineModule(
+    pipe = PipelineModule(
         layers=[_layer_spec(layer, config, layers) for layer in layout.layers(config.model)],
         topology=topology.deepspeed_topology,
         loss_fn=loss_fn,
@@ -112,6 +113,11 @@ def build_pipeline(config: Config, topology: Topology, loss_fn) -> PipelineModul
         activation_checkpoint_interval=1 if config.parallel.recompute == "full" else 0,
         checkpointable_layers=transformer_classes,
     )
+    if config.train.compile:  # each transformer layer compiled on its own: one graph, reused by every block
+        for module in pipe.forward_funcs:
+            if isinstance(module, tuple(TRANSFORMER_PIPES.values())):
+                module.compile()
+    return pipe
 
 
 def canonical_names(pipe: PipelineModule, config: ModelConfig) -> dict[str, str]:

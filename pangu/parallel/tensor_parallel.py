@@ -119,6 +119,10 @@ class MegatronLayers(LayerFactory):
     def gather_vocab(self, logits):
         return gather_vocab(logits)
 
+    def cross_entropy(self, logits, labels, vocab_size):
+        """Over the vocabulary split across the group: no rank gathers the full logits."""
+        return tensor_parallel.vocab_parallel_cross_entropy(mask_padded_vocab(logits, vocab_size).float(), labels)
+
     def tensor_parallel_rng(self, enabled=True):
         if not enabled:
             return contextlib.nullcontext()
@@ -127,6 +131,12 @@ class MegatronLayers(LayerFactory):
     def recompute(self, function, *args):
         # DeepSpeed's checkpoint saves and restores the default RNG and the tracker's states
         return deepspeed.checkpointing.checkpoint(function, *args)
+
+
+def layer_factory(tp: int) -> LayerFactory:
+    """The layers of a tensor-parallel group of `tp` ranks: megatron-core's when tp > 1; plain torch
+    ones at tp = 1, where megatron-core's layers add nothing but their overhead."""
+    return MegatronLayers(tp) if tp > 1 else LayerFactory()
 
 
 def gather_vocab(logits: torch.Tensor) -> torch.Tensor:
@@ -140,11 +150,6 @@ def gather_vocab(logits: torch.Tensor) -> torch.Tensor:
     parts = [torch.empty_like(logits) for _ in range(size)]
     dist.all_gather(parts, logits.contiguous(), group=group)
     return torch.cat(parts, dim=-1)
-
-
-def vocab_parallel_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Per-token cross entropy over the vocabulary split across the tensor-parallel group (fp32)."""
-    return tensor_parallel.vocab_parallel_cross_entropy(logits.float(), labels)
 
 
 def mask_padded_vocab(logits: torch.Tensor, vocab_size: int) -> torch.Tensor:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import deepspeed
 import torch
 import torch.distributed as dist
+import torch.distributed.distributed_c10d as c10d
 from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
 from megatron.core import parallel_state
 
@@ -32,6 +33,7 @@ class Topology:
     tp_rank: int
     pp_rank: int
     deepspeed_topology: PipeModelDataParallelTopology
+    host_group: dist.ProcessGroup  # gloo, every rank: for Python objects and host tensors
 
     @property
     def is_first_stage(self) -> bool:
@@ -62,8 +64,12 @@ def init_distributed(parallel: ParallelConfig) -> Topology:
     Launched by torchrun or Slurm the environment names the rank and world size; a plain
     `python -m pangu ...` is a world of one.
     """
+    timeout = datetime.timedelta(minutes=parallel.timeout_minutes)
+    # DeepSpeed and megatron-core create their groups with torch's default timeout (10 minutes
+    # for NCCL, less than a large checkpoint save may take): every group gets ours.
+    c10d.default_pg_timeout = c10d.default_pg_nccl_timeout = timeout
     if not dist.is_initialized():
-        _init_process_group()
+        _init_process_group(timeout)
     world_size, rank = dist.get_world_size(), dist.get_rank()
     tp, pp = parallel.tp, parallel.pp
     if world_size % (tp * pp) != 0:
@@ -75,7 +81,11 @@ def init_distributed(parallel: ParallelConfig) -> Topology:
 
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
-    parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp,
+        distributed_timeout_minutes=parallel.timeout_minutes,
+    )
     ds_topology = PipeModelDataParallelTopology(num_pp=pp, num_mp=tp, num_dp=dp)
     coords = ds_topology.get_coord(rank)
     megatron = (
@@ -98,10 +108,11 @@ def init_distributed(parallel: ParallelConfig) -> Topology:
         tp_rank=coords.model,
         pp_rank=coords.pipe,
         deepspeed_topology=ds_topology,
+        host_group=dist.group.WORLD if dist.get_backend() == "gloo" else dist.new_group(backend="gloo"),
     )
 
 
-def _init_process_group() -> None:
+def _init_process_group(timeout: datetime.timedelta) -> None:
     if torch.cuda.is_available() and "LOCAL_RANK" in os.environ:
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     single = {}
@@ -111,7 +122,7 @@ def _init_process_group() -> None:
         os.environ.setdefault("LOCAL_RANK", "0")  # DeepSpeed's PipelineModule reads it
     deepspeed.init_distributed(
         dist_backend=backend(),
-        timeout=datetime.timedelta(minutes=30),
+        timeout=timeout,
         auto_mpi_discovery=False,
         verbose=False,
         **single,

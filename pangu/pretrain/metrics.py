@@ -12,15 +12,24 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-# Dense bf16 peaks of common accelerators, FLOP/s per device (vendor figures).
-KNOWN_PEAKS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "V100": 125e12}
+# Dense bf16 peaks of common accelerators, FLOP/s per device (vendor figures); any other device's
+# peak is measured at start-up.
+KNOWN_PEAKS = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12, "A800": 312e12, "V100": 125e12}
 
 
-def measure_cpu_peak_flops(trials: int = 5, seconds: float = 0.1, size: int = 1024) -> float:
-    """Matmul FLOP/s this process reaches on the CPU: the 'peak' that CPU MFU is relative to.
-    The best of several short trials, since other processes on a shared machine slow some down."""
-    generator = torch.Generator().manual_seed(0)  # not the global RNG: dropout streams must not move
-    a, b = torch.randn(size, size, generator=generator), torch.randn(size, size, generator=generator)
+def known_peak(device_name: str) -> float | None:
+    return next((peak for key, peak in KNOWN_PEAKS.items() if key in device_name), None)
+
+
+def measure_peak_flops(
+    device: torch.device, dtype: torch.dtype, size: int, trials: int = 5, seconds: float = 0.1
+) -> float:
+    """Matmul FLOP/s this process reaches on `device`: the peak MFU is relative to where no vendor
+    figure is known. The best of several short trials, since other processes on a shared machine
+    slow some down."""
+    generator = torch.Generator(device).manual_seed(0)  # not the global RNG: dropout streams must not move
+    a = torch.randn(size, size, generator=generator, device=device).to(dtype)
+    b = torch.randn(size, size, generator=generator, device=device).to(dtype)
     a @ b
     best = 0.0
     for _ in range(trials):
@@ -28,27 +37,28 @@ def measure_cpu_peak_flops(trials: int = 5, seconds: float = 0.1, size: int = 10
         while time.perf_counter() - start < seconds:
             a @ b
             count += 1
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
         best = max(best, 2 * size**3 * count / (time.perf_counter() - start))
     return best
 
 
-def peak_flops_per_device(configured: float) -> float:
+def peak_flops_per_device(configured: float, device: torch.device) -> float:
+    """train.peak_flops if set; else the vendor bf16 peak of a known GPU; else a measured matmul
+    peak (bf16 on a GPU, fp32 on the CPU)."""
     if configured > 0:
         return configured
-    if torch.cuda.is_available():
-        name = torch.cuda.get_device_name()
-        for key, peak in KNOWN_PEAKS.items():
-            if key in name:
-                return peak
-        raise ValueError(f"unknown peak FLOP/s of {name!r}: set train.peak_flops")
-    return measure_cpu_peak_flops()
+    if device.type == "cuda":
+        return known_peak(torch.cuda.get_device_name(device)) or measure_peak_flops(device, torch.bfloat16, 8192)
+    return measure_peak_flops(device, torch.float32, 1024)
 
 
-def total_peak_flops(configured: float) -> float:
-    """Sum over all ranks (measured concurrently on CPU, so it reflects shared cores)."""
-    peak = torch.tensor([peak_flops_per_device(configured)], dtype=torch.float64)
+def total_peak_flops(configured: float, device: torch.device, group: dist.ProcessGroup | None = None) -> float:
+    """Sum over all ranks (measured concurrently on CPU, so it reflects shared cores). `group` is
+    a gloo group: the sum is a host tensor."""
+    peak = torch.tensor([peak_flops_per_device(configured, device)], dtype=torch.float64)
     if dist.is_initialized():
-        dist.all_reduce(peak)
+        dist.all_reduce(peak, group=group)
     return float(peak.item())
 
 

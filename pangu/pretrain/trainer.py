@@ -154,7 +154,7 @@ class Trainer:
         self.valid_batches = Batches(valid_data, config, self.topology, self.meta)
         self.tokens_per_step = train.global_batch_size * config.model.seq_length
         self.model_flops = flops_per_token(config.model)
-        self.peak_flops = total_peak_flops(train.peak_flops)
+        self.peak_flops = total_peak_flops(train.peak_flops, device(), self.topology.host_group)
 
     def _restore(self, candidates: list[Path]) -> Path:
         """Continues from the newest of `candidates` that loads (falling back over corrupt ones):
@@ -237,7 +237,7 @@ class Trainer:
         stop = train.stop_at or train.steps
         logger = MetricsLogger(self.output_dir, train.steps, self.step, enabled=self.topology.rank == 0)
         memory = [None] * self.topology.world_size
-        dist.all_gather_object(memory, (self.memory, self.resume_read))
+        dist.all_gather_object(memory, (self.memory, self.resume_read), group=self.topology.host_group)
         if self.resumed_from is not None:
             read = [r for _, r in memory]  # per rank: tensor bytes read, its own share, index bytes, seconds
             logger.event(

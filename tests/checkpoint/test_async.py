@@ -23,7 +23,9 @@ def test_async_save_trains_and_resumes_like_sync_save(tiny_corpus, straight_run,
     out = tmp_path / "async"
     for stop_at in (3, 0):  # stopped at 3 with the checkpoint of step 2 (and 3) written in the background
         done = run_pretrain(
-            tiny_overrides(tiny_corpus, out, "train.async_save=true", "train.save_interval=2", f"train.stop_at={stop_at}")
+            tiny_overrides(
+                tiny_corpus, out, "train.async_save=true", "train.save_interval=2", f"train.stop_at={stop_at}"
+            )
         )
         assert done.returncode == 0, done.stderr[-3000:]
     assert losses(out) == losses(straight_run)

@@ -51,7 +51,9 @@ def test_overrides_are_typed():
         ("modle.hidden_size=3", "unknown key 'modle'"),
         ("model.hidden_size=130", "model.hidden_size = 130 is not allowed: expected a multiple of model.num_heads (4)"),
         ("train.steps=ten", "train.steps = 'ten' is not allowed: expected an integer"),
-        ("model.dropout=true", "model.dropout = True is not allowed: expected a number"),
+        ("model.dropout=true", "model.dropout = True is not allowed: expected a finite number"),
+        ("optim.lr=.inf", "optim.lr = inf is not allowed: expected a finite number"),
+        ("optim.lr=.nan", "optim.lr = nan is not allowed: expected a finite number"),
         ("optim.name=lamb", "optim.name = 'lamb' is not allowed: expected one of 's3', 'adamw', 'sgd_si'"),
         ("parallel.tp=3", "parallel.tp = 3 is not allowed: expected a divisor of model.num_heads (4)"),
         (

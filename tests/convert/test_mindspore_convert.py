@@ -3,25 +3,25 @@ and the independent NumPy reference forward used to check imported models."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from pangu.convert import protobuf_wire as wire
-from pangu.convert.mindspore import (
+from pangu.config import ModelConfig
+from pangu.convert.importer import read_npz
+from pangu.convert.mindspore import wire
+from pangu.convert.mindspore.ckpt import read_mindspore_ckpt, read_mindspore_ckpt_shapes, write_mindspore_ckpt
+from pangu.convert.mindspore.names import BLOCK_NAME, infer_model_shape, stored_shape, to_pangu_names
+from pangu.convert.mindspore.strategy import (
     ParameterStrategy,
-    infer_model_shape,
-    read_mindspore_ckpt,
-    read_mindspore_ckpt_shapes,
-    read_npz,
     read_parallel_strategy,
     read_strategy_checkpoint,
     slice_of_rank,
-    to_pangu_names,
-    write_mindspore_ckpt,
     write_parallel_strategy,
 )
+from pangu.model import layout
 from tests.helpers import RELEASE
 from tests.model.numpy_pangu import (
     causal_attention_mask,
@@ -500,6 +500,26 @@ def test_name_mapping_renames_transposes_and_pads(scheme: str) -> None:
         pangu["query_layer.query_embeddings.weight"], ms["backbone.top_query_embedding.embedding_table"]
     )
     assert len(pangu) == 2 + 16 * 2 + 16 + 1 + 2  # embeddings, 2 blocks, query layer, query emb, final LN
+
+
+@pytest.mark.parametrize("final_layernorm", ["before", "after"])
+def test_name_mapping_gives_exactly_the_declared_parameters(final_layernorm: str) -> None:
+    """pangu/model/layout.py declares the network: the mapped names and shapes are its parameters."""
+    model = ModelConfig(
+        num_layers=3,
+        hidden_size=16,
+        num_heads=4,
+        ffn_hidden_size=64,
+        vocab_size=200,
+        seq_length=12,
+        final_layernorm=final_layernorm,
+    )
+    ms = random_ms_params(**TINY, rng=np.random.default_rng(0))
+    pangu = {name: array.shape for name, array in to_pangu_names(ms.items(), model=model)}
+    assert pangu == {p.name: p.shape for p in layout.parameters(model)}
+    assert {stored_shape(name, model) for name in ms if BLOCK_NAME.fullmatch(name)} >= {(16, 64), (64, 16), (64,)}
+    with pytest.raises(ValueError, match=r"gives [\w.]+ shape \(\d+, 16\), expected \(\d+, 32\)"):
+        list(to_pangu_names(ms.items(), model=dataclasses.replace(model, hidden_size=32)))
 
 
 def test_name_mapping_keeps_an_already_padded_vocabulary() -> None:

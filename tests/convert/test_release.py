@@ -8,6 +8,8 @@ embeddings as .npy files.
 
 from __future__ import annotations
 
+import mmap
+import os
 import re
 import shutil
 from pathlib import Path
@@ -19,14 +21,23 @@ import torch
 import pangu
 from pangu.checkpoint.store import TensorReader
 from pangu.convert.importer import import_mindspore
-from pangu.convert.mindspore import (
+from pangu.convert.mindspore import wire
+from pangu.convert.mindspore.ckpt import (
+    TensorChunk,
+    index_mindspore_ckpt,
     read_mindspore_ckpt,
-    read_parallel_strategy,
-    slice_of_rank,
+    read_stored_into,
+    scan_records,
     write_mindspore_ckpt,
-    write_parallel_strategy,
 )
-from pangu.convert.release import EMBEDDING_FILE_BASES, MODEL_SLICE, OPTIMIZER_SHARD, ReleaseError, SlicedRelease
+from pangu.convert.mindspore.release import (
+    EMBEDDING_FILE_BASES,
+    MODEL_SLICE,
+    OPTIMIZER_SHARD,
+    ReleaseError,
+    SlicedRelease,
+)
+from pangu.convert.mindspore.strategy import read_parallel_strategy, slice_of_rank, write_parallel_strategy
 from tests.helpers import RELEASE
 from tests.model.numpy_pangu import causal_attention_mask, numpy_pangu_logits, random_ms_params
 
@@ -259,10 +270,21 @@ def test_strategy_file_is_required(sharded_release, tmp_path):
         import_mindspore(variant / "filtered_0.ckpt", tmp_path / "out", num_heads=8, strategy=tmp_path / "s.ckpt")
 
 
-def test_header_scan_locates_what_a_full_scan_does(tmp_path):
-    from pangu.convert.mindspore import _MappedFile, _scan_checkpoint
-    from pangu.convert.release import index_mindspore_ckpt, read_stored_into, scan_value_headers
+def _decoded_in_memory(data: bytes) -> list[TensorChunk]:
+    """Every Value of a checkpoint held whole in memory, decoded by the plain protobuf walk."""
+    chunks = []
+    for value in wire.iter_fields(data):
+        fields = {field.number: field for field in wire.iter_fields(data, value.start, value.end)}
+        tensor = list(wire.iter_fields(data, fields[2].start, fields[2].end))
+        [tensor_type] = [field for field in tensor if field.number == 2]
+        [content] = [field for field in tensor if field.number == 3]
+        dims = wire.read_repeated_ints(data, [field for field in tensor if field.number == 1])
+        tag, type_name = wire.decode_string(data, fields[1]), wire.decode_string(data, tensor_type)
+        chunks.append(TensorChunk(tag, tuple(dims), type_name, content.start, content.end, value.offset))
+    return chunks
 
+
+def test_header_scan_locates_what_a_full_scan_does(tmp_path):
     rng = np.random.default_rng(2)
     arrays = [
         ("n" * 3000, rng.random(10, np.float32)),  # a name longer than the first read
@@ -272,8 +294,7 @@ def test_header_scan_locates_what_a_full_scan_does(tmp_path):
     ]
     path = tmp_path / "mixed.ckpt"
     write_mindspore_ckpt(path, arrays, chunk_bytes=4000, tensor_types={"bf16": "BFloat16"})
-    with _MappedFile(path) as data:
-        assert scan_value_headers(path) == _scan_checkpoint(data, path)
+    assert scan_records(path) == _decoded_in_memory(path.read_bytes())
     index = index_mindspore_ckpt(path)
     assert len(index["large"].chunks) == 15 and index["scalar"].shape == ()
     out = np.empty((1000, 30), np.float16)
@@ -282,4 +303,21 @@ def test_header_scan_locates_what_a_full_scan_does(tmp_path):
 
     path.write_bytes(path.read_bytes()[:-7])
     with pytest.raises(ValueError, match=r"mixed\.ckpt: not a readable MindSpore checkpoint"):
-        scan_value_headers(path)
+        scan_records(path)
+
+
+def test_indexing_reads_the_headers_not_the_tensors(tmp_path, monkeypatch):
+    """What lets a release of 512 slice files be indexed without reading them: only the record
+    headers are read (no memory map whose page faults would read ahead over the tensor bytes)."""
+    arrays = [(f"backbone.blocks.{i}.output.mapping.weight", np.ones((256, 1024), np.float16)) for i in range(8)]
+    path = tmp_path / "slice.ckpt"
+    write_mindspore_ckpt(path, arrays, chunk_bytes=1 << 18)  # two Values per tensor
+    read_bytes = []
+    pread = os.pread
+    monkeypatch.setattr(os, "pread", lambda fd, length, offset: read_bytes.append(length) or pread(fd, length, offset))
+    monkeypatch.setattr(mmap, "mmap", None)  # no mapping of the file either
+    index = index_mindspore_ckpt(path)
+    assert [stored.shape for stored in index.values()] == [(256, 1024)] * 8
+    assert all(len(stored.chunks) == 2 for stored in index.values())
+    assert path.stat().st_size > 4_000_000
+    assert len(read_bytes) == 16 and sum(read_bytes) <= 16 * 1024  # one small read per Value

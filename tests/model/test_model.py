@@ -12,8 +12,9 @@ import torch
 import pangu
 from pangu.cli import main
 from pangu.config import ModelConfig, load_config
-from pangu.convert.mindspore import write_mindspore_ckpt
+from pangu.convert.mindspore.ckpt import write_mindspore_ckpt
 from pangu.evaluation.inference import generate_ids
+from pangu.model.factory import LayerFactory
 from pangu.model.init import initialize_parameters
 from pangu.model.pangu_alpha import PanguAlpha
 from pangu.model.sizes import parameter_count
@@ -153,6 +154,27 @@ def test_the_model_and_the_pipeline_build_exactly_the_declared_parameters(single
     declared = [(p.name, p.shape) for p in layout.parameters(config)]
     assert [(n, tuple(p.shape)) for n, p in PanguAlpha(config).named_parameters()] == declared
     full = dataclasses.replace(load_config(None, []), model=config)
-    pipe = build_pipeline(full, init_distributed(full.parallel), loss_fn=None)
+    pipe = build_pipeline(full, init_distributed(full.parallel), LayerFactory(), loss_fn=None)
     names = canonical_names(pipe, config)
     assert sorted((names[n], tuple(p.shape)) for n, p in pipe.named_parameters()) == sorted(declared)
+
+
+def test_flex_attention_under_a_document_mask_equals_the_reference():
+    """The GPU path for EOD reset (FlexAttention with a block mask built from the [b, s, s] mask)
+    computes what scaled_dot_product_attention computes with the materialised mask (forward, on
+    the CPU; training on the GPU is checked by scripts/gpu_check.sh)."""
+    import torch.nn.functional as F
+
+    from pangu.data.dataset import make_batch
+    from pangu.model.pangu_alpha import masked_attention
+
+    generator = torch.Generator().manual_seed(0)
+    samples = torch.randint(10, 50, (2, 129), generator=generator).numpy()
+    samples[0, [20, 70, 71]] = 8  # separators, back to back too
+    samples[1, [5, 100]] = 8
+    mask = torch.from_numpy(make_batch(samples, pad_id=6, eod_id=8, eod_reset=True)["attention_mask"])
+    q, k, v = (torch.randn(2, 4, 128, 16, generator=generator) for _ in range(3))
+    with torch.no_grad():
+        got = masked_attention(q, k, v, mask)
+        expected = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.unsqueeze(1))
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)

@@ -9,6 +9,7 @@ import sys
 import pytest
 
 from pangu.config import ConfigError, load_config
+from pangu.optim import registry
 from tests.helpers import PROBES, losses, stored_tensors, subprocess_env, tiny_overrides, torchrun
 
 PLUGIN = "tests.optim.momentum_sgd_spec"
@@ -18,6 +19,15 @@ RUN_CLI = str(PROBES / "run_cli.py")
 def test_unknown_optimizer_is_a_config_error_naming_the_registered_ones():
     with pytest.raises(ConfigError, match=r"optim.name = 'adamm' is not allowed: expected one of 's3', 'adamw'"):
         load_config(None, ["optim.name=adamm"])
+
+
+def test_fused_auto_means_fused_on_gpus_only():
+    import torch
+
+    assert registry.fused(load_config(None, []).optim) is torch.cuda.is_available()
+    assert registry.fused(load_config(None, ["optim.fused=true"]).optim) is True
+    with pytest.raises(ConfigError, match="optim.fused"):
+        load_config(None, ["optim.fused=sometimes"])
 
 
 def test_the_planner_counts_the_state_the_spec_declares():

@@ -183,3 +183,26 @@ def test_fused_s3_trains_like_foreach(tiny_corpus, straight_run, tmp_path):
     assert fused.keys() == foreach.keys()
     for step in foreach:
         assert fused[step] == pytest.approx(foreach[step], rel=1e-4), step
+
+
+def test_compiled_layers_train_like_eager(tiny_corpus, tmp_path):
+    """train.compile = true (each transformer layer through torch.compile inside the pipeline
+    engine) follows the eager run step for step, to float rounding (no dropout: compiled and
+    eager dropout draw differently), with the selective recomputation and EOD reset paths."""
+    settings = [
+        "model.dropout=0.0",
+        "train.steps=3",
+        "optim.warmup_steps=1",
+        "parallel.recompute=selective",
+        "data.eod_reset=true",
+    ]
+    runs = {}
+    for compiled in (False, True):
+        out = tmp_path / f"compile_{compiled}"
+        done = run_pretrain(tiny_overrides(tiny_corpus, out, *settings, f"train.compile={str(compiled).lower()}"))
+        assert done.returncode == 0, done.stderr[-3000:]
+        runs[compiled] = losses(out)
+    assert runs[True].keys() == runs[False].keys() == {1, 2, 3}
+    for step, (loss, grad_norm) in runs[False].items():
+        assert runs[True][step][0] == pytest.approx(loss, rel=1e-5), step
+        assert runs[True][step][1] == pytest.approx(grad_norm, rel=1e-4), step

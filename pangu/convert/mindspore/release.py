@@ -42,42 +42,42 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
-import os
 import re
-import sys
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from pangu.convert import protobuf_wire as wire
-from pangu.convert.mindspore import (
-    _BLOCK_NAME,
-    _BLOCK_PARAMETERS,
-    _NUMPY_DTYPE_OF_TENSOR_TYPE,
-    _QUERY_LAYER_PREFIX,
-    ParameterStrategy,
-    _expected_mindspore_shapes,
-    _group_by_tag,
-    _MappedFile,
-    _scan_checkpoint,
-    _shape_of,
-    _tensor_from_chunks,
-    _TensorChunk,
-    read_parallel_strategy,
-    slice_of_rank,
+from pangu.config import ModelConfig
+from pangu.convert.mindspore.ckpt import (
+    BFLOAT16,
+    StoredTensor,
+    index_mindspore_ckpt,
+    read_stored_into,
+    read_stored_tensor,
 )
+from pangu.convert.mindspore.names import (
+    BLOCK_NAME,
+    BLOCK_PARAMETERS,
+    MINDSPORE_FINAL_LAYERNORM_GAMMA,
+    MINDSPORE_POSITION_EMBEDDING,
+    MINDSPORE_QUERY_EMBEDDING,
+    MINDSPORE_WORD_EMBEDDING,
+    MINDSPORE_WORD_EMBEDDINGS,
+    QUERY_LAYER_PREFIX,
+    stored_shape,
+)
+from pangu.convert.mindspore.strategy import read_parallel_strategy, slice_of_rank
 
 logger = logging.getLogger(__name__)
 
 PathLike = str | Path
 
-WORD = "backbone.word_embedding.embedding_table"
-POSITION = "backbone.position_embedding.embedding_table"
-TOP_QUERY = "backbone.top_query_embedding.embedding_table"
-FINAL_LN_GAMMA = "backbone.layernorm.gamma"
-QUERY_MAPPING = f"{_QUERY_LAYER_PREFIX}output.mapping.weight"
+WORD = MINDSPORE_WORD_EMBEDDING
+POSITION = MINDSPORE_POSITION_EMBEDDING
+TOP_QUERY = MINDSPORE_QUERY_EMBEDDING
+FINAL_LN_GAMMA = MINDSPORE_FINAL_LAYERNORM_GAMMA
+QUERY_MAPPING = f"{QUERY_LAYER_PREFIX}output.mapping.weight"
 
 # Base names of the embedding .npy files (see the module docstring for the accepted forms).
 EMBEDDING_FILE_BASES = {WORD: "word_embedding", POSITION: "position_embedding", TOP_QUERY: "top_query_embedding"}
@@ -86,221 +86,14 @@ MODEL_SLICE = "model-parallel slice"
 OPTIMIZER_SHARD = "optimizer-sharded piece"
 
 _SLICE_FILE = re.compile(r"(?P<prefix>.*?)(?P<rank>\d+)\.ckpt")
-# MindSpore's tensor_type -> numpy dtype of the array _tensor_from_chunks returns (BFloat16 is widened).
-_ARRAY_DTYPES = {"Float16": np.float16, "Float32": np.float32, "Float64": np.float64, "BFloat16": np.float32}
+# MindSpore's floating tensor_types -> numpy dtype of the array read_stored_tensor returns (BFloat16 is widened).
+_ARRAY_DTYPES = {"Float16": np.float16, "Float32": np.float32, "Float64": np.float64, BFLOAT16: np.float32}
 _FINGERPRINT_ELEMENTS = 1 << 12
 _UINT_OF_SIZE = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
 
 
 class ReleaseError(ValueError):
     """A sliced release is incomplete or inconsistent; the message names the file."""
-
-
-# ---------------------------------------------------------------------------------------------
-# Reading single tensors out of a MindSpore checkpoint without decoding the rest
-
-
-@dataclass(frozen=True)
-class StoredTensor:
-    """Where one tensor of a MindSpore checkpoint lies (its Value records), and what it is."""
-
-    name: str
-    shape: tuple[int, ...]
-    tensor_type: str
-    chunks: tuple[_TensorChunk, ...]
-
-
-def index_mindspore_ckpt(path: PathLike) -> dict[str, StoredTensor]:
-    """Name -> location of every tensor of a MindSpore checkpoint, reading only the headers.
-
-    A name stored twice (not as the consecutive chunks of one large tensor) is an error."""
-    path = Path(path)
-    groups = _group_by_tag(scan_value_headers(path))
-    index: dict[str, StoredTensor] = {}
-    for chunks in groups:
-        name = sys.intern(chunks[0].tag)
-        if name in index:
-            raise ReleaseError(
-                f"{path}: holds {name!r} twice (at byte offsets {index[name].chunks[0].offset} and {chunks[0].offset})"
-            )
-        if any(chunk.dims != chunks[0].dims or chunk.tensor_type != chunks[0].tensor_type for chunk in chunks):
-            raise ReleaseError(
-                f"{path}: the consecutive records of {name!r} (from byte offset {chunks[0].offset}) "
-                f"disagree on dims or tensor_type"
-            )
-        index[name] = StoredTensor(name, _shape_of(chunks), chunks[0].tensor_type, tuple(chunks))
-    return index
-
-
-class _NotSimple(Exception):
-    """A Value whose fields are not in MindSpore's order (tag, tensor{dims, type, content})."""
-
-
-_HEADER_READ = 1024  # bytes read at each Value: its whole header unless a name or dims are very long
-
-
-def scan_value_headers(path: PathLike) -> list[_TensorChunk]:
-    """The Values of a MindSpore checkpoint, located by reading only their headers.
-
-    Each Value is (tag, tensor {dims, tensor_type, tensor_content}) with the content last, as
-    MindSpore writes it, so one small read per Value finds where its content lies and where the
-    next Value starts; the tensor bytes are skipped. Memory-mapping and walking the file (as
-    `read_mindspore_ckpt` does) would make the kernel read ahead around every header, i.e. read
-    most of the file. A file laid out otherwise falls back to that full scan."""
-    path = Path(path)
-    chunks: list[_TensorChunk] = []
-    with open(path, "rb") as file:
-        fd = file.fileno()
-        size = os.fstat(fd).st_size
-        if size == 0:
-            raise ValueError(f"{path}: file is empty")
-        if hasattr(os, "posix_fadvise"):  # no read-ahead: the reads are small and scattered
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
-        offset = 0
-        try:
-            while offset < size:
-                chunk, offset = _value_header(fd, offset, size)
-                chunks.append(chunk)
-        except _NotSimple:
-            with _MappedFile(path) as data:
-                return _scan_checkpoint(data, path)
-        except wire.WireFormatError as error:
-            raise ValueError(f"{path}: not a readable MindSpore checkpoint: {error}") from error
-    return chunks
-
-
-def _value_header(fd: int, offset: int, size: int) -> tuple[_TensorChunk, int]:
-    """Decode the Value at `offset` from a small read; returns it and the next Value's offset."""
-    length = _HEADER_READ
-    while True:
-        head = os.pread(fd, min(length, size - offset), offset)
-        try:
-            return _decode_value_header(head, offset, size)
-        except _ShortRead:
-            if len(head) >= size - offset or length >= (1 << 24):
-                raise wire.WireFormatError("truncated Checkpoint.Value header", offset) from None
-            length *= 4
-
-
-class _ShortRead(Exception):
-    pass
-
-
-def _decode_value_header(head: bytes, base: int, size: int) -> tuple[_TensorChunk, int]:
-    def varint(position: int) -> tuple[int, int]:
-        if position >= len(head):
-            raise _ShortRead
-        try:
-            return wire.decode_varint(head, position)
-        except wire.WireFormatError:
-            if len(head) - position < 10:
-                raise _ShortRead from None
-            raise
-
-    def key(position: int) -> tuple[int, int, int]:
-        value, position = varint(position)
-        return value >> 3, value & 7, position
-
-    number, wire_type, position = key(0)
-    if number != 1 or wire_type != wire.WireType.LEN:
-        raise wire.WireFormatError(f"top-level field {number} (wire type {wire_type}) is not a Checkpoint.Value", base)
-    value_length, position = varint(position)
-    value_end = position + value_length
-    if base + value_end > size:
-        raise wire.WireFormatError(
-            f"Checkpoint.Value needs {value_length} bytes but only {size - base - position} remain", base
-        )
-    number, wire_type, position = key(position)
-    if number != 1 or wire_type != wire.WireType.LEN:
-        raise _NotSimple
-    tag_length, position = varint(position)
-    if position + tag_length > len(head):
-        raise _ShortRead
-    try:
-        tag = head[position : position + tag_length].decode("utf-8")
-    except UnicodeDecodeError:
-        raise wire.WireFormatError("string field 1 is not UTF-8", base + position) from None
-    position += tag_length
-    number, wire_type, position = key(position)
-    if number != 2 or wire_type != wire.WireType.LEN:
-        raise _NotSimple
-    tensor_length, position = varint(position)
-    if position + tensor_length != value_end:
-        raise _NotSimple  # more fields after the tensor
-    dims: list[int] = []
-    tensor_type = None
-    while True:
-        number, wire_type, position = key(position)
-        if number == 1 and wire_type == wire.WireType.VARINT:
-            value, position = varint(position)
-            dims.append(wire.to_signed64(value))
-        elif number == 1 and wire_type == wire.WireType.LEN:  # packed dims
-            packed_length, position = varint(position)
-            end = position + packed_length
-            if end > len(head):
-                raise _ShortRead
-            while position < end:
-                value, position = varint(position)
-                dims.append(wire.to_signed64(value))
-        elif number == 2 and wire_type == wire.WireType.LEN:
-            type_length, position = varint(position)
-            if position + type_length > len(head):
-                raise _ShortRead
-            tensor_type = head[position : position + type_length].decode("utf-8", "replace")
-            position += type_length
-        elif number == 3 and wire_type == wire.WireType.LEN:
-            content_length, position = varint(position)
-            if position + content_length != value_end or tensor_type is None:
-                raise _NotSimple  # content not last, or the type after it
-            chunk = _TensorChunk(tag, tuple(dims), tensor_type, base + position, base + value_end, base)
-            return chunk, base + value_end
-        else:
-            raise _NotSimple
-
-
-def read_stored_tensor(path: PathLike, stored: StoredTensor) -> np.ndarray:
-    """The array of one indexed tensor (a fresh copy), mapping the file only while reading it."""
-    path = Path(path)
-    with _MappedFile(path) as data:
-        return _tensor_from_chunks(data, list(stored.chunks), path)
-
-
-def read_stored_into(path: PathLike, stored: StoredTensor, out: np.ndarray) -> None:
-    """Read an indexed tensor's bytes straight into `out`, a C-contiguous array of its shape and
-    (non-bfloat16) dtype: one read per chunk, no intermediate copy."""
-    path = Path(path)
-    expected = _NUMPY_DTYPE_OF_TENSOR_TYPE.get(stored.tensor_type)
-    if expected != out.dtype or tuple(out.shape) != stored.shape or not out.flags.c_contiguous:
-        raise ValueError(
-            f"{path}: cannot read {stored.tensor_type} {stored.shape} {stored.name!r} into a "
-            f"{out.dtype} {out.shape} array"
-        )
-    total = sum(chunk.content_end - chunk.content_start for chunk in stored.chunks)
-    if total != out.nbytes:
-        raise ReleaseError(
-            f"{path}: tensor {stored.name!r} at byte offset {stored.chunks[0].offset}: dims "
-            f"{list(stored.shape)} of {stored.tensor_type} need {out.nbytes} bytes but the content "
-            f"has {total}"
-        )
-    view = memoryview(out.reshape(-1).view(np.uint8))
-    position = 0
-    with open(path, "rb", buffering=0) as file:
-        for chunk in stored.chunks:
-            file.seek(chunk.content_start)
-            end = position + chunk.content_end - chunk.content_start
-            while position < end:
-                count = file.readinto(view[position:end])
-                if not count:
-                    raise ReleaseError(f"{path}: ends inside tensor {stored.name!r}")
-                position += count
-
-
-def read_one_tensor(path: PathLike, name: str) -> np.ndarray:
-    """One tensor of a MindSpore checkpoint by name, without decoding the others."""
-    index = index_mindspore_ckpt(path)
-    if name not in index:
-        raise ReleaseError(f"{path}: has no tensor {name!r}")
-    return read_stored_tensor(path, index[name])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -378,9 +171,22 @@ def find_embedding_files(directory: Path) -> dict[str, Path]:
 # The release
 
 
-def _model_split(strategy: ParameterStrategy, dimension: int) -> int:
-    entry = strategy.tensor_map[dimension]
-    return 1 if entry == -1 else strategy.dev_matrix[-1 - entry]
+def _index_slice(path: Path) -> dict[str, StoredTensor]:
+    try:
+        return index_mindspore_ckpt(path)
+    except ValueError as error:  # names the file
+        raise ReleaseError(str(error)) from error
+
+
+def _declared_shape(name: str, model: ModelConfig) -> tuple[int, ...] | None:
+    """The full shape of a parameter other than the word embedding (layout.py's, as MindSpore
+    stores it); None for a name that is not such a PanGu-α parameter."""
+    if name in MINDSPORE_WORD_EMBEDDINGS:
+        return None
+    try:
+        return stored_shape(name, model)
+    except ValueError:
+        return None
 
 
 def _local_shape(index: tuple[slice, ...]) -> tuple[int, ...]:
@@ -392,13 +198,13 @@ def _region_key(index: tuple[slice, ...]) -> tuple[tuple[int, int], ...]:
 
 
 def _parameter_order(name: str) -> tuple:
-    sub_names = list(_BLOCK_PARAMETERS)
-    block = _BLOCK_NAME.fullmatch(name)
+    sub_names = list(BLOCK_PARAMETERS)
+    block = BLOCK_NAME.fullmatch(name)
     if block:
         sub = block.group(2)
         return (1, int(block.group(1)), sub_names.index(sub) if sub in sub_names else len(sub_names), sub)
-    if name.startswith(_QUERY_LAYER_PREFIX):
-        sub = name.removeprefix(_QUERY_LAYER_PREFIX)
+    if name.startswith(QUERY_LAYER_PREFIX):
+        sub = name.removeprefix(QUERY_LAYER_PREFIX)
         return (2, 0, sub_names.index(sub) if sub in sub_names else len(sub_names), sub)
     embeddings = [WORD, POSITION, TOP_QUERY]
     if name in embeddings:
@@ -435,7 +241,7 @@ class SlicedRelease:
         self.world_size = world_sizes.pop()
         self.embedding_files = find_embedding_files(self.directory)
         self.slice_files = find_slice_files(self.directory, self.world_size, exclude={self.strategy_path.resolve()})
-        self._index = [index_mindspore_ckpt(path) for path in self.slice_files]
+        self._index = [_index_slice(path) for path in self.slice_files]
         self._check_names()
         self.shapes = self._full_shapes()
         self.mode = self._decide_mode()
@@ -486,7 +292,7 @@ class SlicedRelease:
         local = self._index[0][name].shape
         if strategy.opt_weight_shard_step > 0:
             return None
-        return tuple(n * _model_split(strategy, d) for d, n in enumerate(local))
+        return tuple(n * strategy.model_split(d) for d, n in enumerate(local))
 
     def _full_shapes(self) -> dict[str, tuple[int, ...]]:
         def known(name: str) -> tuple[int, ...] | None:
@@ -513,8 +319,11 @@ class SlicedRelease:
         if len(mapping_local) != 2:
             raise ReleaseError(f"{self.slice_files[0]}: {QUERY_MAPPING} has shape {mapping_local}, not a matrix")
         # output.mapping is stored [hidden, ffn]; the parallel optimizer only ever cuts dimension 0.
-        ffn = mapping_local[1] * _model_split(self.strategies[QUERY_MAPPING], 1)
-        expected = _expected_mindspore_shapes(hidden, ffn, seq)
+        ffn = mapping_local[1] * self.strategies[QUERY_MAPPING].model_split(1)
+        blocks = [int(match.group(1)) for name in self.strategies if (match := BLOCK_NAME.fullmatch(name))]
+        model = ModelConfig(
+            num_layers=max(blocks, default=-1) + 2, hidden_size=hidden, ffn_hidden_size=ffn, seq_length=seq
+        )
         shapes: dict[str, tuple[int, ...]] = {}
         for name in self.strategies:
             if name in self.embedding_files:
@@ -527,11 +336,9 @@ class SlicedRelease:
             elif name == WORD:
                 shape = word or ()  # decided with the mode if ambiguous
             else:
-                block = _BLOCK_NAME.fullmatch(name)
-                key = block.group(2) if block else name.removeprefix(_QUERY_LAYER_PREFIX)
-                if key not in expected:
+                shape = _declared_shape(name, model)
+                if shape is None:
                     raise ReleaseError(f"{self.strategy_path}: unknown PanGu-alpha parameter {name!r}")
-                shape = expected[key]
             shapes[name] = shape
         self._dims = (hidden, ffn, seq)
         return shapes
@@ -561,9 +368,9 @@ class SlicedRelease:
         if WORD in self.shapes and not self.shapes[WORD]:  # word embedding from the slices, cut by the optimizer
             local = self._index[0][WORD].shape
             strategy = self.strategies[WORD]
-            shape = [n * _model_split(strategy, d) for d, n in enumerate(local)]
+            shape = [n * strategy.model_split(d) for d, n in enumerate(local)]
             if mode == OPTIMIZER_SHARD:
-                replicas = self.world_size // math.prod(_model_split(strategy, d) for d in range(len(local)))
+                replicas = self.world_size // math.prod(strategy.model_split(d) for d in range(len(local)))
                 shape[0] *= replicas if strategy.opt_weight_shard_size == -1 else strategy.opt_weight_shard_size
             self.shapes[WORD] = tuple(shape)
         return mode
@@ -629,7 +436,7 @@ class SlicedRelease:
             stored = self._index[rank][name]
             region = tuple(slice(a, b) for a, b in key)
             target = merged[region]
-            if tensor_type == "BFloat16":  # widened to float32 on reading
+            if tensor_type == BFLOAT16:  # widened to float32 on reading
                 piece = read_stored_tensor(path, stored)
                 target[...] = piece
             elif target.flags.c_contiguous:  # e.g. a block of rows: read straight into place

@@ -19,12 +19,11 @@ Negative int32/int64 values are varints of their 64-bit two's complement
 (always 10 bytes). Fields may appear in any order and repeated fields are
 simply repeated keys; concatenating two serialized messages merges them.
 
-The reader works on bytes, bytearray or an mmap and never copies a LEN
-payload: it reports where the payload lies, so a multi-gigabyte tensor can be
-viewed in place. It takes no memoryview of the buffer, so an mmap can be
-closed even while an exception traceback still references the reader.
-Malformed input raises `WireFormatError`, which carries the byte offset of
-the problem.
+The reader works on anything indexed like bytes (bytes, an mmap, or
+ckpt.py's file read on demand: `data[i]` an int, `data[a:b]` bytes, `len(data)`)
+and never reads a LEN payload: it reports where the payload lies, so a
+multi-gigabyte tensor is skipped, not read. Malformed input raises
+`WireFormatError`, which carries the byte offset of the problem.
 """
 
 from __future__ import annotations
@@ -34,7 +33,8 @@ from collections.abc import Iterator
 from enum import IntEnum
 from typing import NamedTuple
 
-# Indexable byte buffers: data[i] is an int, data[a:b] a bytes-like copy.
+# Indexable byte buffers: data[i] is an int, data[a:b] a bytes-like copy (ckpt.py adds a file
+# read on demand, indexed the same way).
 Buffer = bytes | bytearray | mmap.mmap
 
 
@@ -76,6 +76,8 @@ _MAX_VARINT_BYTES = 10
 def decode_varint(data: Buffer, offset: int, end: int | None = None) -> tuple[int, int]:
     """Decode the varint at `offset`; return (value, offset just after it)."""
     limit = len(data) if end is None else end
+    if offset < limit and (byte := data[offset]) < 0x80:  # one byte: most keys and lengths
+        return byte, offset + 1
     value = 0
     shift = 0
     position = offset
@@ -153,6 +155,14 @@ def read_repeated_ints(data: Buffer, fields: list[Field], *, signed: bool = True
         else:
             raise WireFormatError(f"field {field.number} is not an integer field", field.offset)
     return [to_signed64(value) for value in values] if signed else values
+
+
+def decode_string(data: Buffer, field: Field) -> str:
+    """The UTF-8 text of a LEN field (a proto `string`)."""
+    try:
+        return bytes(data[field.start : field.end]).decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise WireFormatError(f"string field {field.number} is not UTF-8", field.offset) from error
 
 
 # ---------------------------------------------------------------------------
