@@ -7,7 +7,9 @@
 #
 # Environment: NNODES (default 1), NPROC_PER_NODE (default: the node's GPUs, or 1 without GPUs),
 # RDZV_ENDPOINT (host:port of the rendezvous; default: a standalone single-node rendezvous),
-# RDZV_ID (a name shared by the nodes of one job). dp = world size / (parallel.tp x parallel.pp).
+# RDZV_ID (a name shared by the nodes of one job), MAX_RESTARTS (default 3: when a worker fails,
+# torchrun stops the worker group and starts it again, up to this many times; the run resumes
+# from its newest intact checkpoint by itself). dp = world size / (parallel.tp x parallel.pp).
 set -euo pipefail
 NNODES=${NNODES:-1}
 if [ -z "${NPROC_PER_NODE:-}" ]; then
@@ -20,5 +22,9 @@ else
   rendezvous=(--rdzv-backend c10d --rdzv-endpoint "$RDZV_ENDPOINT" --rdzv-id "${RDZV_ID:-pangu}")
 fi
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+# A restarted worker group must not reuse the agent's c10d store: its keys from the failed attempt
+# stay there and the new workers connect to dead peers (pytorch/pytorch#167288). With this, rank 0
+# of each attempt hosts a fresh store.
+export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-1}
 exec torchrun --nnodes "$NNODES" --nproc-per-node "$NPROC_PER_NODE" "${rendezvous[@]}" \
-  -m pangu pretrain "$@"
+  --max-restarts "${MAX_RESTARTS:-3}" -m pangu pretrain "$@"
