@@ -84,6 +84,25 @@ def partitions(engine, optim: OptimConfig, weights_only: bool = False) -> list[d
     return out
 
 
+def before_optimizer_step(engine, hook) -> None:
+    """Runs `hook()` at the start of every optimizer step of the engine: the only place where
+    ZeRO changes the fp32 master weights and the optimizer state (gradients are reduced into
+    buffers of their own), so a copy of them may run until then."""
+    wrapper = engine.optimizer
+    hooks = wrapper.__dict__.get("_pangu_step_hooks")
+    if hooks is None:
+        hooks = wrapper._pangu_step_hooks = []
+        step = wrapper.step
+
+        def step_after_hooks(*args, **kwargs):
+            for run in hooks:
+                run()
+            return step(*args, **kwargs)
+
+        wrapper.step = step_after_hooks
+    hooks.append(hook)
+
+
 def refresh_model_weights(engine) -> None:
     """The model's (possibly half-precision) weights from the fp32 master partitions: each rank
     rounds its partition and the partitions are all-gathered over the data-parallel group, as

@@ -1,13 +1,16 @@
 """A run's checkpoints as the trainer sees them: resume from the newest intact one, start from
 another run's weights, save on the training thread or in the background (train.async_save).
 
-Background save: the rank's fp32 partitions (master weights and optimizer state) are copied to
-host buffers (pinned on a GPU, reused from save to save) and a daemon thread writes them while
-training goes on; the background threads of all ranks agree on a gloo group of their own and rank
-0 publishes once every rank has written. At most one save is in flight: the next save, a
-rollback, preemption and the end of the run wait for it (`wait`), and a failed background save
-raises there, on every rank alike. A process that dies mid-write leaves only a temporary
-directory: the previous checkpoint stays in use.
+Background save: the save captures the small state at once (trainer state, RNGs, optimizer
+scalars, loss scaler) and returns; a daemon thread copies the rank's fp32 partitions (master
+weights and optimizer state) into host buffers (pinned on a GPU, reused from save to save) and
+writes them. The forward and backward passes of the next step run meanwhile; only its optimizer
+step, the one place these partitions change, waits for the copy to be done. The background
+threads of all ranks agree on a gloo group of their own and rank 0 publishes once every rank has
+written. At most one save is in flight: the next save, a rollback, preemption and the end of the
+run wait for it (`wait`), and a failed background save raises there, on every rank alike. A
+process that dies mid-write leaves only a temporary directory: the previous checkpoint stays in
+use.
 """
 
 from __future__ import annotations
@@ -39,10 +42,14 @@ class Checkpointer:
         self.topology = topology
         self.async_save = config.train.async_save
         self.group = checkpoint_group()
-        self.last: dict = {}  # the last save: blocked_s (training waited), write_s (background)
+        # the last save: blocked_s (the save call), step_wait_s (the next optimizer step waiting for
+        # the copy), copy_s and write_s (the background thread's copy, and copy + write)
+        self.last: dict = {}
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
         self._host: list[dict[str, torch.Tensor]] | None = None
+        self._copied: threading.Event | None = None
+        self._hooked: list = []  # engines whose optimizer step waits for the copy
 
     def candidates(self) -> list[Path]:
         """Structurally intact checkpoints of the run, newest first (rank 0 looks: O(files))."""
@@ -62,31 +69,59 @@ class Checkpointer:
         return path
 
     def save(self, step: int, engine, names: dict[str, str], trainer_state: dict, tokenizer_path: Path | None) -> Path:
-        """Checkpoint `step`: written before returning, or (async_save) in the background once the
-        state is copied to host memory. Returns the checkpoint's directory (published on return,
-        or when the background write is done)."""
+        """Checkpoint `step`: written before returning, or (async_save) in the background. Returns
+        the checkpoint's directory (published on return, or when the background write is done)."""
         self.wait()
         start = time.perf_counter()
-        snapshot = self._snapshot(engine) if self.async_save else None
-        request = save_request(
-            self.run_dir, step, engine, names, self.topology, self.config, trainer_state, tokenizer_path, snapshot
-        )
         if not self.async_save:
+            request = save_request(
+                self.run_dir, step, engine, names, self.topology, self.config, trainer_state, tokenizer_path
+            )
             path = write_checkpoint(request, self.group)
             self.last = {"blocked_s": time.perf_counter() - start, "async": False}
             return path
-        self.last = {"blocked_s": time.perf_counter() - start, "async": True}
-        self._thread = threading.Thread(target=self._write, args=(request,), name="pangu-checkpoint", daemon=True)
+        ds.link_optimizer_state(engine, self.config.optim)
+        live = ds.partitions(engine, self.config.optim)
+        request = save_request(
+            self.run_dir,
+            step,
+            engine,
+            names,
+            self.topology,
+            self.config,
+            trainer_state,
+            tokenizer_path,
+            snapshot=self._host_buffers(live, engine),
+        )
+        self._copied = threading.Event()
+        self.last = {"blocked_s": time.perf_counter() - start, "async": True, "step_wait_s": 0.0}
+        self._thread = threading.Thread(
+            target=self._copy_and_write, args=(live, request), name="pangu-checkpoint", daemon=True
+        )
         self._thread.start()
         return request.final
 
-    def _write(self, request) -> None:
+    def _copy_and_write(self, live: list[dict[str, torch.Tensor]], request) -> None:
         start = time.perf_counter()
         try:
+            try:
+                for host, part in zip(self._host, live):
+                    for key, tensor in part.items():
+                        host[key].copy_(tensor)
+            finally:
+                self._copied.set()
+            self.last["copy_s"] = time.perf_counter() - start
             write_checkpoint(request, self.group)
         except BaseException as err:  # noqa: BLE001 - raised on the training thread by wait()
             self._error = err
         self.last["write_s"] = time.perf_counter() - start
+
+    def _before_step(self) -> None:
+        """Holds an optimizer step until the background copy of the state it changes is done."""
+        if self._copied is not None and not self._copied.is_set():
+            start = time.perf_counter()
+            self._copied.wait()
+            self.last["step_wait_s"] = self.last.get("step_wait_s", 0.0) + time.perf_counter() - start
 
     def wait(self) -> None:
         """Waits for the save in flight; raises its error (CheckpointError on every rank alike)."""
@@ -101,19 +136,15 @@ class Checkpointer:
     def in_flight(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
-    def _snapshot(self, engine) -> list[dict[str, torch.Tensor]]:
-        """A host copy of this rank's fp32 partitions (weights and optimizer state)."""
-        ds.link_optimizer_state(engine, self.config.optim)
-        parts = ds.partitions(engine, self.config.optim)
-        shapes = [{k: (t.shape, t.dtype) for k, t in part.items()} for part in parts]
-        if self._host is None or [{k: (t.shape, t.dtype) for k, t in part.items()} for part in self._host] != shapes:
+    def _host_buffers(self, live: list[dict[str, torch.Tensor]], engine) -> list[dict[str, torch.Tensor]]:
+        """Host buffers shaped like this rank's fp32 partitions (allocated once, reused)."""
+        shapes = [{k: (t.shape, t.dtype) for k, t in part.items()} for part in live]
+        if self._host is None or [{k: (t.shape, t.dtype) for k, t in p.items()} for p in self._host] != shapes:
             pinned = torch.cuda.is_available()
             self._host = [
-                {k: torch.empty(t.shape, dtype=t.dtype, pin_memory=pinned) for k, t in part.items()} for part in parts
+                {k: torch.empty(t.shape, dtype=t.dtype, pin_memory=pinned) for k, t in part.items()} for part in live
             ]
-        for host, part in zip(self._host, parts):
-            for key, tensor in part.items():
-                host[key].copy_(tensor, non_blocking=True)
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
+        if engine not in self._hooked:
+            ds.before_optimizer_step(engine, self._before_step)
+            self._hooked.append(engine)
         return self._host
