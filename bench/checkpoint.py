@@ -10,7 +10,7 @@ builds a PanGu-α of about 300M parameters (the 350m config's shapes with fewer 
 - DeepSpeed's save_checkpoint and load_checkpoint on the same engine;
 - pangu's load of its checkpoint into the same engine;
 - start-up: building the engine with initialisation (a fresh run) against building it without
-  and resuming from the checkpoint (a resumed run);
+  and resuming from the checkpoint (a resumed run), each in a new job of its own, alternately;
 - bytes written and read per rank, from the kernel's count for each process (/proc/self/io
   wchar/rchar, so DeepSpeed's files and pangu's are counted alike).
 Times are the slowest rank's, between barriers, the median of --repeat interleaved repeats. The
@@ -23,9 +23,9 @@ absolute times.
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -36,6 +36,12 @@ from functools import partial
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def rss() -> int:
+    """This process's resident memory now, bytes."""
+    fields = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines())
+    return int(fields["VmRSS"].split()[0]) * 1024
 
 
 def io_counters() -> dict[str, int]:
@@ -90,16 +96,31 @@ def worker(args) -> None:
         seconds = time.perf_counter() - start
         after = io_counters()
         dist.barrier()
-        record = {"seconds": seconds}
+        record = {"seconds": seconds, "rss_after": rss()}
         if count_io:
             record.update({k: after[k] - before[k] for k in after})
         figures.setdefault(name, []).append(record)
         return result
 
-    engine, names = timed("fresh_startup", lambda: build_engine(config, topology, initialize=True), count_io=False)
+    if args.phase != "main":  # one start-up per process: an engine's memory is not given back
+        resumed = args.phase == "resumed"
+
+        def startup():
+            engine, names = build_engine(config, topology, initialize=not resumed)
+            if resumed:
+                resume([out / "run" / "checkpoints" / "step_00000001"], engine, names, topology, config)
+
+        timed(f"{args.phase}_startup", startup, count_io=resumed)
+        gathered = [None] * topology.world_size
+        dist.all_gather_object(gathered, figures)
+        if rank == 0:
+            with open(out / "startup.jsonl", "a") as f:
+                f.write(json.dumps(gathered) + "\n")
+        dist.barrier()
+        return
+
+    engine, names = timed("first_startup", lambda: build_engine(config, topology, initialize=True), count_io=False)
     rng = np.random.default_rng(rank)
-    live = {"engine": engine}  # dropped before the start-up figures, to free its memory
-    del engine
 
     def step():
         batches = []
@@ -109,7 +130,7 @@ def worker(args) -> None:
             scale = torch.tensor([1.0 / args.seq], dtype=torch.float32)
             labels = (torch.from_numpy(batch["labels"]), torch.from_numpy(batch["loss_mask"]).float(), scale)
             batches.append((pipeline_inputs(batch), labels))
-        return live["engine"].train_batch(iter(batches))
+        return engine.train_batch(iter(batches))
 
     timed("train_step", step, count_io=False)
     state = {"step": 1, "sampler": {}, "tokenizer_fingerprint": None}
@@ -119,7 +140,6 @@ def worker(args) -> None:
     ds_dir = out / "deepspeed"
     path = None
     for repeat in range(args.repeat):  # interleaved, so that all see the same machine load
-        engine = live["engine"]
         path = timed("pangu_save_sync", partial(sync.save, 1, engine, names, state, None))
         timed("deepspeed_save", partial(engine.save_checkpoint, str(ds_dir), tag="bench"))
         timed("pangu_save_async_call", partial(background.save, 2 + repeat, engine, names, state, None))
@@ -128,21 +148,10 @@ def worker(args) -> None:
         figures.setdefault("pangu_save_async", []).append(dict(background.last))
         timed("train_step_alone", step, count_io=False)
     for _ in range(args.repeat):
-        engine = live["engine"]
         timed("pangu_load", partial(load_checkpoint, path, engine, names, topology, config))
         timed("deepspeed_load", partial(engine.load_checkpoint, str(ds_dir), tag="bench"))
 
-    def startup(resumed: bool):
-        built, built_names = build_engine(config, topology, initialize=not resumed)
-        if resumed:
-            resume([path], built, built_names, topology, config)
-
-    engine = None
-    live.clear()
-    background._hooked.clear()
-    for resumed in (True, False, True, False):
-        gc.collect()
-        timed("resumed_startup" if resumed else "fresh_startup", partial(startup, resumed), count_io=False)
+    figures["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     gathered = [None] * topology.world_size
     dist.all_gather_object(gathered, figures)
     if rank == 0:
@@ -162,9 +171,12 @@ def summarize(result: dict) -> dict:
     first repeat."""
     ranks = result["per_rank"]
 
-    def slowest(name: str, key: str = "seconds") -> float:
+    def slowest(name: str, key: str = "seconds", ranks=ranks) -> float:
         repeats = len(ranks[0][name])
         return statistics.median(max(r[name][i][key] for r in ranks) for i in range(repeats))
+
+    def startup(kind: str) -> float:
+        return statistics.median(max(r[f"{kind}_startup"][0]["seconds"] for r in job) for job in result[kind])
 
     def megabytes(name: str, key: str) -> list[float]:
         return [round(r[name][0][key] / 1e6, 1) for r in ranks]
@@ -182,12 +194,16 @@ def summarize(result: dict) -> dict:
         "train_step_during_async_write_s": slowest("train_step_during_async_write"),
         "pangu_load_s": slowest("pangu_load"),
         "deepspeed_load_s": slowest("deepspeed_load"),
-        "fresh_startup_s": slowest("fresh_startup"),
-        "resumed_startup_s": slowest("resumed_startup"),
+        "fresh_startup_s": startup("fresh"),
+        "resumed_startup_s": startup("resumed"),
         "pangu_written_per_rank_MB": megabytes("pangu_save_sync", "written"),
         "deepspeed_written_per_rank_MB": megabytes("deepspeed_save", "written"),
         "pangu_read_per_rank_MB": megabytes("pangu_load", "read"),
         "deepspeed_read_per_rank_MB": megabytes("deepspeed_load", "read"),
+        "peak_rss_per_rank_GB": [round(r["peak_rss_bytes"] / 2**30, 2) for r in ranks],
+        "resumed_startup_read_per_rank_MB": [
+            round(r["resumed_startup"][0]["read"] / 1e6, 1) for r in result["resumed"][0]
+        ],
     }
     # the training loop is blocked by the save call and by the next optimizer step's wait for the copy
     s["pangu_async_blocked_s"] = s["pangu_async_save_call_s"] + s["pangu_async_step_wait_s"]
@@ -206,7 +222,9 @@ def main() -> None:
     parser.add_argument("--layouts", nargs="+", default=["4,1,1", "2,2,1"], help="dp,tp,pp (4 processes each)")
     parser.add_argument("--repeat", type=int, default=3, help="saves and loads of each kind (medians are reported)")
     parser.add_argument("--out", default=None, help="scratch directory (default: a temporary one, removed)")
+    parser.add_argument("--startups", type=int, default=2, help="fresh and resumed start-ups of each layout")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--phase", default="main", help=argparse.SUPPRESS)
     parser.add_argument("--layout", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -221,28 +239,36 @@ def main() -> None:
             out = scratch / layout.replace(",", "x")
             shutil.rmtree(out, ignore_errors=True)
             out.mkdir(parents=True)
-            command = [
-                sys.executable,
-                "-m",
-                "torch.distributed.run",
-                "--standalone",
-                f"--nproc-per-node={dp * tp * pp}",
-                __file__,
-                "--worker",
-                f"--layout={layout}",
-                f"--layers={args.layers}",
-                f"--hidden={args.hidden}",
-                f"--seq={args.seq}",
-                f"--repeat={args.repeat}",
-                f"--out={out}",
-            ]
             env = dict(
                 os.environ, OMP_NUM_THREADS="1", PYTHONPATH=f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"
             )
-            done = subprocess.run(command, env=env, capture_output=True, text=True)
-            if done.returncode != 0:
-                sys.exit(f"layout {layout} failed:\n{done.stderr[-5000:]}")
-            summary = summarize(json.loads((out / "result.json").read_text()))
+            # the saves and loads, then fresh and resumed start-ups alternately, each in new processes
+            for phase in ["main", *["resumed", "fresh"] * args.startups]:
+                command = [
+                    sys.executable,
+                    "-m",
+                    "torch.distributed.run",
+                    "--standalone",
+                    f"--nproc-per-node={dp * tp * pp}",
+                    __file__,
+                    "--worker",
+                    f"--phase={phase}",
+                    f"--layout={layout}",
+                    f"--layers={args.layers}",
+                    f"--hidden={args.hidden}",
+                    f"--seq={args.seq}",
+                    f"--repeat={args.repeat}",
+                    f"--out={out}",
+                ]
+                done = subprocess.run(command, env=env, capture_output=True, text=True)
+                if done.returncode != 0:
+                    sys.exit(f"layout {layout}, {phase}, failed:\n{done.stderr[-5000:]}")
+            result = json.loads((out / "result.json").read_text())
+            for kind in ("resumed", "fresh"):
+                jobs = [json.loads(line) for line in (out / "startup.jsonl").read_text().splitlines()]
+                result[kind] = [job for job in jobs if f"{kind}_startup" in job[0]]
+            (out / "result.json").write_text(json.dumps(result, indent=1))
+            summary = summarize(result)
             summaries.append(summary)
             print(json.dumps(summary, indent=1), flush=True)
             shutil.rmtree(out / "run", ignore_errors=True)
