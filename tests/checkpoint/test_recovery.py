@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -50,15 +51,21 @@ def test_a_killed_worker_is_restarted_and_the_run_finishes_by_itself(tiny_corpus
         MAX_RESTARTS="1",
         PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
     )
-    job = subprocess.run(
+    job = subprocess.Popen(
         ["bash", str(REPO / "launch" / "torchrun.sh"), *tiny_overrides(tiny_corpus, out, *settings)],
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
         env=env,
-        timeout=600,
+        start_new_session=True,  # torchrun and its workers: one process group, killed whole on a hang
     )
-    assert job.returncode == 0, job.stderr[-4000:]
-    assert "failed (exitcode: -9) local_rank: 1" in job.stderr, job.stderr[-4000:]  # torchrun saw it die
+    try:
+        _, stderr = job.communicate(timeout=600)
+    except subprocess.TimeoutExpired:
+        os.killpg(job.pid, signal.SIGKILL)
+        pytest.fail(f"the restarted job did not finish:\n{job.communicate()[1][-4000:]}")
+    assert job.returncode == 0, stderr[-4000:]
+    assert "failed (exitcode: -9) local_rank: 1" in stderr, stderr[-4000:]  # torchrun saw it die
     events = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [e["step"] for e in events if e.get("event") == "resumed"] == [2]
     assert losses(out) == losses(reference)
