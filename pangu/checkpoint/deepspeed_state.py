@@ -103,6 +103,25 @@ def before_optimizer_step(engine, hook) -> None:
     hooks.append(hook)
 
 
+def zero_uncovered(engine, optim: OptimConfig) -> None:
+    """Zeroes the optimizer state of partition elements no parameter owns (ZeRO's alignment
+    padding), after a checkpoint has filled every fragment of state created without zeros."""
+    covered: dict[int, list[tuple[int, int]]] = {}
+    for fragment in fragments(engine):
+        covered.setdefault(fragment.group, []).append((fragment.start, fragment.start + fragment.numel))
+    for group, part in enumerate(partitions(engine, optim)):
+        end = 0
+        gaps = []
+        for start, stop in sorted(covered.get(group, [])) + [(part["weight"].numel(),) * 2]:
+            if start > end:
+                gaps.append((end, start))
+            end = max(end, stop)
+        for key, tensor in part.items():
+            if key != "weight":
+                for start, stop in gaps:
+                    tensor[start:stop].zero_()
+
+
 def refresh_model_weights(engine) -> None:
     """The model's (possibly half-precision) weights from the fp32 master partitions: each rank
     rounds its partition and the partitions are all-gathered over the data-parallel group, as
@@ -119,16 +138,18 @@ def state_keys_by_param(engine, optim: OptimConfig) -> dict[torch.nn.Parameter, 
     return {param: keys_per_group[i] for i, params in enumerate(groups) for param in params}
 
 
-def link_optimizer_state(engine, optim: OptimConfig) -> None:
+def link_optimizer_state(engine, optim: OptimConfig, zeros: bool = True) -> None:
     """Lets DeepSpeed map each parameter to its fragment of the flat optimizer state. Before the
-    first step the optimizer has no state: it is created (zeros, and the spec's initial scalars)
-    so that it can be set. DeepSpeed links lazily, once, at its first step, before the optimizer
-    has created its state, so the link is redone here."""
+    first step the optimizer has no state: it is created (zeros, and the spec's initial scalars;
+    without `zeros` uninitialised, for a checkpoint to fill: then `zero_uncovered`) so that it
+    can be set. DeepSpeed links lazily, once, at its first step, before the optimizer has created
+    its state, so the link is redone here."""
     spec = registry.get(optim.name)
     base = base_optimizer(engine)
+    create = torch.zeros_like if zeros else torch.empty_like
     for group, flat in zip(base.param_groups, flat_partitions(engine)):
         if not base.state[flat]:
-            state = {key: torch.zeros_like(flat, dtype=torch.float32) for key in spec.state_keys(optim, group["name"])}
+            state = {key: create(flat, dtype=torch.float32) for key in spec.state_keys(optim, group["name"])}
             state.update({key: torch.tensor(value, dtype=torch.float32) for key, value in spec.scalar_state.items()})
             base.state[flat] = state
     engine.optimizer._hp_optimizer_states_linked = False

@@ -5,12 +5,12 @@ parallel by every rank (format 2; format 1 is still read).
         latest                     name of the newest complete checkpoint (replaced atomically)
         step_00000100/
             manifest.json          written last: format, kind, step, config, layout, tokenizer
-                                   fingerprint, every file with its size (and CRC-32 for the
-                                   small files)
+                                   fingerprint, every file with its size (and checksum for
+                                   the small files)
             tensors/rank{R}.bin    what rank R owns under ZeRO-1: the fp32 master weights and the
                                    optimizer state of its fragment of each parameter (store.py)
             tensors/index.json     every piece: parameter, state key, tensor-parallel box, flat
-                                   range within it, file, offset, CRC-32
+                                   range within it, file, offset, checksum (xxh3)
             rng/rank{R}.pt         every RNG of every rank (exact resume on the same layout)
             trainer.json           step, sampler state, loss scaler, optimizer scalars
             tokenizer.model        so that a checkpoint is usable on its own
@@ -32,7 +32,15 @@ import warnings
 import zlib
 from pathlib import Path
 
-from pangu.checkpoint.store import CheckpointError, CorruptCheckpointError, crc32_file, fsync_dir, write_file_synced
+from pangu.checkpoint.store import (
+    CHECKSUM,
+    CheckpointError,
+    CorruptCheckpointError,
+    checksum,
+    file_checksum,
+    fsync_dir,
+    write_file_synced,
+)
 from pangu.config import ModelConfig
 
 FORMAT = "pangu-checkpoint"
@@ -135,7 +143,7 @@ def check_structure(path: Path) -> dict:
 
 
 def read_checked(path: Path, rel: str, manifest: dict) -> bytes:
-    """A small file of a checkpoint, checked against the CRC-32 (or format 1's sha256) in its manifest."""
+    """A small file of a checkpoint, checked against the checksum (format 1: sha256) in its manifest."""
     import hashlib
 
     file = Path(path) / rel
@@ -144,8 +152,10 @@ def read_checked(path: Path, rel: str, manifest: dict) -> bytes:
     except FileNotFoundError:
         raise CorruptCheckpointError(f"checkpoint {path} is incomplete: {rel} is missing") from None
     info = manifest["files"].get(rel, {})
-    if ("crc32" in info and zlib.crc32(data) != info["crc32"]) or (
-        "crc32" not in info and info.get("sha256") and hashlib.sha256(data).hexdigest() != info["sha256"]
+    if (
+        (CHECKSUM in info and checksum(data) != info[CHECKSUM])
+        or ("crc32" in info and zlib.crc32(data) != info["crc32"])
+        or (info.get("sha256") and hashlib.sha256(data).hexdigest() != info["sha256"])
     ):
         raise CorruptCheckpointError(f"{file} is corrupt: it does not match its checksum")
     return data
@@ -166,8 +176,8 @@ def check_model_matches(manifest: dict, model: ModelConfig, path: Path) -> None:
 
 
 def file_entry(path: Path) -> dict:
-    """A manifest's record of one written (small) file: its size and CRC-32."""
-    return {"bytes": path.stat().st_size, "crc32": crc32_file(path)}
+    """A manifest's record of one written (small) file: its size and checksum."""
+    return {"bytes": path.stat().st_size, CHECKSUM: file_checksum(path)}
 
 
 def write_manifest(directory: Path, manifest: dict) -> None:

@@ -362,8 +362,8 @@ def _read_rank_share(
     index = fmt.read_checked(path, index_rel, manifest) if index_rel in manifest["files"] else None
     own = f"{rank_file(topology.rank)}.bin" if same_layout else None
     reader = TensorReader(path / "tensors", prefer=own, index=index)
-    if not weights_only:
-        ds.link_optimizer_state(engine, config.optim)
+    if not weights_only:  # state the checkpoint fills need not be zeroed first
+        ds.link_optimizer_state(engine, config.optim, zeros=False)
     parts = ds.partitions(engine, config.optim, weights_only)
     table = layout.parameter_table(config.model)
     share = 0
@@ -386,6 +386,8 @@ def _read_rank_share(
                 share += target.numel() * target.element_size()
     finally:
         reader.close()
+    if not weights_only:
+        ds.zero_uncovered(engine, config.optim)
     outcome = {
         "same_layout": same_layout,
         "step": manifest["step"],

@@ -20,7 +20,7 @@ from pangu.checkpoint.store import (
     Piece,
     TensorReader,
     TensorWriter,
-    crc32_file,
+    file_checksum,
     sha256_file,
     write_file_synced,
     write_index,
@@ -28,7 +28,7 @@ from pangu.checkpoint.store import (
 
 
 def scrub(path: str | Path, workers: int = 4, progress: Callable[[int, int], None] | None = None) -> list[str]:
-    """Every problem of a checkpoint (empty: intact): its structure, every piece's CRC-32 (or, in
+    """Every problem of a checkpoint (empty: intact): its structure, every piece's checksum (or, in
     format 1, every file's sha256), every small file's checksum, and that the primary pieces of
     every stored tensor cover it exactly once. Files are read by `workers` threads;
     `progress(bytes done, bytes in all)` is called as they go."""
@@ -60,19 +60,20 @@ def scrub(path: str | Path, workers: int = 4, progress: Callable[[int, int], Non
 
     def check(rel: str) -> list[str]:
         file, info = path / rel, manifest["files"][rel]
-        if "crc32" in info:
-            return (
-                [] if crc32_file(file, progress=advance) == info["crc32"] else [f"{file} does not match its checksum"]
-            )
+        algorithm = next((a for a in ("xxh3", "crc32") if a in info), None)
+        if algorithm is not None:
+            good = file_checksum(file, algorithm, progress=advance) == info[algorithm]
+            return [] if good else [f"{file} does not match its checksum"]
         if info.get("sha256"):
             digest = sha256_file(file)
             advance(info["bytes"])
             return [] if digest == info["sha256"] else [f"{file} does not match its checksum"]
         found, covered = [], 0
         for piece in sorted(pieces_by_file.get(file, []), key=lambda p: p.offset):
-            crc = crc32_file(file, piece.offset, piece.nbytes, progress=advance)
+            algorithm = piece.checksum[0] if piece.checksum else "xxh3"
+            digest = file_checksum(file, algorithm, piece.offset, piece.nbytes, progress=advance)
             covered += piece.nbytes
-            if piece.crc32 is not None and crc != piece.crc32:
+            if piece.checksum is not None and digest != piece.checksum[1]:
                 found.append(
                     f"{file} is corrupt: {piece.name!r} ({piece.key}) at byte {piece.offset} does not match its checksum"
                 )
