@@ -10,7 +10,8 @@ builds a PanGu-α of about 300M parameters (the 350m config's shapes with fewer 
 - DeepSpeed's save_checkpoint and load_checkpoint on the same engine;
 - pangu's load of its checkpoint into the same engine;
 - start-up: building the engine with initialisation (a fresh run) against building it without
-  and resuming from the checkpoint (a resumed run), each in a new job of its own, alternately;
+  and resuming from the checkpoint as the trainer does (its share read while the engine is
+  built), each in a new job of its own, alternately;
 - bytes written and read per rank, from the kernel's count for each process (/proc/self/io
   wchar/rchar, so DeepSpeed's files and pangu's are counted alike).
 Times are the slowest rank's, between barriers, the median of --repeat interleaved repeats. The
@@ -54,8 +55,9 @@ def worker(args) -> None:
     import torch
     import torch.distributed as dist
 
+    from pangu.checkpoint.deepspeed_state import link_optimizer_state
     from pangu.checkpoint.saver import Checkpointer
-    from pangu.checkpoint.training import load_checkpoint, resume
+    from pangu.checkpoint.training import load_checkpoint
     from pangu.config import load_config
     from pangu.data.dataset import make_batch
     from pangu.parallel.engine import build_engine, pipeline_inputs
@@ -105,10 +107,14 @@ def worker(args) -> None:
     if args.phase != "main":  # one start-up per process: an engine's memory is not given back
         resumed = args.phase == "resumed"
 
-        def startup():
+        def startup():  # as the trainer starts
+            checkpoints = Checkpointer(out / "run", config, topology)
+            if resumed:  # this rank's share is read while the engine is built
+                checkpoints.prefetch(out / "run" / "checkpoints" / "step_00000001")
             engine, names = build_engine(config, topology, initialize=not resumed)
             if resumed:
-                resume([out / "run" / "checkpoints" / "step_00000001"], engine, names, topology, config)
+                checkpoints.restore(engine, names, [out / "run" / "checkpoints" / "step_00000001"])
+            link_optimizer_state(engine, config.optim)  # the trainer's next step: a fresh run's state is made
 
         timed(f"{args.phase}_startup", startup, count_io=resumed)
         gathered = [None] * topology.world_size

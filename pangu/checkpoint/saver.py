@@ -24,6 +24,7 @@ import torch
 from pangu.checkpoint import deepspeed_state as ds
 from pangu.checkpoint import format as fmt
 from pangu.checkpoint.training import (
+    Prefetch,
     checkpoint_candidates,
     checkpoint_group,
     load_checkpoint,
@@ -50,16 +51,23 @@ class Checkpointer:
         self._host: list[dict[str, torch.Tensor]] | None = None
         self._copied: threading.Event | None = None
         self._hooked: list = []  # engines whose optimizer step waits for the copy
+        self._prefetch: Prefetch | None = None
 
     def candidates(self) -> list[Path]:
         """Structurally intact checkpoints of the run, newest first (rank 0 looks: O(files))."""
         return checkpoint_candidates(self.run_dir)
 
+    def prefetch(self, path: Path) -> None:
+        """Starts reading this rank's share of checkpoint `path` in the background (while the
+        engine is built); the next `restore` uses it."""
+        self._prefetch = Prefetch(path, self.topology)
+
     def restore(self, engine, names: dict[str, str], candidates: list[Path] | None = None) -> tuple[Path, dict] | None:
         """(checkpoint, trainer state) of the newest checkpoint that loads, or None for a fresh run."""
         self.wait()
         candidates = self.candidates() if candidates is None else candidates
-        return resume(candidates, engine, names, self.topology, self.config) if candidates else None
+        prefetch, self._prefetch = self._prefetch, None
+        return resume(candidates, engine, names, self.topology, self.config, prefetch) if candidates else None
 
     def load_weights(self, source: str | Path, engine, names: dict[str, str]) -> Path:
         """Only the weights of any checkpoint (train.init_from), read where this rank owns them."""

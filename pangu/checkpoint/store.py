@@ -265,6 +265,8 @@ class TensorReader:
         self._keys: dict[str, set[str]] = {}
         files: dict[str, Path] = {}  # one Path per file, not per piece
         self._maps: dict[Path, object] = {}  # open files
+        self._preloaded: dict[Path, torch.Tensor] = {}  # whole files read ahead (preload)
+        self._bad: dict[Piece, str] = {}  # pieces preload found torn or corrupt
         if index is None and (self.directory / INDEX_FILE).is_file():
             index = (self.directory / INDEX_FILE).read_bytes()
         if index is not None:
@@ -364,8 +366,43 @@ class TensorReader:
             return pieces
         return [p for p in pieces if p.copy == 0] or pieces
 
+    def preload(self, file_name: str) -> None:
+        """Reads one file of the directory whole and checks every piece in it now (say, in a
+        background thread while the engine is being built); its pieces are then served from
+        memory. A piece that fails its check raises when it is read, as it would have."""
+        file = self.directory / file_name
+        pieces = [p for p in self.pieces() if p.file == file]
+        size = max((p.offset + p.nbytes for p in pieces), default=0)
+        data = torch.empty(size, dtype=torch.uint8)
+        with open(file, "rb") as f:
+            got = f.readinto(data.numpy())
+        for piece in pieces:
+            if piece.offset + piece.nbytes > got:
+                self._bad[piece] = f"{piece.file} is truncated: {piece.name!r} ({piece.key}) ends past its end"
+            elif piece.checksum is not None:
+                if (
+                    _digest(piece.checksum[0], data[piece.offset : piece.offset + piece.nbytes].numpy())
+                    != piece.checksum[1]
+                ):
+                    self._bad[piece] = self._corrupt(piece)
+        self._preloaded[file] = data
+
+    def _corrupt(self, piece: Piece) -> str:
+        return (
+            f"{piece.file} is corrupt: {piece.name!r} ({piece.key}) at byte {piece.offset} does not match its checksum"
+        )
+
     def _read_piece(self, piece: Piece, into: torch.Tensor | None = None) -> torch.Tensor:
         """A piece's elements (1-D), read into `into` when given, after checking its checksum."""
+        if piece in self._bad:
+            raise CorruptCheckpointError(self._bad[piece])
+        if piece.file in self._preloaded:  # checked when it was read
+            data = self._preloaded[piece.file][piece.offset : piece.offset + piece.nbytes]
+            self.bytes_read += piece.nbytes
+            if into is None:
+                return data.view(_DTYPES[piece.dtype])
+            into.view(-1).view(torch.uint8).copy_(data)
+            return into.view(-1)
         handle = self._maps.get(piece.file)
         if handle is None:
             if not piece.file.is_file():
@@ -377,9 +414,7 @@ class TensorReader:
         if got != piece.nbytes:
             raise CorruptCheckpointError(f"{piece.file} is truncated: {piece.name!r} ({piece.key}) ends past its end")
         if piece.checksum is not None and _digest(piece.checksum[0], buffer.numpy()) != piece.checksum[1]:
-            raise CorruptCheckpointError(
-                f"{piece.file} is corrupt: {piece.name!r} ({piece.key}) at byte {piece.offset} does not match its checksum"
-            )
+            raise CorruptCheckpointError(self._corrupt(piece))
         self.bytes_read += piece.nbytes
         return into.view(-1) if into is not None else buffer.view(_DTYPES[piece.dtype])
 
@@ -387,6 +422,7 @@ class TensorReader:
         for handle in self._maps.values():
             handle.close()
         self._maps.clear()
+        self._preloaded.clear()
 
 
 def _numel(box: Box) -> int:

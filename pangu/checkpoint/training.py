@@ -22,6 +22,7 @@ from __future__ import annotations
 import io
 import json
 import shutil
+import threading
 import time
 import traceback
 import warnings
@@ -95,14 +96,20 @@ def checkpoint_candidates(run_dir: str | Path) -> list[Path]:
 
 
 def resume(
-    candidates: list[Path], engine, names: dict[str, str], topology: Topology, config: Config
+    candidates: list[Path],
+    engine,
+    names: dict[str, str],
+    topology: Topology,
+    config: Config,
+    prefetch: Prefetch | None = None,
 ) -> tuple[Path, dict]:
     """Loads the newest of `candidates` whose pieces all check out; a torn or corrupt piece found
-    by any rank makes every rank go on to the next older one, with a warning naming the file."""
+    by any rank makes every rank go on to the next older one, with a warning naming the file.
+    `prefetch`: the newest one's share, read ahead (Prefetch)."""
     problems = []
     for i, path in enumerate(candidates):
         try:
-            state = load_checkpoint(path, engine, names, topology, config)
+            state = load_checkpoint(path, engine, names, topology, config, prefetch=prefetch)
         except CorruptCheckpointError as err:
             problems.append(str(err))
             following = candidates[i + 1].name if i + 1 < len(candidates) else "none is left"
@@ -111,6 +118,42 @@ def resume(
             continue
         return path, state
     raise CheckpointError("no intact checkpoint to resume from: " + "; ".join(problems))
+
+
+class Prefetch:
+    """A rank's share of a checkpoint read ahead by a background thread, e.g. while the engine is
+    being built: the index parsed and, on the layout that wrote the checkpoint, the rank's own
+    file read whole and every piece in it checked. `load_checkpoint` then copies from memory."""
+
+    def __init__(self, path: Path, topology: Topology):
+        self.path = Path(path)
+        self._reader: TensorReader | None = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._read, args=(topology,), name="pangu-prefetch", daemon=True)
+        self._thread.start()
+
+    def _read(self, topology: Topology) -> None:
+        try:
+            manifest = fmt.read_manifest(self.path, verify=False)
+            same_layout = manifest["layout"] == {"dp": topology.dp, "tp": topology.tp, "pp": topology.pp}
+            own = f"{rank_file(topology.rank)}.bin" if same_layout else None
+            self._reader = _reader(self.path, manifest, own)
+            if own is not None and f"tensors/{own}" in manifest["files"]:
+                self._reader.preload(own)
+        except BaseException as err:  # noqa: BLE001 - raised where the share is read
+            self._error = err
+
+    def reader(self) -> TensorReader:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._reader
+
+
+def _reader(path: Path, manifest: dict, own: str | None) -> TensorReader:
+    index_rel = f"tensors/{INDEX_FILE}"
+    index = fmt.read_checked(path, index_rel, manifest) if index_rel in manifest["files"] else None
+    return TensorReader(path / "tensors", prefer=own, index=index)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -306,7 +349,13 @@ def _finalize(request: SaveRequest, gathered: list) -> None:
 
 
 def load_checkpoint(
-    path: Path, engine, names: dict[str, str], topology: Topology, config: Config, weights_only: bool = False
+    path: Path,
+    engine,
+    names: dict[str, str],
+    topology: Topology,
+    config: Config,
+    weights_only: bool = False,
+    prefetch: Prefetch | None = None,
 ) -> dict:
     """Loads weights (and, unless `weights_only`, optimizer state, loss scaler and RNGs) into the
     engine from a checkpoint written under any layout; every rank calls this. Returns the stored
@@ -317,7 +366,7 @@ def load_checkpoint(
     start = time.perf_counter()
     outcome: dict = {}
     try:
-        outcome = _read_rank_share(Path(path), engine, names, topology, config, weights_only)
+        outcome = _read_rank_share(Path(path), engine, names, topology, config, weights_only, prefetch)
         problem = None
     except (CorruptCheckpointError, OSError, ValueError, KeyError) as err:
         problem = ("corrupt", str(err) if isinstance(err, CheckpointError) else f"{path}: {type(err).__name__}: {err}")
@@ -351,17 +400,24 @@ def load_checkpoint(
 
 
 def _read_rank_share(
-    path: Path, engine, names: dict[str, str], topology: Topology, config: Config, weights_only: bool
+    path: Path,
+    engine,
+    names: dict[str, str],
+    topology: Topology,
+    config: Config,
+    weights_only: bool,
+    prefetch: Prefetch | None,
 ) -> dict:
     """Reads this rank's fragments into the engine's fp32 partitions, and (for a resume) the
     trainer state and this rank's RNG states, checking every checksum. No collective."""
     manifest = fmt.read_manifest(path, verify=False)
     fmt.check_model_matches(manifest, config.model, path)
     same_layout = manifest["layout"] == {"dp": topology.dp, "tp": topology.tp, "pp": topology.pp}
-    index_rel = f"tensors/{INDEX_FILE}"
-    index = fmt.read_checked(path, index_rel, manifest) if index_rel in manifest["files"] else None
     own = f"{rank_file(topology.rank)}.bin" if same_layout else None
-    reader = TensorReader(path / "tensors", prefer=own, index=index)
+    if prefetch is not None and prefetch.path == path:
+        reader = prefetch.reader()
+    else:
+        reader = _reader(path, manifest, own)
     if not weights_only:  # state the checkpoint fills need not be zeroed first
         ds.link_optimizer_state(engine, config.optim, zeros=False)
     parts = ds.partitions(engine, config.optim, weights_only)
@@ -391,7 +447,7 @@ def _read_rank_share(
     outcome = {
         "same_layout": same_layout,
         "step": manifest["step"],
-        "read": {"bytes": reader.bytes_read, "share_bytes": share, "index_bytes": len(index or b"")},
+        "read": {"bytes": reader.bytes_read, "share_bytes": share, "index_bytes": reader.index_bytes},
     }
     if not weights_only:
         outcome["trainer"] = json.loads(fmt.read_checked(path, "trainer.json", manifest))

@@ -138,6 +138,8 @@ class Trainer:
 
         self.checkpoints = Checkpointer(self.output_dir, config, self.topology)
         candidates = self.checkpoints.candidates()  # structure only: O(files)
+        if candidates:  # this rank's share is read while the engine is built
+            self.checkpoints.prefetch(candidates[0])
         # a run that resumes (or starts from train.init_from) draws no initial weights
         self.engine, self.names = build_engine(config, self.topology, initialize=not (candidates or train.init_from))
         self.sampler = GlobalBatchSampler(len(self.train_data), train.global_batch_size, seed=train.seed)

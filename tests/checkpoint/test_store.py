@@ -152,3 +152,12 @@ def test_a_rank_draws_only_the_tiles_of_its_slice(monkeypatch):
                 part = init.draw(spec, spec.local_range(rank, tp), seed=3)
                 assert torch.equal(part, whole[spec.local_index(rank, tp)]), (name, tp, rank)
                 assert len(drawn) == (tiles if spec.split_dim is None else tiles // tp), (name, tp, rank)
+
+
+def test_async_save_is_a_checked_config_field():
+    from pangu.config import ConfigError, load_config
+
+    assert load_config(None, []).train.async_save is False
+    assert load_config(None, ["train.async_save=true"]).train.async_save is True
+    with pytest.raises(ConfigError, match="train.async_save = 'maybe' is not allowed: expected true or false"):
+        load_config(None, ["train.async_save=maybe"])
