@@ -129,3 +129,20 @@ def test_preempted_job_requeues_and_resumes_exactly(cluster, tiny_corpus, uninte
     order = [text.find(marker) for marker in (f"job {job}, run 1,", "got SIGUSR1", "requeueing", f"job {job}, run 2,")]
     assert -1 not in order and order == sorted(order), text[-5000:]
     assert len(re.findall(r"parameters, \(dp, tp, pp\) = \(4, 1, 1\)", text)) == 2
+
+
+def test_requeues_after_failures_are_capped(cluster, tiny_corpus, tmp_path):
+    """A requeue the script did not do itself (Slurm's after a node failure; here `scontrol
+    requeue` from outside) counts against PANGU_MAX_REQUEUES, preemptions do not: with none
+    allowed, the requeued run gives up at once and the job ends FAILED."""
+    out = tmp_path / "capped"
+    job = submit(cluster, tiny_corpus, out, {"PANGU_MAX_REQUEUES": "0"})
+    try:
+        cluster.wait_for(lambda: len(losses(out)) >= 1, 300, "a step", interval=0.2)
+    except SlurmError as err:
+        raise AssertionError(f"{err}\n--- job output\n{job_output(out, job)[-5000:]}") from None
+    cluster.run(["scontrol", "requeue", str(job)])
+    runs = wait_until_ended(cluster, job, out)
+    text = job_output(out, job)
+    assert runs[-1]["JobState"] == "FAILED", text[-5000:]
+    assert f"job {job}, run 2," in text and "requeued after 1 failures" in text and "giving up" in text, text[-5000:]
