@@ -51,6 +51,28 @@ def tiny_overrides(corpus: Path, out: Path, *extra: str) -> list[str]:
     return ["--config", TINY_CONFIG] + [arg for setting in settings for arg in ("--set", setting)]
 
 
+def prepare_tiny_corpus(root: Path) -> Path:
+    """The tests' corpus under root/prepared: 1500 People's Daily paragraphs, a 600-piece BPE."""
+    from pangu.config import load_config
+    from pangu.data.prepare import prepare
+    from pangu.data.sources import people_daily_file
+
+    lines = people_daily_file().read_text(encoding="utf-8").splitlines()[:1500]
+    texts = ["".join(token.rsplit("/", 1)[0] for token in line.split()) for line in lines if line.strip()]
+    with open(root / "docs.jsonl", "w", encoding="utf-8") as f:
+        for text in texts:
+            f.write(json.dumps({"text": text}, ensure_ascii=False) + "\n")
+    overrides = [
+        f"data.sources=[{{kind: jsonl, path: {root / 'docs.jsonl'}}}]",
+        "data.tokenizer.kind=train",
+        "data.tokenizer.vocab_size=600",
+        f"data.prepared_dir={root / 'prepared'}",
+        "data.valid_fraction=0.05",
+    ]
+    prepare(load_config(None, overrides), progress=False)
+    return root / "prepared"
+
+
 def subprocess_env() -> dict[str, str]:
     """One thread per process, and the repository importable (for `tests.` modules)."""
     return dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
