@@ -120,7 +120,7 @@ class TokenizerConfig:
     # "pangu": the released PanGu-alpha SentencePiece model at `path`;
     # "train": train a new SentencePiece model on the cleaned corpus during `pangu prepare`.
     kind: Literal["pangu", "train"] = "pangu"
-    path: str = "../shared/pangu-alpha-release/vocab.model"
+    path: str = ""  # kind "pangu": empty means the released model shipped with pangu (pangu/assets)
     algorithm: Literal["bpe", "unigram"] = "bpe"
     vocab_size: int = 40000  # for kind "train"
     train_sentences: int = 200000  # how many cleaned lines the trainer samples
@@ -271,7 +271,7 @@ class TrainConfig:
     log_interval: int = 1
     eval_interval: int = 0  # 0: validate only at the end
     eval_batches: int = 4
-    # zero/few-shot tasks (tasks/*.yaml names, task files or NAME=DATA, see docs/evaluation.md)
+    # zero/few-shot tasks (pangu/tasks/*.yaml names, task files or NAME=DATA, see docs/evaluation.md)
     # scored with every validation; results go to metrics.jsonl as task/NAME/METRIC
     eval_tasks: list[str] = field(default_factory=list)
     eval_task_examples: int = 0  # > 0: a seeded subset of this many examples per task
@@ -376,17 +376,17 @@ def _require(ok: bool, name: str, value: Any, allowed: str) -> None:
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Read a YAML config (or the defaults when `path` is None), apply `section.key=value`
+    """Read a YAML config (a file or a builtin name; the defaults when `path` is None), apply `section.key=value`
     overrides, build the typed config and validate it."""
     raw: dict[str, Any] = {}
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {str(path)!r} does not exist")
+        path = resolve_config(path)
         try:
             raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {err}") from None
+        except (yaml.YAMLError, UnicodeDecodeError) as err:
+            raise ConfigError(f"config file {str(path)!r} is not valid UTF-8 YAML: {err}") from None
+        except OSError as err:
+            raise ConfigError(f"config file {str(path)!r} cannot be read: {err.strerror}") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"config file {str(path)!r} must hold a mapping of sections, got {type(raw).__name__}")
     for override in overrides or []:
@@ -394,6 +394,21 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     config = from_dict(Config, raw, "")
     config.validate()
     return config
+
+
+CONFIGS_DIR = Path(__file__).resolve().parent / "configs"  # the builtin configs: tiny, 350m, 2.6b, 13b, 200b
+
+
+def resolve_config(path: str | Path) -> Path:
+    """A config file, or the name of a builtin one (`tiny`, `2.6b`, ...)."""
+    path = Path(path)
+    if path.is_file():
+        return path
+    builtin = CONFIGS_DIR / f"{path.name.removesuffix('.yaml')}.yaml"
+    if len(path.parts) == 1 and builtin.is_file():
+        return builtin
+    names = ", ".join(sorted(p.stem for p in CONFIGS_DIR.glob("*.yaml")))
+    raise ConfigError(f"config file {str(path)!r} does not exist (builtin configs: {names})")
 
 
 def config_from_dict(raw: dict[str, Any]) -> Config:

@@ -22,7 +22,7 @@ REPO = Path(__file__).resolve().parents[1]
 TINY_CONFIG = str(REPO / "configs" / "tiny.yaml")
 PROBES = REPO / "tests" / "probes"
 TASK_DATA = REPO / "tests" / "evaluation" / "tasks"
-RELEASE = REPO.parent / "shared" / "pangu-alpha-release"  # the PanGu-α release files
+RELEASE = REPO / "pangu" / "assets" / "pangu-alpha"  # the PanGu-α release files pangu ships
 STEPS = 6  # the tiny run's length
 
 

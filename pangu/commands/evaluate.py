@@ -24,7 +24,7 @@ def add_parser(commands) -> None:
         nargs="+",
         default=None,
         metavar="TASK",
-        help="task files, builtin task names (tasks/*.yaml, e.g. sentiment) or NAME=DATA_FILE; "
+        help="task files, builtin task names (pangu/tasks/*.yaml, e.g. sentiment) or NAME=DATA_FILE; "
         "evaluates them instead of the validation perplexity",
     )
     parser.add_argument("--shots", type=int, default=None, help="number of demonstrations (overrides the task files)")

@@ -99,7 +99,6 @@ def _pangu_logits(checkpoint: Path, input_ids: torch.Tensor) -> torch.Tensor:
         return model(input_ids)
 
 
-@pytest.mark.skipif(not TOKENIZER.is_file(), reason="PanGu-alpha tokenizer not present")
 def test_export_layout_config_and_port_forward(tmp_path):
     weights = _weights(tmp_path, vocab=40000, tokenizer=TOKENIZER)
     out = export_hf(weights, tmp_path / "hf")
