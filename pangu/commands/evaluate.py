@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
-import sys
 from pathlib import Path
 
 from pangu.commands.common import add_config_arguments
@@ -81,7 +81,7 @@ def _tasks(args) -> int:
         if tokenizer is None:
             tokenizer = tokenizer_for(args.checkpoint, config)
         topology, rank, layout = None, 0, "(dp, tp, pp) = (1, 1, 1)"
-    log = (lambda line: print(line, file=sys.stderr, flush=True)) if rank == 0 else None
+    log = logging.getLogger("pangu.evaluate").info if rank == 0 else None
     results = evaluate_tasks(
         target,
         tasks,

@@ -21,7 +21,7 @@ from pangu.model.init import initialize_parameters
 from pangu.optim.registry import build_optimizer
 from pangu.parallel.pipeline import build_pipeline, canonical_names
 from pangu.parallel.tensor_parallel import layer_factory
-from pangu.parallel.topology import Topology
+from pangu.parallel.topology import Topology, deepspeed_prints_to_debug_log
 
 
 def pipeline_loss(
@@ -109,9 +109,10 @@ def allow_fp16_on_cpu() -> None:
 def build_engine(config: Config, topology: Topology):
     """(engine, {pipeline name: canonical name}) for this rank's pipeline stage."""
     layers = layer_factory(config.parallel.tp)
-    pipe = build_pipeline(
-        config, topology, layers, loss_fn=partial(pipeline_loss, layers=layers, vocab_size=config.model.vocab_size)
-    )
+    with deepspeed_prints_to_debug_log():
+        pipe = build_pipeline(
+            config, topology, layers, loss_fn=partial(pipeline_loss, layers=layers, vocab_size=config.model.vocab_size)
+        )
     names = canonical_names(pipe, config.model)
     named = [(names[n], p) for n, p in pipe.named_parameters()]
     initialize_parameters(named, config.model, config.train.seed, topology.tp_rank, topology.tp)
@@ -124,5 +125,8 @@ def build_engine(config: Config, topology: Topology):
     )
     if config.train.precision == "fp16":
         allow_fp16_on_cpu()
-    engine, _, _, _ = deepspeed.initialize(model=pipe, optimizer=optimizer, config=deepspeed_config(config, topology))
+    with deepspeed_prints_to_debug_log():
+        engine, _, _, _ = deepspeed.initialize(
+            model=pipe, optimizer=optimizer, config=deepspeed_config(config, topology)
+        )
     return engine, names

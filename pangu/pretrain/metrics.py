@@ -4,13 +4,15 @@ it, and a live progress line with tokens/s, MFU and ETA. Only global rank 0 writ
 from __future__ import annotations
 
 import json
+import logging
 import math
-import sys
 import time
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+
+logger = logging.getLogger(__name__)
 
 # Dense bf16 peaks of common accelerators, FLOP/s per device (vendor figures); any other device's
 # peak is measured at start-up.
@@ -89,7 +91,8 @@ class MetricsLogger:
         """Something that happened (checkpoint, resume, skipped step): also in metrics.jsonl."""
         self.log_raw({"step": step, "event": kind, **details})
         if self.enabled:
-            print(f"[pangu] step {step}: {kind} {details}", file=sys.stderr, flush=True)
+            said = ", ".join(f"{key} {value}" for key, value in details.items() if key != "per_rank")
+            logger.info("step %d: %s%s", step, kind, f" ({said})" if said else "")
 
     def log_raw(self, record: dict) -> None:
         if self.enabled:
@@ -114,7 +117,7 @@ class MetricsLogger:
             f"mfu {100 * record['mfu']:.1f}%",
             f"eta {_duration(eta)}",
         ]
-        print(" | ".join(parts), file=sys.stderr, flush=True)
+        logger.info(" | ".join(parts))
 
     def close(self) -> None:
         if self.enabled:

@@ -8,6 +8,7 @@ and checkpoint. The run resumes by itself from the latest checkpoint in `train.o
 
 from __future__ import annotations
 
+import logging
 import math
 import signal
 import statistics
@@ -37,6 +38,8 @@ from pangu.parallel.engine import build_engine, micro_batches_per_step, pipeline
 from pangu.parallel.tensor_parallel import seed_rng_streams
 from pangu.parallel.topology import Topology, device, init_distributed
 from pangu.pretrain.metrics import MetricsLogger, peak_memory_bytes, total_peak_flops
+
+log = logging.getLogger(__name__)
 
 
 class Batches:
@@ -239,12 +242,19 @@ class Trainer:
             logger.event(self.step, "resumed", checkpoint=str(self.resumed_from), layout=self.topology.layout)
         memory = [None] * self.topology.world_size
         dist.all_gather_object(memory, self.memory, group=self.topology.host_group)
-        logger.event(self.step, "memory", per_rank=memory)
+        logger.log_raw({"step": self.step, "event": "memory", "per_rank": memory})
         if self.topology.rank == 0:
-            print(
-                f"[pangu] {parameter_count(self.config.model) / 1e6:.1f}M parameters, {self.topology.layout}, "
-                f"{len(self.train_data)} training samples, steps {self.step} -> {stop}",
-                flush=True,
+            log.info(
+                "%.1fM parameters, %s, %d training samples, steps %d -> %d; rank 0 holds %s",
+                parameter_count(self.config.model) / 1e6,
+                self.topology.layout,
+                len(self.train_data),
+                self.step,
+                stop,
+                ", ".join(
+                    f"{key.removesuffix('_bytes').replace('_', ' ')} {value / 2**20:.1f} MiB"
+                    for key, value in self.memory.items()
+                ),
             )
         record: dict = {}
         while self.step < stop:

@@ -16,6 +16,11 @@ import pytest
 from tests.helpers import REPO
 
 
+def own_lines_only(stderr: str) -> bool:
+    """A newcomer sees pangu's lines: no dependency's warning, banner or print."""
+    return all(line.startswith(("[pangu]", "[prepare")) for line in stderr.splitlines() if line.strip())
+
+
 def run(command: list[str], cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
     done = subprocess.run(
@@ -57,9 +62,11 @@ def test_the_wheel_installs_and_runs_outside_the_checkout(tmp_path):
         "--set",
         "optim.warmup_steps=1",
     ]
-    report = json.loads(run([pangu, "prepare", "--config", "tiny", *small], cwd=work).stdout)
+    done = run([pangu, "prepare", "--config", "tiny", *small], cwd=work)
+    report = json.loads(done.stdout)  # results alone on stdout
     assert report["totals"]["train"]["tokens"] > 1_000_000  # the builtin corpus, with the tiny config's tokenizer
-    run([pangu, "pretrain", "--config", "tiny", *small], cwd=work)
+    done = run([pangu, "pretrain", "--config", "tiny", *small], cwd=work)
+    assert own_lines_only(done.stderr) and not done.stdout, done.stdout + done.stderr
     assert (work / "run" / "checkpoints" / "latest").is_file()
     done = run(
         [
@@ -77,5 +84,6 @@ def test_the_wheel_installs_and_runs_outside_the_checkout(tmp_path):
         ],
         cwd=work,
     )
-    result = json.loads(done.stdout[done.stdout.index("{") :])
+    result = json.loads(done.stdout)
+    assert own_lines_only(done.stderr), done.stderr
     assert result["tasks"]["sentiment"]["examples"] == 20
