@@ -10,7 +10,7 @@ import sys
 import warnings
 
 from pangu.commands import COMMANDS
-from pangu.config import ConfigError
+from pangu.config import PanguError
 
 # What third-party code prints or warns at every run that says nothing to a pangu user; shown
 # with -v. (DeepSpeed's own stdout prints are routed to the debug log by pangu.parallel.)
@@ -43,13 +43,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever sys.stderr is when a line is logged, not when the handler was made."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value) -> None:
+        pass
+
+
 def configure_output(verbosity: int) -> None:
     """pangu's lines on stderr ("[pangu] ..."), at INFO (-q: WARNING, -v: DEBUG); results alone on
     stdout; the dependencies' noise filtered unless -v."""
     logger = logging.getLogger("pangu")
     logger.setLevel({-1: logging.WARNING, 0: logging.INFO, 1: logging.DEBUG}[verbosity])
     if not logger.handlers:
-        handler = logging.StreamHandler(sys.stderr)
+        handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("[pangu] %(message)s"))
         logger.addHandler(handler)
         logger.propagate = False
@@ -63,14 +75,14 @@ def configure_output(verbosity: int) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     configure_output(args.verbosity)
-    from pangu.checkpoint.store import CheckpointError
-    from pangu.data import DataError
-
     try:
         return COMMANDS[args.command].run(args)
-    except (ConfigError, DataError, CheckpointError, FileNotFoundError) as err:
+    except PanguError as err:
         print(f"pangu {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # a second Ctrl-C, or one in a command without a graceful stop
+        print(f"pangu {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -20,7 +20,12 @@ from typing import Any, Literal
 import yaml
 
 
-class ConfigError(ValueError):
+class PanguError(Exception):
+    """A condition a user can cause (bad input, a damaged file, a full disk): the command prints
+    its message, which names what is wrong and what to do, as one line, without a traceback."""
+
+
+class ConfigError(PanguError, ValueError):
     """A configuration value is unknown, mistyped or inconsistent."""
 
 

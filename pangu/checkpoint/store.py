@@ -18,6 +18,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pangu.config import PanguError
+
 _DTYPES = {
     "float32": torch.float32,
     "float16": torch.float16,
@@ -27,7 +29,7 @@ _DTYPES = {
 }
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(PanguError, RuntimeError):
     """A checkpoint is missing, incomplete, corrupt or does not fit the model."""
 
 

@@ -12,10 +12,11 @@ def add_config_arguments(parser: argparse.ArgumentParser, required: bool = True)
     parser.add_argument(
         "--set",
         dest="overrides",
-        action="append",
+        action="extend",
+        nargs="+",
         default=[],
         metavar="SECTION.KEY=VALUE",
-        help="override one config value (repeatable), e.g. --set train.steps=100",
+        help="override config values (repeatable), e.g. --set train.steps=100 optim.lr=2e-3",
     )
 
 

@@ -391,7 +391,7 @@ def import_hf(
     src, out = Path(src), Path(out)
     config_path = src / "config.json"
     if not config_path.is_file():
-        raise FileNotFoundError(f"{config_path} does not exist")
+        raise CheckpointError(f"{config_path} does not exist: is {src} a Hugging Face GPTPangu directory?")
     config = json.loads(config_path.read_text())
     if config.get("model_type") != "gpt_pangu":
         raise CheckpointError(f"{config_path}: model_type {config.get('model_type')!r} is not 'gpt_pangu'")

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from pangu.config import ModelConfig
+from pangu.config import ConfigError, ModelConfig
 from pangu.convert.mindspore.ckpt import read_mindspore_ckpt, read_mindspore_ckpt_shapes, read_one_tensor
 from pangu.convert.mindspore.names import MINDSPORE_WORD_EMBEDDINGS, infer_model_shape, to_pangu_names
 
@@ -96,7 +96,7 @@ def import_mindspore(
             def read_word_embedding() -> np.ndarray:
                 return read_one_tensor(src, _word_name(shapes))
     else:
-        raise FileNotFoundError(f"{src} does not exist")
+        raise ConfigError(f"{src} does not exist: give a .ckpt, an .npz or a directory of release slices")
 
     shape = infer_model_shape(shapes)
     rows = shape["vocab_size"]

@@ -6,11 +6,14 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import time
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+
+from pangu.config import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -65,17 +68,38 @@ def total_peak_flops(configured: float, device: torch.device, group: dist.Proces
 
 
 class MetricsLogger:
+    """metrics.jsonl, TensorBoard and the progress line of a run (rank 0 writes; `enabled` is
+    False elsewhere). A run that starts at `start_step` (a resume) or goes back to an earlier step
+    (a rollback) first supersedes what was logged after it, so every step appears once: the
+    later lines of metrics.jsonl are dropped (the file is rewritten atomically) and TensorBoard
+    purges its events from that step on."""
+
     def __init__(self, output_dir: Path, total_steps: int, start_step: int, enabled: bool):
         self.enabled = enabled
         self.total_steps = total_steps
-        self.start_step = start_step
-        self.start_time = time.perf_counter()
+        self.output_dir = output_dir
+        self._jsonl = self._tensorboard = None
         if enabled:
-            from torch.utils.tensorboard import SummaryWriter
-
             output_dir.mkdir(parents=True, exist_ok=True)
-            self._jsonl = open(output_dir / "metrics.jsonl", "a", encoding="utf-8")
-            self._tensorboard = SummaryWriter(str(output_dir / "tensorboard"))
+        self.restart_at(start_step)
+
+    def restart_at(self, step: int) -> None:
+        """Continue logging from `step`: what was logged after it is superseded."""
+        self.start_step = step
+        self.start_time = time.perf_counter()
+        if not self.enabled:
+            return
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.close()
+        path = self.output_dir / "metrics.jsonl"
+        if path.is_file():
+            kept = [line for line in path.read_text(encoding="utf-8").splitlines() if _step_of(line) <= step]
+            tmp = path.with_name(".metrics.jsonl.tmp")
+            tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+            os.replace(tmp, path)
+        self._jsonl = open(path, "a", encoding="utf-8")
+        self._tensorboard = SummaryWriter(str(self.output_dir / "tensorboard"), purge_step=step + 1)
 
     def log(self, record: dict) -> None:
         if not self.enabled:
@@ -120,9 +144,40 @@ class MetricsLogger:
         logger.info(" | ".join(parts))
 
     def close(self) -> None:
-        if self.enabled:
+        if self._jsonl is not None:
             self._jsonl.close()
             self._tensorboard.close()
+            self._jsonl = self._tensorboard = None
+
+
+def _step_of(line: str) -> float:
+    """The step of a metrics.jsonl line; a damaged line (a crash while writing it) sorts last,
+    so that superseding drops it."""
+    try:
+        return float(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return math.inf
+
+
+def read_metrics(path: Path) -> list[dict]:
+    """The records of a metrics.jsonl, each training step once (the last record of a step wins,
+    as in a file written before superseding existed); damaged lines are skipped with a warning."""
+    if not path.is_file():
+        raise ConfigError(f"{path} does not exist: is {path.parent} a pangu run directory?")
+    records, damaged = [], 0
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+            if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+                raise ValueError
+        except ValueError:
+            damaged += line.strip() != ""
+            continue
+        records.append(record)
+    if damaged:
+        logger.warning("%s: skipped %d damaged line(s)", path, damaged)
+    last = {r["step"]: i for i, r in enumerate(records) if "loss" in r}
+    return [r for i, r in enumerate(records) if "loss" not in r or last[r["step"]] == i]
 
 
 def _duration(seconds: float) -> str:

@@ -24,7 +24,7 @@ from pangu.checkpoint import format as fmt
 from pangu.checkpoint.deepspeed_state import link_optimizer_state, memory_report
 from pangu.checkpoint.store import CheckpointError
 from pangu.checkpoint.training import latest_checkpoint, load_checkpoint, save_checkpoint
-from pangu.config import Config, ConfigError, SpikeGuardConfig
+from pangu.config import Config, ConfigError, PanguError, SpikeGuardConfig
 from pangu.data.dataset import make_batch
 from pangu.data.prepare import load_prepared, load_tokenizer
 from pangu.data.sampler import GlobalBatchSampler, micro_batches
@@ -76,12 +76,14 @@ class Batches:
 
 
 class StopRequest:
-    """SIGUSR1 (Slurm's preemption warning) or SIGTERM asks the run to checkpoint and stop.
+    """SIGUSR1 (Slurm's preemption warning), SIGTERM or SIGINT (Ctrl-C) asks the run to finish its
+    step, checkpoint and stop; a second SIGINT stops at once (KeyboardInterrupt, which the command
+    reports in one line).
 
     Ranks receive the signal at different moments, so after every step the flag is all-reduced
     (MAX): all ranks stop after the same step."""
 
-    SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+    SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)
 
     def __init__(self):
         self.signal_name: str | None = None
@@ -89,7 +91,11 @@ class StopRequest:
             signal.signal(sig, self._receive)
 
     def _receive(self, signum, _frame) -> None:
+        if signum == signal.SIGINT and self.signal_name == "SIGINT":
+            raise KeyboardInterrupt
         self.signal_name = signal.Signals(signum).name
+        if signum == signal.SIGINT:
+            log.warning("Ctrl-C: the run checkpoints after this step and stops (Ctrl-C again to stop at once)")
 
     def agreed(self) -> bool:
         flag = torch.tensor([0 if self.signal_name is None else 1], device=device())
@@ -297,6 +303,7 @@ class Trainer:
             )
         spiked_at, seen_until = self.step, self.sampler.consumed_samples
         self._restore(last)
+        logger.restart_at(self.step)  # the steps since the checkpoint are redone: logged once, anew
         skipped = [self.sampler.consumed_samples, seen_until]
         self.sampler.skip(*skipped)
         guard.rolled_back()
@@ -310,7 +317,7 @@ class Trainer:
         )
 
 
-class TrainingError(RuntimeError):
+class TrainingError(PanguError, RuntimeError):
     """Training cannot go on (e.g. the loss keeps spiking after every allowed rollback)."""
 
 
