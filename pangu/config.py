@@ -243,6 +243,17 @@ class OptimConfig:
 
 
 @dataclass
+class WandbConfig:
+    """Weights & Biases logging, next to metrics.jsonl and TensorBoard (pip install pangu-lm[wandb]).
+    A resumed run continues the same W&B run (its id is kept in the output directory)."""
+
+    project: str = ""  # empty: no W&B
+    entity: str = ""
+    name: str = ""  # default: the output directory's name
+    mode: Literal["online", "offline", "disabled"] = "online"
+
+
+@dataclass
 class SpikeGuardConfig:
     """Loss-spike rollback (as the BLOOM and PaLM teams did by hand): when the loss exceeds
     `factor` x the median of the previous `window` steps for `consecutive` steps in a row, the
@@ -287,6 +298,7 @@ class TrainConfig:
     loss_scale_window: int = 1000
     min_loss_scale: float = 1.0
     spike_guard: SpikeGuardConfig = field(default_factory=SpikeGuardConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
 
     def validate(self) -> None:
         self.spike_guard.validate()

@@ -8,12 +8,13 @@ import logging
 import math
 import os
 import time
+import uuid
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-from pangu.config import ConfigError
+from pangu.config import Config, ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -74,14 +75,17 @@ class MetricsLogger:
     later lines of metrics.jsonl are dropped (the file is rewritten atomically) and TensorBoard
     purges its events from that step on."""
 
-    def __init__(self, output_dir: Path, total_steps: int, start_step: int, enabled: bool):
+    def __init__(self, output_dir: Path, total_steps: int, start_step: int, enabled: bool, config: Config):
         self.enabled = enabled
         self.total_steps = total_steps
         self.output_dir = output_dir
         self._jsonl = self._tensorboard = None
+        self._wandb = WandbRun(config, output_dir) if enabled and config.train.wandb.project else None
         if enabled:
             output_dir.mkdir(parents=True, exist_ok=True)
         self.restart_at(start_step)
+        if enabled:
+            self._tensorboard.add_text("config", f"```\n{config.dump()}\n```", global_step=start_step)
 
     def restart_at(self, step: int) -> None:
         """Continue logging from `step`: what was logged after it is superseded."""
@@ -106,9 +110,11 @@ class MetricsLogger:
             return
         self._jsonl.write(json.dumps(record) + "\n")
         self._jsonl.flush()
-        for key, value in record.items():
-            if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
-                self._tensorboard.add_scalar(f"train/{key}", value, record["step"])
+        scalars = {k: v for k, v in record.items() if k != "step" and isinstance(v, (int, float)) and math.isfinite(v)}
+        for key, value in scalars.items():
+            self._tensorboard.add_scalar(f"train/{key}", value, record["step"])
+        if self._wandb is not None:
+            self._wandb.log(scalars, record["step"])
         self._progress(record)
 
     def event(self, step: int, kind: str, **details) -> None:
@@ -148,6 +154,46 @@ class MetricsLogger:
             self._jsonl.close()
             self._tensorboard.close()
             self._jsonl = self._tensorboard = None
+
+    def finish(self) -> None:
+        """At the end of the run (or its stop): everything written and closed."""
+        self.close()
+        if self._wandb is not None:
+            self._wandb.finish()
+
+
+class WandbRun:
+    """The run's Weights & Biases run: the config at the start, then every logged scalar. Its id is
+    kept in OUTPUT_DIR/wandb_run_id, so a resumed run continues it (W&B drops steps it has seen
+    already: those redone after a crash or a rollback appear once, from the first attempt)."""
+
+    ID_FILE = "wandb_run_id"
+
+    def __init__(self, config: Config, output_dir: Path):
+        import wandb
+
+        settings = config.train.wandb
+        id_file = output_dir / self.ID_FILE
+        run_id = id_file.read_text().strip() if id_file.is_file() else uuid.uuid4().hex[:12]
+        self.run = wandb.init(
+            project=settings.project,
+            entity=settings.entity or None,
+            name=settings.name or output_dir.resolve().name,
+            mode=settings.mode,
+            id=run_id,
+            resume="allow",
+            dir=str(output_dir),
+            config=config.to_dict(),
+            settings=wandb.Settings(silent=True),
+        )
+        id_file.write_text(run_id)
+        logger.info("W&B run %s (%s)", run_id, settings.mode)
+
+    def log(self, scalars: dict, step: int) -> None:
+        self.run.log(scalars, step=step)
+
+    def finish(self) -> None:
+        self.run.finish()
 
 
 def _step_of(line: str) -> float:

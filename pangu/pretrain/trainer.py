@@ -8,6 +8,7 @@ and checkpoint. The run resumes by itself from the latest checkpoint in `train.o
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import math
 import signal
@@ -141,6 +142,11 @@ class Trainer:
         # task files are read now, so that a missing one fails before any training
         self.eval_tasks = [load_task(spec, prepared_dir=config.data.prepared_dir) for spec in train.eval_tasks]
         self.tokenizer = load_tokenizer(config.data.prepared_dir) if self.eval_tasks else None
+        if train.wandb.project and importlib.util.find_spec("wandb") is None:
+            raise ConfigError(
+                f"train.wandb.project = {train.wandb.project!r} needs wandb: pip install 'pangu-lm[wandb]', "
+                "or leave train.wandb.project empty"
+            )
         self.output_dir = Path(train.output_dir)
         if self.topology.rank == 0:
             _check_writable(self.output_dir, "train.output_dir")
@@ -243,7 +249,7 @@ class Trainer:
         """Trains until train.steps, or checkpoints and stops after train.stop_at; returns the last record."""
         train = self.config.train
         stop = train.stop_at or train.steps
-        logger = MetricsLogger(self.output_dir, train.steps, self.step, enabled=self.topology.rank == 0)
+        logger = MetricsLogger(self.output_dir, train.steps, self.step, self.topology.rank == 0, self.config)
         if self.resumed_from is not None:
             logger.event(self.step, "resumed", checkpoint=str(self.resumed_from), layout=self.topology.layout)
         memory = [None] * self.topology.world_size
@@ -286,7 +292,7 @@ class Trainer:
         else:
             if stop < train.steps:
                 logger.event(self.step, "stopped", reason=f"train.stop_at = {train.stop_at}")
-        logger.close()
+        logger.finish()
         dist.barrier()
         return record
 

@@ -226,3 +226,24 @@ def test_compiled_layers_train_like_eager(tiny_corpus, tmp_path):
     for step, (loss, grad_norm) in runs[False].items():
         assert runs[True][step][0] == pytest.approx(loss, rel=1e-5), step
         assert runs[True][step][1] == pytest.approx(grad_norm, rel=1e-4), step
+
+
+def test_weights_and_biases_offline_continues_the_same_run(tiny_corpus, tmp_path):
+    """train.wandb in offline mode: the run logs to W&B; stopped and resumed, it continues the same
+    W&B run (same id), with the config recorded."""
+    out = tmp_path / "wandb"
+    settings = [
+        "train.wandb.project=pangu-test",
+        "train.wandb.mode=offline",
+        "train.eval_interval=0",
+        "train.steps=3",
+        "optim.warmup_steps=1",
+    ]
+    for stop_at in (2, 0):
+        done = run_pretrain(tiny_overrides(tiny_corpus, out, *settings, f"train.stop_at={stop_at}"))
+        assert done.returncode == 0, done.stderr[-3000:]
+    run_id = (out / "wandb_run_id").read_text().strip()
+    runs = sorted((out / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2 and all(r.name.endswith(run_id) for r in runs)
+    records = [(r / f"run-{run_id}.wandb").read_bytes() for r in runs]
+    assert all(b"pangu-test" in data and b"grad_norm" in data for data in records)  # config, then metrics
