@@ -163,6 +163,14 @@ class DataConfig:
                     f"a file, directory or glob (required for kind {source.kind!r})",
                 )
         _require(self.num_proc >= 1, "data.num_proc", self.num_proc, ">= 1")
+        _require(self.seed >= 0, "data.seed", self.seed, ">= 0")
+        _require(self.cleaning.min_length >= 0, "data.cleaning.min_length", self.cleaning.min_length, ">= 0")
+        _require(
+            self.tokenizer.train_sentences >= 1,
+            "data.tokenizer.train_sentences",
+            self.tokenizer.train_sentences,
+            ">= 1",
+        )
         _require(0.0 < self.valid_fraction < 0.5, "data.valid_fraction", self.valid_fraction, "a fraction in (0, 0.5)")
         _require(
             0.0 <= self.heldout_review_fraction < 1.0,
@@ -240,6 +248,9 @@ class OptimConfig:
         _require(self.warmup_steps >= 0, "optim.warmup_steps", self.warmup_steps, ">= 0")
         _require(0.0 <= self.min_lr_ratio <= 1.0, "optim.min_lr_ratio", self.min_lr_ratio, "in [0, 1]")
         _require(self.grad_clip >= 0, "optim.grad_clip", self.grad_clip, ">= 0 (0 disables)")
+        _require(self.si_lr > 0, "optim.si_lr", self.si_lr, "> 0")
+        _require(self.si_weight_decay >= 0, "optim.si_weight_decay", self.si_weight_decay, ">= 0")
+        _require(self.si_clip_c >= 0, "optim.si_clip_c", self.si_clip_c, ">= 0 (0 disables)")
 
 
 @dataclass
@@ -310,6 +321,17 @@ class TrainConfig:
             f"0 (off) or a step in [1, train.steps={self.steps}]",
         )
         _require(self.micro_batch_size >= 1, "train.micro_batch_size", self.micro_batch_size, ">= 1")
+        _require(self.global_batch_size >= 1, "train.global_batch_size", self.global_batch_size, ">= 1")
+        _require(self.seed >= 0, "train.seed", self.seed, ">= 0")
+        _require(self.peak_flops >= 0, "train.peak_flops", self.peak_flops, ">= 0 (0: measured or known)")
+        _require(
+            0 <= self.initial_loss_scale_power <= 64,
+            "train.initial_loss_scale_power",
+            self.initial_loss_scale_power,
+            "in [0, 64] (the fp16 loss scale starts at 2^power)",
+        )
+        _require(self.loss_scale_window >= 1, "train.loss_scale_window", self.loss_scale_window, ">= 1")
+        _require(self.min_loss_scale > 0, "train.min_loss_scale", self.min_loss_scale, "> 0")
         _require(
             self.global_batch_size % self.micro_batch_size == 0,
             "train.global_batch_size",

@@ -7,7 +7,7 @@ import logging
 import os
 from pathlib import Path
 
-from pangu.commands.common import add_config_arguments
+from pangu.commands.common import add_config_arguments, non_negative_int, positive_int
 from pangu.config import load_config
 
 
@@ -18,7 +18,7 @@ def add_parser(commands) -> None:
     parser.add_argument(
         "--baseline", action="store_true", help="also report the perplexity of a unigram model of the training shards"
     )
-    parser.add_argument("--max-samples", type=int, default=256)
+    parser.add_argument("--max-samples", type=positive_int, default=256)
     parser.add_argument(
         "--task",
         nargs="+",
@@ -27,13 +27,21 @@ def add_parser(commands) -> None:
         help="task files, builtin task names (pangu/tasks/*.yaml, e.g. sentiment) or NAME=DATA_FILE; "
         "evaluates them instead of the validation perplexity",
     )
-    parser.add_argument("--shots", type=int, default=None, help="number of demonstrations (overrides the task files)")
     parser.add_argument(
-        "--max-examples", type=int, default=None, help="evaluate a seeded random subset of this many examples per task"
+        "--shots", type=non_negative_int, default=None, help="number of demonstrations (overrides the task files)"
+    )
+    parser.add_argument(
+        "--max-examples",
+        type=positive_int,
+        default=None,
+        help="evaluate a seeded random subset of this many examples per task",
     )
     parser.add_argument("--seed", type=int, default=1234, help="seed of shot sampling, subsets and bootstrap")
     parser.add_argument(
-        "--batch-size", type=int, default=8, help="rows per forward pass (with the engine: the micro-batch size)"
+        "--batch-size",
+        type=positive_int,
+        default=8,
+        help="rows per forward pass (with the engine: the micro-batch size)",
     )
     parser.add_argument(
         "--engine",

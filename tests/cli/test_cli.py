@@ -56,3 +56,31 @@ def test_ctrl_c_in_any_command_is_one_line(tmp_path):
 def test_results_go_to_stdout_and_nothing_else(tmp_path, capsys):
     assert main(["plan", "--config", "tiny", "--gpus", "8", "--gpu-memory", "16GiB", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["gpus"] == 8
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["generate", "--checkpoint", "x", "--prompt", "p", "--temperature", "-1"],
+        ["generate", "--checkpoint", "x", "--prompt", "p", "--temperature", "nan"],
+        ["generate", "--checkpoint", "x", "--prompt", "p", "--top-p", "2"],
+        ["generate", "--checkpoint", "x", "--prompt", "p", "--top-k", "-3"],
+        ["generate", "--checkpoint", "x", "--prompt", "p", "--max-new-tokens", "0"],
+        ["evaluate", "--config", "tiny", "--checkpoint", "x", "--max-samples", "0"],
+        ["evaluate", "--config", "tiny", "--checkpoint", "x", "--task", "sentiment", "--max-examples", "-1"],
+        ["plan", "--config", "tiny", "--gpus", "8", "--gpu-memory", "80GiB", "--efficiency", "-1"],
+        ["plan", "--config", "tiny", "--gpus", "8", "--gpu-memory", "80GiB", "--tflops", "0"],
+        ["plan", "--config", "tiny", "--gpus", "8", "--gpu-memory", "80GiB", "--bandwidth", "0"],
+        ["plan", "--config", "tiny", "--gpus", "0", "--gpu-memory", "80GiB"],
+        ["plan", "--config", "tiny", "--gpus", "8", "--gpu-memory", "80XB"],
+        ["convert", "import-mindspore", "a", "b", "--num-heads", "0"],
+    ],
+    ids=lambda argv: " ".join(argv[-2:]),
+)
+def test_every_option_is_checked_against_its_domain(argv, capsys):
+    with pytest.raises(SystemExit) as stopped:
+        main(argv)
+    assert stopped.value.code == 2
+    err = capsys.readouterr().err
+    assert "is not allowed: expected" in err or "is not a size" in err
+    assert "Traceback" not in err
