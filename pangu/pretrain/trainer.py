@@ -38,6 +38,7 @@ from pangu.optim.schedules import apply_lr_factor, lr_factor
 from pangu.parallel.engine import build_engine, micro_batches_per_step, pipeline_inputs
 from pangu.parallel.tensor_parallel import seed_rng_streams
 from pangu.parallel.topology import Topology, device, init_distributed
+from pangu.pretrain import run_directory
 from pangu.pretrain.metrics import MetricsLogger, peak_memory_bytes, total_peak_flops
 
 log = logging.getLogger(__name__)
@@ -148,10 +149,7 @@ class Trainer:
                 "or leave train.wandb.project empty"
             )
         self.output_dir = Path(train.output_dir)
-        if self.topology.rank == 0:
-            _check_writable(self.output_dir, "train.output_dir")
-            (self.output_dir / "config.yaml").write_text(config.dump(), encoding="utf-8")
-
+        self._lock = self._claim_output_dir()
         self.engine, self.names = build_engine(config, self.topology)
         self.sampler = GlobalBatchSampler(len(self.train_data), train.global_batch_size, seed=train.seed)
         self.step = 0
@@ -162,6 +160,8 @@ class Trainer:
             source = fmt.resolve(train.init_from)
             fmt.read_manifest(source)
             load_checkpoint(source, self.engine, self.names, self.topology, config, weights_only=True)
+        if self.topology.rank == 0:  # the run is accepted: now its directory may change
+            (self.output_dir / "config.yaml").write_text(config.dump(), encoding="utf-8")
         self.spike_guard = SpikeGuard(train.spike_guard)
         link_optimizer_state(self.engine, config.optim)  # optimizer state exists from here on: measurable
         self.memory = memory_report(self.engine)
@@ -170,6 +170,20 @@ class Trainer:
         self.tokens_per_step = train.global_batch_size * config.model.seq_length
         self.model_flops = flops_per_token(config.model)
         self.peak_flops = total_peak_flops(train.peak_flops, device(), self.topology.host_group)
+
+    def _claim_output_dir(self):
+        """Rank 0 takes the output directory's lock; every rank learns whether it could."""
+        lock, error = None, None
+        if self.topology.rank == 0:
+            try:
+                lock = run_directory.claim(self.output_dir)
+            except ConfigError as err:
+                error = str(err)
+        box = [error]
+        dist.broadcast_object_list(box, src=0, group=self.topology.host_group)
+        if box[0] is not None:
+            raise ConfigError(box[0])
+        return lock
 
     def _restore(self, path: Path) -> None:
         """Continues from a training checkpoint: weights, optimizer, RNGs, step and data position."""
@@ -351,19 +365,6 @@ class SpikeGuard:
     def rolled_back(self) -> None:
         self.rollbacks += 1
         self.streak = 0
-
-
-def _check_writable(directory: Path, field: str) -> None:
-    """Fails before any work when a run could not write its checkpoints and metrics."""
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-        probe = directory / ".pangu-write-test"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as err:
-        raise ConfigError(
-            f"{field} = {str(directory)!r} is not writable ({err.strerror}): choose a directory this user can write"
-        ) from None
 
 
 def pretrain(config: Config) -> dict:
