@@ -10,7 +10,7 @@ import socket
 from pathlib import Path
 from typing import IO
 
-from pangu.config import ConfigError
+from pangu.config import Config, ConfigError
 
 LOCK_FILE = ".pangu.lock"
 
@@ -40,3 +40,16 @@ def claim(directory: Path, field: str = "train.output_dir") -> IO:
     lock.write(f"host {socket.gethostname()}, pid {os.getpid()}\n")
     lock.flush()
     return lock
+
+
+def write_config(directory: Path, config: Config) -> None:
+    """RUN_DIR/config.yaml, replaced atomically: a full disk leaves the previous one, and says so."""
+    tmp = directory / ".config.yaml.tmp"
+    try:
+        tmp.write_text(config.dump(), encoding="utf-8")
+        os.replace(tmp, directory / "config.yaml")
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise ConfigError(
+            f"cannot write {directory / 'config.yaml'} ({err.strerror}): free space or fix the directory"
+        ) from None

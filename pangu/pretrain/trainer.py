@@ -161,7 +161,7 @@ class Trainer:
             fmt.read_manifest(source)
             load_checkpoint(source, self.engine, self.names, self.topology, config, weights_only=True)
         if self.topology.rank == 0:  # the run is accepted: now its directory may change
-            (self.output_dir / "config.yaml").write_text(config.dump(), encoding="utf-8")
+            run_directory.write_config(self.output_dir, config)
         self.spike_guard = SpikeGuard(train.spike_guard)
         link_optimizer_state(self.engine, config.optim)  # optimizer state exists from here on: measurable
         self.memory = memory_report(self.engine)

@@ -84,3 +84,9 @@ def test_every_option_is_checked_against_its_domain(argv, capsys):
     err = capsys.readouterr().err
     assert "is not allowed: expected" in err or "is not a size" in err
     assert "Traceback" not in err
+
+
+@pytest.mark.slow
+def test_generate_refuses_an_empty_prompt_in_one_line(straight_run, capsys):
+    assert main(["generate", "--checkpoint", str(straight_run), "--prompt", ""]) == 2
+    assert "the prompt is empty" in capsys.readouterr().err
