@@ -176,3 +176,21 @@ def test_kv_cache_steps_and_left_padded_batches_match_pangu(tmp_path):
         assert len(greedy) == NEW_TOKENS or new[len(greedy)] == EOS  # a row that ended early: eos, then pad
     with pytest.raises(ValueError, match="beyond the 48 positions"):
         hf(torch.full((1, SEQ + 1), 11))
+
+
+def test_a_trained_tokenizer_with_byte_fallback_encodes_and_decodes_as_pangu(tmp_path):
+    from transformers import AutoTokenizer
+
+    from pangu.data.sources import people_daily_file
+
+    lines = people_daily_file().read_text(encoding="utf-8").splitlines()[:300]
+    lines = [" ".join(word.rsplit("/", 1)[0] for word in line.split()[1:]) for line in lines]
+    trained = PanguTokenizer.train(lines, tmp_path / "trained.model", vocab_size=300)
+    weights = _weights(tmp_path, tokenizer=tmp_path / "trained.model")  # 300 pieces, the model's vocabulary
+    hf = AutoTokenizer.from_pretrained(export_hf(weights, tmp_path / "hf"), trust_remote_code=True)
+    ids = trained.encode(PARAGRAPH)
+    assert any(trained.id_to_piece(i).startswith("<0x") for i in ids)  # characters beyond the vocabulary
+    assert hf(PARAGRAPH)["input_ids"] == hf.encode(PARAGRAPH) == ids
+    assert hf.decode(ids) == trained.decode(ids) == unicodedata.normalize("NFKC", PARAGRAPH)
+    assert hf.decode(ids + [EOS], skip_special_tokens=True) == trained.decode(ids)
+    assert (hf.eos_token_id, hf.pad_token_id, hf.vocab_size) == (trained.eod_id, trained.pad_id, 300)

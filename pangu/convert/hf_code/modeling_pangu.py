@@ -152,6 +152,8 @@ def _as_cache(cache) -> Cache | None:
 class GPTPanguModel(GPTPanguPreTrainedModel):
     """The trunk: embeddings, blocks, final LayerNorm and query layer; returns the last hidden state."""
 
+    _keys_to_ignore_on_load_unexpected = [r"lm_head\.weight"]  # the head of an export, loaded as AutoModel
+
     def __init__(self, config: GPTPanguConfig):
         super().__init__(config)
         self.wte = nn.Embedding(config.vocab_size, config.hidden_size)
