@@ -36,7 +36,10 @@ def add_parser(commands) -> None:
         "size, or 40000 for a zero-padded 40064-row embedding)",
     )
 
-    export = formats.add_parser("export-hf", help="pangu checkpoint -> Hugging Face GPTPangu")
+    export = formats.add_parser(
+        "export-hf",
+        help="pangu checkpoint -> Hugging Face directory (GPTPangu layout, with its code: trust_remote_code)",
+    )
     export.add_argument("checkpoint", help="a pangu checkpoint, checkpoints directory or run directory")
     export.add_argument("out", help="the Hugging Face model directory to create")
     export.add_argument(
@@ -55,6 +58,9 @@ def add_parser(commands) -> None:
     )
     export.add_argument(
         "--no-lm-head", action="store_true", help="do not write lm_head.weight (a copy of the tied word embedding)"
+    )
+    export.add_argument(
+        "--tokenizer", default=None, help="a SentencePiece model to ship (default: the checkpoint's own tokenizer)"
     )
 
     back = formats.add_parser("import-hf", help="Hugging Face GPTPangu -> pangu weights")
@@ -91,6 +97,7 @@ def run(args) -> int:
                 dtype=args.dtype,
                 pad_vocab=args.pad_vocab,
                 tie_lm_head=not args.no_lm_head,
+                tokenizer=args.tokenizer,
             )
         else:
             out = import_hf(args.src, args.out, dtype=args.dtype, vocab_size=args.vocab_size, tokenizer=args.tokenizer)
