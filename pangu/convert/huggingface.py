@@ -69,6 +69,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from tqdm import tqdm
+
 from pangu.config import ModelConfig
 from pangu.convert.importer import check_dtype
 from pangu.model import layout
@@ -277,10 +279,12 @@ def export_hf(
     try:
         weight_map: dict[str, str] = {}
         total = 0
+        progress = tqdm(total=len(plan), desc="exporting", unit="tensor", disable=None)
         for i, shard in enumerate(shards):
             file_name = SINGLE_FILE if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-            total += _write_safetensors(tmp / file_name, shard, target, reader)
+            total += _write_safetensors(tmp / file_name, shard, target, reader, progress)
             weight_map.update({p.hf_name: file_name for p in shard})
+        progress.close()
         if len(shards) > 1:
             index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
             (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
@@ -353,7 +357,7 @@ def _plan_shards(plan: list[_Planned], dtype: str, shard_bytes: int) -> list[lis
     return shards
 
 
-def _write_safetensors(file: Path, items: list[_Planned], dtype: str, reader: TensorReader) -> int:
+def _write_safetensors(file: Path, items: list[_Planned], dtype: str, reader: TensorReader, progress: tqdm) -> int:
     """One safetensors file, its header computed from the shapes, then each tensor streamed in."""
     import torch
 
@@ -387,6 +391,7 @@ def _write_safetensors(file: Path, items: list[_Planned], dtype: str, reader: Te
             # process's resident set (clean, file-backed): dropping the maps keeps RSS at about one
             # parameter instead of growing to the checkpoint's size.
             reader._maps.clear()
+            progress.update()
         f.flush()
         os.fsync(f.fileno())
     return offset
