@@ -6,7 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [[ " $* " != *" --cpu-smoke "* ]]; then
-  python3 -m pip install -q --no-index --find-links .whl deepspeed megatron-core jieba hanziconv datasets
+  python3 -m pip install -q --no-index --find-links .whl deepspeed megatron-core jieba opencc datasets
   python3 -m pip install -q --no-index --no-deps --no-build-isolation -e .
 fi
 exec python3 scripts/gpu_check.py "$@"
