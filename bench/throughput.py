@@ -87,13 +87,16 @@ class PlainPanguAlpha(nn.Module):
 class PlainLoop:
     """A minimal hand-written training loop on pangu's batches."""
 
-    def __init__(self, config, batches_of, compiled_adamw: bool):
+    def __init__(self, config, batches_of, compiled_adamw: bool, device=torch.device("cpu"), dtype=torch.float32):
+        """`dtype` bfloat16: autocast, fp32 weights (what a user's mixed-precision loop does)."""
         m, optim = config.model, config.optim
         torch.manual_seed(config.train.seed)
-        self.config, self.batches_of = config, batches_of
-        self.model = PlainPanguAlpha(
-            m.padded_vocab_size, m.seq_length, m.hidden_size, m.num_heads, m.ffn_size, m.num_layers
-        ).train()
+        self.config, self.batches_of, self.device, self.dtype = config, batches_of, device, dtype
+        self.model = (
+            PlainPanguAlpha(m.padded_vocab_size, m.seq_length, m.hidden_size, m.num_heads, m.ffn_size, m.num_layers)
+            .to(device)
+            .train()
+        )
         decay = [p for p in self.model.parameters() if p.dim() >= 2]
         no_decay = [p for p in self.model.parameters() if p.dim() < 2]
         groups = [{"params": decay, "weight_decay": optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
@@ -125,14 +128,11 @@ class PlainLoop:
         counted = sum(float(b["loss_mask"].sum()) for b in batches)
         total = 0.0
         for b in batches:
-            loss = self.forward_loss(
-                torch.from_numpy(b["input_ids"]),
-                torch.from_numpy(b["labels"]),
-                torch.from_numpy(b["loss_mask"]),
-                counted,
-            )
+            tensors = (torch.from_numpy(b[key]).to(self.device) for key in ("input_ids", "labels", "loss_mask"))
+            with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
+                loss = self.forward_loss(*tensors, counted)
             loss.backward()
-            total += float(loss)
+            total += float(loss.detach())
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.optim.grad_clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)

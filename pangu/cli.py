@@ -5,30 +5,84 @@ cause into one line on stderr (exit status 2)."""
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
+import warnings
 
 from pangu.commands import COMMANDS
-from pangu.config import ConfigError
+from pangu.config import PanguError
+
+# What third-party code prints or warns at every run that says nothing to a pangu user; shown
+# with -v. (DeepSpeed's own stdout prints are routed to the debug log by pangu.parallel.)
+NOISY_WARNINGS = ("Transformer Engine and Apex are not installed",)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pangu", description=__doc__.splitlines()[0])
+    verbosity = parser.add_mutually_exclusive_group()
+    verbosity.add_argument(
+        "-v",
+        "--verbose",
+        action="store_const",
+        const=1,
+        dest="verbosity",
+        default=0,
+        help="also show debug lines, and the warnings of pangu's dependencies",
+    )
+    verbosity.add_argument(
+        "-q",
+        "--quiet",
+        action="store_const",
+        const=-1,
+        dest="verbosity",
+        help="show only warnings and errors (no progress)",
+    )
     commands = parser.add_subparsers(dest="command", required=True)
     for command in COMMANDS.values():
         command.add_parser(commands)
     return parser
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever sys.stderr is when a line is logged, not when the handler was made."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value) -> None:
+        pass
+
+
+def configure_output(verbosity: int) -> None:
+    """pangu's lines on stderr ("[pangu] ..."), at INFO (-q: WARNING, -v: DEBUG); results alone on
+    stdout; the dependencies' noise filtered unless -v."""
+    logger = logging.getLogger("pangu")
+    logger.setLevel({-1: logging.WARNING, 0: logging.INFO, 1: logging.DEBUG}[verbosity])
+    if not logger.handlers:
+        handler = _StderrHandler()
+        handler.setFormatter(logging.Formatter("[pangu] %(message)s"))
+        logger.addHandler(handler)
+        logger.propagate = False
+    if verbosity < 1:
+        for message in NOISY_WARNINGS:
+            warnings.filterwarnings("ignore", message=message)
+        # DeepSpeed's logger (created when deepspeed is imported, writing to stdout): errors only
+        logging.getLogger("DeepSpeed").addFilter(lambda record: record.levelno >= logging.ERROR)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from pangu.checkpoint.store import CheckpointError
-    from pangu.data import DataError
-
+    configure_output(args.verbosity)
     try:
         return COMMANDS[args.command].run(args)
-    except (ConfigError, DataError, CheckpointError, FileNotFoundError) as err:
+    except PanguError as err:
         print(f"pangu {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # a second Ctrl-C, or one in a command without a graceful stop
+        print(f"pangu {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

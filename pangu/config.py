@@ -20,7 +20,12 @@ from typing import Any, Literal
 import yaml
 
 
-class ConfigError(ValueError):
+class PanguError(Exception):
+    """A condition a user can cause (bad input, a damaged file, a full disk): the command prints
+    its message, which names what is wrong and what to do, as one line, without a traceback."""
+
+
+class ConfigError(PanguError, ValueError):
     """A configuration value is unknown, mistyped or inconsistent."""
 
 
@@ -120,7 +125,7 @@ class TokenizerConfig:
     # "pangu": the released PanGu-alpha SentencePiece model at `path`;
     # "train": train a new SentencePiece model on the cleaned corpus during `pangu prepare`.
     kind: Literal["pangu", "train"] = "pangu"
-    path: str = "../shared/pangu-alpha-release/vocab.model"
+    path: str = ""  # kind "pangu": empty means the released model shipped with pangu (pangu/assets)
     algorithm: Literal["bpe", "unigram"] = "bpe"
     vocab_size: int = 40000  # for kind "train"
     train_sentences: int = 200000  # how many cleaned lines the trainer samples
@@ -158,6 +163,14 @@ class DataConfig:
                     f"a file, directory or glob (required for kind {source.kind!r})",
                 )
         _require(self.num_proc >= 1, "data.num_proc", self.num_proc, ">= 1")
+        _require(self.seed >= 0, "data.seed", self.seed, ">= 0")
+        _require(self.cleaning.min_length >= 0, "data.cleaning.min_length", self.cleaning.min_length, ">= 0")
+        _require(
+            self.tokenizer.train_sentences >= 1,
+            "data.tokenizer.train_sentences",
+            self.tokenizer.train_sentences,
+            ">= 1",
+        )
         _require(0.0 < self.valid_fraction < 0.5, "data.valid_fraction", self.valid_fraction, "a fraction in (0, 0.5)")
         _require(
             0.0 <= self.heldout_review_fraction < 1.0,
@@ -235,6 +248,20 @@ class OptimConfig:
         _require(self.warmup_steps >= 0, "optim.warmup_steps", self.warmup_steps, ">= 0")
         _require(0.0 <= self.min_lr_ratio <= 1.0, "optim.min_lr_ratio", self.min_lr_ratio, "in [0, 1]")
         _require(self.grad_clip >= 0, "optim.grad_clip", self.grad_clip, ">= 0 (0 disables)")
+        _require(self.si_lr > 0, "optim.si_lr", self.si_lr, "> 0")
+        _require(self.si_weight_decay >= 0, "optim.si_weight_decay", self.si_weight_decay, ">= 0")
+        _require(self.si_clip_c >= 0, "optim.si_clip_c", self.si_clip_c, ">= 0 (0 disables)")
+
+
+@dataclass
+class WandbConfig:
+    """Weights & Biases logging, next to metrics.jsonl and TensorBoard (pip install pangu-lm[wandb]).
+    A resumed run continues the same W&B run (its id is kept in the output directory)."""
+
+    project: str = ""  # empty: no W&B
+    entity: str = ""
+    name: str = ""  # default: the output directory's name
+    mode: Literal["online", "offline", "disabled"] = "online"
 
 
 @dataclass
@@ -274,7 +301,7 @@ class TrainConfig:
     log_interval: int = 1
     eval_interval: int = 0  # 0: validate only at the end
     eval_batches: int = 4
-    # zero/few-shot tasks (tasks/*.yaml names, task files or NAME=DATA, see docs/evaluation.md)
+    # zero/few-shot tasks (pangu/tasks/*.yaml names, task files or NAME=DATA, see docs/evaluation.md)
     # scored with every validation; results go to metrics.jsonl as task/NAME/METRIC
     eval_tasks: list[str] = field(default_factory=list)
     eval_task_examples: int = 0  # > 0: a seeded subset of this many examples per task
@@ -285,6 +312,7 @@ class TrainConfig:
     loss_scale_window: int = 1000
     min_loss_scale: float = 1.0
     spike_guard: SpikeGuardConfig = field(default_factory=SpikeGuardConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
 
     def validate(self) -> None:
         self.spike_guard.validate()
@@ -296,6 +324,17 @@ class TrainConfig:
             f"0 (off) or a step in [1, train.steps={self.steps}]",
         )
         _require(self.micro_batch_size >= 1, "train.micro_batch_size", self.micro_batch_size, ">= 1")
+        _require(self.global_batch_size >= 1, "train.global_batch_size", self.global_batch_size, ">= 1")
+        _require(self.seed >= 0, "train.seed", self.seed, ">= 0")
+        _require(self.peak_flops >= 0, "train.peak_flops", self.peak_flops, ">= 0 (0: measured or known)")
+        _require(
+            0 <= self.initial_loss_scale_power <= 64,
+            "train.initial_loss_scale_power",
+            self.initial_loss_scale_power,
+            "in [0, 64] (the fp16 loss scale starts at 2^power)",
+        )
+        _require(self.loss_scale_window >= 1, "train.loss_scale_window", self.loss_scale_window, ">= 1")
+        _require(self.min_loss_scale > 0, "train.min_loss_scale", self.min_loss_scale, "> 0")
         _require(
             self.global_batch_size % self.micro_batch_size == 0,
             "train.global_batch_size",
@@ -379,17 +418,17 @@ def _require(ok: bool, name: str, value: Any, allowed: str) -> None:
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Read a YAML config (or the defaults when `path` is None), apply `section.key=value`
+    """Read a YAML config (a file or a builtin name; the defaults when `path` is None), apply `section.key=value`
     overrides, build the typed config and validate it."""
     raw: dict[str, Any] = {}
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {str(path)!r} does not exist")
+        path = resolve_config(path)
         try:
             raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {err}") from None
+        except (yaml.YAMLError, UnicodeDecodeError) as err:
+            raise ConfigError(f"config file {str(path)!r} is not valid UTF-8 YAML: {err}") from None
+        except OSError as err:
+            raise ConfigError(f"config file {str(path)!r} cannot be read: {err.strerror}") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"config file {str(path)!r} must hold a mapping of sections, got {type(raw).__name__}")
     for override in overrides or []:
@@ -397,6 +436,21 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     config = from_dict(Config, raw, "")
     config.validate()
     return config
+
+
+CONFIGS_DIR = Path(__file__).resolve().parent / "configs"  # the builtin configs: tiny, 350m, 2.6b, 13b, 200b
+
+
+def resolve_config(path: str | Path) -> Path:
+    """A config file, or the name of a builtin one (`tiny`, `2.6b`, ...)."""
+    path = Path(path)
+    if path.is_file():
+        return path
+    builtin = CONFIGS_DIR / f"{path.name.removesuffix('.yaml')}.yaml"
+    if len(path.parts) == 1 and builtin.is_file():
+        return builtin
+    names = ", ".join(sorted(p.stem for p in CONFIGS_DIR.glob("*.yaml")))
+    raise ConfigError(f"config file {str(path)!r} does not exist (builtin configs: {names})")
 
 
 def config_from_dict(raw: dict[str, Any]) -> Config:

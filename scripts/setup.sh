@@ -7,7 +7,7 @@ if [ ! -x .venv/bin/python ]; then
   python3 -m venv .venv
 fi
 . .venv/bin/activate
-if ! python -c "import pangu, torch, deepspeed, megatron.core, pytest" 2>/dev/null || ! command -v ruff >/dev/null; then
+if ! python -c "import pangu, torch, deepspeed, megatron.core, pytest, transformers, wandb, google.protobuf" 2>/dev/null || ! command -v ruff >/dev/null; then
   python -m pip install -q --upgrade pip
   python -m pip install -q "torch==2.13.0" || python -m pip install -q "torch>=2.5,<2.15"
   python -m pip install -q -e ".[test]"

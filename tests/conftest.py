@@ -18,27 +18,9 @@ def single_process():
 @pytest.fixture(scope="session")
 def tiny_corpus(tmp_path_factory):
     """A prepared corpus small enough for tests: 1500 People's Daily paragraphs, a 600-piece BPE."""
-    import json
+    from tests.helpers import prepare_tiny_corpus
 
-    from pangu.config import load_config
-    from pangu.data.prepare import prepare
-    from pangu.data.sources import people_daily_file
-
-    root = tmp_path_factory.mktemp("corpus")
-    lines = people_daily_file().read_text(encoding="utf-8").splitlines()[:1500]
-    texts = ["".join(token.rsplit("/", 1)[0] for token in line.split()) for line in lines if line.strip()]
-    with open(root / "docs.jsonl", "w", encoding="utf-8") as f:
-        for text in texts:
-            f.write(json.dumps({"text": text}, ensure_ascii=False) + "\n")
-    overrides = [
-        f"data.sources=[{{kind: jsonl, path: {root / 'docs.jsonl'}}}]",
-        "data.tokenizer.kind=train",
-        "data.tokenizer.vocab_size=600",
-        f"data.prepared_dir={root / 'prepared'}",
-        "data.valid_fraction=0.05",
-    ]
-    prepare(load_config(None, overrides), progress=False)
-    return root / "prepared"
+    return prepare_tiny_corpus(tmp_path_factory.mktemp("corpus"))
 
 
 @pytest.fixture(scope="session")

@@ -22,7 +22,7 @@ REPO = Path(__file__).resolve().parents[1]
 TINY_CONFIG = str(REPO / "configs" / "tiny.yaml")
 PROBES = REPO / "tests" / "probes"
 TASK_DATA = REPO / "tests" / "evaluation" / "tasks"
-RELEASE = REPO.parent / "shared" / "pangu-alpha-release"  # the PanGu-α release files
+RELEASE = REPO / "pangu" / "assets" / "pangu-alpha"  # the PanGu-α release files pangu ships
 STEPS = 6  # the tiny run's length
 
 
@@ -49,6 +49,28 @@ def tiny_overrides(corpus: Path, out: Path, *extra: str) -> list[str]:
         *extra,
     ]
     return ["--config", TINY_CONFIG] + [arg for setting in settings for arg in ("--set", setting)]
+
+
+def prepare_tiny_corpus(root: Path) -> Path:
+    """The tests' corpus under root/prepared: 1500 People's Daily paragraphs, a 600-piece BPE."""
+    from pangu.config import load_config
+    from pangu.data.prepare import prepare
+    from pangu.data.sources import people_daily_file
+
+    lines = people_daily_file().read_text(encoding="utf-8").splitlines()[:1500]
+    texts = ["".join(token.rsplit("/", 1)[0] for token in line.split()) for line in lines if line.strip()]
+    with open(root / "docs.jsonl", "w", encoding="utf-8") as f:
+        for text in texts:
+            f.write(json.dumps({"text": text}, ensure_ascii=False) + "\n")
+    overrides = [
+        f"data.sources=[{{kind: jsonl, path: {root / 'docs.jsonl'}}}]",
+        "data.tokenizer.kind=train",
+        "data.tokenizer.vocab_size=600",
+        f"data.prepared_dir={root / 'prepared'}",
+        "data.valid_fraction=0.05",
+    ]
+    prepare(load_config(None, overrides), progress=False)
+    return root / "prepared"
 
 
 def subprocess_env() -> dict[str, str]:

@@ -31,6 +31,8 @@ from pathlib import Path
 import torch
 import xxhash
 
+from pangu.config import PanguError
+
 _DTYPES = {
     "float32": torch.float32,
     "float16": torch.float16,
@@ -65,7 +67,7 @@ class _Crc32:
 _HASHERS = {"xxh3": xxhash.xxh3_64, "crc32": _Crc32}
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(PanguError, RuntimeError):
     """A checkpoint is missing, incomplete, corrupt or does not fit the model."""
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pangu.commands.common import byte_size
+from pangu.commands.common import byte_size, positive_int
 from pangu.config import ConfigError
 from pangu.convert.huggingface import DEFAULT_SHARD_BYTES
 from pangu.convert.importer import DTYPES
@@ -15,7 +15,7 @@ def add_parser(commands) -> None:
     imp = formats.add_parser("import-mindspore", help="MindSpore .ckpt / .npz / sliced release -> pangu weights")
     imp.add_argument("src", help="a .ckpt or .npz with the original names, or a directory of release slices")
     imp.add_argument("out")
-    imp.add_argument("--num-heads", type=int, required=True)
+    imp.add_argument("--num-heads", type=positive_int, required=True)
     imp.add_argument("--activation", choices=["fast_gelu", "gelu"], default="fast_gelu")
     imp.add_argument("--final-ln", choices=["before", "after"], default="before")
     imp.add_argument("--tokenizer", default=None, help="a SentencePiece model to ship with the weights")
@@ -30,13 +30,16 @@ def add_parser(commands) -> None:
     )
     imp.add_argument(
         "--vocab-size",
-        type=int,
+        type=positive_int,
         default=None,
         help="the real vocabulary when the word embedding is padded (default: the tokenizer's "
         "size, or 40000 for a zero-padded 40064-row embedding)",
     )
 
-    export = formats.add_parser("export-hf", help="pangu checkpoint -> Hugging Face GPTPangu")
+    export = formats.add_parser(
+        "export-hf",
+        help="pangu checkpoint -> Hugging Face directory (GPTPangu layout, with its code: trust_remote_code)",
+    )
     export.add_argument("checkpoint", help="a pangu checkpoint, checkpoints directory or run directory")
     export.add_argument("out", help="the Hugging Face model directory to create")
     export.add_argument(
@@ -56,12 +59,15 @@ def add_parser(commands) -> None:
     export.add_argument(
         "--no-lm-head", action="store_true", help="do not write lm_head.weight (a copy of the tied word embedding)"
     )
+    export.add_argument(
+        "--tokenizer", default=None, help="a SentencePiece model to ship (default: the checkpoint's own tokenizer)"
+    )
 
     back = formats.add_parser("import-hf", help="Hugging Face GPTPangu -> pangu weights")
     back.add_argument("src", help="a GPTPangu Hugging Face directory (config.json + safetensors)")
     back.add_argument("out")
     back.add_argument("--dtype", choices=DTYPES, default=None)
-    back.add_argument("--vocab-size", type=int, default=None)
+    back.add_argument("--vocab-size", type=positive_int, default=None)
     back.add_argument("--tokenizer", default=None)
 
 
@@ -91,6 +97,7 @@ def run(args) -> int:
                 dtype=args.dtype,
                 pad_vocab=args.pad_vocab,
                 tie_lm_head=not args.no_lm_head,
+                tokenizer=args.tokenizer,
             )
         else:
             out = import_hf(args.src, args.out, dtype=args.dtype, vocab_size=args.vocab_size, tokenizer=args.tokenizer)

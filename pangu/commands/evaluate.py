@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
-import sys
 from pathlib import Path
 
-from pangu.commands.common import add_config_arguments
+from pangu.commands.common import add_config_arguments, non_negative_int, positive_int
 from pangu.config import load_config
 
 
@@ -18,22 +18,30 @@ def add_parser(commands) -> None:
     parser.add_argument(
         "--baseline", action="store_true", help="also report the perplexity of a unigram model of the training shards"
     )
-    parser.add_argument("--max-samples", type=int, default=256)
+    parser.add_argument("--max-samples", type=positive_int, default=256)
     parser.add_argument(
         "--task",
         nargs="+",
         default=None,
         metavar="TASK",
-        help="task files, builtin task names (tasks/*.yaml, e.g. sentiment) or NAME=DATA_FILE; "
+        help="task files, builtin task names (pangu/tasks/*.yaml, e.g. sentiment) or NAME=DATA_FILE; "
         "evaluates them instead of the validation perplexity",
     )
-    parser.add_argument("--shots", type=int, default=None, help="number of demonstrations (overrides the task files)")
     parser.add_argument(
-        "--max-examples", type=int, default=None, help="evaluate a seeded random subset of this many examples per task"
+        "--shots", type=non_negative_int, default=None, help="number of demonstrations (overrides the task files)"
+    )
+    parser.add_argument(
+        "--max-examples",
+        type=positive_int,
+        default=None,
+        help="evaluate a seeded random subset of this many examples per task",
     )
     parser.add_argument("--seed", type=int, default=1234, help="seed of shot sampling, subsets and bootstrap")
     parser.add_argument(
-        "--batch-size", type=int, default=8, help="rows per forward pass (with the engine: the micro-batch size)"
+        "--batch-size",
+        type=positive_int,
+        default=8,
+        help="rows per forward pass (with the engine: the micro-batch size)",
     )
     parser.add_argument(
         "--engine",
@@ -81,7 +89,7 @@ def _tasks(args) -> int:
         if tokenizer is None:
             tokenizer = tokenizer_for(args.checkpoint, config)
         topology, rank, layout = None, 0, "(dp, tp, pp) = (1, 1, 1)"
-    log = (lambda line: print(line, file=sys.stderr, flush=True)) if rank == 0 else None
+    log = logging.getLogger("pangu.evaluate").info if rank == 0 else None
     results = evaluate_tasks(
         target,
         tasks,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pangu.commands.common import non_negative_int, number, positive_int
 from pangu.config import ConfigError
 
 
@@ -9,10 +10,10 @@ def add_parser(commands) -> None:
     parser = commands.add_parser("generate", help="continue a prompt")
     parser.add_argument("--checkpoint", required=True)
     parser.add_argument("--prompt", required=True)
-    parser.add_argument("--max-new-tokens", type=int, default=48)
-    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    parser.add_argument("--top-k", type=int, default=0)
-    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--max-new-tokens", type=positive_int, default=48)
+    parser.add_argument("--temperature", type=number(float, 0), default=0.0, help="0 = greedy")
+    parser.add_argument("--top-k", type=non_negative_int, default=0, help="0 = all tokens")
+    parser.add_argument("--top-p", type=number(float, 0, 1, low_open=True), default=1.0, help="1 = all tokens")
     parser.add_argument("--seed", type=int, default=0)
 
 

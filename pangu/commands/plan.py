@@ -6,8 +6,8 @@ from __future__ import annotations
 import json
 import sys
 
-from pangu.commands.common import add_config_arguments, byte_size
-from pangu.config import Config, ConfigError, load_config
+from pangu.commands.common import add_config_arguments, byte_size, number, positive_float, positive_int
+from pangu.config import Config, load_config
 from pangu.model.sizes import parameter_count
 from pangu.parallel.planner import (
     GiB,
@@ -26,42 +26,45 @@ def add_parser(commands) -> None:
         "plan", help="rank the (dp, tp, pp, recompute, micro-batch) layouts that fit N devices"
     )
     add_config_arguments(parser)
-    parser.add_argument("--gpus", type=int, required=True, help="number of devices")
+    parser.add_argument("--gpus", type=positive_int, required=True, help="number of devices")
     parser.add_argument(
         "--gpu-memory", type=byte_size, required=True, metavar="SIZE", help="memory per device, e.g. 80GiB, 32GiB"
     )
-    parser.add_argument("--gpus-per-node", type=int, default=8)
+    parser.add_argument("--gpus-per-node", type=positive_int, default=8)
     parser.add_argument(
         "--tflops",
-        type=float,
+        type=positive_float,
         default=312.0,
         help="peak TFLOP/s per device in the training dtype (default 312: A100 bf16)",
     )
     parser.add_argument(
-        "--efficiency", type=float, default=0.5, help="fraction of the peak the matmuls reach (default 0.5)"
+        "--efficiency",
+        type=number(float, 0, 1, low_open=True),
+        default=0.5,
+        help="fraction of the peak the matmuls reach (default 0.5)",
     )
     parser.add_argument(
         "--bandwidth",
-        type=float,
+        type=positive_float,
         default=150.0,
         help="intra-node all-reduce bus bandwidth per device, GB/s (default 150)",
     )
     parser.add_argument(
         "--inter-node-bandwidth",
-        type=float,
+        type=positive_float,
         default=25.0,
         help="inter-node bandwidth per device, GB/s (default 25: one 200 Gb/s NIC per GPU)",
     )
     parser.add_argument(
         "--memory-margin",
-        type=float,
+        type=number(float, 0, 1, high_open=True),
         default=0.10,
         help="fraction of device memory kept free for the CUDA context, NCCL and fragmentation (default 0.10)",
     )
     parser.add_argument(
         "--no-flash", action="store_true", help="assume an attention kernel that saves the s x s probabilities"
     )
-    parser.add_argument("--top", type=int, default=5, help="how many layouts to print (default 5)")
+    parser.add_argument("--top", type=positive_int, default=5, help="how many layouts to print (default 5)")
     parser.add_argument("--json", action="store_true", help="print a machine-readable list instead")
 
 
@@ -83,11 +86,6 @@ def _reference_layout(config: Config, gpus: int) -> Layout | None:
 def run(args) -> int:
     """Prints the best layouts (table and --set lines), or a JSON list with --json."""
     config = load_config(args.config, args.overrides)
-    for name in ("gpus", "gpus_per_node", "top"):
-        if getattr(args, name) < 1:
-            raise ConfigError(f"--{name.replace('_', '-')} = {getattr(args, name)} is not allowed: expected >= 1")
-    if not 0 <= args.memory_margin < 1:
-        raise ConfigError(f"--memory-margin = {args.memory_margin} is not allowed: expected a fraction in [0, 1)")
     hardware = Hardware(
         args.gpus,
         args.gpu_memory,

@@ -1,21 +1,27 @@
-"""Export to (and import from) the Hugging Face layout of the public GPTPangu port.
+"""Export to (and import from) the Hugging Face GPTPangu layout, with pangu's own loading code.
 
-The port (`GPTPanguForCausalLM`, model_type "gpt_pangu", remote code `configuration_gptpangu.py`
-and `modeling_gptpangu.py` on the Hub, e.g. imone/pangu_2_6B, sunzeyeah/pangu-2_6B) is built as:
+`export_hf` writes a directory that transformers loads offline with
+`AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)` and
+`AutoTokenizer.from_pretrained(DIR, trust_remote_code=True)`: the weights in the layout of the
+public GPTPangu port (model_type "gpt_pangu", e.g. imone/pangu_2_6B, sunzeyeah/pangu-2_6B), and
+next to them the project's own remote code from pangu/convert/hf_code/ (configuration_pangu.py,
+modeling_pangu.py, tokenization_pangu.py: written from pangu's model and tokenizer, importing
+torch, transformers, sentencepiece and jieba only, never pangu). The layout:
 
     transformer.wte  nn.Embedding(vocab_size, hidden)        word embedding
     transformer.wpe  nn.Embedding(max_position_embeddings, hidden)
     transformer.wqe  nn.Embedding(max_position_embeddings, hidden)   the query layer's query embedding
-    transformer.h    num_layers GPTPanguBlocks: ln_1, attn.{q,k,v,c}_proj, ln_2, mlp.{c_fc,c_proj}
+    transformer.h    num_layers blocks: ln_1, attn.{q,k,v,c}_proj, ln_2, mlp.{c_fc,c_proj}
                      (every projection an nn.Linear with bias, weight [out, in]). The LAST block is
                      the query layer: its attention query is q_proj(wqe(position_ids)) instead of
-                     q_proj(ln_1(h)), and ln_f is applied to the hidden state just BEFORE it; there is
-                     no LayerNorm after it.
-    transformer.ln_f nn.LayerNorm(hidden)
+                     q_proj(ln_1(h)).
+    transformer.ln_f nn.LayerNorm(hidden): just BEFORE the query layer (pangu's final_layernorm
+                     "before", the released models and the port), or after it ("after": config.json
+                     says final_layernorm "after", which only the shipped code reads)
     lm_head          nn.Linear(hidden, vocab_size, bias=False), tied to wte
 
-This is exactly pangu's model with `final_layernorm: before` (pangu's `num_layers` also counts the
-query layer), so the mapping is a renaming, with no transposes (pangu's linears are torch [out, in]):
+pangu's `num_layers` also counts the query layer, so the mapping is a renaming, with no transposes
+(pangu's linears are torch [out, in]):
 
     embedding.word_embeddings.weight        transformer.wte.weight (and lm_head.weight, a copy)
     embedding.position_embeddings.weight    transformer.wpe.weight
@@ -31,25 +37,23 @@ query layer), so the mapping is a renaming, with no transposes (pangu's linears 
 
 Vocabulary: the port's config has `vocab_size` 40000 and its wte exactly that many rows, so the
 export writes the UNPADDED embedding (pangu's padding rows to a multiple of 128 are dropped);
-`pad_vocab=True` keeps them and sets vocab_size to the padded size (40064) instead, as the
-Megatron GPU port stores it. lm_head.weight is written as a copy of wte so that loaders which do
-not tie weights (or older transformers with strict loading) work; `tie_lm_head=False` omits it
-(transformers ties it from wte by `tie_word_embeddings`). The port's non-persistent-in-spirit
-buffers (`attn.bias` causal mask, `attn.masked_bias`) are not weights and are not written: the port
-rebuilds them, so transformers may list them as newly initialised, harmlessly.
+`pad_vocab=True` keeps them, sets vocab_size to the padded size (40064, as the Megatron GPU port
+stores it) and records the real one as `pangu_vocab_size` (the shipped code gives the padding rows
+-inf logits, as pangu masks them). lm_head.weight is written as a copy of wte so that loaders
+which do not tie weights work; `tie_lm_head=False` omits it (transformers ties it from wte by
+`tie_word_embeddings`).
 
-Activation: the port calls ACT2FN[config.activation_function]; its published configs say "gelu"
-(exact erf GELU). The released MindSpore weights were trained with fast GELU x*sigmoid(1.702x),
-which ACT2FN calls "quick_gelu". The export records the checkpoint's own activation ("gelu" or
-"quick_gelu") and warns for fast_gelu, since code that assumes the port's usual GELU will be off.
+Activation: config.json records the checkpoint's own, "gelu" (exact erf GELU) or "quick_gelu"
+(pangu's fast_gelu x*sigmoid(1.702x), the released MindSpore activation; the same function in
+transformers' ACT2FN, which the Hub port calls).
 
-Files: config.json, model.safetensors (or model-0000i-of-0000n.safetensors shards of at most
-`shard_bytes` each plus model.safetensors.index.json), and vocab.model (the port's tokenizer file
-name) when the checkpoint carries a tokenizer. The safetensors files are written by streaming
+Files: config.json (auto_map naming the shipped code), generation_config.json (eos <eot>, pad
+<pad>), configuration_pangu.py, modeling_pangu.py, model.safetensors (or model-0000i-of-0000n
+shards of at most `shard_bytes` each plus model.safetensors.index.json); with a tokenizer (the
+checkpoint's, or `tokenizer=`) also vocab.model (the port's tokenizer file name),
+tokenization_pangu.py and tokenizer_config.json. The safetensors files are written by streaming
 one tensor at a time (the header is computed from the shapes first), so memory stays at about
-one parameter. To load with transformers, copy the port's configuration_gptpangu.py and
-modeling_gptpangu.py (and tokenization_gptpangu.py) next to these files and pass
-trust_remote_code=True (config.json's auto_map names them).
+one parameter.
 """
 
 from __future__ import annotations
@@ -60,11 +64,12 @@ import logging
 import os
 import shutil
 import struct
-import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from tqdm import tqdm
 
 from pangu.config import ModelConfig
 from pangu.convert.importer import check_dtype
@@ -81,6 +86,10 @@ DEFAULT_SHARD_BYTES = 5 * 1024**3  # 5 GiB, transformers' default max_shard_size
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 TOKENIZER_FILE = "vocab.model"
+HF_CODE = Path(__file__).resolve().parent / "hf_code"  # the remote code shipped into every export
+MODEL_CODE = ("configuration_pangu.py", "modeling_pangu.py")
+TOKENIZER_CODE = "tokenization_pangu.py"
+EOS_ID, PAD_ID = 9, 6  # <eot> and <pad> in the released tokenizer (and in every one pangu trains)
 ACTIVATION_TO_HF = {"gelu": "gelu", "fast_gelu": "quick_gelu"}
 ACTIVATION_FROM_HF = {"gelu": "gelu", "quick_gelu": "fast_gelu"}
 _SAFETENSORS_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": "F64"}
@@ -125,14 +134,17 @@ def hf_names(num_layers: int) -> dict[str, str]:
     return names
 
 
-def hf_config(model: ModelConfig, *, vocab_rows: int, torch_dtype: str) -> dict:
-    """config.json of the GPTPangu port for a pangu model."""
+def hf_config(
+    model: ModelConfig, *, vocab_rows: int, torch_dtype: str, eos_id: int = EOS_ID, pad_id: int = PAD_ID
+) -> dict:
+    """config.json of the GPTPangu layout for a pangu model, naming the shipped code."""
     return {
         "architectures": ["GPTPanguForCausalLM"],
         "model_type": "gpt_pangu",
         "auto_map": {
-            "AutoConfig": "configuration_gptpangu.GPTPanguConfig",
-            "AutoModelForCausalLM": "modeling_gptpangu.GPTPanguForCausalLM",
+            "AutoConfig": "configuration_pangu.GPTPanguConfig",
+            "AutoModel": "modeling_pangu.GPTPanguModel",
+            "AutoModelForCausalLM": "modeling_pangu.GPTPanguForCausalLM",
         },
         "vocab_size": vocab_rows,
         "max_position_embeddings": model.seq_length,
@@ -141,6 +153,7 @@ def hf_config(model: ModelConfig, *, vocab_rows: int, torch_dtype: str) -> dict:
         "num_layers": model.num_layers,
         "num_heads": model.num_heads,
         "activation_function": ACTIVATION_TO_HF[model.activation],
+        "final_layernorm": model.final_layernorm,
         "resid_pdrop": model.dropout,
         "embd_pdrop": model.dropout,
         "attn_pdrop": model.attention_dropout_rate,
@@ -148,8 +161,9 @@ def hf_config(model: ModelConfig, *, vocab_rows: int, torch_dtype: str) -> dict:
         "scale_attn_weights": True,
         "initializer_range": model.init_std,
         "use_cache": True,
-        "bos_token_id": 9,
-        "eos_token_id": 9,
+        "bos_token_id": eos_id,
+        "eos_token_id": eos_id,
+        "pad_token_id": pad_id,
         "tie_word_embeddings": True,
         "torch_dtype": torch_dtype,
     }
@@ -181,14 +195,18 @@ def export_hf(
     dtype: str | None = None,
     pad_vocab: bool = False,
     tie_lm_head: bool = True,
+    tokenizer: str | Path | None = None,
 ) -> Path:
     """Write a pangu checkpoint (any kind and layout: weights-only, or a training checkpoint with
     tensor/pipeline-parallel pieces; a run or checkpoints directory resolves to its latest) as a
-    GPTPangu Hugging Face model directory `out`. Returns `out`.
+    GPTPangu Hugging Face model directory `out` that transformers loads with trust_remote_code.
+    Returns `out`.
 
     `dtype` ("float32", "float16", "bfloat16"; default: the stored dtype, or where the stored dtypes
-    differ the one holding most of the bytes). `shard_bytes`: the largest safetensors file (a single larger tensor gets a file
-    of its own). See the module docstring for the layout, vocabulary and activation choices.
+    differ the one holding most of the bytes). `shard_bytes`: the largest safetensors file (a single
+    larger tensor gets a file of its own). `tokenizer`: a SentencePiece model to ship (default: the
+    checkpoint's own; without either, the directory has no tokenizer). See the module docstring for
+    the layout, vocabulary and activation choices.
     """
     from pangu.checkpoint.format import read_manifest, resolve
     from pangu.checkpoint.store import CheckpointError, TensorReader
@@ -203,21 +221,21 @@ def export_hf(
     model = ModelConfig(**manifest["model"])
     if getattr(model, "scale_invariant", False):
         raise CheckpointError(f"{path} is a scale-invariant variant, which the GPTPangu port cannot represent")
-    if model.final_layernorm != "before":
-        raise CheckpointError(
-            f"{path} applies the final LayerNorm after the query layer (final_layernorm "
-            f"'after'); the GPTPangu port applies it before the query layer only"
-        )
     if model.activation not in ACTIVATION_TO_HF:
         raise CheckpointError(f"{path}: activation {model.activation!r} has no GPTPangu equivalent")
-    if model.activation == "fast_gelu":
-        warnings.warn(
-            "the checkpoint uses fast_gelu x*sigmoid(1.702x) (the released MindSpore activation); "
-            "config.json records activation_function 'quick_gelu', which is that function in "
-            "transformers' ACT2FN, but the published GPTPangu configs use exact 'gelu': code that "
-            "assumes it will not reproduce this model's logits",
-            stacklevel=2,
+    if model.final_layernorm != "before":
+        logger.info(
+            "%s applies the final LayerNorm after the query layer: config.json says final_layernorm "
+            "'after', which the shipped modeling_pangu.py reads (the Hub port's code would not)",
+            path,
         )
+    tokenizer_path = Path(tokenizer) if tokenizer is not None else path / "tokenizer.model"
+    eos_id, pad_id = EOS_ID, PAD_ID
+    if tokenizer is not None or tokenizer_path.is_file():
+        eos_id, pad_id = _check_tokenizer(tokenizer_path, model)
+    else:
+        tokenizer_path = None
+        logger.warning("%s carries no tokenizer: the export has none (give one with --tokenizer)", path)
 
     reader = TensorReader(path / "tensors")
     names = hf_names(model.num_layers)
@@ -261,25 +279,64 @@ def export_hf(
     try:
         weight_map: dict[str, str] = {}
         total = 0
+        progress = tqdm(total=len(plan), desc="exporting", unit="tensor", disable=None)
         for i, shard in enumerate(shards):
             file_name = SINGLE_FILE if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-            total += _write_safetensors(tmp / file_name, shard, target, reader)
+            total += _write_safetensors(tmp / file_name, shard, target, reader, progress)
             weight_map.update({p.hf_name: file_name for p in shard})
+        progress.close()
         if len(shards) > 1:
             index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
             (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
-        config = hf_config(model, vocab_rows=vocab_rows, torch_dtype=target)
-        if vocab_rows != model.vocab_size:  # padded rows: remember the real vocabulary (an extra key the port ignores)
+        config = hf_config(model, vocab_rows=vocab_rows, torch_dtype=target, eos_id=eos_id, pad_id=pad_id)
+        if vocab_rows != model.vocab_size:  # padded rows: the real vocabulary (masked by the shipped code)
             config["pangu_vocab_size"] = model.vocab_size
-        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        if (path / "tokenizer.model").is_file():
-            shutil.copyfile(path / "tokenizer.model", tmp / TOKENIZER_FILE)
+        _write_json(tmp / "config.json", config)
+        _write_json(
+            tmp / "generation_config.json", {"bos_token_id": eos_id, "eos_token_id": eos_id, "pad_token_id": pad_id}
+        )
+        for name in MODEL_CODE:
+            shutil.copyfile(HF_CODE / name, tmp / name)
+        if tokenizer_path is not None:
+            shutil.copyfile(tokenizer_path, tmp / TOKENIZER_FILE)
+            shutil.copyfile(HF_CODE / TOKENIZER_CODE, tmp / TOKENIZER_CODE)
+            _write_json(tmp / "tokenizer_config.json", tokenizer_config(model))
         tmp.rename(out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     logger.info("exported %s to %s: %d tensors in %d file(s), %d bytes", path, out, len(plan), len(shards), total)
     return out
+
+
+def tokenizer_config(model: ModelConfig) -> dict:
+    """tokenizer_config.json naming the shipped tokenization_pangu.py (PanGu's jieba + SentencePiece)."""
+    return {
+        "tokenizer_class": "GPTPanguTokenizer",
+        "auto_map": {"AutoTokenizer": ["tokenization_pangu.GPTPanguTokenizer", None]},
+        "eos_token": "<eot>",
+        "pad_token": "<pad>",
+        "unk_token": "<unk>",
+        "padding_side": "left",
+        "model_max_length": model.seq_length,
+        "clean_up_tokenization_spaces": False,
+    }
+
+
+def _check_tokenizer(file: Path, model: ModelConfig) -> tuple[int, int]:
+    """(eos, pad) ids of a tokenizer to ship, after checking that it is one the PanGu scheme uses
+    and that its ids fit the model's vocabulary."""
+    from pangu.checkpoint.store import CheckpointError
+    from pangu.data.tokenizer import PanguTokenizer
+
+    tok = PanguTokenizer.from_file(file)
+    if tok.vocab_size > model.vocab_size:
+        raise CheckpointError(f"tokenizer {file} has {tok.vocab_size} pieces, the model only {model.vocab_size}")
+    return tok.eod_id, tok.pad_id
+
+
+def _write_json(file: Path, value: dict) -> None:
+    file.write_text(json.dumps(value, indent=2, ensure_ascii=False) + "\n")
 
 
 def _stored_dtype(reader: TensorReader, name: str) -> str:
@@ -300,7 +357,7 @@ def _plan_shards(plan: list[_Planned], dtype: str, shard_bytes: int) -> list[lis
     return shards
 
 
-def _write_safetensors(file: Path, items: list[_Planned], dtype: str, reader: TensorReader) -> int:
+def _write_safetensors(file: Path, items: list[_Planned], dtype: str, reader: TensorReader, progress: tqdm) -> int:
     """One safetensors file, its header computed from the shapes, then each tensor streamed in."""
     import torch
 
@@ -334,6 +391,7 @@ def _write_safetensors(file: Path, items: list[_Planned], dtype: str, reader: Te
             # process's resident set (clean, file-backed): dropping the maps keeps RSS at about one
             # parameter instead of growing to the checkpoint's size.
             reader._maps.clear()
+            progress.update()
         f.flush()
         os.fsync(f.fileno())
     return offset
@@ -377,8 +435,9 @@ def import_hf(
 ) -> Path:
     """A GPTPangu Hugging Face directory (config.json + safetensors) -> a pangu weights checkpoint.
 
-    The activation comes from config.json ("gelu" or "quick_gelu" = fast_gelu); the final
-    LayerNorm sits before the query layer. `vocab_size` defaults to config.json's (or its
+    The activation comes from config.json ("gelu" or "quick_gelu" = fast_gelu), and so does the
+    final LayerNorm's place (`final_layernorm`, written by `export_hf`; "before" the query layer
+    where it is absent, as in the Hub port's configs). `vocab_size` defaults to config.json's (or its
     `pangu_vocab_size`, written by `export_hf(pad_vocab=True)`). lm_head.weight,
     if present, must equal the word embedding (pangu ties them). A vocab.model next to the
     weights (or `tokenizer`) is shipped with the checkpoint.
@@ -391,7 +450,7 @@ def import_hf(
     src, out = Path(src), Path(out)
     config_path = src / "config.json"
     if not config_path.is_file():
-        raise FileNotFoundError(f"{config_path} does not exist")
+        raise CheckpointError(f"{config_path} does not exist: is {src} a Hugging Face GPTPangu directory?")
     config = json.loads(config_path.read_text())
     if config.get("model_type") != "gpt_pangu":
         raise CheckpointError(f"{config_path}: model_type {config.get('model_type')!r} is not 'gpt_pangu'")
@@ -401,6 +460,9 @@ def import_hf(
             f"{config_path}: activation_function {config['activation_function']!r} is not one "
             f"pangu has ({', '.join(ACTIVATION_FROM_HF)})"
         )
+    final_layernorm = config.get("final_layernorm", "before")
+    if final_layernorm not in ("before", "after"):
+        raise CheckpointError(f"{config_path}: final_layernorm {final_layernorm!r} is neither 'before' nor 'after'")
     hidden = config["hidden_size"]
     rows = config["vocab_size"]
     model = ModelConfig(
@@ -411,7 +473,7 @@ def import_hf(
         vocab_size=vocab_size or config.get("pangu_vocab_size") or rows,
         seq_length=config["max_position_embeddings"],
         activation=activation,
-        final_layernorm="before",
+        final_layernorm=final_layernorm,
         dropout=config.get("resid_pdrop", 0.1),
         layernorm_eps=config.get("layer_norm_epsilon", 1e-5),
         init_std=config.get("initializer_range", 0.02),

@@ -22,10 +22,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
+from tqdm import tqdm
 
-from pangu.config import ModelConfig
+from pangu.config import ConfigError, ModelConfig
 from pangu.convert.mindspore.ckpt import read_mindspore_ckpt, read_mindspore_ckpt_shapes, read_one_tensor
 from pangu.convert.mindspore.names import MINDSPORE_WORD_EMBEDDINGS, infer_model_shape, to_pangu_names
+from pangu.model import layout
 
 if TYPE_CHECKING:  # torch is imported when needed: the CLI builds its parser from this module
     import torch
@@ -96,7 +98,7 @@ def import_mindspore(
             def read_word_embedding() -> np.ndarray:
                 return read_one_tensor(src, _word_name(shapes))
     else:
-        raise FileNotFoundError(f"{src} does not exist")
+        raise ConfigError(f"{src} does not exist: give a .ckpt, an .npz or a directory of release slices")
 
     shape = infer_model_shape(shapes)
     rows = shape["vocab_size"]
@@ -119,7 +121,8 @@ def import_mindspore(
         )
     torch_dtype = getattr(torch, dtype) if dtype else None
     tensors = ((name, _to_torch(array, torch_dtype)) for name, array in to_pangu_names(named_arrays, model=model))
-    return write_weights(out, model, tensors, Path(tokenizer) if tokenizer else None)
+    progress = tqdm(tensors, total=len(layout.parameters(model)), desc="importing", unit="tensor", disable=None)
+    return write_weights(out, model, progress, Path(tokenizer) if tokenizer else None)
 
 
 def read_npz(path: str | Path) -> Iterator[tuple[str, np.ndarray]]:

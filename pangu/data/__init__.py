@@ -13,7 +13,9 @@ Modules, in the order the data flows through them:
 Nothing here knows about the model or torch.distributed: the output is numpy arrays.
 """
 
+from pangu.config import PanguError
 
-class DataError(ValueError):
+
+class DataError(PanguError, ValueError):
     """Bad input data or a damaged prepared directory. The message names the file or config field
     and says how to fix it."""

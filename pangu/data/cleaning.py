@@ -12,12 +12,13 @@ filter that removes it:
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 
-from hanziconv import HanziConv
+import opencc
 
 from pangu.config import CleaningConfig
 
@@ -93,6 +94,17 @@ class CleaningReport:
         return f"of {self.documents} documents read, " + ", ".join(removed)
 
 
+@functools.cache
+def _opencc_t2s() -> opencc.OpenCC:
+    return opencc.OpenCC("t2s")
+
+
+def _to_simplified(text: str) -> str:
+    """Traditional -> simplified Chinese by OpenCC's phrase tables, which keep characters that are
+    simplified only in some words (乾隆 stays, not 干隆; 著名 stays, not 着名)."""
+    return _opencc_t2s().convert(text)
+
+
 class Cleaner:
     """Applies the cleaning config. One Cleaner is used for all sources of a corpus, so that a
     document repeated in a second source counts as a duplicate there."""
@@ -104,7 +116,7 @@ class Cleaner:
 
     def normalize(self, text: str) -> str:
         text = normalize_whitespace(text)
-        return HanziConv.toSimplified(text) if self.config.to_simplified else text
+        return _to_simplified(text) if self.config.to_simplified else text
 
     def clean(self, documents: Iterable[str]) -> tuple[list[str], CleaningReport]:
         """The kept documents (normalised), in order, and what each filter removed."""

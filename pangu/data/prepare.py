@@ -42,7 +42,7 @@ from pangu.data.sources import (
     snownlp_version,
     source_files,
 )
-from pangu.data.tokenizer import TOKENIZER_FILE, PanguTokenizer, load_jieba
+from pangu.data.tokenizer import RELEASED_TOKENIZER, TOKENIZER_FILE, PanguTokenizer, load_jieba
 
 FORMAT_VERSION = 1
 META_FILE = "meta.json"
@@ -65,7 +65,8 @@ def prepare(config: Config, *, progress: bool = True) -> dict[str, Any]:
     # every check that can fail without reading the corpus comes first
     for index, source in enumerate(data.sources):
         check_source(source, index)
-    released = PanguTokenizer.from_file(data.tokenizer.path) if data.tokenizer.kind == "pangu" else None
+    released_path = data.tokenizer.path or RELEASED_TOKENIZER
+    released = PanguTokenizer.from_file(released_path) if data.tokenizer.kind == "pangu" else None
     _check_output_dir(out_dir)
     inputs = _describe_inputs(data)
     fingerprint = _hash_json(inputs)
@@ -235,7 +236,7 @@ def _describe_inputs(data: DataConfig) -> dict[str, Any]:
     config = {key: value for key, value in dataclasses.asdict(data).items() if key not in _NOT_INPUTS}
     files = [path for index, source in enumerate(data.sources) for path in source_files(source, index)]
     if data.tokenizer.kind == "pangu":
-        files.append(Path(data.tokenizer.path))
+        files.append(Path(data.tokenizer.path or RELEASED_TOKENIZER))
     inputs: dict[str, Any] = {
         "format_version": FORMAT_VERSION,
         "data": config,

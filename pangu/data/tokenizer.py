@@ -36,6 +36,7 @@ SPACE_SYMBOL = "\u2582"  # ▂
 NEWLINE_SYMBOL = "\u2583"  # ▃
 DOCUMENT_SEPARATOR = "<eot>"  # id 9: the separator the original training put after every document
 PAD = "<pad>"  # id 6
+RELEASED_TOKENIZER = Path(__file__).resolve().parents[1] / "assets" / "pangu-alpha" / "vocab.model"
 TOKENIZER_FILE = "tokenizer.model"  # a tokenizer's file name, in a prepared directory and in a checkpoint
 # Ids 0, 1, 2 are SentencePiece's own <unk>, <s>, </s>; these follow them at ids 3..9, in the
 # released model's order, so that a tokenizer trained here shares every special id with it.

@@ -102,7 +102,7 @@ def evaluate_tasks(
         name = task.name if task.name not in results else f"{task.name}#{len(results)}"
         results[name] = result
         if log is not None:
-            log(f"[pangu evaluate] {name}: {summary_line(result)}")
+            log(f"{name}: {summary_line(result)}")
     return results
 
 

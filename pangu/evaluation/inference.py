@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
+from pangu.config import ConfigError
 from pangu.model.pangu_alpha import PanguAlpha
 
 LogitsFn = Callable[[list[int]], torch.Tensor]  # tokens so far -> logits [vocab] of the next one
@@ -98,9 +99,9 @@ def generate(
     says so (included), after max_new_tokens, or at the model's length."""
     prompt = list(prompt_ids)
     if not prompt:
-        raise ValueError("the prompt is empty: give at least one token")
+        raise ConfigError("the prompt is empty: give at least one token")
     if len(prompt) > seq_length:
-        raise ValueError(f"the prompt has {len(prompt)} tokens; the model reads at most {seq_length}")
+        raise ConfigError(f"the prompt has {len(prompt)} tokens; the model reads at most {seq_length}: shorten it")
     generator = torch.Generator(device=device).manual_seed(seed)
     out: list[int] = []
     for _ in range(min(max_new_tokens, seq_length - len(prompt))):

@@ -23,6 +23,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 import torch.distributed as dist
+from tqdm import tqdm
 
 from pangu.data.dataset import make_batch
 from pangu.evaluation.inference import cached_logits, current_document, generate, token_losses
@@ -61,7 +62,9 @@ class ModelScorer(Scorer):
         self.model.eval()
         out: list[np.ndarray | None] = [None] * len(rows)
         order = sorted(range(len(rows)), key=lambda i: -len(rows[i]))
-        for first in range(0, len(order), self.batch_size):
+        for first in tqdm(
+            range(0, len(order), self.batch_size), desc="scoring", unit="batch", leave=False, disable=None
+        ):
             chunk = order[first : first + self.batch_size]
             width = max(len(rows[i]) for i in chunk)
             samples = np.full((len(chunk), width), self.pad_id, dtype=np.int64)
@@ -78,7 +81,7 @@ class ModelScorer(Scorer):
         was_training = self.model.training
         self.model.eval()
         results = []
-        for prompt in prompts:
+        for prompt in tqdm(prompts, desc="generating", unit="prompt", leave=False, disable=None):
             if self.eod_reset:
                 prompt = current_document(prompt, self.eod_id)
             results.append(
@@ -132,7 +135,10 @@ class EngineScorer(Scorer):
         saved_loss_fn = module.loss_fn
         module.loss_fn = self._loss_fn
         try:
-            for first in range(0, len(groups), per_call):
+            calls = range(0, len(groups), per_call)
+            for first in tqdm(
+                calls, desc="scoring", unit="call", leave=False, disable=None if dist.get_rank() == 0 else True
+            ):
                 call = groups[first : first + per_call]
                 local = call[topo.dp_rank :: topo.dp]
                 batches = [self._micro_batch(rows, indices) for indices in local]

@@ -34,7 +34,7 @@ import yaml
 
 from pangu.config import ConfigError, from_dict
 
-TASKS_DIR = Path(__file__).resolve().parents[2] / "tasks"  # the repository's tasks/ (builtin definitions)
+TASKS_DIR = Path(__file__).resolve().parents[1] / "tasks"  # pangu/tasks: the builtin task definitions
 KINDS = ("classification", "generation", "perplexity")
 SPANS = ("candidate", "candidate_to_end", "example")
 REDUCES = ("mean", "sum")
@@ -189,7 +189,7 @@ def available_tasks() -> list[str]:
 
 
 def resolve_task_file(name: str) -> Path:
-    """A task file path, or the name of a builtin definition in the repository's tasks/."""
+    """A task file path, or the name of a builtin definition in pangu/tasks/."""
     path = Path(name)
     if path.suffix in (".yaml", ".yml", ".json") and path.is_file():
         return path

@@ -21,7 +21,7 @@ from pangu.model.init import initialize_parameters, zero_parameters
 from pangu.optim.registry import build_optimizer
 from pangu.parallel.pipeline import build_pipeline, canonical_names
 from pangu.parallel.tensor_parallel import layer_factory
-from pangu.parallel.topology import Topology
+from pangu.parallel.topology import Topology, deepspeed_prints_to_debug_log
 
 
 def pipeline_loss(
@@ -110,9 +110,10 @@ def build_engine(config: Config, topology: Topology, initialize: bool = True):
     """(engine, {pipeline name: canonical name}) for this rank's pipeline stage. Without
     `initialize` (a resumed run: a checkpoint sets every weight) no initial weight is drawn."""
     layers = layer_factory(config.parallel.tp)
-    pipe = build_pipeline(
-        config, topology, layers, loss_fn=partial(pipeline_loss, layers=layers, vocab_size=config.model.vocab_size)
-    )
+    with deepspeed_prints_to_debug_log():
+        pipe = build_pipeline(
+            config, topology, layers, loss_fn=partial(pipeline_loss, layers=layers, vocab_size=config.model.vocab_size)
+        )
     names = canonical_names(pipe, config.model)
     named = [(names[n], p) for n, p in pipe.named_parameters()]
     if initialize:
@@ -128,5 +129,8 @@ def build_engine(config: Config, topology: Topology, initialize: bool = True):
     )
     if config.train.precision == "fp16":
         allow_fp16_on_cpu()
-    engine, _, _, _ = deepspeed.initialize(model=pipe, optimizer=optimizer, config=deepspeed_config(config, topology))
+    with deepspeed_prints_to_debug_log():
+        engine, _, _, _ = deepspeed.initialize(
+            model=pipe, optimizer=optimizer, config=deepspeed_config(config, topology)
+        )
     return engine, names

@@ -7,7 +7,10 @@ one mapping, and start-up asserts they agree on every rank's coordinates.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
+import io
+import logging
 import os
 import socket
 from dataclasses import dataclass
@@ -20,6 +23,8 @@ from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
 from megatron.core import parallel_state
 
 from pangu.config import ConfigError, ParallelConfig
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -120,16 +125,35 @@ def _init_process_group(timeout: datetime.timedelta) -> None:
         # passed explicitly, not through os.environ, which child processes would inherit
         single = dict(init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
         os.environ.setdefault("LOCAL_RANK", "0")  # DeepSpeed's PipelineModule reads it
-    deepspeed.init_distributed(
-        dist_backend=backend(),
-        timeout=timeout,
-        auto_mpi_discovery=False,
-        verbose=False,
-        **single,
-    )
+    with deepspeed_prints_to_debug_log():
+        deepspeed.init_distributed(
+            dist_backend=backend(),
+            timeout=timeout,
+            auto_mpi_discovery=False,
+            verbose=False,
+            **single,
+        )
 
 
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+class _DebugLog(io.TextIOBase):
+    """A stdout for DeepSpeed's prints: each line goes to pangu's debug log."""
+
+    def write(self, text: str) -> int:
+        for line in text.splitlines():
+            if line.strip():
+                logger.debug("deepspeed: %s", line)
+        return len(text)
+
+
+@contextlib.contextmanager
+def deepspeed_prints_to_debug_log():
+    """DeepSpeed prints its pipeline partition and op builds on stdout, where pangu keeps results
+    alone (`pangu evaluate > result.json`): around DeepSpeed calls, stdout goes to the debug log."""
+    with contextlib.redirect_stdout(_DebugLog()):
+        yield

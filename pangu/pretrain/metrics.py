@@ -4,13 +4,19 @@ it, and a live progress line with tokens/s, MFU and ETA. Only global rank 0 writ
 from __future__ import annotations
 
 import json
+import logging
 import math
-import sys
+import os
 import time
+import uuid
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+
+from pangu.config import Config, ConfigError
+
+logger = logging.getLogger(__name__)
 
 # Dense bf16 peaks of common accelerators, FLOP/s per device (vendor figures); any other device's
 # peak is measured at start-up.
@@ -63,33 +69,60 @@ def total_peak_flops(configured: float, device: torch.device, group: dist.Proces
 
 
 class MetricsLogger:
-    def __init__(self, output_dir: Path, total_steps: int, start_step: int, enabled: bool):
+    """metrics.jsonl, TensorBoard and the progress line of a run (rank 0 writes; `enabled` is
+    False elsewhere). A run that starts at `start_step` (a resume) or goes back to an earlier step
+    (a rollback) first supersedes what was logged after it, so every step appears once: the
+    later lines of metrics.jsonl are dropped (the file is rewritten atomically) and TensorBoard
+    purges its events from that step on."""
+
+    def __init__(self, output_dir: Path, total_steps: int, start_step: int, enabled: bool, config: Config):
         self.enabled = enabled
         self.total_steps = total_steps
-        self.start_step = start_step
-        self.start_time = time.perf_counter()
+        self.output_dir = output_dir
+        self._jsonl = self._tensorboard = None
+        self._wandb = WandbRun(config, output_dir) if enabled and config.train.wandb.project else None
         if enabled:
-            from torch.utils.tensorboard import SummaryWriter
-
             output_dir.mkdir(parents=True, exist_ok=True)
-            self._jsonl = open(output_dir / "metrics.jsonl", "a", encoding="utf-8")
-            self._tensorboard = SummaryWriter(str(output_dir / "tensorboard"))
+        self.restart_at(start_step)
+        if enabled:
+            self._tensorboard.add_text("config", f"```\n{config.dump()}\n```", global_step=start_step)
+
+    def restart_at(self, step: int) -> None:
+        """Continue logging from `step`: what was logged after it is superseded."""
+        self.start_step = step
+        self.start_time = time.perf_counter()
+        if not self.enabled:
+            return
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.close()
+        path = self.output_dir / "metrics.jsonl"
+        if path.is_file():
+            kept = [line for line in path.read_text(encoding="utf-8").splitlines() if _step_of(line) <= step]
+            tmp = path.with_name(".metrics.jsonl.tmp")
+            tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+            os.replace(tmp, path)
+        self._jsonl = open(path, "a", encoding="utf-8")
+        self._tensorboard = SummaryWriter(str(self.output_dir / "tensorboard"), purge_step=step + 1)
 
     def log(self, record: dict) -> None:
         if not self.enabled:
             return
         self._jsonl.write(json.dumps(record) + "\n")
         self._jsonl.flush()
-        for key, value in record.items():
-            if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
-                self._tensorboard.add_scalar(f"train/{key}", value, record["step"])
+        scalars = {k: v for k, v in record.items() if k != "step" and isinstance(v, (int, float)) and math.isfinite(v)}
+        for key, value in scalars.items():
+            self._tensorboard.add_scalar(f"train/{key}", value, record["step"])
+        if self._wandb is not None:
+            self._wandb.log(scalars, record["step"])
         self._progress(record)
 
     def event(self, step: int, kind: str, **details) -> None:
         """Something that happened (checkpoint, resume, skipped step): also in metrics.jsonl."""
         self.log_raw({"step": step, "event": kind, **details})
         if self.enabled:
-            print(f"[pangu] step {step}: {kind} {details}", file=sys.stderr, flush=True)
+            said = ", ".join(f"{key} {value}" for key, value in details.items() if key != "per_rank")
+            logger.info("step %d: %s%s", step, kind, f" ({said})" if said else "")
 
     def log_raw(self, record: dict) -> None:
         if self.enabled:
@@ -114,12 +147,83 @@ class MetricsLogger:
             f"mfu {100 * record['mfu']:.1f}%",
             f"eta {_duration(eta)}",
         ]
-        print(" | ".join(parts), file=sys.stderr, flush=True)
+        logger.info(" | ".join(parts))
 
     def close(self) -> None:
-        if self.enabled:
+        if self._jsonl is not None:
             self._jsonl.close()
             self._tensorboard.close()
+            self._jsonl = self._tensorboard = None
+
+    def finish(self) -> None:
+        """At the end of the run (or its stop): everything written and closed."""
+        self.close()
+        if self._wandb is not None:
+            self._wandb.finish()
+
+
+class WandbRun:
+    """The run's Weights & Biases run: the config at the start, then every logged scalar. Its id is
+    kept in OUTPUT_DIR/wandb_run_id, so a resumed run continues it (W&B drops steps it has seen
+    already: those redone after a crash or a rollback appear once, from the first attempt)."""
+
+    ID_FILE = "wandb_run_id"
+
+    def __init__(self, config: Config, output_dir: Path):
+        import wandb
+
+        settings = config.train.wandb
+        id_file = output_dir / self.ID_FILE
+        run_id = id_file.read_text().strip() if id_file.is_file() else uuid.uuid4().hex[:12]
+        self.run = wandb.init(
+            project=settings.project,
+            entity=settings.entity or None,
+            name=settings.name or output_dir.resolve().name,
+            mode=settings.mode,
+            id=run_id,
+            resume="allow",
+            dir=str(output_dir),
+            config=config.to_dict(),
+            settings=wandb.Settings(silent=True),
+        )
+        id_file.write_text(run_id)
+        logger.info("W&B run %s (%s)", run_id, settings.mode)
+
+    def log(self, scalars: dict, step: int) -> None:
+        self.run.log(scalars, step=step)
+
+    def finish(self) -> None:
+        self.run.finish()
+
+
+def _step_of(line: str) -> float:
+    """The step of a metrics.jsonl line; a damaged line (a crash while writing it) sorts last,
+    so that superseding drops it."""
+    try:
+        return float(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return math.inf
+
+
+def read_metrics(path: Path) -> list[dict]:
+    """The records of a metrics.jsonl, each training step once (the last record of a step wins,
+    as in a file written before superseding existed); damaged lines are skipped with a warning."""
+    if not path.is_file():
+        raise ConfigError(f"{path} does not exist: is {path.parent} a pangu run directory?")
+    records, damaged = [], 0
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+            if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+                raise ValueError
+        except ValueError:
+            damaged += line.strip() != ""
+            continue
+        records.append(record)
+    if damaged:
+        logger.warning("%s: skipped %d damaged line(s)", path, damaged)
+    last = {r["step"]: i for i, r in enumerate(records) if "loss" in r}
+    return [r for i, r in enumerate(records) if "loss" not in r or last[r["step"]] == i]
 
 
 def _duration(seconds: float) -> str:

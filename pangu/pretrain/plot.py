@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
+
+from pangu.config import ConfigError
+from pangu.pretrain.metrics import read_metrics
 
 
 def plot_run(run_dir: str | Path) -> Path:
@@ -14,12 +16,9 @@ def plot_run(run_dir: str | Path) -> Path:
 
     run_dir = Path(run_dir)
     metrics = run_dir / "metrics.jsonl"
-    if not metrics.is_file():
-        raise FileNotFoundError(f"{metrics} does not exist: is {run_dir} a pangu run directory?")
-    records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
-    steps = [r for r in records if "loss" in r]
+    steps = [r for r in read_metrics(metrics) if "loss" in r]
     if not steps:
-        raise ValueError(f"{metrics} has no logged training steps yet")
+        raise ConfigError(f"{metrics} has no logged training steps yet: plot once the run has logged a step")
     fig, (ax_loss, ax_lr) = plt.subplots(1, 2, figsize=(11, 4))
     ax_loss.plot([r["step"] for r in steps], [r["loss"] for r in steps], label="train loss")
     val = [r for r in steps if "val_loss" in r]

@@ -8,6 +8,8 @@ and checkpoint. The run resumes by itself from the latest checkpoint in `train.o
 
 from __future__ import annotations
 
+import importlib.util
+import logging
 import math
 import signal
 import statistics
@@ -22,7 +24,7 @@ import torch.distributed as dist
 from pangu.checkpoint.deepspeed_state import link_optimizer_state, memory_report
 from pangu.checkpoint.saver import Checkpointer
 from pangu.checkpoint.store import CheckpointError
-from pangu.config import Config, ConfigError, SpikeGuardConfig
+from pangu.config import Config, ConfigError, PanguError, SpikeGuardConfig
 from pangu.data.dataset import make_batch
 from pangu.data.prepare import load_prepared, load_tokenizer
 from pangu.data.sampler import GlobalBatchSampler, micro_batches
@@ -35,7 +37,10 @@ from pangu.optim.schedules import apply_lr_factor, lr_factor
 from pangu.parallel.engine import build_engine, micro_batches_per_step, pipeline_inputs
 from pangu.parallel.tensor_parallel import seed_rng_streams
 from pangu.parallel.topology import Topology, device, init_distributed
+from pangu.pretrain import run_directory
 from pangu.pretrain.metrics import MetricsLogger, peak_memory_bytes, total_peak_flops
+
+log = logging.getLogger(__name__)
 
 
 class Batches:
@@ -72,12 +77,14 @@ class Batches:
 
 
 class StopRequest:
-    """SIGUSR1 (Slurm's preemption warning) or SIGTERM asks the run to checkpoint and stop.
+    """SIGUSR1 (Slurm's preemption warning), SIGTERM or SIGINT (Ctrl-C) asks the run to finish its
+    step, checkpoint and stop; a second SIGINT stops at once (KeyboardInterrupt, which the command
+    reports in one line).
 
     Ranks receive the signal at different moments, so after every step the flag is all-reduced
     (MAX): all ranks stop after the same step."""
 
-    SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+    SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)
 
     def __init__(self):
         self.signal_name: str | None = None
@@ -85,7 +92,11 @@ class StopRequest:
             signal.signal(sig, self._receive)
 
     def _receive(self, signum, _frame) -> None:
+        if signum == signal.SIGINT and self.signal_name == "SIGINT":
+            raise KeyboardInterrupt
         self.signal_name = signal.Signals(signum).name
+        if signum == signal.SIGINT:
+            log.warning("Ctrl-C: the run checkpoints after this step and stops (Ctrl-C again to stop at once)")
 
     def agreed(self) -> bool:
         flag = torch.tensor([0 if self.signal_name is None else 1], device=device())
@@ -131,11 +142,13 @@ class Trainer:
         # task files are read now, so that a missing one fails before any training
         self.eval_tasks = [load_task(spec, prepared_dir=config.data.prepared_dir) for spec in train.eval_tasks]
         self.tokenizer = load_tokenizer(config.data.prepared_dir) if self.eval_tasks else None
+        if train.wandb.project and importlib.util.find_spec("wandb") is None:
+            raise ConfigError(
+                f"train.wandb.project = {train.wandb.project!r} needs wandb: pip install 'pangu-lm[wandb]', "
+                "or leave train.wandb.project empty"
+            )
         self.output_dir = Path(train.output_dir)
-        if self.topology.rank == 0:
-            _check_writable(self.output_dir, "train.output_dir")
-            (self.output_dir / "config.yaml").write_text(config.dump(), encoding="utf-8")
-
+        self._lock = self._claim_output_dir()
         self.checkpoints = Checkpointer(self.output_dir, config, self.topology)
         candidates = self.checkpoints.candidates()  # structure only: O(files)
         if candidates:  # this rank's share is read while the engine is built
@@ -149,6 +162,8 @@ class Trainer:
             self._restore(candidates)
         elif train.init_from:
             self.checkpoints.load_weights(train.init_from, self.engine, self.names)
+        if self.topology.rank == 0:  # the run is accepted: now its directory may change
+            run_directory.write_config(self.output_dir, config)
         self.spike_guard = SpikeGuard(train.spike_guard)
         link_optimizer_state(self.engine, config.optim)  # optimizer state exists from here on: measurable
         self.memory = memory_report(self.engine)
@@ -157,6 +172,20 @@ class Trainer:
         self.tokens_per_step = train.global_batch_size * config.model.seq_length
         self.model_flops = flops_per_token(config.model)
         self.peak_flops = total_peak_flops(train.peak_flops, device(), self.topology.host_group)
+
+    def _claim_output_dir(self):
+        """Rank 0 takes the output directory's lock; every rank learns whether it could."""
+        lock, error = None, None
+        if self.topology.rank == 0:
+            try:
+                lock = run_directory.claim(self.output_dir)
+            except ConfigError as err:
+                error = str(err)
+        box = [error]
+        dist.broadcast_object_list(box, src=0, group=self.topology.host_group)
+        if box[0] is not None:
+            raise ConfigError(box[0])
+        return lock
 
     def _restore(self, candidates: list[Path]) -> Path:
         """Continues from the newest of `candidates` that loads (falling back over corrupt ones):
@@ -237,7 +266,7 @@ class Trainer:
         """Trains until train.steps, or checkpoints and stops after train.stop_at; returns the last record."""
         train = self.config.train
         stop = train.stop_at or train.steps
-        logger = MetricsLogger(self.output_dir, train.steps, self.step, enabled=self.topology.rank == 0)
+        logger = MetricsLogger(self.output_dir, train.steps, self.step, self.topology.rank == 0, self.config)
         memory = [None] * self.topology.world_size
         dist.all_gather_object(memory, (self.memory, self.resume_read), group=self.topology.host_group)
         if self.resumed_from is not None:
@@ -251,12 +280,19 @@ class Trainer:
                 read_over_share=round(max(r["bytes"] / max(r["share_bytes"], 1) for r in read), 3),
             )
             logger.log_raw({"step": self.step, "event": "resume_read", "per_rank": read})
-        logger.event(self.step, "memory", per_rank=[m for m, _ in memory])
+        logger.log_raw({"step": self.step, "event": "memory", "per_rank": [m for m, _ in memory]})
         if self.topology.rank == 0:
-            print(
-                f"[pangu] {parameter_count(self.config.model) / 1e6:.1f}M parameters, {self.topology.layout}, "
-                f"{len(self.train_data)} training samples, steps {self.step} -> {stop}",
-                flush=True,
+            log.info(
+                "%.1fM parameters, %s, %d training samples, steps %d -> %d; rank 0 holds %s",
+                parameter_count(self.config.model) / 1e6,
+                self.topology.layout,
+                len(self.train_data),
+                self.step,
+                stop,
+                ", ".join(
+                    f"{key.removesuffix('_bytes').replace('_', ' ')} {value / 2**20:.1f} MiB"
+                    for key, value in self.memory.items()
+                ),
             )
         record: dict = {}
         while self.step < stop:
@@ -284,7 +320,7 @@ class Trainer:
             if stop < train.steps:
                 logger.event(self.step, "stopped", reason=f"train.stop_at = {train.stop_at}")
         self.checkpoints.wait()  # a background save in flight is published before the run ends
-        logger.close()
+        logger.finish()
         dist.barrier()
         return record
 
@@ -302,6 +338,7 @@ class Trainer:
             )
         spiked_at, seen_until = self.step, self.sampler.consumed_samples
         last = self._restore(candidates)
+        logger.restart_at(self.step)  # the steps since the checkpoint are redone: logged once, anew
         skipped = [self.sampler.consumed_samples, seen_until]
         self.sampler.skip(*skipped)
         guard.rolled_back()
@@ -315,7 +352,7 @@ class Trainer:
         )
 
 
-class TrainingError(RuntimeError):
+class TrainingError(PanguError, RuntimeError):
     """Training cannot go on (e.g. the loss keeps spiking after every allowed rollback)."""
 
 
@@ -343,19 +380,6 @@ class SpikeGuard:
     def rolled_back(self) -> None:
         self.rollbacks += 1
         self.streak = 0
-
-
-def _check_writable(directory: Path, field: str) -> None:
-    """Fails before any work when a run could not write its checkpoints and metrics."""
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-        probe = directory / ".pangu-write-test"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as err:
-        raise ConfigError(
-            f"{field} = {str(directory)!r} is not writable ({err.strerror}): choose a directory this user can write"
-        ) from None
 
 
 def pretrain(config: Config) -> dict:

@@ -62,6 +62,31 @@ def test_imports_run_one_way(path: Path):
     assert not backward, f"{path.relative_to(PANGU)} ({package}) imports against the one-way rule: {backward}"
 
 
+# shipped into `pangu convert export-hf` directories as transformers remote code: loaded where pangu
+# may not be installed, so it stands alone (the import rule above holds for it trivially)
+HF_CODE = PANGU / "convert" / "hf_code"
+HF_CODE_MAY_IMPORT = {"torch", "transformers", "sentencepiece", "jieba"}
+
+
+def test_the_shipped_transformers_code_imports_no_pangu():
+    files = sorted(HF_CODE.glob("*.py"))
+    assert {f.name for f in files} == {"configuration_pangu.py", "modeling_pangu.py", "tokenization_pangu.py"}
+    for path in files:
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                modules = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                modules = [node.module]
+            elif isinstance(node, ast.ImportFrom):  # relative: a sibling that ships with it
+                assert node.level == 1 and (HF_CODE / f"{node.module}.py").is_file(), (path.name, node.module)
+                continue
+            else:
+                continue
+            for module in modules:
+                top = module.split(".")[0]
+                assert top in HF_CODE_MAY_IMPORT or top in sys.stdlib_module_names, (path.name, module)
+
+
 def test_every_package_is_placed_on_the_map():
     packages = {package_of(path) for path in SOURCES}
     assert packages <= set(ALLOWED) | TOP, packages - set(ALLOWED) - TOP

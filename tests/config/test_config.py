@@ -95,3 +95,28 @@ def test_cli_reports_config_errors_before_any_work(tmp_path, capsys):
 
 def test_defaults_are_valid():
     Config().validate()
+
+
+@pytest.mark.parametrize(
+    "override, field",
+    [
+        ("train.global_batch_size=0", "train.global_batch_size"),
+        ("train.global_batch_size=-8", "train.global_batch_size"),
+        ("data.tokenizer.train_sentences=-5", "data.tokenizer.train_sentences"),
+        ("train.initial_loss_scale_power=4000", "train.initial_loss_scale_power"),
+        ("train.seed=-1", "train.seed"),
+        ("optim.si_lr=0", "optim.si_lr"),
+        ("parallel.timeout_minutes=0", "parallel.timeout_minutes"),
+        ("optim.lr=1e999", "optim.lr"),
+    ],
+)
+def test_every_number_is_checked_against_its_domain(override, field):
+    with pytest.raises(ConfigError, match=f"{field} = .* is not allowed"):
+        load_config(None, [override])
+
+
+def test_a_config_that_is_not_utf8_is_one_clear_error(tmp_path):
+    bad = tmp_path / "latin1.yaml"
+    bad.write_bytes("model:\n  num_layers: 4  # caf\xe9\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match="not valid UTF-8 YAML"):
+        load_config(bad)

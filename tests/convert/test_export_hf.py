@@ -3,6 +3,7 @@
 The exported tensors are run through an independent forward of the GPTPangu port written here
 from the port's modeling code (h[-1] is the query layer fed by wqe; ln_f just before it; causal
 scores replaced by -1e4; lm_head tied), so the layout is checked, not only the round trip.
+Loading the export with transformers (the shipped code): tests/convert/test_hf_transformers.py.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from safetensors import safe_open
 import pangu
 from pangu.checkpoint.store import CheckpointError, TensorReader, TensorWriter, sha256_file
 from pangu.config import ModelConfig
+from pangu.convert import huggingface as hf_module
 from pangu.convert.huggingface import export_hf, hf_names, import_hf
 from pangu.convert.importer import import_mindspore
 from pangu.convert.mindspore.ckpt import write_mindspore_ckpt
@@ -31,11 +33,21 @@ LAYERS, HIDDEN, HEADS, FFN, SEQ = 3, 32, 4, 96, 16
 TOKENIZER = RELEASE / "vocab.model"
 
 
-def _weights(tmp_path: Path, *, vocab=300, activation="gelu", final_ln="before", tokenizer=None, seed=0) -> Path:
-    params = random_ms_params(LAYERS, HIDDEN, HEADS, FFN, vocab, SEQ, np.random.default_rng(seed))
+def _weights(
+    tmp_path: Path, *, vocab=300, activation="gelu", final_ln="before", tokenizer=None, seed=0, seq=SEQ, sharp=False
+) -> Path:
+    """A random model imported from MindSpore names. `sharp`: the other matrices x24 and the word and
+    position embeddings x3 too, so that the blocks, not the input embedding, decide the next token
+    (greedy generation does not just repeat a token) and activations are large enough that a small
+    slip shows (fast GELU's 1.702 as 1.7 moves logits of std ~1.3 by ~1e-3)."""
+    params = random_ms_params(LAYERS, HIDDEN, HEADS, FFN, vocab, seq, np.random.default_rng(seed))
     for name in params:  # sharpen the attention (the initial scales leave it nearly uniform)
         if ".attention.dense" in name or name.endswith("top_query_embedding.embedding_table"):
             params[name] = params[name] * 30
+        elif sharp and name.endswith("embedding_table"):
+            params[name] = params[name] * 3
+        elif sharp and name.endswith(".weight"):
+            params[name] = params[name] * 24
     src = tmp_path / f"weights-{seed}.ckpt"
     write_mindspore_ckpt(src, params.items())
     return import_mindspore(
@@ -99,13 +111,27 @@ def _pangu_logits(checkpoint: Path, input_ids: torch.Tensor) -> torch.Tensor:
         return model(input_ids)
 
 
-@pytest.mark.skipif(not TOKENIZER.is_file(), reason="PanGu-alpha tokenizer not present")
 def test_export_layout_config_and_port_forward(tmp_path):
     weights = _weights(tmp_path, vocab=40000, tokenizer=TOKENIZER)
     out = export_hf(weights, tmp_path / "hf")
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors", "vocab.model"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "config.json",
+        "configuration_pangu.py",
+        "generation_config.json",
+        "model.safetensors",
+        "modeling_pangu.py",
+        "tokenization_pangu.py",
+        "tokenizer_config.json",
+        "vocab.model",
+    ]
     config = json.loads((out / "config.json").read_text())
     assert config["architectures"] == ["GPTPanguForCausalLM"] and config["model_type"] == "gpt_pangu"
+    assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_pangu.GPTPanguForCausalLM"
+    assert config["final_layernorm"] == "before" and (config["eos_token_id"], config["pad_token_id"]) == (9, 6)
+    tokenizer_config = json.loads((out / "tokenizer_config.json").read_text())
+    assert tokenizer_config["auto_map"]["AutoTokenizer"] == ["tokenization_pangu.GPTPanguTokenizer", None]
+    for name in ("configuration_pangu.py", "modeling_pangu.py", "tokenization_pangu.py"):  # the package's own code
+        assert (out / name).read_bytes() == (Path(hf_module.__file__).parent / "hf_code" / name).read_bytes()
     assert (
         config["num_layers"],
         config["hidden_size"],
@@ -186,10 +212,9 @@ def test_export_reads_any_layout(tmp_path):
     assert all(torch.equal(a[name], b[name]) for name in a)
 
 
-def test_fast_gelu_is_recorded_and_warned_about(tmp_path):
+def test_fast_gelu_is_recorded_as_quick_gelu(tmp_path):
     weights = _weights(tmp_path, activation="fast_gelu")
-    with pytest.warns(UserWarning, match="fast_gelu"):
-        out = export_hf(weights, tmp_path / "hf", dtype="float16")
+    out = export_hf(weights, tmp_path / "hf", dtype="float16")
     config = json.loads((out / "config.json").read_text())
     assert config["activation_function"] == "quick_gelu" and config["torch_dtype"] == "float16"
     tensors = _hf_tensors(out)
@@ -216,11 +241,46 @@ def test_padded_vocabulary_and_untied_head_options(tmp_path):
     assert model.config.vocab_size == 300
 
 
-def test_unrepresentable_checkpoints_and_existing_output_are_refused(tmp_path):
-    after = _weights(tmp_path, final_ln="after")
-    with pytest.raises(CheckpointError, match="before the query layer only"):
-        export_hf(after, tmp_path / "hf")
-    weights = _weights(tmp_path, seed=1)
+def test_final_layernorm_after_is_recorded_and_read_back(tmp_path):
+    weights = _weights(tmp_path, final_ln="after")
+    out = export_hf(weights, tmp_path / "hf")
+    assert json.loads((out / "config.json").read_text())["final_layernorm"] == "after"
+    assert "vocab.model" not in {p.name for p in out.iterdir()}  # the checkpoint carries no tokenizer
+    back, _ = pangu.load(import_hf(out, tmp_path / "back"))
+    assert back.config.final_layernorm == "after"
+    input_ids = torch.from_numpy(np.random.default_rng(8).integers(0, 300, size=(2, SEQ)))
+    with torch.no_grad():
+        torch.testing.assert_close(back(input_ids), _pangu_logits(weights, input_ids), rtol=0, atol=0)
+
+
+def _scale_invariant_weights(out: Path) -> Path:
+    from pangu.checkpoint.weights import write_weights
+    from pangu.model.init import initialize_parameters
+    from pangu.model.pangu_alpha import PanguAlpha
+
+    config = ModelConfig(
+        num_layers=2,
+        hidden_size=HIDDEN,
+        num_heads=HEADS,
+        vocab_size=300,
+        seq_length=SEQ,
+        scale_invariant=True,
+        final_layernorm="after",
+    )
+    model = PanguAlpha(config)
+    initialize_parameters(model.named_parameters(), config, seed=0)
+    return write_weights(out, config, model.state_dict().items())
+
+
+def test_unrepresentable_checkpoints_bad_tokenizers_and_existing_output_are_refused(tmp_path):
+    with pytest.raises(CheckpointError, match="scale-invariant"):
+        export_hf(_scale_invariant_weights(tmp_path / "si"), tmp_path / "hf")
+    weights = _weights(tmp_path, seed=1)  # 300 pieces: the released tokenizer's ids do not fit
+    with pytest.raises(CheckpointError, match="40000 pieces, the model only 300"):
+        export_hf(weights, tmp_path / "hf", tokenizer=TOKENIZER)
+    (tmp_path / "not-sentencepiece.model").write_bytes(b"not a model")
+    with pytest.raises(ValueError, match="not a SentencePiece model"):
+        export_hf(weights, tmp_path / "hf", tokenizer=tmp_path / "not-sentencepiece.model")
     (tmp_path / "taken").mkdir()
     with pytest.raises(CheckpointError, match="already exists"):
         export_hf(weights, tmp_path / "taken")
@@ -233,7 +293,6 @@ def test_default_dtype_is_the_one_holding_most_bytes(tmp_path):
     params = {n: a if "embedding" in n else a.astype(np.float16) for n, a in params.items()}
     write_mindspore_ckpt(tmp_path / "mixed.ckpt", params.items())
     weights = import_mindspore(tmp_path / "mixed.ckpt", tmp_path / "pangu", num_heads=HEADS)
-    with pytest.warns(UserWarning, match="fast_gelu"):
-        out = export_hf(weights, tmp_path / "hf")
+    out = export_hf(weights, tmp_path / "hf")
     assert json.loads((out / "config.json").read_text())["torch_dtype"] == "float16"
     assert {t.dtype for t in _hf_tensors(out).values()} == {torch.float16}

@@ -34,7 +34,6 @@ STRATEGY_FILES = {
     "2.6B": (RELEASE / "pangu_alpha_2.6B_ckpt_strategy.ckpt", 31),  # ordinary blocks (+ query layer = 32)
     "13B": (RELEASE / "pangu_alpha_13B_ckpt_strategy.ckpt", 39),
 }
-needs_release = pytest.mark.skipif(not RELEASE.is_dir(), reason="PanGu-alpha release files not present")
 
 
 # ---------------------------------------------------------------------------
@@ -87,8 +86,7 @@ def test_truncated_message_reports_offset() -> None:
 
 def _google_message_classes(messages: dict[str, list[tuple[str, int, str, str]]]) -> dict[str, type]:
     """Message classes built by the real protobuf library from (name, number, label, type) specs."""
-    descriptor_pb2 = pytest.importorskip("google.protobuf.descriptor_pb2")
-    from google.protobuf import descriptor_pool, message_factory
+    from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 
     proto = descriptor_pb2.FieldDescriptorProto
     file = descriptor_pb2.FileDescriptorProto(name="mindspore_test.proto", syntax="proto2")
@@ -249,7 +247,6 @@ def test_foreign_and_empty_files_are_rejected_by_name(tmp_path: Path) -> None:
         list(read_mindspore_ckpt(empty))
 
 
-@needs_release
 def test_strategy_file_is_not_mistaken_for_a_checkpoint() -> None:
     with pytest.raises(ValueError, match="not a Checkpoint.Value"):
         list(read_mindspore_ckpt(STRATEGY_FILES["2.6B"][0]))
@@ -290,7 +287,6 @@ def test_npz_reader_has_the_same_interface(tmp_path: Path) -> None:
 # Parallel-strategy files
 
 
-@needs_release
 @pytest.mark.parametrize("size", ["2.6B", "13B"])
 def test_real_strategy_files_decode(size: str) -> None:
     path, block_count = STRATEGY_FILES[size]
@@ -323,7 +319,6 @@ def test_real_strategy_files_decode(size: str) -> None:
     assert matmul.input_strategies == ((64, 1), (8, 1))
 
 
-@needs_release
 @pytest.mark.parametrize("size", ["2.6B", "13B"])
 def test_real_strategy_files_rewrite_byte_for_byte(size: str, tmp_path: Path) -> None:
     path, _ = STRATEGY_FILES[size]
@@ -337,7 +332,6 @@ def test_real_strategy_files_rewrite_byte_for_byte(size: str, tmp_path: Path) ->
     assert (tmp_path / "rewritten.ckpt").read_bytes() == path.read_bytes()
 
 
-@needs_release
 def test_strategy_decoding_agrees_with_protobuf_library() -> None:
     dims = [("dim", 1, "repeated", "int64")]
     classes = _google_message_classes(
@@ -411,7 +405,6 @@ def _coverage_over_all_ranks(strategy: ParameterStrategy, *, optimizer_sharded: 
     return coverage, len(distinct_slices)
 
 
-@needs_release
 @pytest.mark.parametrize("optimizer_sharded", [False, True])
 def test_slices_of_all_ranks_tile_every_real_parameter(optimizer_sharded: bool) -> None:
     strategies = set(read_parallel_strategy(STRATEGY_FILES["2.6B"][0]).values())
@@ -428,7 +421,6 @@ def test_slices_of_all_ranks_tile_every_real_parameter(optimizer_sharded: bool) 
         assert distinct == split, strategy
 
 
-@needs_release
 def test_slice_of_rank_for_known_parameters() -> None:
     parameters = read_parallel_strategy(STRATEGY_FILES["2.6B"][0])
     dense1 = parameters["backbone.blocks.0.attention.dense1.weight"]  # [out 2560, in 2560]
@@ -549,7 +541,6 @@ def test_both_naming_schemes_for_one_parameter_is_an_error() -> None:
         list(to_pangu_names(ms.items()))
 
 
-@needs_release
 @pytest.mark.parametrize("size", ["2.6B", "13B"])
 def test_every_released_parameter_name_maps(size: str) -> None:
     path, block_count = STRATEGY_FILES[size]

@@ -42,7 +42,6 @@ from tests.helpers import RELEASE
 from tests.model.numpy_pangu import causal_attention_mask, numpy_pangu_logits, random_ms_params
 
 STRATEGY = {size: RELEASE / f"pangu_alpha_{size}_ckpt_strategy.ckpt" for size in ("2.6B", "13B")}
-pytestmark = pytest.mark.skipif(not RELEASE.is_dir(), reason="PanGu-alpha release strategy files not present")
 
 LAYERS = 3  # two blocks + the query layer
 SEQ = 16

@@ -172,6 +172,12 @@ def test_deduplication_and_simplification_are_optional():
     assert kept == ["汉语是一种语言"]
 
 
+def test_simplification_keeps_characters_that_only_some_words_simplify():
+    """OpenCC converts by phrase: 乾隆 keeps 乾 (not 干隆) and 著名 keeps 著 (not 着名)."""
+    (kept,), _ = Cleaner(CleaningConfig(to_simplified=True, min_length=1)).clean(["這是乾隆皇帝著名的著作。"])
+    assert kept == "这是乾隆皇帝著名的著作。"
+
+
 def test_explain_empty_names_the_filter_and_threshold():
     config = CleaningConfig(min_length=100)
     _, report = Cleaner(config).clean(["短文档"] * 3)

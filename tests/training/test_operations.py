@@ -143,12 +143,15 @@ def test_full_disk_during_save_keeps_the_previous_checkpoint(tiny_corpus, tmp_pa
 
 
 def test_checkpoint_of_another_model_shape_is_refused(tiny_corpus, straight_run, tmp_path):
+    """...and the run directory is left as it was: not even config.yaml is rewritten."""
     out = tmp_path / "other-shape"
-    shutil.copytree(straight_run / "checkpoints", out / "checkpoints")
+    shutil.copytree(straight_run, out)
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
     result = run_pretrain(tiny_overrides(tiny_corpus, out, "model.hidden_size=32"))
     assert result.returncode == 2
-    assert "model.hidden_size = 64 but the config has 32" in result.stderr
-    assert "loss" not in (out / "metrics.jsonl").read_text() if (out / "metrics.jsonl").exists() else True
+    assert "model.hidden_size = 64 but the config has 32" in result.stderr and "Traceback" not in result.stderr
+    after = {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != ".pangu.lock"}
+    assert after == {p: data for p, data in before.items() if p.name != ".pangu.lock"}
 
 
 def test_checkpoint_with_another_tokenizer_is_refused(tiny_corpus, straight_run, tmp_path):
@@ -226,3 +229,47 @@ def test_kill_9_of_a_rank_while_checkpointing(tiny_corpus, tmp_path):
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert losses(out) == losses(reference)
     assert not (out / "checkpoints" / ".tmp_step_00000004").exists()
+
+
+def test_a_second_run_on_the_same_directory_is_refused(tiny_corpus, tmp_path):
+    """While a run holds train.output_dir, another one stops at once naming the holder and changes
+    nothing; once the first is killed (its lock dies with it) the directory can be used again."""
+    import subprocess
+    import sys
+    import time
+
+    from tests.helpers import subprocess_env
+
+    out = tmp_path / "shared"
+    paused = (
+        "import time\nfrom pangu.pretrain.trainer import Trainer\n"
+        "step = Trainer.train_step\n"
+        "def train_step(self):\n"
+        "    if self.step == 1:\n"
+        "        open(self.output_dir / 'paused', 'w').close()\n"
+        "        time.sleep(600)\n"
+        "    return step(self)\n"
+        "Trainer.train_step = train_step\n"
+        "import sys\nfrom pangu.cli import main\nsys.exit(main(['pretrain', *sys.argv[1:]]))"
+    )
+    first = subprocess.Popen(
+        [sys.executable, "-c", paused, *tiny_overrides(tiny_corpus, out)],
+        env=subprocess_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.time() + 240
+        while not (out / "paused").exists():
+            assert first.poll() is None and time.time() < deadline, "the first run did not start"
+            time.sleep(0.5)
+        before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+        second = run_pretrain(tiny_overrides(tiny_corpus, out))
+        assert second.returncode == 2 and "Traceback" not in second.stderr
+        assert "is in use by another run (host " in second.stderr and f"pid {first.pid})" in second.stderr
+        assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    finally:
+        first.kill()
+        first.wait()
+    third = run_pretrain(tiny_overrides(tiny_corpus, out, "train.steps=1", "optim.warmup_steps=1"))
+    assert third.returncode == 0, third.stderr[-3000:]

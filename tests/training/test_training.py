@@ -142,27 +142,55 @@ def test_cli_evaluate_generate_plot_export(tiny_corpus, straight_run, capsys, tm
         torch.testing.assert_close(reimported(ids), exported(ids))
 
 
-def test_preemption_signal_checkpoints_and_resumes_exactly(tiny_corpus, straight_run, tmp_path):
-    """SIGUSR1 (Slurm's preemption warning) during step 3: the run finishes the step, checkpoints,
-    exits 0; the next run resumes and reaches the same losses as the uninterrupted run."""
-    out = tmp_path / "preempted"
+@pytest.mark.parametrize("signal_name", ["SIGUSR1", "SIGINT"])
+def test_a_stop_signal_checkpoints_and_resumes_exactly(tiny_corpus, straight_run, tmp_path, signal_name):
+    """SIGUSR1 (Slurm's preemption warning) or Ctrl-C during step 3: the run finishes the step,
+    checkpoints, exits 0 without a traceback; the next run resumes, supersedes what the stopped
+    run logged after the checkpoint, and reaches the same losses as the uninterrupted run."""
+    out = tmp_path / "stopped"
     signal_in_step_3 = (
         "import os, signal\nfrom pangu.pretrain.trainer import Trainer\n"
         "step = Trainer.train_step\n"
         "def train_step(self):\n"
         "    if self.step == 2:\n"
-        "        os.kill(os.getpid(), signal.SIGUSR1)\n"
+        f"        os.kill(os.getpid(), signal.{signal_name})\n"
         "    return step(self)\n"
         "Trainer.train_step = train_step\n"
     )
     result = run_pretrain(tiny_overrides(tiny_corpus, out), prelude=signal_in_step_3)
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr[-3000:]
     events = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert {"step": 3, "event": "preempted", "signal": "SIGUSR1"} in events
+    assert {"step": 3, "event": "preempted", "signal": signal_name} in events
     assert latest_checkpoint(out).name == "step_00000003"
+    with open(out / "metrics.jsonl", "a") as f:  # as if the stopped run had logged past its checkpoint
+        f.write(json.dumps({"step": 4, "loss": 99.0, "grad_norm": 0.0}) + "\n" + '{"step": 5, "lo')
     result = run_pretrain(tiny_overrides(tiny_corpus, out))
     assert result.returncode == 0, result.stderr[-3000:]
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    logged = [
+        step for step, record in zip(steps, (out / "metrics.jsonl").read_text().splitlines()) if '"loss"' in record
+    ]
+    assert logged == sorted(set(logged))  # every step once
     assert losses(out) == losses(straight_run)
+
+
+def test_a_second_ctrl_c_stops_at_once(tiny_corpus, straight_run, tmp_path):
+    """Ctrl-C twice: the run stops without its checkpoint, in one line, and leaves the last one."""
+    out = tmp_path / "interrupted"
+    twice_in_step_3 = (
+        "import os, signal\nfrom pangu.pretrain.trainer import Trainer\n"
+        "step = Trainer.train_step\n"
+        "def train_step(self):\n"
+        "    if self.step == 2:\n"
+        "        os.kill(os.getpid(), signal.SIGINT)\n"
+        "        os.kill(os.getpid(), signal.SIGINT)\n"
+        "    return step(self)\n"
+        "Trainer.train_step = train_step\n"
+    )
+    result = run_pretrain(tiny_overrides(tiny_corpus, out, "train.save_interval=2"), prelude=twice_in_step_3)
+    assert result.returncode == 130
+    assert "pangu pretrain: interrupted" in result.stderr and "Traceback" not in result.stderr
+    assert latest_checkpoint(out).name == "step_00000002"
 
 
 def test_fused_s3_trains_like_foreach(tiny_corpus, straight_run, tmp_path):
@@ -206,3 +234,24 @@ def test_compiled_layers_train_like_eager(tiny_corpus, tmp_path):
     for step, (loss, grad_norm) in runs[False].items():
         assert runs[True][step][0] == pytest.approx(loss, rel=1e-5), step
         assert runs[True][step][1] == pytest.approx(grad_norm, rel=1e-4), step
+
+
+def test_weights_and_biases_offline_continues_the_same_run(tiny_corpus, tmp_path):
+    """train.wandb in offline mode: the run logs to W&B; stopped and resumed, it continues the same
+    W&B run (same id), with the config recorded."""
+    out = tmp_path / "wandb"
+    settings = [
+        "train.wandb.project=pangu-test",
+        "train.wandb.mode=offline",
+        "train.eval_interval=0",
+        "train.steps=3",
+        "optim.warmup_steps=1",
+    ]
+    for stop_at in (2, 0):
+        done = run_pretrain(tiny_overrides(tiny_corpus, out, *settings, f"train.stop_at={stop_at}"))
+        assert done.returncode == 0, done.stderr[-3000:]
+    run_id = (out / "wandb_run_id").read_text().strip()
+    runs = sorted((out / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2 and all(r.name.endswith(run_id) for r in runs)
+    records = [(r / f"run-{run_id}.wandb").read_bytes() for r in runs]
+    assert all(b"pangu-test" in data and b"grad_norm" in data for data in records)  # config, then metrics

@@ -48,7 +48,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pangu.config import ModelConfig
+from pangu.config import ModelConfig, PanguError
 from pangu.convert.mindspore.ckpt import (
     BFLOAT16,
     StoredTensor,
@@ -92,7 +92,7 @@ _FINGERPRINT_ELEMENTS = 1 << 12
 _UINT_OF_SIZE = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
 
 
-class ReleaseError(ValueError):
+class ReleaseError(PanguError, ValueError):
     """A sliced release is incomplete or inconsistent; the message names the file."""
 
 
@@ -224,10 +224,10 @@ class SlicedRelease:
     def __init__(self, directory: PathLike, *, strategy: PathLike | None = None):
         self.directory = Path(directory)
         if not self.directory.is_dir():
-            raise FileNotFoundError(f"{self.directory} is not a directory of checkpoint slices")
+            raise ReleaseError(f"{self.directory} is not a directory of checkpoint slices")
         self.strategy_path = Path(strategy) if strategy is not None else find_strategy_file(self.directory)
         if not self.strategy_path.is_file():
-            raise FileNotFoundError(f"strategy file {self.strategy_path} does not exist")
+            raise ReleaseError(f"strategy file {self.strategy_path} does not exist")
         self.strategies = {
             name: s for name, s in read_parallel_strategy(self.strategy_path).items() if name.startswith("backbone.")
         }

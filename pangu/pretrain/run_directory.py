@@ -1,0 +1,55 @@
+"""A run owns its output directory: one run at a time (an advisory lock the OS releases when the
+process dies, so a killed run never blocks the next), and nothing written before the run is
+accepted."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import socket
+from pathlib import Path
+from typing import IO
+
+from pangu.config import Config, ConfigError
+
+LOCK_FILE = ".pangu.lock"
+
+
+def claim(directory: Path, field: str = "train.output_dir") -> IO:
+    """Creates `directory` if needed, checks that this user can write there, and takes its lock.
+    Keep the returned file open for as long as the run lasts."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        lock = open(directory / LOCK_FILE, "a+")
+    except OSError as err:
+        raise ConfigError(
+            f"{field} = {str(directory)!r} is not writable ({err.strerror}): choose a directory this user can write"
+        ) from None
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        holder = lock.read().strip() or "another process"
+        lock.close()
+        raise ConfigError(
+            f"{field} = {str(directory)!r} is in use by another run ({holder}): wait for it to end, or choose "
+            "another directory"
+        ) from None
+    lock.seek(0)
+    lock.truncate()
+    lock.write(f"host {socket.gethostname()}, pid {os.getpid()}\n")
+    lock.flush()
+    return lock
+
+
+def write_config(directory: Path, config: Config) -> None:
+    """RUN_DIR/config.yaml, replaced atomically: a full disk leaves the previous one, and says so."""
+    tmp = directory / ".config.yaml.tmp"
+    try:
+        tmp.write_text(config.dump(), encoding="utf-8")
+        os.replace(tmp, directory / "config.yaml")
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise ConfigError(
+            f"cannot write {directory / 'config.yaml'} ({err.strerror}): free space or fix the directory"
+        ) from None
