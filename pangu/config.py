@@ -295,9 +295,7 @@ class TrainConfig:
     init_from: str = ""  # a pangu checkpoint or weights directory to start from (weights only)
     save_interval: int = 0  # 0: save only at the end (and at stop_at)
     keep_checkpoints: int = 2
-    # true: a checkpoint's state is copied to host memory and written by a background thread while
-    # training goes on (published once every rank has written; one save in flight at a time)
-    async_save: bool = False
+    async_save: bool = False  # true: checkpoints written by a background thread as training goes on
     log_interval: int = 1
     eval_interval: int = 0  # 0: validate only at the end
     eval_batches: int = 4
