@@ -122,7 +122,10 @@ class TokenizerConfig:
     path: str = "../shared/pangu-alpha-release/vocab.model"
     algorithm: Literal["bpe", "unigram"] = "bpe"
     vocab_size: int = 40000  # for kind "train"
-    train_sentences: int = 200000  # how many cleaned lines the trainer samples
+    train_sentences: int = 200000  # how many cleaned documents the trainer samples (the same ones
+    # for any number of processes: those with the smallest hash of their text)
+    num_threads: int = 16  # SentencePiece trainer threads: its result depends on this number, so it
+    # is fixed here rather than following data.num_proc
 
 
 @dataclass
@@ -134,12 +137,37 @@ class CleaningConfig:
 
 
 @dataclass
+class NearDedupConfig:
+    """Near-duplicate removal (MinHash LSH over character n-grams): a document is removed when, in
+    any band, its MinHash values equal those of an earlier document. Two documents whose n-gram
+    sets have Jaccard similarity s share a band with probability 1 - (1 - s^rows)^bands: with the
+    defaults (as datatrove's) about 0.5 at s = 0.72 and above 0.99 at s = 0.85."""
+
+    enabled: bool = False
+    ngram: int = 5  # characters per shingle (whitespace removed, lowercased)
+    bands: int = 14
+    rows: int = 8  # MinHash values per band; bands x rows hash functions in all
+
+
+@dataclass
 class DataConfig:
     sources: list[SourceConfig] = field(default_factory=lambda: [SourceConfig()])
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     cleaning: CleaningConfig = field(default_factory=CleaningConfig)
+    near_dedup: NearDedupConfig = field(default_factory=NearDedupConfig)
     prepared_dir: str = "data_cache/default"
-    num_proc: int = 2
+    # worker processes per rank of `pangu prepare`; 0: every core of the node, shared by its ranks
+    num_proc: int = 0
+    # the unit of work: input files are cut into pieces of about this many bytes (at line starts;
+    # parquet: row groups; a compressed file is one piece). Pieces are what a resumed prepare keeps
+    piece_size: str = "64MB"
+    # consecutive pieces of a source, about this many input bytes, make one shard file per split
+    shard_size: str = "4GB"
+    # where pieces are kept until the preparation is published ("": .<name>.work beside
+    # prepared_dir); with several nodes it must be a directory every node sees
+    work_dir: str = ""
+    # how long a rank of a multi-process prepare waits for the others (tokenizer training, slow ranks)
+    timeout_minutes: float = 1440.0
     valid_fraction: float = 0.01  # of documents, chosen by a hash of the text: deterministic
     heldout_review_fraction: float = 0.1  # of review documents, never written into any shard
     eod_reset: bool = False  # restart positions and block attention after each separator
@@ -156,7 +184,26 @@ class DataConfig:
                     source.path,
                     f"a file, directory or glob (required for kind {source.kind!r})",
                 )
-        _require(self.num_proc >= 1, "data.num_proc", self.num_proc, ">= 1")
+        _require(self.num_proc >= 0, "data.num_proc", self.num_proc, ">= 0 (0: every core of the node)")
+        for name in ("piece_size", "shard_size"):
+            value = getattr(self, name)
+            try:
+                size = parse_bytes(value)
+            except ConfigError:
+                size = -1
+            _require(size >= 1 << 16, f"data.{name}", value, "a size of at least 64KiB, e.g. 64MB or 4GB")
+        _require(self.timeout_minutes > 0, "data.timeout_minutes", self.timeout_minutes, "> 0")
+        near = self.near_dedup
+        _require(near.ngram >= 1, "data.near_dedup.ngram", near.ngram, ">= 1")
+        _require(near.bands >= 1, "data.near_dedup.bands", near.bands, ">= 1")
+        _require(near.rows >= 1, "data.near_dedup.rows", near.rows, ">= 1")
+        _require(self.tokenizer.num_threads >= 1, "data.tokenizer.num_threads", self.tokenizer.num_threads, ">= 1")
+        _require(
+            self.tokenizer.train_sentences >= 1,
+            "data.tokenizer.train_sentences",
+            self.tokenizer.train_sentences,
+            ">= 1",
+        )
         _require(0.0 < self.valid_fraction < 0.5, "data.valid_fraction", self.valid_fraction, "a fraction in (0, 0.5)")
         _require(
             0.0 <= self.heldout_review_fraction < 1.0,
