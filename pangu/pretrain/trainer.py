@@ -25,7 +25,7 @@ from pangu.checkpoint.store import CheckpointError
 from pangu.checkpoint.training import latest_checkpoint, load_checkpoint, save_checkpoint
 from pangu.config import Config, ConfigError, SpikeGuardConfig
 from pangu.data.dataset import make_batch
-from pangu.data.prepare import load_prepared, load_tokenizer
+from pangu.data.prepare import index_cache_dir, load_prepared, load_tokenizer
 from pangu.data.sampler import GlobalBatchSampler, micro_batches
 from pangu.data.tokenizer import TOKENIZER_FILE
 from pangu.evaluation.harness import evaluate_tasks
@@ -122,6 +122,7 @@ class Trainer:
         self.topology = init_distributed(config.parallel)
         seed_rng_streams(train.seed)
         self.train_data, self.meta = load_prepared(config.data.prepared_dir, "train", config.model.seq_length)
+        self.index_cache = index_cache_dir(config.data.prepared_dir)  # the sampler's permutations, built once
         valid_data, _ = load_prepared(config.data.prepared_dir, "valid", config.model.seq_length)
         if self.meta["vocab_size"] != config.model.vocab_size:
             raise ConfigError(
@@ -138,7 +139,9 @@ class Trainer:
             (self.output_dir / "config.yaml").write_text(config.dump(), encoding="utf-8")
 
         self.engine, self.names = build_engine(config, self.topology)
-        self.sampler = GlobalBatchSampler(len(self.train_data), train.global_batch_size, seed=train.seed)
+        self.sampler = GlobalBatchSampler(
+            len(self.train_data), train.global_batch_size, seed=train.seed, cache_dir=self.index_cache
+        )
         self.step = 0
         self.resumed_from = latest_checkpoint(self.output_dir)
         if self.resumed_from is not None:
@@ -166,7 +169,7 @@ class Trainer:
             )
         self.step = state["step"]
         self.sampler = GlobalBatchSampler.from_state_dict(
-            state["sampler"], len(self.train_data), self.config.train.global_batch_size
+            state["sampler"], len(self.train_data), self.config.train.global_batch_size, cache_dir=self.index_cache
         )
 
     def train_step(self) -> dict:

@@ -1,6 +1,7 @@
 """`prepare` end to end: what it writes, idempotence, rebuilds, and the errors it gives before
 doing any work; `load_prepared` / `load_tokenizer` checks; held-out reviews never reach a shard."""
 
+import dataclasses
 import itertools
 import json
 from pathlib import Path
@@ -35,7 +36,7 @@ def _config(tmp_path: Path, *paths: Path, weights: tuple[float, ...] = (), **dat
     config.data.sources = [SourceConfig(kind="jsonl", path=str(p), text_field="content") for p in paths]
     for source, weight in zip(config.data.sources, weights):
         source.weight = weight
-    config.model.seq_length = 64  # prepare builds the training indices for it
+    config.model = dataclasses.replace(config.model, seq_length=64)  # prepare builds the training indices for it
     config.data.tokenizer.path = str(RELEASED_MODEL)
     config.data.prepared_dir = str(tmp_path / "prepared")
     config.data.num_proc = 1
@@ -136,7 +137,7 @@ def test_corpus_emptied_by_cleaning_names_the_filter_and_keeps_the_previous_prep
     config = _config(tmp_path, corpus)
     prepare(config, progress=False)
     out = Path(config.data.prepared_dir)
-    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    before = _files(out)
     config.data.cleaning.min_length = 100000
     with pytest.raises(
         DataError,
@@ -144,7 +145,7 @@ def test_corpus_emptied_by_cleaning_names_the_filter_and_keeps_the_previous_prep
         r"\d+ \(data.cleaning.min_length = 100000\)",
     ):
         prepare(config, progress=False)
-    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert _files(out) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus.jsonl", "prepared"]
 
 
