@@ -191,7 +191,7 @@ class DataConfig:
                 size = parse_bytes(value)
             except ConfigError:
                 size = -1
-            _require(size >= 1 << 16, f"data.{name}", value, "a size of at least 64KiB, e.g. 64MB or 4GB")
+            _require(size >= 1 << 10, f"data.{name}", value, "a size of at least 1KiB, e.g. 64MB or 4GB")
         _require(self.timeout_minutes > 0, "data.timeout_minutes", self.timeout_minutes, "> 0")
         near = self.near_dedup
         _require(near.ngram >= 1, "data.near_dedup.ngram", near.ngram, ">= 1")

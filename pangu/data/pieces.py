@@ -140,6 +140,9 @@ def clean_piece(piece: Piece) -> dict[str, Any]:
     stream = _Out(base.with_suffix(".tok" if job.tokenizer else ".txt"))
     batch: list[str] = []
     batch_size = 0
+    # exact repeats inside the piece: certain to be removed, so neither tokenized nor MinHashed
+    # (their text key still goes to deduplication, which removes and counts them)
+    seen: set[bytes] = set()
 
     def flush() -> None:
         nonlocal text_bytes, batch_size
@@ -148,31 +151,37 @@ def clean_piece(piece: Piece) -> dict[str, Any]:
         batch_keys: list[bytes] = []
         key_docs: list[int] = []
         key_near: list[bool] = []
-        encoded = [text.encode("utf-8") for text in batch]
-        for i, (text, raw) in enumerate(zip(batch, encoded)):
+        work: list[str] = []  # the texts to tokenize or write: repeats become ""
+        for i, text in enumerate(batch):
             meta["chars"][i] = len(text)
-            text_bytes += len(raw)
-            meta["text_end"][i] = text_bytes
             meta["valid"][i] = is_validation_document(text, job.valid_fraction)
             if job.sample_salt:
                 meta["sample"][i] = sample_hash(text, job.sample_salt)
+            repeat = False
             if job.cleaning.deduplicate:
-                batch_keys.append(text_key(text))
+                key = text_key(text)
+                repeat = key in seen
+                seen.add(key)
+                batch_keys.append(key)
                 key_docs.append(first + i)
                 key_near.append(False)
-            if _hasher is not None:
+            if _hasher is not None and not repeat:
                 bands = _hasher.keys(text)
                 batch_keys += bands
                 key_docs += [first + i] * len(bands)
                 key_near += [True] * len(bands)
+            work.append("" if repeat else text)
         docs.append(meta)
         if dedup:
             keys.append(keys_array(batch_keys, key_docs, key_near))
         if job.tokenizer is not None:
-            tokens, lengths = encode(job.tokenizer, batch)
+            tokens, lengths = encode(job.tokenizer, work, skip_empty=True)
             stream.write(tokens.tobytes())
             ntokens.append(lengths)
         else:
+            encoded = [text.encode("utf-8") for text in work]
+            meta["text_end"] = text_bytes + np.cumsum([len(raw) for raw in encoded])
+            text_bytes = int(meta["text_end"][-1])
             stream.write(b"".join(encoded))
         batch.clear()
         batch_size = 0
@@ -212,12 +221,13 @@ def clean_piece(piece: Piece) -> dict[str, Any]:
     return {"piece": piece.index, **report}
 
 
-def encode(tokenizer: PanguTokenizer, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+def encode(tokenizer: PanguTokenizer, texts: list[str], skip_empty: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """The texts' tokens, each document followed by the separator, flat in the shard dtype; and
-    each document's token count."""
+    each document's token count. With `skip_empty`, "" (a repeat left out) gives no tokens at all."""
     encoded = tokenizer.encode_batch(texts)
-    for ids in encoded:
-        ids.append(tokenizer.eod_id)
+    for text, ids in zip(texts, encoded):
+        if text or not skip_empty:
+            ids.append(tokenizer.eod_id)
     lengths = np.fromiter(map(len, encoded), dtype=np.int64, count=len(encoded))
     flat = np.fromiter(itertools.chain.from_iterable(encoded), dtype=np.int64, count=int(lengths.sum()))
     return flat.astype(dtype_for_vocab(tokenizer.vocab_size)), lengths
@@ -238,7 +248,7 @@ def tokenize_piece(piece: int, tokenizer: PanguTokenizer) -> dict[str, Any]:
             blob = texts.read(int(ends[stop - 1]) - start_byte)
             cuts = ends[first:stop] - start_byte
             batch = [blob[a:b].decode("utf-8") for a, b in zip(np.concatenate([[0], cuts[:-1]]), cuts)]
-            tokens, counts = encode(tokenizer, batch)
+            tokens, counts = encode(tokenizer, batch, skip_empty=True)
             stream.write(tokens.tobytes())
             lengths.append(counts)
     _save_npy(base.with_suffix(".ntok.npy"), np.concatenate(lengths) if lengths else np.zeros(0, np.int64))

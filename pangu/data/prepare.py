@@ -485,6 +485,7 @@ def _publish(
         "eod_id": tokenizer.eod_id,
         "pad_id": tokenizer.pad_id,
         "sources": sources_meta,
+        "pieces": sum(len(members) for members in groups.values()),
         "totals": {
             split: {key: sum(s[split][key] for s in sources_meta) for key in ("documents", "tokens")}
             for split in SPLITS
