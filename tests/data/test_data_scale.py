@@ -91,6 +91,26 @@ def test_prepare_is_bitwise_identical_for_1_2_and_3_ranks(tmp_path):
     assert not list(tmp_path.glob(".*"))  # every work directory removed
 
 
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_a_trained_tokenizer_and_its_shards_are_the_same_for_any_number_of_ranks(tmp_path):
+    """The tokenizer's sample (the documents with the smallest hash, chosen across ranks) and its
+    training do not depend on the layout; fewer sample documents than the corpus holds."""
+    corpus = tmp_path / "corpus"
+    write_corpus(corpus, 150_000, file_size=50_000, seed=5)
+    trained = {"tokenizer": {"kind": "train", "vocab_size": 600, "train_sentences": 60, "num_threads": 2}}
+    reference = tmp_path / "one-process"
+    report = prepare(
+        load_config(_config_file(tmp_path / "ref.yaml", _settings(corpus, reference, **trained))), progress=False
+    )
+    assert report["totals"]["train"]["documents"] > 60 and report["vocab_size"] == 600
+    out = tmp_path / "two-ranks"
+    config = _config_file(tmp_path / "two.yaml", _settings(corpus, out, **trained))
+    result = torchrun_pangu(["prepare", "--config", str(config)], nproc=2)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert _files(out) == _files(reference)
+
+
 # ---------------------------------------------------------------------------------------------
 # Memory
 
