@@ -30,14 +30,13 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import multiprocessing
 import os
 import shutil
 import sys
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import Any
 
 import numpy as np
 
@@ -45,10 +44,10 @@ from pangu.config import Config, DataConfig, parse_bytes
 from pangu.data import DataError
 from pangu.data.cleaning import FILTERS, CleaningReport
 from pangu.data.dedup import bucket_count
+from pangu.data.group import Alone, Group, Workers, num_proc, together
 from pangu.data.pieces import (
     Job,
     clean_piece,
-    init_worker,
     is_validation_document,
     kept_mask,
     piece_path,
@@ -84,24 +83,6 @@ __all__ = [
 
 # data config fields that do not change what prepare writes, so changing them does not rebuild
 _NOT_INPUTS = ("num_proc", "prepared_dir", "eod_reset", "work_dir", "timeout_minutes")
-T = TypeVar("T")
-
-
-class Group(Protocol):
-    """The ranks preparing together. `gather(value)` returns every rank's value, in rank order,
-    on every rank (a barrier too)."""
-
-    rank: int
-    world_size: int
-
-    def gather(self, value: Any) -> list[Any]: ...
-
-
-class _Alone:
-    rank, world_size = 0, 1
-
-    def gather(self, value: Any) -> list[Any]:
-        return [value]
 
 
 def prepare(config: Config, *, progress: bool = True, group: Group | None = None) -> dict[str, Any]:
@@ -109,7 +90,7 @@ def prepare(config: Config, *, progress: bool = True, group: Group | None = None
     inputs) and return the report stored in meta.json, plus "reused" (true when nothing was done),
     "seconds", and after a build "reason" (why it was needed) and "resumed_pieces"."""
     started = time.time()
-    group = group or _Alone()
+    group = group or Alone()
     data = config.data
     out_dir = Path(data.prepared_dir)
     say = _Reporter(progress and group.rank == 0)
@@ -121,12 +102,12 @@ def prepare(config: Config, *, progress: bool = True, group: Group | None = None
     _check_output_dir(out_dir)
     pieces = plan_pieces(data.sources, parse_bytes(data.piece_size), parse_bytes(data.shard_size))
     if group.rank == 0:
-        _together(group, lambda: [check_source(source, i) for i, source in enumerate(data.sources)])
+        together(group, lambda: [check_source(source, i) for i, source in enumerate(data.sources)])
     else:
-        _together(group, lambda: None)
+        together(group, lambda: None)
     inputs = _describe_inputs(data, pieces)
     fingerprint = _hash_json(inputs)
-    reason = _together(group, lambda: _why_rebuild(out_dir, fingerprint, inputs) if group.rank == 0 else None)[0]
+    reason = together(group, lambda: _why_rebuild(out_dir, fingerprint, inputs) if group.rank == 0 else None)[0]
     if reason is None:
         say(f"{out_dir} is up to date with these inputs: nothing to do")
         if group.rank == 0:
@@ -187,26 +168,26 @@ def _build(
 ) -> tuple[dict[str, Any], int]:
     """Steps 1 to 5; returns the published meta and how many of this run's pieces were reused."""
     data = config.data
-    workers = _Workers(_num_proc(data.num_proc), job, len(mine))
+    workers = Workers(num_proc(data.num_proc), job, len(mine))
     try:
         # 1. clean
         todo = [p for p in mine if not _done(work, p.index, ".json")]
         resumed = len(mine) - len(todo)
         say(f"step 1/4, cleaning: {len(todo)} pieces here ({resumed} done by an earlier run)")
-        _together(group, lambda: _progress(say, "cleaned", todo, workers.map(clean_piece, todo)))
-        reports = _together(group, lambda: _source_reports(work, pieces, data) if group.rank == 0 else None)[0]
+        together(group, lambda: _progress(say, "cleaned", todo, workers.map(clean_piece, todo)))
+        reports = together(group, lambda: _source_reports(work, pieces, data) if group.rank == 0 else None)[0]
         # 2. deduplicate
         bucket_files = [work / "dedup" / f"{b:06d}.npy" for b in range(job.buckets)]
         mine_buckets = [b for b in range(job.buckets) if b % group.world_size == group.rank]
         todo_buckets = [(str(work), len(pieces), b, job.buckets) for b in mine_buckets if not bucket_files[b].exists()]
         say(f"step 2/4, deduplicating: {job.buckets} key buckets, {len(todo_buckets)} to do here")
-        _together(group, lambda: list(workers.map(_reduce_bucket, todo_buckets)))
+        together(group, lambda: list(workers.map(_reduce_bucket, todo_buckets)))
         # 3. the tokenizer
         tokenizer = released or _trained_tokenizer(group, data, work, pieces, mine, bucket_files, say)
         if released is None:
             todo = [(p.index, tokenizer) for p in mine if not _done(work, p.index, ".tok.json")]
             say(f"step 3/4, tokenizing: {len(todo)} pieces here")
-            _together(group, lambda: _progress(say, "tokenized", todo, workers.map(_tokenize_piece, todo)))
+            together(group, lambda: _progress(say, "tokenized", todo, workers.map(_tokenize_piece, todo)))
         # 4. shards
         groups = _shard_groups(pieces)
         todo_shards = [
@@ -215,12 +196,12 @@ def _build(
             if n % group.world_size == group.rank and not (work / "shards" / f"{key[0]}-{key[1]:05d}.json").exists()
         ]
         say(f"step 4/4, writing shards: {len(groups)} shards per split, {len(todo_shards)} here")
-        _together(group, lambda: list(workers.map(_write_shard, todo_shards)))
+        together(group, lambda: list(workers.map(_write_shard, todo_shards)))
     finally:
         workers.close()
     resumed_pieces = sum(group.gather(resumed))
     out_dir = Path(data.prepared_dir)
-    meta = _together(
+    meta = together(
         group,
         lambda: (
             _publish(config, work, out_dir, inputs, fingerprint, tokenizer, reports, groups, reviews)
@@ -231,55 +212,6 @@ def _build(
     if group.rank != 0:
         meta = read_meta(out_dir)
     return meta, resumed_pieces
-
-
-# ---------------------------------------------------------------------------------------------
-# Coordination
-
-
-def _together(group: Group, step: Callable[[], T]) -> list[Any]:
-    """Run `step` on every rank, then meet: a DataError on any rank is raised on every rank (the
-    first one's message), so that no rank waits for another that gave up. Returns each rank's result."""
-    try:
-        outcome: tuple[str, Any] = ("ok", step())
-    except DataError as err:
-        outcome = ("error", f"{err}" if group.world_size == 1 else f"rank {group.rank}: {err}")
-    outcomes = group.gather(outcome)
-    errors = [message for status, message in outcomes if status == "error"]
-    if errors:
-        raise DataError(errors[0])
-    return [value for _, value in outcomes]
-
-
-def _num_proc(num_proc: int) -> int:
-    if num_proc:
-        return num_proc
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-
-
-class _Workers:
-    """`num_proc` spawned worker processes (each runs `init_worker(job)` once), or, for one, this
-    process itself. Spawned rather than forked: a rank holding a gloo group must not fork."""
-
-    def __init__(self, num_proc: int, job: Job, tasks: int) -> None:
-        self.size = max(1, min(num_proc, tasks))
-        self.pool = None
-        if self.size == 1:
-            init_worker(job)
-        else:
-            context = multiprocessing.get_context("spawn")
-            self.pool = context.Pool(self.size, initializer=init_worker, initargs=(job,))
-
-    def map(self, function: Callable[[Any], T], tasks: list[Any]) -> Iterator[T]:
-        if self.pool is None:
-            return map(function, tasks)
-        return self.pool.imap_unordered(function, tasks)
-
-    def close(self) -> None:
-        if self.pool is not None:
-            self.pool.terminate()
-            self.pool.join()
 
 
 def _reduce_bucket(task: tuple[str, int, int, int]) -> int:
@@ -378,7 +310,7 @@ def _trained_tokenizer(
                 f"step 3/4, training a {data.tokenizer.algorithm} tokenizer of {data.tokenizer.vocab_size} "
                 f"pieces on {len(lines)} documents"
             )
-            _together(
+            together(
                 group,
                 lambda: PanguTokenizer.train(
                     lines,
@@ -389,7 +321,7 @@ def _trained_tokenizer(
                 ),
             )
         else:
-            _together(group, lambda: None)
+            together(group, lambda: None)
     return PanguTokenizer.from_file(path)
 
 
