@@ -111,6 +111,21 @@ def test_a_trained_tokenizer_and_its_shards_are_the_same_for_any_number_of_ranks
     assert _files(out) == _files(reference)
 
 
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_bad_input_found_by_one_rank_stops_every_rank_naming_the_file(tmp_path):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    good = [json.dumps({"text": f"第{i}篇文档，讲的是北京的天气。"}, ensure_ascii=False) for i in range(50)]
+    (corpus / "a.jsonl").write_text("\n".join(good) + "\n", encoding="utf-8")
+    (corpus / "b.jsonl").write_text("\n".join(good[:3]) + '\n{"text": 12}\n', encoding="utf-8")  # piece 1: rank 1
+    config = _config_file(tmp_path / "c.yaml", _settings(corpus, tmp_path / "prepared", piece_size="1MB"))
+    result = torchrun_pangu(["prepare", "--config", str(config)], nproc=2)
+    assert result.returncode != 0
+    assert "pangu prepare: error: rank 1: data.sources[0]" in result.stderr and "b.jsonl: record 3" in result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.yaml", "corpus"]  # nothing published, no work left
+
+
 # ---------------------------------------------------------------------------------------------
 # Memory
 
