@@ -221,6 +221,33 @@ def startup(prepared: Path, ranks: int, env: dict[str, str], seq_length: int = 1
     }
 
 
+def scaled_copy(prepared: Path, out: Path, tokens: int, shard_tokens: int = 2 * 10**9) -> Path:
+    """A prepared directory as large as `tokens` training tokens without the disk: the real one's
+    meta.json and tokenizer, its train split replaced by sparse shard files of `shard_tokens`
+    tokens (start-up only stats them and maps what the first batch touches)."""
+    import shutil
+
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    meta = json.loads((prepared / "meta.json").read_text())
+    shutil.copy(prepared / meta["tokenizer"]["file"], out / meta["tokenizer"]["file"])
+    source = meta["sources"][0]
+    meta["sources"] = [source]
+    shards = []
+    for k in range(-(-tokens // shard_tokens)):
+        count = min(shard_tokens, tokens - k * shard_tokens)
+        name = f"train-0-{k:05d}"
+        with open(out / f"{name}.bin", "wb") as f:
+            f.truncate(2 * count)  # uint16 tokens, all zero, no disk blocks
+        shards.append({"shard": name, "documents": 1, "tokens": count})
+    source["train"] = {"documents": len(shards), "tokens": tokens, "shards": shards}
+    for entry in source["valid"]["shards"]:
+        for suffix in (".bin", ".idx"):
+            shutil.copy(prepared / f"{entry['shard']}{suffix}", out / f"{entry['shard']}{suffix}")
+    (out / "meta.json").write_text(json.dumps(meta))
+    return out
+
+
 # ---------------------------------------------------------------------------------------------
 
 
@@ -241,6 +268,13 @@ def main() -> None:
     parser.add_argument("--work", default="/tmp/pangu-bench-prepare")
     parser.add_argument("--ranks", type=int, default=2, help="processes loading the data at once for start-up")
     parser.add_argument("--skip", default="", help="size:procs pairs to leave out, e.g. 1GB:1")
+    parser.add_argument(
+        "--startup-tokens",
+        type=float,
+        default=0,
+        help="also time start-up on a sparse copy of the largest set with this many training tokens "
+        "(e.g. 2.5e11, PanGu-alpha's 1.1 TB): the first start (which builds the permutation) and the next",
+    )
     args = parser.parse_args()
     sys.path.insert(0, str(REPO))
     from bench.corpus import write_corpus
@@ -282,9 +316,15 @@ def main() -> None:
             print(json.dumps(row), flush=True)
             rows.append(row)
             largest = work / f"prepared-{size_text}"
+    if largest is None and args.startup_tokens:  # the start-up figures only, on an earlier run's set
+        largest = max(work.glob("prepared-*/"), key=lambda p: p.stat().st_mtime, default=None)
     if largest is not None:
         result = startup(largest, args.ranks, env)
         print(json.dumps({"startup": result}), flush=True)
+        if args.startup_tokens:
+            scaled = scaled_copy(largest, work / "scaled", int(args.startup_tokens))
+            first, again = startup(scaled, args.ranks, env), startup(scaled, args.ranks, env)
+            print(json.dumps({"startup_scaled": {"tokens": int(args.startup_tokens), "first": first, "again": again}}))
     summary(rows)
 
 
