@@ -146,9 +146,15 @@ def blend_indices(weights: Sequence[float], sizes: Sequence[int]) -> tuple[np.nd
         slow = min(2 * slow, 1 << 16) if accepted < 64 else 16
         block = max(4096, 2 * accepted)
     sample_index = np.empty(total, dtype=np.int64)
-    for j, size in enumerate(sizes):
-        chosen = order == j
-        sample_index[chosen] = np.arange(int(chosen.sum()), dtype=np.int64) % size
+    drawn[:] = 0
+    for start in range(0, total, 1 << 22):  # in chunks: no full-length temporaries
+        chunk = order[start : start + (1 << 22)]
+        out = sample_index[start : start + (1 << 22)]
+        for j, size in enumerate(sizes):
+            chosen = chunk == j
+            count = int(chosen.sum())
+            out[chosen] = (drawn[j] + np.arange(count, dtype=np.int64)) % size
+            drawn[j] += count
     return order, sample_index
 
 

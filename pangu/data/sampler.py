@@ -103,8 +103,12 @@ class GlobalBatchSampler:
         return self._permutation
 
     def _build_permutation(self, epoch: int) -> np.ndarray:
-        permutation = np.random.default_rng([self.seed, epoch]).permutation(self.num_samples)
-        return permutation.astype(np.uint32) if self.num_samples <= 1 << 32 else permutation
+        # shuffling arange(n) in 4-byte integers gives the same order as permutation(n) (the
+        # shuffle does not depend on the dtype; the tests check it) in half the memory
+        rng = np.random.default_rng([self.seed, epoch])
+        if self.num_samples <= 1 << 32:
+            return rng.permutation(np.arange(self.num_samples, dtype=np.uint32))
+        return rng.permutation(self.num_samples)
 
     def state_dict(self) -> dict[str, Any]:
         """JSON-serialisable; with num_samples and global_batch_size it rebuilds this sampler."""

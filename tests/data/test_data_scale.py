@@ -332,6 +332,14 @@ def test_blend_index_is_cached_rebuilt_when_the_blend_changes_and_reused_otherwi
     assert np.array_equal(uncached.dataset_index, first.dataset_index)
 
 
+@pytest.mark.parametrize("size", [1, 2, 1000, 123457])
+def test_the_sampler_permutation_is_numpy_permutation_of_n(size):
+    """What exact resume relies on: the order the sampler used before it stored 4-byte indices."""
+    for epoch in (0, 3):
+        expected = np.random.default_rng([7, epoch]).permutation(size)
+        assert np.array_equal(GlobalBatchSampler(size, 1, seed=7)._epoch_permutation(epoch), expected)
+
+
 def test_sampler_permutation_is_cached_and_the_same_as_without_cache(tmp_path, monkeypatch):
     plain = GlobalBatchSampler(1000, 64, seed=7)
     cached = GlobalBatchSampler(1000, 64, seed=7, cache_dir=tmp_path)
