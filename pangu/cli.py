@@ -10,7 +10,7 @@ import sys
 import warnings
 
 from pangu.commands import COMMANDS
-from pangu.config import PanguError
+from pangu.schema import PanguError
 
 # What third-party code prints or warns at every run that says nothing to a pangu user; shown
 # with -v. (DeepSpeed's own stdout prints are routed to the debug log by pangu.parallel.)

@@ -7,11 +7,6 @@ Every field is checked on load: unknown keys, wrong types and impossible combina
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import math
-import re
-import types
-import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,15 +14,7 @@ from typing import Any, Literal
 
 import yaml
 
-
-class PanguError(Exception):
-    """A condition a user can cause (bad input, a damaged file, a full disk): the command prints
-    its message, which names what is wrong and what to do, as one line, without a traceback."""
-
-
-class ConfigError(PanguError, ValueError):
-    """A configuration value is unknown, mistyped or inconsistent."""
-
+from pangu.schema import ConfigError, from_dict, parse_bytes
 
 PADDED_VOCAB_MULTIPLE = 128
 # A trained tokenizer holds SentencePiece's 3 ids, PanGu's 7 special pieces and 256 byte pieces,
@@ -128,7 +115,10 @@ class TokenizerConfig:
     path: str = ""  # kind "pangu": empty means the released model shipped with pangu (pangu/assets)
     algorithm: Literal["bpe", "unigram"] = "bpe"
     vocab_size: int = 40000  # for kind "train"
-    train_sentences: int = 200000  # how many cleaned lines the trainer samples
+    train_sentences: int = 200000  # how many cleaned documents the trainer samples (the same ones
+    # for any number of processes: those with the smallest hash of their text)
+    num_threads: int = 16  # SentencePiece trainer threads: its result depends on this number, so it
+    # is fixed here rather than following data.num_proc
 
 
 @dataclass
@@ -140,12 +130,37 @@ class CleaningConfig:
 
 
 @dataclass
+class NearDedupConfig:
+    """Near-duplicate removal (MinHash LSH over character n-grams): a document is removed when, in
+    any band, its MinHash values equal those of an earlier document. Two documents whose n-gram
+    sets have Jaccard similarity s share a band with probability 1 - (1 - s^rows)^bands: with the
+    defaults (as datatrove's) about 0.5 at s = 0.72 and above 0.99 at s = 0.85."""
+
+    enabled: bool = False
+    ngram: int = 5  # characters per shingle (whitespace removed, lowercased)
+    bands: int = 14
+    rows: int = 8  # MinHash values per band; bands x rows hash functions in all
+
+
+@dataclass
 class DataConfig:
     sources: list[SourceConfig] = field(default_factory=lambda: [SourceConfig()])
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     cleaning: CleaningConfig = field(default_factory=CleaningConfig)
+    near_dedup: NearDedupConfig = field(default_factory=NearDedupConfig)
     prepared_dir: str = "data_cache/default"
-    num_proc: int = 2
+    # worker processes per rank of `pangu prepare`; 0: every core of the node, shared by its ranks
+    num_proc: int = 0
+    # the unit of work: input files are cut into pieces of about this many bytes (at line starts;
+    # parquet: row groups; a compressed file is one piece). Pieces are what a resumed prepare keeps
+    piece_size: str = "64MB"
+    # consecutive pieces of a source, about this many input bytes, make one shard file per split
+    shard_size: str = "4GB"
+    # where pieces are kept until the preparation is published ("": .<name>.work beside
+    # prepared_dir); with several nodes it must be a directory every node sees
+    work_dir: str = ""
+    # how long a rank of a multi-process prepare waits for the others (tokenizer training, slow ranks)
+    timeout_minutes: float = 1440.0
     valid_fraction: float = 0.01  # of documents, chosen by a hash of the text: deterministic
     heldout_review_fraction: float = 0.1  # of review documents, never written into any shard
     eod_reset: bool = False  # restart positions and block attention after each separator
@@ -162,7 +177,20 @@ class DataConfig:
                     source.path,
                     f"a file, directory or glob (required for kind {source.kind!r})",
                 )
-        _require(self.num_proc >= 1, "data.num_proc", self.num_proc, ">= 1")
+        _require(self.num_proc >= 0, "data.num_proc", self.num_proc, ">= 0 (0: every core of the node)")
+        for name in ("piece_size", "shard_size"):
+            value = getattr(self, name)
+            try:
+                size = parse_bytes(value)
+            except ConfigError:
+                size = -1
+            _require(size >= 1 << 10, f"data.{name}", value, "a size of at least 1KiB, e.g. 64MB or 4GB")
+        _require(self.timeout_minutes > 0, "data.timeout_minutes", self.timeout_minutes, "> 0")
+        near = self.near_dedup
+        _require(near.ngram >= 1, "data.near_dedup.ngram", near.ngram, ">= 1")
+        _require(near.bands >= 1, "data.near_dedup.bands", near.bands, ">= 1")
+        _require(near.rows >= 1, "data.near_dedup.rows", near.rows, ">= 1")
+        _require(self.tokenizer.num_threads >= 1, "data.tokenizer.num_threads", self.tokenizer.num_threads, ">= 1")
         _require(self.seed >= 0, "data.seed", self.seed, ">= 0")
         _require(self.cleaning.min_length >= 0, "data.cleaning.min_length", self.cleaning.min_length, ">= 0")
         _require(
@@ -476,129 +504,3 @@ def apply_override(raw: dict[str, Any], override: str) -> None:
         if not isinstance(node, dict):
             raise ConfigError(f"--set {override!r}: {key!r} is not a section")
     node[keys[-1]] = value
-
-
-def from_dict(cls: type, data: Any, where: str, document: str = "the config") -> Any:
-    """Build dataclass `cls` from `data`, checking every key and type; `where` is the dotted path
-    of `data` inside `document` (the config, a task file)."""
-    if not isinstance(data, dict):
-        raise ConfigError(f"{where or document} must be a mapping, got {data!r}")
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    for key in data:
-        if key not in names:
-            close = difflib.get_close_matches(str(key), names, n=1)
-            hint = f" Did you mean {close[0]!r}?" if close else ""
-            raise ConfigError(
-                f"unknown key {_join(where, key)!r}.{hint} Allowed keys of {where or document}: {', '.join(names)}"
-            )
-    required = [
-        f.name
-        for f in dataclasses.fields(cls)
-        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-    ]
-    missing = [name for name in required if name not in data]
-    if missing:
-        raise ConfigError(
-            f"missing key {_join(where, missing[0])!r}: {where or document} needs {', '.join(map(repr, required))}"
-        )
-    kwargs = {key: _coerce(hints[key], value, _join(where, key)) for key, value in data.items()}
-    return cls(**kwargs)
-
-
-def _join(where: str, key: Any) -> str:
-    return f"{where}.{key}" if where else str(key)
-
-
-def _describe(hint: Any) -> str:
-    """What a type hint allows, in words."""
-    origin = typing.get_origin(hint)
-    if origin in (typing.Union, types.UnionType):
-        return " or ".join(_describe(a) for a in typing.get_args(hint))
-    if origin is Literal:
-        return "one of " + ", ".join(repr(a) for a in typing.get_args(hint))
-    if origin is list:
-        return f"a list (of {_describe(typing.get_args(hint)[0])} each)"
-    if origin is dict:
-        return "a mapping"
-    names = {bool: "true or false", int: "an integer", float: "a number", str: "a string", type(None): "null"}
-    return names.get(hint, str(hint))
-
-
-def _coerce(hint: Any, value: Any, where: str) -> Any:
-    origin = typing.get_origin(hint)
-    if dataclasses.is_dataclass(hint):
-        return from_dict(hint, value, where)
-    if origin is Literal:
-        allowed = typing.get_args(hint)
-        if value not in allowed:
-            raise ConfigError(
-                f"{where} = {value!r} is not allowed: expected one of {', '.join(repr(a) for a in allowed)}"
-            )
-        return value
-    if origin is list:
-        (item,) = typing.get_args(hint)
-        if not isinstance(value, list):
-            raise ConfigError(f"{where} = {value!r} is not allowed: expected a list")
-        return [_coerce(item, v, f"{where}[{i}]") for i, v in enumerate(value)]
-    if hint is type(None):
-        if value is not None:
-            raise ConfigError(f"{where} = {value!r} is not allowed: expected nothing (null)")
-        return None
-    if origin is tuple:
-        items = typing.get_args(hint)
-        if not isinstance(value, (list, tuple)) or len(value) != len(items):
-            raise ConfigError(f"{where} = {value!r} is not allowed: expected a list of {len(items)}")
-        return tuple(_coerce(t, v, f"{where}[{i}]") for i, (t, v) in enumerate(zip(items, value)))
-    if origin is dict:
-        key_type, value_type = typing.get_args(hint)
-        if not isinstance(value, dict):
-            raise ConfigError(f"{where} = {value!r} is not allowed: expected a mapping")
-        return {_coerce(key_type, k, where): _coerce(value_type, v, f"{where}.{k}") for k, v in value.items()}
-    if origin in (typing.Union, types.UnionType):  # the first alternative the value fits
-        for alternative in typing.get_args(hint):
-            try:
-                return _coerce(alternative, value, where)
-            except ConfigError:
-                continue
-        raise ConfigError(f"{where} = {value!r} is not allowed: expected {_describe(hint)}")
-    if hint is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{where} = {value!r} is not allowed: expected true or false")
-        return value
-    if hint is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{where} = {value!r} is not allowed: expected an integer")
-        return value
-    if hint is float:
-        if isinstance(value, str):  # YAML reads 1e-3 (no dot) as a string
-            try:
-                value = float(value)
-            except ValueError:
-                pass
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise ConfigError(f"{where} = {value!r} is not allowed: expected a finite number")
-        return float(value)
-    if hint is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{where} = {value!r} is not allowed: expected a string")
-        return value
-    raise TypeError(f"unsupported config type {hint} at {where}")
-
-
-# ---------------------------------------------------------------------------------------------
-# Sizes as users type them
-
-
-_SIZE = re.compile(r"\s*(\d*\.?\d+(?:e[+-]?\d+)?)\s*(?:([kmgtp])(i?)b?|b?)\s*", re.IGNORECASE)
-
-
-def parse_bytes(text: str) -> int:
-    """'80G', '80GB', '80GiB', '1.5TiB', '500MB', '8e10' or a plain number -> bytes.
-    K, M, G, T, P are decimal (1000^n); with an i (KiB, GiB, ...) binary (1024^n)."""
-    match = _SIZE.fullmatch(text)
-    if not match:
-        raise ConfigError(f"{text!r} is not a size: expected e.g. 80GiB, 32GB, 500M or 8e10 (bytes)")
-    value, prefix, binary = float(match[1]), (match[2] or "").upper(), match[3]
-    power = "KMGTP".index(prefix) + 1 if prefix else 0
-    return int(value * (1024 if binary else 1000) ** power)

@@ -100,6 +100,11 @@ def torchrun(script: Path | str, args: list[str], nproc: int, timeout: float = 6
     return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=subprocess_env())
 
 
+def torchrun_pangu(args: list[str], nproc: int, timeout: float = 600) -> subprocess.CompletedProcess:
+    """`torchrun --standalone --nproc-per-node NPROC -m pangu ARGS` (gloo on the CPU)."""
+    return torchrun("-m", ["pangu", *args], nproc, timeout)
+
+
 def losses(out: Path) -> dict[int, tuple[float, float]]:
     """{step: (loss, grad norm)} of a run's metrics.jsonl."""
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 import xxhash
 
-from pangu.config import PanguError
+from pangu.schema import PanguError
 
 _DTYPES = {
     "float32": torch.float32,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import math
 
-from pangu.config import ConfigError, parse_bytes
+from pangu.schema import ConfigError, parse_bytes
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, required: bool = True) -> None:

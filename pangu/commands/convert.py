@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from pangu.commands.common import byte_size, positive_int
-from pangu.config import ConfigError
 from pangu.convert.huggingface import DEFAULT_SHARD_BYTES
 from pangu.convert.importer import DTYPES
+from pangu.schema import ConfigError
 
 
 def add_parser(commands) -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pangu.commands.common import non_negative_int, number, positive_int
-from pangu.config import ConfigError
+from pangu.schema import ConfigError
 
 
 def add_parser(commands) -> None:

@@ -1,8 +1,13 @@
-"""`pangu prepare`: clean, tokenize and shard the corpus of data.sources."""
+"""`pangu prepare`: clean, tokenize and shard the corpus of data.sources.
+
+Launched by torchrun (or `launch/prepare.sbatch` under Slurm), the ranks prepare together: they
+meet over a gloo group (barriers and small messages) and share the work directory for the rest.
+"""
 
 from __future__ import annotations
 
 import json
+import os
 
 from pangu.commands.common import add_config_arguments
 from pangu.config import load_config
@@ -13,9 +18,37 @@ def add_parser(commands) -> None:
     add_config_arguments(parser)
 
 
+class GlooGroup:
+    """The ranks of this torchrun job, over gloo (CPU only: prepare needs no accelerator)."""
+
+    def __init__(self, timeout_minutes: float) -> None:
+        import datetime
+
+        import torch.distributed as dist
+
+        self._dist = dist
+        dist.init_process_group("gloo", timeout=datetime.timedelta(minutes=timeout_minutes))
+        self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+
+    def gather(self, value):
+        values = [None] * self.world_size
+        self._dist.all_gather_object(values, value)
+        return values
+
+    def close(self) -> None:
+        self._dist.destroy_process_group()
+
+
 def run(args) -> int:
     from pangu.data.prepare import prepare
 
-    report = prepare(load_config(args.config, args.overrides))
-    print(json.dumps(report, indent=1, ensure_ascii=False))
+    config = load_config(args.config, args.overrides)
+    group = GlooGroup(config.data.timeout_minutes) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None
+    try:
+        report = prepare(config, group=group)
+    finally:
+        if group is not None:
+            group.close()
+    if group is None or group.rank == 0:
+        print(json.dumps(report, indent=1, ensure_ascii=False))
     return 0

@@ -24,10 +24,11 @@ from typing import TYPE_CHECKING
 import numpy as np
 from tqdm import tqdm
 
-from pangu.config import ConfigError, ModelConfig
+from pangu.config import ModelConfig
 from pangu.convert.mindspore.ckpt import read_mindspore_ckpt, read_mindspore_ckpt_shapes, read_one_tensor
 from pangu.convert.mindspore.names import MINDSPORE_WORD_EMBEDDINGS, infer_model_shape, to_pangu_names
 from pangu.model import layout
+from pangu.schema import ConfigError
 
 if TYPE_CHECKING:  # torch is imported when needed: the CLI builds its parser from this module
     import torch

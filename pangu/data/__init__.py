@@ -2,18 +2,26 @@
 
 Modules, in the order the data flows through them:
 
-- `sources`   reads documents from the builtin corpus or local json/jsonl/parquet/text files
-- `cleaning`  normalises whitespace, filters short / non-Chinese documents, removes exact duplicates
+- `sources`   reads documents as streams (builtin corpus, local json/jsonl/parquet/text files,
+              compressed too) and cuts the corpus into pieces, the unit of work of `prepare`
+- `cleaning`  normalises whitespace, filters short / non-Chinese / held-out documents
+- `minhash`   MinHash LSH keys for near-duplicate removal (data.near_dedup)
+- `dedup`     exact and near deduplication over the whole corpus, partitioned by key
 - `tokenizer` the PanGu-alpha tokenizer (jieba pre-segmentation + SentencePiece), and its trainer
+- `pieces`    what a worker process does with one piece or one shard
 - `indexed`   memory-mapped token shards (`NAME.bin` + `NAME.idx`)
-- `prepare`   runs all of the above once into a self-contained prepared directory; loads it back
-- `dataset`   packs a shard's token stream into fixed-length samples, blends sources, builds batches
+- `prepare`   runs all of the above, on any number of processes and nodes, resumably, into a
+              self-contained prepared directory
+- `prepared`  reads a prepared directory back (`load_prepared`, `load_tokenizer`)
+- `cache`     index arrays built once, cached beside the shards, memory-mapped by every rank
+- `dataset`   packs a source's shards into fixed-length samples, blends sources, builds batches
 - `sampler`   the resumable, layout-independent order in which samples are consumed
 
-Nothing here knows about the model or torch.distributed: the output is numpy arrays.
+Nothing here knows about the model or torch.distributed: the output is numpy arrays, and a
+multi-process prepare gets its process group from the caller (`prepare.Group`).
 """
 
-from pangu.config import PanguError
+from pangu.schema import PanguError
 
 
 class DataError(PanguError, ValueError):

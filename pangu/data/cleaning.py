@@ -8,6 +8,12 @@ filter that removes it:
 - `low_chinese_ratio`  Chinese characters / non-whitespace characters below `min_chinese_ratio`
 - `heldout_review`     the same text as a held-out evaluation review (they must never be trained on)
 - `duplicate`          exactly the same normalised text as a document kept earlier, in any source
+- `near_duplicate`     (data.near_dedup) nearly the same text as an earlier document (MinHash LSH)
+
+`Cleaner` applies the first three to one document at a time (`reject`), which is what the
+workers of `prepare` do; deduplication there runs over the whole corpus afterwards (`dedup.py`).
+`Cleaner.clean` runs all of them, exact deduplication included, over a sequence in memory: the
+reference the tests compare `prepare` with.
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ import opencc
 
 from pangu.config import CleaningConfig
 
-FILTERS = ("too_short", "low_chinese_ratio", "heldout_review", "duplicate")
+FILTERS = ("too_short", "low_chinese_ratio", "heldout_review", "duplicate", "near_duplicate")
 
 _ZERO_WIDTH_AND_CONTROL = re.compile("[\u200b\u200c\u200d\u2060\ufeff\x00-\x08\x0e-\x1f\x7f]")
 _HORIZONTAL_WHITESPACE = re.compile(r"[^\S\n]+")  # tabs, full-width and no-break spaces, ...
@@ -72,6 +78,7 @@ class CleaningReport:
     low_chinese_ratio: int = 0
     heldout_review: int = 0
     duplicate: int = 0
+    near_duplicate: int = 0
     kept: int = 0
     kept_characters: int = 0
 
@@ -87,6 +94,7 @@ class CleaningReport:
             "low_chinese_ratio": f"data.cleaning.min_chinese_ratio = {config.min_chinese_ratio}",
             "heldout_review": "held-out evaluation reviews",
             "duplicate": "data.cleaning.deduplicate = true",
+            "near_duplicate": "data.near_dedup.enabled = true",
         }
         removed = [
             f"{name} removed {getattr(self, name)} ({thresholds[name]})" for name in FILTERS if getattr(self, name)
@@ -118,6 +126,16 @@ class Cleaner:
         text = normalize_whitespace(text)
         return _to_simplified(text) if self.config.to_simplified else text
 
+    def reject(self, text: str) -> str | None:
+        """The filter that removes the normalised `text` (deduplication aside), or None."""
+        if not text or visible_length(text) < self.config.min_length:
+            return "too_short"
+        if chinese_ratio(text) < self.config.min_chinese_ratio:
+            return "low_chinese_ratio"
+        if self._heldout and text_key(text) in self._heldout:
+            return "heldout_review"
+        return None
+
     def clean(self, documents: Iterable[str]) -> tuple[list[str], CleaningReport]:
         """The kept documents (normalised), in order, and what each filter removed."""
         report = CleaningReport()
@@ -125,16 +143,11 @@ class Cleaner:
         for raw in documents:
             report.documents += 1
             text = self.normalize(raw)
-            if not text or visible_length(text) < self.config.min_length:
-                report.too_short += 1
-                continue
-            if chinese_ratio(text) < self.config.min_chinese_ratio:
-                report.low_chinese_ratio += 1
+            reason = self.reject(text)
+            if reason is not None:
+                setattr(report, reason, getattr(report, reason) + 1)
                 continue
             key = text_key(text)
-            if key in self._heldout:
-                report.heldout_review += 1
-                continue
             if self.config.deduplicate:
                 if key in self._seen:
                     report.duplicate += 1

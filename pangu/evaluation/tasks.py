@@ -32,7 +32,7 @@ from typing import Any, Literal
 import numpy as np
 import yaml
 
-from pangu.config import ConfigError, from_dict
+from pangu.schema import ConfigError, from_dict
 
 TASKS_DIR = Path(__file__).resolve().parents[1] / "tasks"  # pangu/tasks: the builtin task definitions
 KINDS = ("classification", "generation", "perplexity")

@@ -19,8 +19,9 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from pangu import config as config_module
-from pangu.config import Config, ConfigError, OptimConfig
+from pangu.config import Config, OptimConfig
 from pangu.optim.param_groups import SCALE_INVARIANT, param_groups
+from pangu.schema import ConfigError
 
 if TYPE_CHECKING:
     import torch

@@ -14,7 +14,7 @@ from functools import partial
 import deepspeed
 import torch
 
-from pangu.config import Config, ConfigError
+from pangu.config import Config
 from pangu.model import layout
 from pangu.model.factory import LayerFactory
 from pangu.model.init import initialize_parameters, zero_parameters
@@ -22,6 +22,7 @@ from pangu.optim.registry import build_optimizer
 from pangu.parallel.pipeline import build_pipeline, canonical_names
 from pangu.parallel.tensor_parallel import layer_factory
 from pangu.parallel.topology import Topology, deepspeed_prints_to_debug_log
+from pangu.schema import ConfigError
 
 
 def pipeline_loss(

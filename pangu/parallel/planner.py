@@ -43,7 +43,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-from pangu.config import Config, ConfigError
+from pangu.config import Config
 from pangu.model import layout as model_layout
 from pangu.model.sizes import flops_per_token, forward_flops_per_token
 from pangu.parallel.memory_model import (
@@ -54,6 +54,7 @@ from pangu.parallel.memory_model import (
     stage_bounds,
     stage_memory,
 )
+from pangu.schema import ConfigError
 
 GiB = 2**30
 RECOMPUTE_MODES = ("none", "selective", "full")

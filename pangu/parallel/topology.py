@@ -22,7 +22,8 @@ import torch.distributed.distributed_c10d as c10d
 from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
 from megatron.core import parallel_state
 
-from pangu.config import ConfigError, ParallelConfig
+from pangu.config import ParallelConfig
+from pangu.schema import ConfigError
 
 logger = logging.getLogger(__name__)
 

@@ -14,7 +14,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from pangu.config import Config, ConfigError
+from pangu.config import Config
+from pangu.schema import ConfigError
 
 logger = logging.getLogger(__name__)
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pangu.config import ConfigError
 from pangu.pretrain.metrics import read_metrics
+from pangu.schema import ConfigError
 
 
 def plot_run(run_dir: str | Path) -> Path:

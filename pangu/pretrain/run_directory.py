@@ -10,7 +10,8 @@ import socket
 from pathlib import Path
 from typing import IO
 
-from pangu.config import Config, ConfigError
+from pangu.config import Config
+from pangu.schema import ConfigError
 
 LOCK_FILE = ".pangu.lock"
 

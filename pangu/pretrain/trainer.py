@@ -24,9 +24,9 @@ import torch.distributed as dist
 from pangu.checkpoint.deepspeed_state import link_optimizer_state, memory_report
 from pangu.checkpoint.saver import Checkpointer
 from pangu.checkpoint.store import CheckpointError
-from pangu.config import Config, ConfigError, PanguError, SpikeGuardConfig
+from pangu.config import Config, SpikeGuardConfig
 from pangu.data.dataset import make_batch
-from pangu.data.prepare import load_prepared, load_tokenizer
+from pangu.data.prepare import index_cache_dir, load_prepared, load_tokenizer
 from pangu.data.sampler import GlobalBatchSampler, micro_batches
 from pangu.data.tokenizer import TOKENIZER_FILE
 from pangu.evaluation.harness import evaluate_tasks
@@ -39,6 +39,7 @@ from pangu.parallel.tensor_parallel import seed_rng_streams
 from pangu.parallel.topology import Topology, device, init_distributed
 from pangu.pretrain import run_directory
 from pangu.pretrain.metrics import MetricsLogger, peak_memory_bytes, total_peak_flops
+from pangu.schema import ConfigError, PanguError
 
 log = logging.getLogger(__name__)
 
@@ -132,6 +133,7 @@ class Trainer:
         self.topology = init_distributed(config.parallel)
         seed_rng_streams(train.seed)
         self.train_data, self.meta = load_prepared(config.data.prepared_dir, "train", config.model.seq_length)
+        self.index_cache = index_cache_dir(config.data.prepared_dir)  # the sampler's permutations, built once
         valid_data, _ = load_prepared(config.data.prepared_dir, "valid", config.model.seq_length)
         if self.meta["vocab_size"] != config.model.vocab_size:
             raise ConfigError(
@@ -155,7 +157,9 @@ class Trainer:
             self.checkpoints.prefetch(candidates[0])
         # a run that resumes (or starts from train.init_from) draws no initial weights
         self.engine, self.names = build_engine(config, self.topology, initialize=not (candidates or train.init_from))
-        self.sampler = GlobalBatchSampler(len(self.train_data), train.global_batch_size, seed=train.seed)
+        self.sampler = GlobalBatchSampler(
+            len(self.train_data), train.global_batch_size, seed=train.seed, cache_dir=self.index_cache
+        )
         self.step = 0
         self.resumed_from, self.resume_read = None, {}
         if candidates:
@@ -199,7 +203,7 @@ class Trainer:
             )
         self.step = state["step"]
         self.sampler = GlobalBatchSampler.from_state_dict(
-            state["sampler"], len(self.train_data), self.config.train.global_batch_size
+            state["sampler"], len(self.train_data), self.config.train.global_batch_size, cache_dir=self.index_cache
         )
         return path
 

@@ -155,7 +155,8 @@ def test_a_rank_draws_only_the_tiles_of_its_slice(monkeypatch):
 
 
 def test_async_save_is_a_checked_config_field():
-    from pangu.config import ConfigError, load_config
+    from pangu.config import load_config
+    from pangu.schema import ConfigError
 
     assert load_config(None, []).train.async_save is False
     assert load_config(None, ["train.async_save=true"]).train.async_save is True

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from pangu.cli import main
-from pangu.config import Config, ConfigError, config_from_dict, load_config
+from pangu.config import Config, config_from_dict, load_config
+from pangu.schema import ConfigError
 
 CONFIGS = sorted((Path(__file__).resolve().parents[2] / "configs").glob("*.yaml"))
 

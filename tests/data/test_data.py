@@ -156,6 +156,7 @@ def test_each_filter_counts_what_it_removed():
         "low_chinese_ratio": 1,
         "heldout_review": 1,
         "duplicate": 2,
+        "near_duplicate": 0,
         "kept": 2,
         "kept_characters": 17,
     }

@@ -1,6 +1,7 @@
 """`prepare` end to end: what it writes, idempotence, rebuilds, and the errors it gives before
 doing any work; `load_prepared` / `load_tokenizer` checks; held-out reviews never reach a shard."""
 
+import dataclasses
 import itertools
 import json
 from pathlib import Path
@@ -19,7 +20,7 @@ from tests.helpers import RELEASE
 
 RELEASED_MODEL = RELEASE / "vocab.model"
 PEOPLE_DAILY = list(itertools.islice(iter_documents(SourceConfig(kind="builtin"), 0, heldout_review_fraction=0.1), 400))
-SHARD_FILES = ["train-0.bin", "train-0.idx", "valid-0.bin", "valid-0.idx"]
+SHARD_FILES = ["train-0-00000.bin", "train-0-00000.idx", "valid-0-00000.bin", "valid-0-00000.idx"]
 
 
 def _jsonl(path: Path, texts: list[str]) -> Path:
@@ -35,6 +36,7 @@ def _config(tmp_path: Path, *paths: Path, weights: tuple[float, ...] = (), **dat
     config.data.sources = [SourceConfig(kind="jsonl", path=str(p), text_field="content") for p in paths]
     for source, weight in zip(config.data.sources, weights):
         source.weight = weight
+    config.model = dataclasses.replace(config.model, seq_length=64)  # prepare builds the training indices for it
     config.data.tokenizer.path = str(RELEASED_MODEL)
     config.data.prepared_dir = str(tmp_path / "prepared")
     config.data.num_proc = 1
@@ -58,15 +60,26 @@ def _documents(shard: IndexedShard) -> list[list[int]]:
     return [shard.doc(i).tolist() for i in range(len(shard))]
 
 
+def _files(directory: Path) -> dict[str, bytes]:
+    """Every file under `directory`, by relative path."""
+    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
 def test_prepare_writes_a_self_contained_directory_that_loads_back(tmp_path, corpus):
     config = _config(tmp_path, corpus)
     report = prepare(config, progress=False)
     out = Path(config.data.prepared_dir)
     assert sorted(p.name for p in out.iterdir()) == sorted(
-        SHARD_FILES + ["meta.json", "tokenizer.model", "heldout_reviews.jsonl"]
+        SHARD_FILES + ["meta.json", "tokenizer.model", "heldout_reviews.jsonl", "index-cache"]
     )
+    assert [p.name.split("-")[0] for p in (out / "index-cache").iterdir()] == ["permutation"]
     assert (out / "tokenizer.model").read_bytes() == RELEASED_MODEL.read_bytes()
-    assert report["reused"] is False and json.loads((out / "meta.json").read_text())["seconds"] == report["seconds"]
+    # meta.json holds what was made, not how long it took: the directory is a function of the inputs
+    assert (
+        report["reused"] is False
+        and report["seconds"] > 0
+        and "seconds" not in json.loads((out / "meta.json").read_text())
+    )
     assert (report["vocab_size"], report["eod_id"], report["pad_id"]) == (40000, 9, 6)
 
     # every kept document is in exactly the split its hash says, encoded and followed by the separator
@@ -75,13 +88,10 @@ def test_prepare_writes_a_self_contained_directory_that_loads_back(tmp_path, cor
     assert report["sources"][0]["cleaning"] == cleaning.to_dict()
     for split in ("train", "valid"):
         expected = [tokenizer.encode(t) + [9] for t in kept if is_validation_document(t, 0.1) == (split == "valid")]
-        shard = IndexedShard(out / f"{split}-0")
+        shard = IndexedShard(out / f"{split}-0-00000", verify=True)
         assert _documents(shard) == expected
-        assert report["sources"][0][split] == {
-            "shard": f"{split}-0",
-            "documents": len(expected),
-            "tokens": sum(map(len, expected)),
-        }
+        counts = {"documents": len(expected), "tokens": sum(map(len, expected))}
+        assert report["sources"][0][split] == {**counts, "shards": [{"shard": f"{split}-0-00000", **counts}]}
     assert report["totals"]["valid"]["documents"] > 0
 
     dataset, meta = load_prepared(out, "train", seq_length=64)
@@ -116,17 +126,18 @@ def test_prepare_is_idempotent_and_rebuilds_when_the_inputs_change(tmp_path, cor
 def test_the_number_of_processes_does_not_change_the_output(tmp_path, corpus):
     one = _config(tmp_path / "one", corpus, num_proc=1)
     two = _config(tmp_path / "two", corpus, num_proc=2)
-    prepare(one, progress=False)
+    one.data.piece_size = two.data.piece_size = "64KiB"  # several pieces, spread over the workers
+    assert prepare(one, progress=False)["reused"] is False
     prepare(two, progress=False)
-    for name in SHARD_FILES:
-        assert (Path(one.data.prepared_dir) / name).read_bytes() == (Path(two.data.prepared_dir) / name).read_bytes()
+    assert len(list(Path(two.data.prepared_dir).glob("*.bin"))) == 2  # one shard per split
+    assert _files(Path(one.data.prepared_dir)) == _files(Path(two.data.prepared_dir))
 
 
 def test_corpus_emptied_by_cleaning_names_the_filter_and_keeps_the_previous_preparation(tmp_path, corpus):
     config = _config(tmp_path, corpus)
     prepare(config, progress=False)
     out = Path(config.data.prepared_dir)
-    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    before = _files(out)
     config.data.cleaning.min_length = 100000
     with pytest.raises(
         DataError,
@@ -134,7 +145,7 @@ def test_corpus_emptied_by_cleaning_names_the_filter_and_keeps_the_previous_prep
         r"\d+ \(data.cleaning.min_length = 100000\)",
     ):
         prepare(config, progress=False)
-    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert _files(out) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus.jsonl", "prepared"]
 
 
@@ -165,13 +176,13 @@ def test_damaged_shard_is_reported_on_load_and_rebuilt_by_prepare(tmp_path, corp
     config = _config(tmp_path, corpus)
     prepare(config, progress=False)
     out = Path(config.data.prepared_dir)
-    data = (out / "train-0.bin").read_bytes()
-    (out / "train-0.bin").write_bytes(data[: len(data) // 2])
-    with pytest.raises(DataError, match=r"train-0\.bin.*truncated.*pangu prepare"):
+    data = (out / "train-0-00000.bin").read_bytes()
+    (out / "train-0-00000.bin").write_bytes(data[: len(data) // 2])
+    with pytest.raises(DataError, match=r"train-0-00000\.bin.*truncated.*pangu prepare"):
         load_prepared(out, "train", seq_length=64)
     rebuilt = prepare(config, progress=False)
     assert rebuilt["reused"] is False and "damaged" in rebuilt["reason"]
-    assert (out / "train-0.bin").read_bytes() == data
+    assert (out / "train-0-00000.bin").read_bytes() == data
 
 
 def test_a_tokenizer_that_does_not_match_the_shards_is_rejected(tmp_path, corpus):
@@ -214,7 +225,7 @@ def test_prepare_can_train_its_own_tokenizer(tmp_path, corpus):
     tokenizer = load_tokenizer(out)
     assert (report["vocab_size"], report["eod_id"], report["pad_id"]) == (400, 9, 6)
     assert tokenizer.vocab_size == 400 and tokenizer.fingerprint == report["tokenizer"]["fingerprint"]
-    shard = IndexedShard(out / "train-0")
+    shard = IndexedShard(out / "train-0-00000")
     assert shard.tokens.max() < 400
     first = shard.doc(0).tolist()
     assert first[-1] == 9 and tokenizer.encode(tokenizer.decode(first[:-1])) == first[:-1]
@@ -243,7 +254,10 @@ def test_heldout_reviews_never_reach_a_shard(builtin_prepared):
     assert {r["label"] for r in heldout} == {"positive", "negative"}
 
     in_shards = {
-        tuple(document) for split in ("train", "valid") for document in _documents(IndexedShard(out / f"{split}-0"))
+        tuple(document)
+        for split in ("train", "valid")
+        for entry in meta["sources"][0][split]["shards"]
+        for document in _documents(IndexedShard(out / entry["shard"]))
     }
     tokenizer = load_tokenizer(out)
     normalize = Cleaner(Config().data.cleaning).normalize

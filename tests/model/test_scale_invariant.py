@@ -5,13 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pangu.config import ConfigError, ModelConfig, load_config
+from pangu.config import ModelConfig, load_config
 from pangu.model import layout
 from pangu.model.init import initialize_parameters
 from pangu.model.pangu_alpha import PanguAlpha
 from pangu.model.sizes import parameter_count
 from pangu.optim.param_groups import param_groups
 from pangu.optim.scale_invariant import ScaleInvariantSGD
+from pangu.schema import ConfigError
 
 CONFIG = ModelConfig(
     num_layers=3,

@@ -8,8 +8,9 @@ import sys
 
 import pytest
 
-from pangu.config import ConfigError, load_config
+from pangu.config import load_config
 from pangu.optim import registry
+from pangu.schema import ConfigError
 from tests.helpers import PROBES, losses, stored_tensors, subprocess_env, tiny_overrides, torchrun
 
 PLUGIN = "tests.optim.momentum_sgd_spec"

@@ -11,13 +11,14 @@ import sys
 
 import pytest
 
-from pangu.config import ConfigError, load_config, parse_bytes
+from pangu.config import load_config
 from pangu.model import layout
 from pangu.model.sizes import flops_per_token, forward_flops_per_token, parameter_count
 from pangu.optim.param_groups import GROUP_ORDER
 from pangu.parallel import memory_model, planner
 from pangu.parallel.memory_model import Kernels
 from pangu.parallel.planner import GiB, Layout
+from pangu.schema import ConfigError, parse_bytes
 from tests.helpers import PROBES, REPO
 
 PROBE = PROBES / "memory_probe.py"

@@ -48,7 +48,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pangu.config import ModelConfig, PanguError
+from pangu.config import ModelConfig
 from pangu.convert.mindspore.ckpt import (
     BFLOAT16,
     StoredTensor,
@@ -68,6 +68,7 @@ from pangu.convert.mindspore.names import (
     stored_shape,
 )
 from pangu.convert.mindspore.strategy import read_parallel_strategy, slice_of_rank
+from pangu.schema import PanguError
 
 logger = logging.getLogger(__name__)
 
