@@ -1,11 +1,13 @@
 """The `pangu` command: prepare | pretrain | evaluate | generate | convert | plot | plan | checkpoint.
 Each verb lives in pangu/commands/; this module builds the parser and turns the errors a user can
-cause into one line on stderr (exit status 2)."""
+cause into one line on stderr (exit status 2; an interruption 130, the environment refusing a
+file operation 1). With -v the traceback follows, for a bug report."""
 
 from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 import warnings
 
@@ -72,17 +74,36 @@ def configure_output(verbosity: int) -> None:
         logging.getLogger("DeepSpeed").addFilter(lambda record: record.levelno >= logging.ERROR)
 
 
+def _interrupted(signum: int, _frame) -> None:
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     configure_output(args.verbosity)
+    # SIGTERM (Slurm's preemption, `kill`) and SIGUSR1 end a command as Ctrl-C does; training
+    # replaces these handlers with its own, which checkpoint before stopping
+    for name in ("SIGTERM", "SIGUSR1"):
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), _interrupted)
+    log = logging.getLogger("pangu")
     try:
         return COMMANDS[args.command].run(args)
     except PanguError as err:
+        log.debug("the traceback, for a bug report:", exc_info=True)
         print(f"pangu {args.command}: error: {err}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:  # a second Ctrl-C, or one in a command without a graceful stop
-        print(f"pangu {args.command}: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as err:  # a second Ctrl-C, or one in a command without a graceful stop
+        log.debug("the traceback, for a bug report:", exc_info=True)
+        print(f"pangu {args.command}: interrupted" + (f" ({err})" if str(err) else ""), file=sys.stderr)
         return 130
+    except OSError as err:
+        if err.errno is None:  # not the environment refusing a file operation: a bug, with its traceback
+            raise
+        log.debug("the traceback, for a bug report:", exc_info=True)
+        where = f" ({err.filename})" if err.filename else ""
+        print(f"pangu {args.command}: error: {err.strerror}{where}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

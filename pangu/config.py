@@ -324,6 +324,9 @@ class TrainConfig:
     save_interval: int = 0  # 0: save only at the end (and at stop_at)
     keep_checkpoints: int = 2
     async_save: bool = False  # true: checkpoints written by a background thread as training goes on
+    # checkpoints found in output_dir that cannot be used (all torn, another model shape) stop the
+    # run; true: set them aside (checkpoints.set-aside-N) and train from step 0 instead
+    restart: bool = False
     log_interval: int = 1
     eval_interval: int = 0  # 0: validate only at the end
     eval_batches: int = 4

@@ -27,6 +27,7 @@ saves): tensors/pp{P}-tp{T}.{bin,json} with whole tensor-parallel slices and a s
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import warnings
 import zlib
@@ -65,50 +66,58 @@ def step_name(step: int) -> str:
     return f"step_{step:08d}"
 
 
+_STEP_DIR = re.compile(r"step_(\d+)")
+
+
+def step_dirs(root: Path) -> list[Path]:
+    """The checkpoint directories (step_N) under `root`, newest (highest step) first."""
+    found = [(int(m[1]), p) for p in root.glob("step_*") if (m := _STEP_DIR.fullmatch(p.name)) and p.is_dir()]
+    return [p for _, p in sorted(found, key=lambda item: item[0], reverse=True)]
+
+
 def resolve(path: str | Path) -> Path:
-    """A checkpoint directory from a checkpoint, a `checkpoints/` directory or a run directory."""
+    """A checkpoint directory from a checkpoint, a `checkpoints/` directory or a run directory
+    (the newest intact checkpoint in it)."""
     path = Path(path)
-    for candidate in (path, path / "checkpoints"):
-        if (candidate / "manifest.json").is_file():
-            return candidate
-        if (candidate / "latest").is_file():
-            return candidate / (candidate / "latest").read_text().strip()
+    if (path / "manifest.json").is_file():
+        return path
+    for root in (path, checkpoint_root(path)):
+        if step_dirs(root):
+            return intact_checkpoints(root.parent)[0]
     raise CheckpointError(
-        f"{path} is not a pangu checkpoint, checkpoints directory or run directory "
-        f"(no manifest.json and no checkpoints/latest)"
+        f"{path} is not a pangu checkpoint, checkpoints directory or run directory (no manifest.json, no step_N "
+        f"directories): give the path of a checkpoint or of a run directory"
     )
 
 
 def intact_checkpoints(run_dir: str | Path) -> list[Path]:
-    """A run's checkpoints whose structure is intact, newest first, starting from the `latest`
-    pointer ([] for a fresh run). A torn one (manifest or a file missing, a size wrong) is passed
-    over with a warning naming what is wrong; raises if the pointer exists but none is intact."""
+    """A run's checkpoints whose structure is intact, newest first ([] for a fresh run). They are
+    found from the directory's contents: `latest` is only a hint, so a lost or stale pointer
+    loses no work. A torn one (manifest or a file missing, a size wrong) is passed over with a
+    warning naming what is wrong; raises when there are checkpoints but none is intact."""
     root = checkpoint_root(run_dir)
-    pointer = root / "latest"
-    if not pointer.is_file():
+    found = step_dirs(root)
+    if not found:
         return []
-    newest = root / pointer.read_text().strip()
-    older = sorted((p for p in root.glob("step_*") if p.name < newest.name), reverse=True)
     problems, intact = [], []
-    for candidate in [newest, *older]:
+    for candidate in found:
         try:
             check_structure(candidate)
-        except CheckpointError as err:
+        except CorruptCheckpointError as err:
             if not intact:
                 problems.append(str(err))
             continue
         intact.append(candidate)
     if not intact:
-        raise CheckpointError(f"no intact checkpoint in {root}: " + "; ".join(problems))
+        raise CheckpointError(f"no intact checkpoint in {root}: {'; '.join(problems)}")
     for problem in problems:
         warnings.warn(f"{problem}; using {intact[0].name} instead", stacklevel=2)
+    pointer = root / "latest"
+    hint = pointer.read_text(errors="replace").strip() if pointer.is_file() else None
+    if not problems and hint != intact[0].name:
+        said = f"names {hint!r}" if hint else "is missing"
+        warnings.warn(f"{pointer} {said}; resuming from {intact[0].name}, the newest intact checkpoint", stacklevel=2)
     return intact
-
-
-def find_intact(run_dir: str | Path) -> Path | None:
-    """The newest checkpoint of a run whose structure is intact, or None for a fresh run."""
-    intact = intact_checkpoints(run_dir)
-    return intact[0] if intact else None
 
 
 def read_manifest(path: Path, verify: bool = True) -> dict:
@@ -117,13 +126,20 @@ def read_manifest(path: Path, verify: bool = True) -> dict:
     if not manifest_path.is_file():
         raise CorruptCheckpointError(f"{path} is not a complete pangu checkpoint: manifest.json is missing")
     try:
-        manifest = json.loads(manifest_path.read_text())
+        manifest = json.loads(manifest_path.read_bytes())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise CorruptCheckpointError(f"{manifest_path} is corrupt: {err}") from None
-    if manifest.get("format") != FORMAT:
-        raise CheckpointError(f"{manifest_path} is not a pangu checkpoint manifest")
+    if not (
+        isinstance(manifest, dict)
+        and manifest.get("format") == FORMAT
+        and isinstance(manifest.get("files"), dict)
+        and isinstance(manifest.get("version", 1), int)
+    ):
+        raise CorruptCheckpointError(f"{manifest_path} is corrupt: it is not a pangu checkpoint manifest")
     if manifest.get("version", 1) > VERSION:
-        raise CheckpointError(f"{path} is format {manifest['version']}; this pangu reads formats 1 to {VERSION}")
+        raise CheckpointError(
+            f"{path} is format {manifest['version']}; this pangu reads formats 1 to {VERSION}: upgrade pangu"
+        )
     if verify:
         for rel, info in manifest["files"].items():
             file = Path(path) / rel
@@ -210,18 +226,23 @@ def prune(root: Path, keep: int, current: str | None = None) -> None:
     ones belong to a timeline the run has left, e.g. written but never published before a crash,
     and are replaced when the run gets there again); removes older ones and leftovers of crashed
     saves."""
-    complete = sorted(
-        p for p in root.glob("step_*") if (p / "manifest.json").is_file() and (current is None or p.name <= current)
-    )
-    for old in complete[:-keep] + list(root.glob(".tmp_step_*")):
+    newest_kept = int(current.removeprefix("step_")) if current else None
+    complete = [
+        p
+        for p in step_dirs(root)
+        if (p / "manifest.json").is_file() and (newest_kept is None or int(p.name.removeprefix("step_")) <= newest_kept)
+    ]
+    for old in complete[keep:] + list(root.glob(".tmp_step_*")):
         shutil.rmtree(old, ignore_errors=True)
 
 
-def set_aside(path: Path) -> Path:
-    """Renames a torn or corrupt checkpoint to corrupt_step_N (kept for inspection, never read)."""
-    target = path.with_name(f"corrupt_{path.name}")
-    if target.exists():
-        shutil.rmtree(target)
-    path.rename(target)
-    fsync_dir(path.parent)
+def set_aside(run_dir: str | Path) -> Path:
+    """Moves a run's checkpoints out of the way (to checkpoints.set-aside-N, never deleted) so
+    that the run starts again from step 0 (train.restart)."""
+    root = checkpoint_root(run_dir)
+    n = 1
+    while (target := root.with_name(f"{root.name}.set-aside-{n}")).exists():
+        n += 1
+    root.rename(target)
+    fsync_dir(root.parent)
     return target

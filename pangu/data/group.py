@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import signal
 from collections.abc import Callable, Iterator
 from typing import Any, Protocol, TypeVar
 
@@ -58,6 +59,13 @@ def num_proc(num_proc: int) -> int:
     return max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
 
 
+def _init_pool_worker(job: Job) -> None:
+    # Ctrl-C reaches the whole process group: the parent stops the pool, workers must not each
+    # print a KeyboardInterrupt traceback
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    init_worker(job)
+
+
 class Workers:
     """`num_proc` spawned worker processes (each runs `init_worker(job)` once), or, for one, this
     process itself. Spawned rather than forked: a rank holding a gloo group must not fork."""
@@ -69,7 +77,7 @@ class Workers:
             init_worker(job)
         else:
             context = multiprocessing.get_context("spawn")
-            self.pool = context.Pool(self.size, initializer=init_worker, initargs=(job,))
+            self.pool = context.Pool(self.size, initializer=_init_pool_worker, initargs=(job,))
 
     def map(self, function: Callable[[Any], T], tasks: list[Any]) -> Iterator[T]:
         if self.pool is None:

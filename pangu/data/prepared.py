@@ -18,6 +18,7 @@ on first use, no `.idx` is read, and the blend index and the epoch permutation c
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -31,6 +32,18 @@ META_FILE = "meta.json"
 HELDOUT_FILE = "heldout_reviews.jsonl"
 INDEX_CACHE = "index-cache"
 SPLITS = ("train", "valid")
+# what `pangu prepare` writes into a prepared directory (and the trainer's index cache): it
+# replaces the directory only when nothing else is in it
+_PREPARED_ENTRY = re.compile(
+    rf"(?:{re.escape(META_FILE)}|{re.escape(HELDOUT_FILE)}|{INDEX_CACHE}|tokenizer\.model|(?:train|valid)-\d+-\d+\.(?:bin|idx))"
+)
+
+
+def foreign_entries(prepared_dir: Path) -> list[str]:
+    """The names in a prepared directory that `pangu prepare` did not write."""
+    return sorted(p.name for p in prepared_dir.iterdir() if not _PREPARED_ENTRY.fullmatch(p.name))
+
+
 _RERUN = "re-run `pangu prepare --config <your config>`"
 
 

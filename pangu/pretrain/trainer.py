@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import math
+import shutil
 import signal
 import statistics
 import time
@@ -21,6 +22,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from pangu.checkpoint import format as checkpoint_format
 from pangu.checkpoint.deepspeed_state import link_optimizer_state, memory_report
 from pangu.checkpoint.saver import Checkpointer
 from pangu.checkpoint.store import CheckpointError
@@ -152,7 +154,7 @@ class Trainer:
         self.output_dir = Path(train.output_dir)
         self._lock = self._claim_output_dir()
         self.checkpoints = Checkpointer(self.output_dir, config, self.topology)
-        candidates = self.checkpoints.candidates()  # structure only: O(files)
+        candidates = self._guard_resume(self.checkpoints.candidates)  # structure only: O(files)
         if candidates:  # this rank's share is read while the engine is built
             self.checkpoints.prefetch(candidates[0])
         # a run that resumes (or starts from train.init_from) draws no initial weights
@@ -162,8 +164,9 @@ class Trainer:
         )
         self.step = 0
         self.resumed_from, self.resume_read = None, {}
-        if candidates:
-            self._restore(candidates)
+        if candidates and not self._guard_resume(lambda: self._restore(candidates)):
+            del self.engine  # it was built to receive the checkpoint: draw the initial weights now
+            self.engine, self.names = build_engine(config, self.topology, initialize=True)
         elif train.init_from:
             self.checkpoints.load_weights(train.init_from, self.engine, self.names)
         if self.topology.rank == 0:  # the run is accepted: now its directory may change
@@ -190,6 +193,32 @@ class Trainer:
         if box[0] is not None:
             raise ConfigError(box[0])
         return lock
+
+    def _guard_resume(self, action):
+        """`action()`; when the run's checkpoints cannot be used (CheckpointError), stops with the
+        reason, or with train.restart sets them aside and returns None (train from step 0)."""
+        try:
+            return action()
+        except CheckpointError as err:
+            if not self.config.train.restart:
+                raise CheckpointError(
+                    f"{err}. Nothing was changed: fix the cause and resume, or set train.restart=true to "
+                    f"set {self.output_dir}'s checkpoints aside and train from step 0"
+                ) from None
+            reason = str(err)
+        if self.topology.rank == 0:
+            aside = checkpoint_format.set_aside(self.output_dir)
+            metrics = self.output_dir / "metrics.jsonl"
+            if metrics.is_file():  # the new run rewrites it from step 0: the old curve goes with its checkpoints
+                shutil.copy2(metrics, aside / metrics.name)
+            log.warning(
+                "train.restart: %s; the checkpoints (and metrics.jsonl) are moved to %s and training starts from "
+                "step 0",
+                reason,
+                aside,
+            )
+        dist.barrier(group=self.topology.host_group)
+        return None
 
     def _restore(self, candidates: list[Path]) -> Path:
         """Continues from the newest of `candidates` that loads (falling back over corrupt ones):

@@ -53,6 +53,49 @@ def test_ctrl_c_in_any_command_is_one_line(tmp_path):
     assert done.stderr.strip().splitlines()[-1] == "pangu prepare: interrupted" and "Traceback" not in done.stderr
 
 
+@pytest.mark.parametrize(
+    "raised, status, line",
+    [
+        ("OSError(errno.ENOSPC, 'No space left on device', '/data/x.bin')", 1, "No space left on device (/data/x.bin)"),
+        ("OSError(errno.EROFS, 'Read-only file system', '/ro')", 1, "Read-only file system (/ro)"),
+        ("KeyboardInterrupt('SIGTERM')", 130, "interrupted (SIGTERM)"),
+    ],
+    ids=["disk full", "read-only", "sigterm"],
+)
+def test_the_environment_refusing_is_one_line_and_a_bug_is_not_hidden(tmp_path, raised, status, line):
+    code = (
+        "import errno, sys\nimport pangu.data.prepare as p\n"
+        f"def fail(*a, **k):\n    raise {raised}\n"
+        "p.prepare = fail\n"
+        "from pangu.cli import main\nsys.exit(main(['prepare', '--config', 'tiny', '--set', "
+        f"'data.prepared_dir={tmp_path}/p']))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=subprocess_env(), timeout=120
+    )
+    assert done.returncode == status and "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines()[-1] == f"pangu prepare: {'error: ' if status == 1 else ''}{line}"
+    verbose = subprocess.run(
+        [sys.executable, "-c", code.replace("main(['prepare'", "main(['-v', 'prepare'")],
+        capture_output=True,
+        text=True,
+        env=subprocess_env(),
+        timeout=120,
+    )
+    assert verbose.returncode == status and "Traceback" in verbose.stderr  # -v: for a bug report
+
+
+def test_an_os_error_without_errno_is_a_bug_and_keeps_its_traceback(capsys, monkeypatch):
+    import pangu.commands.plot as plot
+
+    def fail(args):
+        raise OSError("not from the operating system")
+
+    monkeypatch.setattr(plot, "run", fail)
+    with pytest.raises(OSError, match="not from the operating system"):
+        main(["plot", "somewhere"])
+
+
 def test_results_go_to_stdout_and_nothing_else(tmp_path, capsys):
     assert main(["plan", "--config", "tiny", "--gpus", "8", "--gpu-memory", "16GiB", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["gpus"] == 8

@@ -172,6 +172,66 @@ def test_prepare_refuses_to_replace_a_directory_it_did_not_write(tmp_path, corpu
     assert (Path(config.data.prepared_dir) / "precious.txt").read_text() == "keep me"
 
 
+def test_a_rebuild_never_deletes_what_prepare_did_not_write(tmp_path, corpus):
+    """A run directory (or anything else) put inside a prepared directory: the rebuild that
+    would replace the directory is refused, before any work, and nothing is touched."""
+    config = _config(tmp_path, corpus)
+    prepare(config, progress=False)
+    out = Path(config.data.prepared_dir)
+    (out / "runs" / "first").mkdir(parents=True)
+    (out / "runs" / "first" / "metrics.jsonl").write_text("{}\n")
+    before = _files(tmp_path)
+    config.data.valid_fraction = 0.2  # another input: a rebuild
+    with pytest.raises(DataError, match=r"holds what pangu prepare did not write \(runs\).*move them out"):
+        prepare(config, progress=False)
+    assert _files(tmp_path) == before
+
+
+def test_a_shared_work_directory_loses_only_prepare_s_own_stale_work(tmp_path, corpus):
+    shared = tmp_path / "scratch"
+    (shared / "someone-else").mkdir(parents=True)
+    (shared / "someone-else" / "data.bin").write_bytes(b"keep")
+    (shared / "0123456789abcdef").mkdir()  # looks like a work directory, but no marker: not prepare's
+    config = _config(tmp_path, corpus, work_dir=str(shared))
+    prepare(config, progress=False)
+    config.data.valid_fraction = 0.2
+    prepare(config, progress=False)
+    assert sorted(p.name for p in shared.iterdir()) == ["0123456789abcdef", "someone-else"]
+    assert (shared / "someone-else" / "data.bin").read_bytes() == b"keep"
+
+
+def test_an_unwritable_destination_fails_before_the_corpus_is_read(tmp_path, corpus, monkeypatch):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    config = _config(tmp_path, corpus)
+    config.data.prepared_dir = str(blocker / "prepared")
+    read = []
+    monkeypatch.setattr("pangu.data.prepare.plan_pieces", lambda *a: read.append(a) or [])
+    with pytest.raises(DataError, match=r"data.prepared_dir: .*is not writable .*file. is not a directory"):
+        prepare(config, progress=False)
+    assert not read
+
+
+@pytest.mark.parametrize("fault", ["interrupt", "disk full"])
+def test_an_interrupted_or_full_prepare_keeps_the_previous_preparation(tmp_path, corpus, monkeypatch, fault):
+    config = _config(tmp_path, corpus)
+    prepare(config, progress=False)
+    out = Path(config.data.prepared_dir)
+    before = _files(out)
+    config.data.valid_fraction = 0.2
+
+    def write_shard(*args):
+        if fault == "interrupt":
+            raise KeyboardInterrupt
+        raise OSError(28, "No space left on device", str(tmp_path / "some.bin"))
+
+    monkeypatch.setattr("pangu.data.prepare.write_shard", write_shard)
+    expected = (KeyboardInterrupt, "Ctrl-C") if fault == "interrupt" else (DataError, "No space left on device")
+    with pytest.raises(expected[0], match=rf"{expected[1]}.*prepared is as it was.*same command"):
+        prepare(config, progress=False)
+    assert _files(out) == before
+
+
 def test_damaged_shard_is_reported_on_load_and_rebuilt_by_prepare(tmp_path, corpus):
     config = _config(tmp_path, corpus)
     prepare(config, progress=False)

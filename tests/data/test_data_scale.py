@@ -211,6 +211,45 @@ def test_a_killed_prepare_resumes_and_gives_the_uninterrupted_result(tmp_path):
     assert not work.exists()
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("signal_name", ["SIGINT", "SIGTERM"])
+def test_ctrl_c_or_sigterm_ends_prepare_in_one_line_and_keeps_everything(tmp_path, signal_name):
+    """The signal reaches the whole process group (a terminal's Ctrl-C, Slurm's preemption):
+    the worker processes print nothing, pangu prints one line, the previous preparation is
+    unchanged, and the pieces already done are kept."""
+    corpus = tmp_path / "corpus"
+    write_corpus(corpus, 200_000, file_size=100_000, seed=2)
+    prepared = tmp_path / "prepared"
+    config = _config_file(tmp_path / "config.yaml", _settings(corpus, prepared, piece_size="64KB", num_proc=2))
+    prepare(load_config(config), progress=False)
+    before = _files(prepared)
+    write_corpus(tmp_path / "more", 12_000_000, file_size=400_000, seed=3)
+    for path in sorted((tmp_path / "more").iterdir()):
+        path.rename(corpus / f"more-{path.name}")
+
+    process = subprocess.Popen(
+        [sys.executable, "-m", "pangu", "prepare", "--config", str(config)],
+        env=subprocess_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    work = tmp_path / ".prepared.work"
+    deadline = time.time() + 120
+    while len(list(work.glob("*/pieces/*[0-9].json"))) < 4 and time.time() < deadline:
+        time.sleep(0.05)
+    assert process.poll() is None, "prepare finished before it could be interrupted"
+    os.killpg(process.pid, getattr(signal, signal_name))
+    out, err = process.communicate(timeout=60)
+    assert process.returncode == 130 and out == "" and "Traceback" not in err, err[-3000:]
+    last = err.strip().splitlines()[-1]
+    assert last.startswith(f"pangu prepare: interrupted ({'Ctrl-C' if signal_name == 'SIGINT' else 'SIGTERM'}: ")
+    assert f"{prepared} is as it was" in last and "the same command goes on from them" in last
+    assert _files(prepared) == before
+    assert len(list(work.glob("*/pieces/*[0-9].json"))) >= 4  # kept for the rerun (resuming: tested above)
+
+
 # ---------------------------------------------------------------------------------------------
 # Near duplicates
 

@@ -119,6 +119,39 @@ def test_torn_latest_checkpoint_falls_back_to_the_previous_one(tiny_corpus, stra
     assert losses(out) == losses(straight_run)
 
 
+def test_a_lost_latest_pointer_resumes_from_the_newest_checkpoint(tiny_corpus, straight_run, tmp_path):
+    out = tmp_path / "no-pointer"
+    result = run_pretrain(tiny_overrides(tiny_corpus, out, "train.save_interval=2", "train.stop_at=4"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    (out / "checkpoints" / "latest").unlink()
+    result = run_pretrain(tiny_overrides(tiny_corpus, out, "train.save_interval=2"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "latest is missing; resuming from step_00000004" in result.stderr
+    assert losses(out) == losses(straight_run)  # not restarted from step 0, and nothing pruned away
+
+
+def test_unusable_checkpoints_stop_the_run_unless_it_is_told_to_restart(tiny_corpus, straight_run, tmp_path):
+    out = tmp_path / "unusable"
+    shutil.copytree(straight_run, out)
+    for manifest in (out / "checkpoints").glob("step_*/manifest.json"):
+        manifest.write_bytes(os.urandom(512))
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != ".pangu.lock"}
+    result = run_pretrain(tiny_overrides(tiny_corpus, out))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "no intact checkpoint" in result.stderr and "set train.restart=true" in result.stderr
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != ".pangu.lock"} == before
+
+    result = run_pretrain(tiny_overrides(tiny_corpus, out, "train.restart=true"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    aside = out / "checkpoints.set-aside-1"
+    old = out / "checkpoints"
+    assert {p.relative_to(aside): p.read_bytes() for p in aside.rglob("*") if p.is_file()} == {
+        Path("metrics.jsonl"): before[out / "metrics.jsonl"],
+        **{p.relative_to(old): data for p, data in before.items() if p.is_relative_to(old)},
+    }
+    assert losses(out) == losses(straight_run)  # trained again from step 0
+
+
 def test_full_disk_during_save_keeps_the_previous_checkpoint(tiny_corpus, tmp_path):
     out = tmp_path / "full"
     disk_full_at_step_4 = (
