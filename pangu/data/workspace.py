@@ -1,0 +1,90 @@
+"""Where `pangu prepare` writes, and what it may remove: the prepared directory, which it
+replaces as a whole only when it holds nothing but an earlier preparation, and the work
+directories, each marked with the prepared directory it works for (data.work_dir may be shared
+with anything else)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+from pangu.config import DataConfig
+from pangu.data import DataError
+from pangu.data.prepared import META_FILE, foreign_entries
+
+
+def check_output_dir(out_dir: Path, work_root: Path) -> None:
+    """Before any work: prepare replaces out_dir as a whole, so it must hold nothing but an
+    earlier preparation; and both directories must be writable."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise DataError(f"data.prepared_dir = {str(out_dir)!r} is a file, not a directory")
+    if out_dir.is_dir() and any(out_dir.iterdir()):
+        if not (out_dir / META_FILE).exists():
+            raise DataError(
+                f"data.prepared_dir = {str(out_dir)!r} is not empty and holds no {META_FILE}: it is not a "
+                f"pangu prepared directory, so prepare will not replace it. Choose another directory"
+            )
+        foreign = foreign_entries(out_dir)
+        if foreign:
+            raise DataError(
+                f"data.prepared_dir = {str(out_dir)!r} holds what pangu prepare did not write "
+                f"({', '.join(foreign[:5])}{', ...' if len(foreign) > 5 else ''}), and a rebuild replaces the "
+                f"whole directory: move them out, or choose another data.prepared_dir"
+            )
+    for directory, field in ((out_dir.parent, "data.prepared_dir"), (work_root, "data.work_dir")):
+        existing = directory
+        while not existing.exists():  # where the directory will be created
+            existing = existing.parent
+        if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+            raise DataError(
+                f"{field}: {str(directory)!r} is not writable ({str(existing)!r} is "
+                f"{'not a directory' if not existing.is_dir() else 'read-only for this user'}): choose a "
+                f"directory this user can write"
+            )
+
+
+def work_root(data: DataConfig) -> Path:
+    out_dir = Path(data.prepared_dir)
+    return Path(data.work_dir) if data.work_dir else out_dir.with_name(f".{out_dir.name}.work")
+
+
+def work_dir(data: DataConfig, fingerprint: str) -> Path:
+    return work_root(data) / fingerprint[:16]
+
+
+WORK_MARKER = ".pangu-prepare"  # in each work directory: the prepared directory it works for
+
+
+def start_work(work: Path, out_dir: Path) -> None:
+    """Creates (or keeps, to resume) `work`, and removes the work of earlier runs on other inputs
+    for the same prepared directory: only directories whose marker says so (data.work_dir may
+    be shared, and may hold anything else)."""
+    owner = str(out_dir.resolve())
+    work.parent.mkdir(parents=True, exist_ok=True)
+    for other in work.parent.iterdir():
+        marker = other / WORK_MARKER
+        if other != work and marker.is_file() and marker.read_text(errors="replace") == owner:
+            shutil.rmtree(other, ignore_errors=True)
+    for sub in ("pieces", "dedup", "shards", "out"):
+        (work / sub).mkdir(parents=True, exist_ok=True)
+    (work / WORK_MARKER).write_text(owner)
+
+
+def remove_work(work: Path) -> None:
+    shutil.rmtree(work, ignore_errors=True)
+    try:
+        work.parent.rmdir()  # the root, once nothing else is in it
+    except OSError:
+        pass
+
+
+def replace_dir(new_dir: Path, target: Path) -> None:
+    """Put new_dir at target; the old target is removed only once the new one is in place."""
+    if target.exists():
+        old = target.with_name(f".{target.name}.old-{os.getpid()}")
+        os.rename(target, old)
+        os.rename(new_dir, target)
+        shutil.rmtree(old)
+    else:
+        os.rename(new_dir, target)
