@@ -57,6 +57,14 @@ class _StderrHandler(logging.StreamHandler):
         pass
 
 
+_PYTHON_SHOWWARNING = warnings.showwarning
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """A warning as one of pangu's lines (the source line Python would print says nothing to a user)."""
+    logging.getLogger("pangu").warning("warning: %s", message)
+
+
 def configure_output(verbosity: int) -> None:
     """pangu's lines on stderr ("[pangu] ..."), at INFO (-q: WARNING, -v: DEBUG); results alone on
     stdout; the dependencies' noise filtered unless -v."""
@@ -67,6 +75,7 @@ def configure_output(verbosity: int) -> None:
         handler.setFormatter(logging.Formatter("[pangu] %(message)s"))
         logger.addHandler(handler)
         logger.propagate = False
+    warnings.showwarning = _show_warning if verbosity < 1 else _PYTHON_SHOWWARNING
     if verbosity < 1:
         for message in NOISY_WARNINGS:
             warnings.filterwarnings("ignore", message=message)

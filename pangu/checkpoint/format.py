@@ -134,6 +134,7 @@ def read_manifest(path: Path, verify: bool = True) -> dict:
         and manifest.get("format") == FORMAT
         and isinstance(manifest.get("files"), dict)
         and isinstance(manifest.get("version", 1), int)
+        and _has_manifest_shape(manifest)
     ):
         raise CorruptCheckpointError(f"{manifest_path} is corrupt: it is not a pangu checkpoint manifest")
     if manifest.get("version", 1) > VERSION:
@@ -150,6 +151,20 @@ def read_manifest(path: Path, verify: bool = True) -> dict:
                     f"checkpoint {path} is torn: {rel} has {file.stat().st_size} bytes, the manifest says {info['bytes']}"
                 )
     return manifest
+
+
+def _has_manifest_shape(manifest: dict) -> bool:
+    """Whether a manifest holds every field pangu reads, with its type."""
+    layout = manifest.get("layout")
+    return (
+        isinstance(manifest.get("kind"), str)
+        and isinstance(manifest.get("step"), int)
+        and isinstance(manifest.get("model"), dict)
+        and set(manifest["model"]) <= set(ModelConfig.__dataclass_fields__)
+        and isinstance(layout, dict)
+        and all(isinstance(layout.get(axis), int) for axis in ("dp", "tp", "pp"))
+        and all(isinstance(info, dict) and isinstance(info.get("bytes"), int) for info in manifest["files"].values())
+    )
 
 
 def check_structure(path: Path) -> dict:

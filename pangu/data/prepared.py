@@ -106,12 +106,43 @@ def read_meta(prepared_dir: str | Path) -> dict[str, Any]:
         meta = json.loads(meta_path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise DataError(f"{meta_path} is damaged ({err}); {_RERUN}") from None
+    if not isinstance(meta, dict):
+        raise DataError(f"{meta_path} is damaged (a JSON {type(meta).__name__}, not an object); {_RERUN}")
     if meta.get("format_version") != FORMAT_VERSION:
         raise DataError(
             f"{meta_path} was written by another version of pangu (format "
             f"{meta.get('format_version')}, expected {FORMAT_VERSION}); {_RERUN}"
         )
+    if not _has_meta_shape(meta):
+        raise DataError(f"{meta_path} is damaged (fields missing or of the wrong type); {_RERUN}")
     return meta
+
+
+def _has_meta_shape(meta: dict[str, Any]) -> bool:
+    """Whether meta.json holds every field training reads, with its type."""
+    tokenizer, sources = meta.get("tokenizer"), meta.get("sources")
+
+    def is_split(split: Any) -> bool:
+        shards = split.get("shards") if isinstance(split, dict) else None
+        return isinstance(shards, list) and all(
+            isinstance(e, dict) and isinstance(e.get("shard"), str) and isinstance(e.get("tokens"), int) for e in shards
+        )
+
+    return (
+        isinstance(tokenizer, dict)
+        and isinstance(tokenizer.get("file"), str)
+        and isinstance(tokenizer.get("fingerprint"), str)
+        and all(isinstance(meta.get(key), int) for key in ("vocab_size", "eod_id", "pad_id"))
+        and isinstance(sources, list)
+        and len(sources) > 0
+        and all(
+            isinstance(source, dict)
+            and isinstance(source.get("weight"), (int, float))
+            and isinstance(source.get("name"), str)
+            and all(is_split(source.get(split)) for split in SPLITS)
+            for source in sources
+        )
+    )
 
 
 def verify_prepared(prepared_dir: str | Path) -> None:

@@ -183,8 +183,11 @@ def _row_group_ranges(
 
 
 def _is_json_array(path: Path) -> bool:
-    with _open(path) as f:
-        head = f.read(4096).lstrip()
+    try:
+        with _open(path) as f:
+            head = f.read(4096).lstrip()
+    except (OSError, EOFError) as err:  # a damaged compressed stream, an unreadable file
+        raise DataError(f"{path} cannot be read: {err}") from None
     return head[:1] == b"["
 
 

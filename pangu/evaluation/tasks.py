@@ -210,8 +210,8 @@ def load_task(spec: str | Path, *, prepared_dir: str | Path | None = None, **cha
     if "=" in spec:
         spec, data_override = spec.split("=", 1)
     path = resolve_task_file(spec)
+    text = _read_text(path, "task file ")
     try:
-        text = path.read_text(encoding="utf-8")
         raw = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
     except (json.JSONDecodeError, yaml.YAMLError) as err:
         raise TaskError(f"task file {str(path)!r} is not valid {path.suffix[1:].upper()}: {err}") from None
@@ -325,7 +325,7 @@ def read_examples(path: Path, task: Task | None = None) -> list[dict]:
     where = f"task {task.name!r}: " if task else ""
     if not path.is_file():
         raise TaskError(f"{where}data file {str(path)!r} does not exist")
-    text = path.read_text(encoding="utf-8")
+    text = _read_text(path, f"{where}data file ")
     if path.suffix == ".txt":
         field_name = task.text_field if task else "text"
         return [{field_name: line} for line in text.splitlines() if line.strip()]
@@ -337,7 +337,7 @@ def read_examples(path: Path, task: Task | None = None) -> list[dict]:
         if isinstance(value, dict) and "data" in value:
             return _flatten_squad(value["data"], path)
         if isinstance(value, list):
-            return value
+            return _objects(value, path, where)
         if isinstance(value, dict):
             raise TaskError(
                 f"{where}{path}: a JSON object without 'data'; expected a list of examples, "
@@ -350,6 +350,21 @@ def read_examples(path: Path, task: Task | None = None) -> list[dict]:
                 examples.append(json.loads(line))
             except json.JSONDecodeError as err:
                 raise TaskError(f"{where}{path}:{number}: not a JSON object ({err.msg})") from None
+    return _objects(examples, path, where)
+
+
+def _read_text(path: Path, what: str) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise TaskError(f"{what}{str(path)!r} is not UTF-8 text ({err.reason} at byte {err.start})") from None
+
+
+def _objects(examples: list, path: Path, where: str) -> list[dict]:
+    """The examples, each checked to be a JSON object."""
+    for number, example in enumerate(examples, 1):
+        if not isinstance(example, dict):
+            raise TaskError(f"{where}{path}: example {number} is a {type(example).__name__}, not a JSON object")
     return examples
 
 

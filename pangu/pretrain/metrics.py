@@ -99,7 +99,11 @@ class MetricsLogger:
         self.close()
         path = self.output_dir / "metrics.jsonl"
         if path.is_file():
-            kept = [line for line in path.read_text(encoding="utf-8").splitlines() if _step_of(line) <= step]
+            kept = [
+                line
+                for line in path.read_text(encoding="utf-8", errors="replace").splitlines()
+                if _step_of(line) <= step
+            ]
             tmp = path.with_name(".metrics.jsonl.tmp")
             tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
             os.replace(tmp, path)

@@ -12,6 +12,8 @@ import pytest
 from pangu.checkpoint import format as fmt
 from pangu.checkpoint.store import CheckpointError
 
+LAYOUT = {"dp": 1, "tp": 1, "pp": 1}
+
 
 def make_run(tmp_path: Path, steps: list[int], latest: int | str | None) -> Path:
     """A run directory with structurally intact (empty) checkpoints at `steps`."""
@@ -19,7 +21,7 @@ def make_run(tmp_path: Path, steps: list[int], latest: int | str | None) -> Path
     for step in steps:
         directory = root / fmt.step_name(step)
         directory.mkdir(parents=True)
-        fmt.write_manifest(directory, {"kind": "training", "step": step, "files": {}})
+        fmt.write_manifest(directory, {"kind": "training", "step": step, "model": {}, "layout": LAYOUT, "files": {}})
     if latest is not None:
         (root / "latest").write_text(latest if isinstance(latest, str) else fmt.step_name(latest))
     return tmp_path
@@ -57,8 +59,18 @@ def test_a_fresh_run_has_no_checkpoint_and_foreign_entries_are_not_checkpoints(t
 
 @pytest.mark.parametrize(
     "manifest",
-    [os.urandom(4096), b"", b"[1, 2]", b"7", b'{"format": "pangu-checkpoint", "files": 3}', b'{"files": {}}'],
-    ids=["random bytes", "empty", "a list", "a number", "files not a mapping", "no format"],
+    [
+        os.urandom(4096),
+        b"",
+        b"[1, 2]",
+        b"7",
+        b'{"format": "pangu-checkpoint", "files": 3}',
+        b'{"files": {}}',
+        b'{"format": "pangu-checkpoint", "kind": "training", "step": 4, "files": {}}',
+        b'{"format": "pangu-checkpoint", "kind": "training", "step": 4, "model": {"colour": 1}, "files": {}, '
+        b'"layout": {"dp": 1, "tp": 1, "pp": 1}}',
+    ],
+    ids=["random bytes", "empty", "a list", "a number", "files not a mapping", "no format", "no layout", "odd model"],
 )
 def test_a_damaged_manifest_of_any_shape_falls_back_to_the_older_checkpoint(tmp_path, manifest):
     run = make_run(tmp_path, [2, 4], latest=4)

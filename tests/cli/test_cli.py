@@ -133,3 +133,18 @@ def test_every_option_is_checked_against_its_domain(argv, capsys):
 def test_generate_refuses_an_empty_prompt_in_one_line(straight_run, capsys):
     assert main(["generate", "--checkpoint", str(straight_run), "--prompt", ""]) == 2
     assert "the prompt is empty" in capsys.readouterr().err
+
+
+def test_warnings_are_pangu_lines_without_python_s_source_line(tmp_path, capsys):
+    """A warning a user should read (here: a lost `latest` pointer) is one `[pangu] warning:` line."""
+    from pangu.checkpoint import format as fmt
+
+    step = fmt.checkpoint_root(tmp_path) / fmt.step_name(3)
+    step.mkdir(parents=True)
+    fmt.write_manifest(
+        step, {"kind": "weights", "step": 3, "model": {}, "layout": {"dp": 1, "tp": 1, "pp": 1}, "files": {}}
+    )
+    main(["checkpoint", "info", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert "[pangu] warning: " in err and "latest is missing" in err
+    assert "UserWarning" not in err and "warnings.warn" not in err

@@ -232,6 +232,28 @@ def test_an_interrupted_or_full_prepare_keeps_the_previous_preparation(tmp_path,
     assert _files(out) == before
 
 
+@pytest.mark.parametrize(
+    "content",
+    [b"[1, 2, 3]", b'{"format_version": 2}', b'{"format_version": 2, "sources": 3}', b"\xff\x00"],
+    ids=["a list", "fields missing", "a field of the wrong type", "not UTF-8"],
+)
+def test_a_damaged_meta_json_is_one_clear_error_and_prepare_rebuilds(tmp_path, corpus, content):
+    config = _config(tmp_path, corpus)
+    prepare(config, progress=False)
+    out = Path(config.data.prepared_dir)
+    (out / "meta.json").write_bytes(content)
+    with pytest.raises(DataError, match=r"meta.json is damaged .*re-run `pangu prepare"):
+        load_prepared(out, "train", 64)
+    assert prepare(config, progress=False)["reason"].startswith(f"{out}/meta.json is damaged")
+    load_prepared(out, "train", 64)
+
+
+def test_a_damaged_compressed_source_names_the_file(tmp_path):
+    (tmp_path / "corpus.jsonl.gz").write_bytes(b"\x1f\x8b" + bytes(range(256)) * 8)
+    with pytest.raises(DataError, match=r"corpus.jsonl.gz cannot be read"):
+        prepare(_config(tmp_path, tmp_path / "corpus.jsonl.gz"), progress=False)
+
+
 def test_damaged_shard_is_reported_on_load_and_rebuilt_by_prepare(tmp_path, corpus):
     config = _config(tmp_path, corpus)
     prepare(config, progress=False)

@@ -25,7 +25,7 @@ from pangu.evaluation.metrics import (
 )
 from pangu.evaluation.prompts import Prompter
 from pangu.evaluation.scoring import Scorer
-from pangu.evaluation.tasks import TaskError, available_tasks, load_task, sample_shots, task_from_dict
+from pangu.evaluation.tasks import TaskError, available_tasks, load_task, read_examples, sample_shots, task_from_dict
 from tests.helpers import PROBES, REPO, TASK_DATA, run_pretrain, tiny_overrides
 
 EXAMPLES = TASK_DATA
@@ -541,3 +541,27 @@ def test_tiny_model_trained_on_the_sentiment_examples_scores_high(tmp_path):
         "negative": True,
     }
     assert results["accuracy"] >= 0.95, results
+
+
+@pytest.mark.parametrize(
+    "where, content, message",
+    [
+        ("task", b"\xff\xfe garbage", "task file .* is not UTF-8 text"),
+        ("data", b"\xff\xfe garbage", "data file .* is not UTF-8 text"),
+        ("data", b'{"text": "a", "label": "1"}\n7\n', "example 2 is a int, not a JSON object"),
+        ("data", b"[1, 2]", "example 1 is a int, not a JSON object"),
+    ],
+    ids=["task file not UTF-8", "data file not UTF-8", "a line not an object", "a list of numbers"],
+)
+def test_a_damaged_task_or_data_file_is_one_clear_error(tmp_path, where, content, message):
+    task_file = tmp_path / "task.yaml"
+    data_file = tmp_path / ("data.json" if content.startswith(b"[") else "data.jsonl")
+    if where == "task":
+        task_file.write_bytes(content)
+        spec = str(task_file)
+    else:
+        data_file.write_bytes(content)
+        spec = f"sentiment={data_file}"
+    with pytest.raises(TaskError, match=message):
+        task = load_task(spec)
+        read_examples(task.data, task)

@@ -64,6 +64,7 @@ def test_the_wheel_installs_and_runs_outside_the_checkout(tmp_path):
     ]
     done = run([pangu, "prepare", "--config", "tiny", *small], cwd=work)
     report = json.loads(done.stdout)  # results alone on stdout
+    assert own_lines_only(done.stderr), done.stderr
     assert report["totals"]["train"]["tokens"] > 1_000_000  # the builtin corpus, with the tiny config's tokenizer
     done = run([pangu, "pretrain", "--config", "tiny", *small], cwd=work)
     assert own_lines_only(done.stderr) and not done.stdout, done.stdout + done.stderr
