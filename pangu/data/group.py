@@ -12,6 +12,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import signal
+import warnings
 from collections.abc import Callable, Iterator
 from typing import Any, Protocol, TypeVar
 
@@ -53,10 +54,14 @@ def together(group: Group, step: Callable[[], T]) -> list[Any]:
 
 
 def num_proc(num_proc: int) -> int:
-    if num_proc:
-        return num_proc
+    """Worker processes for this rank: data.num_proc, or (0) its share of the node's cores; never
+    more than the cores, since each worker holds a tokenizer and a dictionary (~100 MB)."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    share = max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    if num_proc > cores:
+        warnings.warn(f"data.num_proc = {num_proc} is more than the {cores} cores here: using {cores}", stacklevel=2)
+        return cores
+    return num_proc or share
 
 
 def _init_pool_worker(job: Job) -> None:

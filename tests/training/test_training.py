@@ -29,26 +29,34 @@ def test_resume_is_exact(tiny_corpus, straight_run, tmp_path):
         assert torch.equal(resumed[key], tensor), key
 
 
-def test_crash_before_publishing_keeps_the_previous_checkpoint(tiny_corpus, straight_run, tmp_path):
+@pytest.mark.parametrize(
+    "crash_in, resumes_from",
+    [("publish", 2), ("publish_latest", 4)],
+    ids=["before the directory is renamed into place", "before latest moves"],
+)
+def test_a_crash_while_publishing_loses_nothing(tiny_corpus, straight_run, tmp_path, crash_in, resumes_from):
+    """Killed before checkpoint 4 is complete: the run resumes from 2; killed after it is complete
+    but before `latest` names it: from 4 (found from the directory). Either way, the losses are
+    those of an uninterrupted run."""
     out = tmp_path / "crashed"
     crash = (
         "import os\nfrom pangu.checkpoint import format as checkpoint\n"
-        "publish = checkpoint.publish_latest\n"
+        f"original = checkpoint.{crash_in}\n"
         "def crash_at_step_4(root, name):\n"
-        "    if name == 'step_00000004':\n"
+        "    if str(name).endswith('step_00000004'):\n"
         "        os._exit(17)\n"
-        "    publish(root, name)\n"
-        "checkpoint.publish_latest = crash_at_step_4\n"
+        "    original(root, name)\n"
+        f"checkpoint.{crash_in} = crash_at_step_4\n"
     )
     result = run_pretrain(tiny_overrides(tiny_corpus, out, "train.save_interval=2"), prelude=crash)
     assert result.returncode == 17
-    assert latest_checkpoint(out).name == "step_00000002"
+    assert latest_checkpoint(out).name == f"step_{resumes_from:08d}"
     result = run_pretrain(tiny_overrides(tiny_corpus, out, "train.save_interval=2"))
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "resumed" in (out / "metrics.jsonl").read_text()
+    assert f"resumed (checkpoint {out}/checkpoints/step_{resumes_from:08d}" in result.stderr
     run = losses(out)
-    assert {step: run[step] for step in range(3, STEPS + 1)} == {
-        step: losses(straight_run)[step] for step in range(3, STEPS + 1)
+    assert {step: run[step] for step in range(resumes_from + 1, STEPS + 1)} == {
+        step: losses(straight_run)[step] for step in range(resumes_from + 1, STEPS + 1)
     }
     assert latest_checkpoint(out).name == f"step_{STEPS:08d}"
 
