@@ -143,6 +143,11 @@ class Trainer:
                 f"{config.data.prepared_dir} ({self.meta['vocab_size']} pieces): set "
                 f"model.vocab_size = {self.meta['vocab_size']}"
             )
+        if train.global_batch_size > len(self.train_data):
+            raise ConfigError(
+                f"train.global_batch_size = {train.global_batch_size} is more than the {len(self.train_data)} "
+                f"training samples of {config.data.prepared_dir}: lower it, or prepare more data"
+            )
         # task files are read now, so that a missing one fails before any training
         self.eval_tasks = [load_task(spec, prepared_dir=config.data.prepared_dir) for spec in train.eval_tasks]
         self.tokenizer = load_tokenizer(config.data.prepared_dir) if self.eval_tasks else None

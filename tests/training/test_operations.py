@@ -206,6 +206,16 @@ def test_checkpoint_with_another_tokenizer_is_refused(tiny_corpus, straight_run,
     assert result.returncode == 2 and "another tokenizer" in result.stderr
 
 
+def test_a_global_batch_larger_than_the_training_set_is_refused(tiny_corpus, tmp_path):
+    out = tmp_path / "huge-batch"
+    result = run_pretrain(
+        tiny_overrides(tiny_corpus, out, "train.micro_batch_size=1", "train.global_batch_size=10000000")
+    )
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "train.global_batch_size = 10000000 is more than the" in result.stderr
+    assert not out.exists()
+
+
 def test_unwritable_output_directory_is_refused(tiny_corpus, tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
