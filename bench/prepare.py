@@ -158,6 +158,9 @@ def run_pangu(corpus: Path, out: Path, procs: int, env: dict[str, str]) -> dict:
                     "tokenizer": {"kind": "pangu", "path": str(VOCAB)},
                     "prepared_dir": str(out),
                     "num_proc": procs,
+                    # pieces of 8MB: enough of them for every worker on the small sizes too (the
+                    # corpus's files are 32MB; a file larger than a piece is cut into pieces)
+                    "piece_size": "8MB",
                 },
                 "model": {"vocab_size": 40000, "seq_length": 1024},
             }

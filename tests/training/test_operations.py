@@ -185,6 +185,13 @@ def test_checkpoint_of_another_model_shape_is_refused(tiny_corpus, straight_run,
     assert "model.hidden_size = 64 but the config has 32" in result.stderr and "Traceback" not in result.stderr
     after = {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != ".pangu.lock"}
     assert after == {p: data for p, data in before.items() if p.name != ".pangu.lock"}
+    assert "set train.restart=true" in result.stderr
+
+    # told to restart: the engine built to receive the checkpoint is rebuilt with initial weights
+    result = run_pretrain(tiny_overrides(tiny_corpus, out, "model.hidden_size=32", "train.restart=true"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "train.restart" in result.stderr and (out / "checkpoints.set-aside-1" / "latest").is_file()
+    assert sorted(losses(out)) == list(range(1, STEPS + 1))
 
 
 def test_checkpoint_with_another_tokenizer_is_refused(tiny_corpus, straight_run, tmp_path):
