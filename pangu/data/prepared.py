@@ -32,10 +32,10 @@ META_FILE = "meta.json"
 HELDOUT_FILE = "heldout_reviews.jsonl"
 INDEX_CACHE = "index-cache"
 SPLITS = ("train", "valid")
-# what `pangu prepare` writes into a prepared directory (and the trainer's index cache): it
-# replaces the directory only when nothing else is in it
+# what `pangu prepare` writes into a prepared directory (and the trainer's index cache; format 1
+# named its shards train-0.bin): it replaces the directory only when nothing else is in it
 _PREPARED_ENTRY = re.compile(
-    rf"(?:{re.escape(META_FILE)}|{re.escape(HELDOUT_FILE)}|{INDEX_CACHE}|tokenizer\.model|(?:train|valid)-\d+-\d+\.(?:bin|idx))"
+    rf"(?:{re.escape(META_FILE)}|{re.escape(HELDOUT_FILE)}|{INDEX_CACHE}|tokenizer\.model|(?:train|valid)-\d+(?:-\d+)?\.(?:bin|idx))"
 )
 
 

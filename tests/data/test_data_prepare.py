@@ -4,6 +4,7 @@ doing any work; `load_prepared` / `load_tokenizer` checks; held-out reviews neve
 import dataclasses
 import itertools
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -185,6 +186,10 @@ def test_a_rebuild_never_deletes_what_prepare_did_not_write(tmp_path, corpus):
     with pytest.raises(DataError, match=r"holds what pangu prepare did not write \(runs\).*move them out"):
         prepare(config, progress=False)
     assert _files(tmp_path) == before
+    shutil.rmtree(out / "runs")
+    for name in SHARD_FILES:  # an older pangu's shard names (format 1) are its own: replaced
+        (out / name).rename(out / name.replace("-00000", ""))
+    assert prepare(config, progress=False)["reused"] is False
 
 
 def test_a_shared_work_directory_loses_only_prepare_s_own_stale_work(tmp_path, corpus):
