@@ -28,13 +28,17 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from pangu.config import load_config
-from pangu.data.dataset import make_batch
-from pangu.data.prepare import prepare
-from pangu.data.sampler import GlobalBatchSampler
-from pangu.model.sizes import flops_per_token
-from pangu.optim.s3 import S3
-from pangu.pretrain.trainer import Trainer, learning_rate
+from pangu.cli import configure_output
+
+configure_output(-1)  # before megatron-core and DeepSpeed are imported: their notices stay out
+
+from pangu.config import load_config  # noqa: E402
+from pangu.data.dataset import make_batch  # noqa: E402
+from pangu.data.prepare import prepare  # noqa: E402
+from pangu.data.sampler import GlobalBatchSampler  # noqa: E402
+from pangu.model.sizes import flops_per_token  # noqa: E402
+from pangu.optim.s3 import S3  # noqa: E402
+from pangu.pretrain.trainer import Trainer, learning_rate  # noqa: E402
 
 
 class Block(nn.Module):
