@@ -5,7 +5,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/setup.sh
 . .venv/bin/activate
-pangu prepare --config configs/tiny.yaml
+mkdir -p data_cache
+pangu prepare --config configs/tiny.yaml > data_cache/tiny-report.json  # the full report (JSON)
 pangu pretrain --config configs/tiny.yaml
 pangu evaluate --config configs/tiny.yaml --checkpoint runs/tiny --baseline
 pangu plot runs/tiny

@@ -126,7 +126,11 @@ class MetricsLogger:
         """Something that happened (checkpoint, resume, skipped step): also in metrics.jsonl."""
         self.log_raw({"step": step, "event": kind, **details})
         if self.enabled:
-            said = ", ".join(f"{key} {value}" for key, value in details.items() if key != "per_rank")
+            said = ", ".join(
+                f"{key} {round(value, 3) if isinstance(value, float) else value}"
+                for key, value in details.items()
+                if key != "per_rank"
+            )
             logger.info("step %d: %s%s", step, kind, f" ({said})" if said else "")
 
     def log_raw(self, record: dict) -> None:
