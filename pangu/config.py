@@ -418,13 +418,6 @@ class Config:
             self.optim.warmup_steps,
             f"at most train.steps ({self.train.steps})",
         )
-        run, prepared = Path(self.train.output_dir).resolve(), Path(self.data.prepared_dir).resolve()
-        _require(
-            not run.is_relative_to(prepared),
-            "train.output_dir",
-            self.train.output_dir,
-            f"a directory outside data.prepared_dir ({self.data.prepared_dir}), which `pangu prepare` replaces",
-        )
         for check in _CHECKS:
             check(self)
 

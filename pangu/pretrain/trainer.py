@@ -157,6 +157,11 @@ class Trainer:
                 "or leave train.wandb.project empty"
             )
         self.output_dir = Path(train.output_dir)
+        if self.output_dir.resolve().is_relative_to(Path(config.data.prepared_dir).resolve()):
+            raise ConfigError(
+                f"train.output_dir = {train.output_dir!r} is inside data.prepared_dir = {config.data.prepared_dir!r}, "
+                "which `pangu prepare` replaces as a whole: choose a run directory outside it"
+            )
         self._lock = self._claim_output_dir()
         self.checkpoints = Checkpointer(self.output_dir, config, self.topology)
         candidates = self._guard_resume(self.checkpoints.candidates)  # structure only: O(files)

@@ -234,6 +234,9 @@ def test_ctrl_c_or_sigterm_ends_prepare_in_one_line_and_keeps_everything(tmp_pat
         stderr=subprocess.PIPE,
         text=True,
         start_new_session=True,
+        # a shell's background job starts with SIGINT ignored, and Python then keeps it ignored:
+        # give prepare the disposition a terminal gives it
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     work = tmp_path / ".prepared.work"
     deadline = time.time() + 120

@@ -223,6 +223,12 @@ def test_a_global_batch_larger_than_the_training_set_is_refused(tiny_corpus, tmp
     assert not out.exists()
 
 
+def test_a_run_directory_inside_the_prepared_directory_is_refused(tiny_corpus, tmp_path):
+    result = run_pretrain(tiny_overrides(tiny_corpus, tiny_corpus / "run"))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "is inside data.prepared_dir" in result.stderr and not (tiny_corpus / "run").exists()
+
+
 def test_unwritable_output_directory_is_refused(tiny_corpus, tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
