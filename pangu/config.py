@@ -479,7 +479,8 @@ def resolve_config(path: str | Path) -> Path:
     if len(path.parts) == 1 and builtin.is_file():
         return builtin
     names = ", ".join(sorted(p.stem for p in CONFIGS_DIR.glob("*.yaml")))
-    raise ConfigError(f"config file {str(path)!r} does not exist (builtin configs: {names})")
+    problem = "is a directory, not a config file" if path.is_dir() else "does not exist"
+    raise ConfigError(f"config file {str(path)!r} {problem} (builtin configs: {names})")
 
 
 def config_from_dict(raw: dict[str, Any]) -> Config:

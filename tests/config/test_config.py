@@ -121,3 +121,8 @@ def test_a_config_that_is_not_utf8_is_one_clear_error(tmp_path):
     bad.write_bytes("model:\n  num_layers: 4  # caf\xe9\n".encode("latin-1"))
     with pytest.raises(ConfigError, match="not valid UTF-8 YAML"):
         load_config(bad)
+
+
+def test_a_directory_given_as_the_config_is_named_as_such(tmp_path):
+    with pytest.raises(ConfigError, match="is a directory, not a config file"):
+        load_config(tmp_path)
