@@ -14,10 +14,11 @@ PANGU = Path(__file__).resolve().parents[2] / "pangu"
 MAX_LINES = 600
 
 # package -> the pangu packages it may import (docs/architecture.md draws the same map)
-BASE = {"schema", "config"}
+BASE = {"schema", "files", "config"}
 ALLOWED = {
     "schema": set(),
-    "config": {"schema"},
+    "files": set(),
+    "config": {"schema", "files"},
     "data": BASE,
     "model": BASE,
     "optim": BASE,
