@@ -181,9 +181,11 @@ def make_batch(samples: np.ndarray, *, pad_id: int, eod_id: int, eod_reset: bool
     - `loss_mask` [B, S] float32: 1 where the INPUT token is not `<pad>` (as in PanGu-alpha)
     - `position_ids` [B, S] int64: 0..S-1, or with `eod_reset` restarting at 0 on the token after
       each separator
-    - with `eod_reset` only, `attention_mask` [B, S, S] bool, True where query i may attend key j:
-      j <= i and both in the same document (block-diagonal causal). Without `eod_reset` there is
-      no `attention_mask` key: plain causal attention.
+    - with `eod_reset` only, `document_ids` [B, S] int32: the index of each position's document
+      within its sample. Query i may attend key j when j <= i and both are in the same document
+      (block-diagonal causal); the model builds that mask from these ids, once per forward (a
+      [B, S, S] mask would be S times larger to build and to send between pipeline stages).
+      Without `eod_reset` there is no `document_ids` key: plain causal attention.
     """
     samples = np.asarray(samples)
     if samples.ndim != 2 or samples.shape[1] < 2:
@@ -206,7 +208,5 @@ def make_batch(samples: np.ndarray, *, pad_id: int, eod_id: int, eod_reset: bool
     starts_document[:, 1:] = input_ids[:, :-1] == eod_id
     document_start = np.maximum.accumulate(np.where(starts_document, positions, 0), axis=1)
     batch["position_ids"] = positions - document_start
-    document = np.cumsum(starts_document, axis=1)
-    causal = np.tril(np.ones((seq_length, seq_length), dtype=bool))
-    batch["attention_mask"] = (document[:, :, None] == document[:, None, :]) & causal
+    batch["document_ids"] = np.cumsum(starts_document, axis=1, dtype=np.int32)
     return batch

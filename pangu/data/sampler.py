@@ -69,14 +69,22 @@ class GlobalBatchSampler:
 
     def next_global_batch(self) -> np.ndarray:
         """The next global batch of sample indices (int64, length global_batch_size)."""
+        positions = self._next_positions()
+        self.consumed_samples = int(positions[-1]) + 1
+        return self._samples_at(positions)
+
+    def peek_global_batch(self) -> np.ndarray:
+        """The global batch `next_global_batch` will return, without consuming it (for reading ahead)."""
+        return self._samples_at(self._next_positions())
+
+    def _next_positions(self) -> np.ndarray:
         positions = np.empty(self.global_batch_size, dtype=np.int64)
         position = self.consumed_samples
         for n in range(self.global_batch_size):
             position = self._first_unskipped(position)
             positions[n] = position
             position += 1
-        self.consumed_samples = position
-        return self._samples_at(positions)
+        return positions
 
     def _first_unskipped(self, position: int) -> int:
         # ranges are sorted and disjoint: only the last one starting at or before position can hold it

@@ -42,11 +42,11 @@ def token_losses(model: PanguAlpha, batch: dict) -> torch.Tensor:
     """Cross entropy of every label of a batch from `pangu.data.dataset.make_batch`: [B, S], fp32
     (multiply by batch["loss_mask"] to count only the positions training counts)."""
     device = next(model.parameters()).device
-    mask = batch.get("attention_mask")
+    documents = batch.get("document_ids")
     logits = model(
         torch.from_numpy(batch["input_ids"]).to(device),
         torch.from_numpy(batch["position_ids"]).to(device),
-        None if mask is None else torch.from_numpy(mask).to(device),
+        document_ids=None if documents is None else torch.from_numpy(documents).to(device),
     )
     labels = torch.from_numpy(batch["labels"]).to(device)
     return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), reduction="none").view(labels.shape)

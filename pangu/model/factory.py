@@ -4,7 +4,7 @@ The model says what the network computes; the factory says how the layers that t
 parallelism splits are made. This default builds plain torch layers for one process (inference,
 evaluation, export: no torch.distributed needed). `pangu.parallel.tensor_parallel.MegatronLayers`
 builds megatron-core's column/row-parallel linears and vocab-parallel embedding instead, with
-DeepSpeed's RNG tracker and recomputation, for training under any (dp, tp, pp).
+a dropout stream per tensor-parallel rank inside split regions, for training under any tp.
 """
 
 from __future__ import annotations
@@ -24,9 +24,16 @@ class LayerFactory:
     tp_size: int = 1
     tp_rank: int = 0
 
-    def column_linear(self, fan_in: int, fan_out: int, *, bias: bool) -> nn.Module:
-        """y = x W^T + b; under tensor parallelism each rank computes a slice of the outputs."""
+    def column_linear(self, fan_in: int, fan_out: int, *, bias: bool, shared_input: bool = False) -> nn.Module:
+        """y = x W^T + b; under tensor parallelism each rank computes a slice of the outputs. With
+        `shared_input` the caller passes the input through `tensor_parallel_input` itself, once for
+        every linear that reads it."""
         return nn.utils.skip_init(nn.Linear, fan_in, fan_out, bias=bias)
+
+    def tensor_parallel_input(self, x: torch.Tensor) -> torch.Tensor:
+        """`x` as the input of column-parallel linears built with `shared_input`: under tensor
+        parallelism its gradient is all-reduced over the group here, once for all of them."""
+        return x
 
     def row_linear(self, fan_in: int, fan_out: int, *, bias: bool) -> nn.Module:
         """y = x W^T + b; under tensor parallelism each rank takes a slice of the inputs and the
@@ -51,8 +58,10 @@ class LayerFactory:
         losses = F.cross_entropy(logits[..., :vocab_size].float().flatten(0, 1), labels.flatten(), reduction="none")
         return losses.view(labels.shape)
 
-    def tensor_parallel_rng(self, enabled: bool = True) -> contextlib.AbstractContextManager:
-        """Context for random ops on activations split across the tensor-parallel group."""
+    def tensor_parallel_rng(self, seed: int | None, device: torch.device) -> contextlib.AbstractContextManager:
+        """Context for random ops on activations split across the tensor-parallel group (the
+        attention probabilities), given the layer's dropout seed (None: draw from the current
+        generator): under tensor parallelism each rank draws from a stream of its own."""
         return contextlib.nullcontext()
 
     def recompute(self, function, *args):

@@ -32,8 +32,8 @@ The layers that tensor parallelism splits (Q/K/V and FFN-up column-parallel, att
 and FFN-down row-parallel, the vocabulary-parallel word embedding) come from a `LayerFactory`
 (factory.py): plain torch layers by default, megatron-core's under pangu.parallel. The order of
 the layers and every parameter's name and shape are declared in layout.py; the modules here are
-built in that order, and each trunk layer takes (x, mask, position_ids, kv_cache) so that this
-model and the pipeline (pangu/parallel/pipeline.py) run them the same way.
+built in that order by `PanguStage`, which every engine uses for its pipeline stages (any cut of
+the declared layers) and of which `PanguAlpha`, the whole network, is the one-stage case.
 """
 
 from __future__ import annotations
@@ -81,16 +81,29 @@ class LayerNorm(nn.LayerNorm):
         return F.layer_norm(x32, self.normalized_shape, weight, bias, self.eps).type_as(x)
 
 
-def relu_attention(q, k, v, attention_mask, causal: bool, dropout: float) -> torch.Tensor:
-    """N_row(ReLU(q k^T / sqrt(d))) v: row-normalised ReLU attention, masked after the ReLU."""
-    scores = torch.relu(at_least_fp32(q) @ at_least_fp32(k).transpose(-1, -2) / math.sqrt(q.shape[-1]))
-    if causal:
-        scores = scores.tril(diagonal=k.shape[-2] - q.shape[-2])
-    elif attention_mask is not None:
-        scores = scores * attention_mask.unsqueeze(1)
-    probs = scores / (scores.sum(dim=-1, keepdim=True) + SCALE_INVARIANT_EPS)
-    probs = F.dropout(probs, dropout, training=dropout > 0)
-    return (probs @ at_least_fp32(v)).type_as(v)
+# ---------------------------------------------------------------------------------------------
+# Attention masks: built once per forward of a stage, from what flows between stages
+
+
+def document_mask(document_ids: torch.Tensor) -> torch.Tensor:
+    """EOD reset's block-diagonal causal mask [b, 1, s, s] (True: may attend) from the document
+    index of every position [b, s]."""
+    seq = document_ids.shape[-1]
+    causal = torch.ones(seq, seq, dtype=torch.bool, device=document_ids.device).tril()
+    return ((document_ids[:, :, None] == document_ids[:, None, :]) & causal).unsqueeze(1)
+
+
+def document_block_mask(document_ids: torch.Tensor):
+    """The same mask as FlexAttention's BlockMask: blocks the mask leaves empty are skipped, and no
+    [b, heads, s, s] score tensor is made (scaled_dot_product_attention falls back to a kernel that
+    makes one under a dense mask)."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    def mask_mod(batch, head, query, key):
+        return (document_ids[batch, query] == document_ids[batch, key]) & (query >= key)
+
+    batch, seq = document_ids.shape
+    return create_block_mask(mask_mod, batch, None, seq, seq, device=document_ids.device)
 
 
 @functools.cache
@@ -100,24 +113,93 @@ def _compiled_flex_attention():
     return torch.compile(flex_attention, dynamic=False)
 
 
-def masked_attention(q, k, v, attention_mask: torch.Tensor) -> torch.Tensor:
-    """softmax(q k^T / sqrt(d) masked) v under a boolean mask [b, s_q, s_k] (EOD reset's
-    block-diagonal causal mask) through FlexAttention: blocks the mask leaves empty are skipped,
-    and no [b, heads, s, s] score tensor is made, where scaled_dot_product_attention would fall
-    back to a kernel that makes one. No dropout (FlexAttention has none); no backward on the CPU."""
-    from torch.nn.attention.flex_attention import create_block_mask
+def relu_attention(q, k, v, mask: torch.Tensor | None, dropout: float) -> torch.Tensor:
+    """N_row(ReLU(q k^T / sqrt(d))) v: row-normalised ReLU attention, masked after the ReLU
+    (`mask` None: causal)."""
+    scores = torch.relu(at_least_fp32(q) @ at_least_fp32(k).transpose(-1, -2) / math.sqrt(q.shape[-1]))
+    if mask is None:
+        scores = scores.tril(diagonal=k.shape[-2] - q.shape[-2])
+    else:
+        scores = scores * mask
+    probs = scores / (scores.sum(dim=-1, keepdim=True) + SCALE_INVARIANT_EPS)
+    probs = F.dropout(probs, dropout, training=dropout > 0)
+    return (probs @ at_least_fp32(v)).type_as(v)
 
-    def mask_mod(batch, head, query, key):
-        return attention_mask[batch, query, key]
 
-    block_mask = create_block_mask(mask_mod, q.shape[0], None, q.shape[-2], k.shape[-2], device=q.device)
-    return _compiled_flex_attention()(q, k, v, block_mask=block_mask)
+def attention_core(q, k, v, mask, dropout: float, scale_invariant: bool) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d) masked) v with dropout on the probabilities. `mask`: None (causal),
+    "none" (every key: a new position against a KV cache), a bool tensor [b, 1, s_q, s_k], or a
+    FlexAttention BlockMask (document_block_mask)."""
+    if isinstance(mask, str):  # "none"
+        mask = torch.ones(1, 1, q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device)
+    if scale_invariant:
+        return relu_attention(q, k, v, mask, dropout)
+    if mask is not None and not torch.is_tensor(mask):
+        return _compiled_flex_attention()(q, k, v, block_mask=mask)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=mask is None)
+
+
+# ---------------------------------------------------------------------------------------------
+# Dropout seeds
+
+
+_MASK64 = (1 << 64) - 1
+
+
+def _splitmix64(x: int) -> int:
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+def mix_seed(*values: int) -> int:
+    """A 63-bit seed from integers (a hash: nearby inputs give unrelated seeds)."""
+    h = 0
+    for value in values:
+        h = _splitmix64(h ^ (value & _MASK64))
+    return h >> 1
+
+
+class DropoutSeeds:
+    """Where dropout draws its masks in training: one seed per (run seed, step, micro-batch, layer).
+
+    A micro-batch is named by its place in the global batch (samples [c x micro_batch_size, ...)),
+    which no layout changes, and a layer by its index in the declaration (layout.py); so every
+    layer of every pipeline stage draws masks of its own, and a sample gets the same masks under
+    any (dp, pp) (and any tp, but for the attention probabilities, which are split over heads).
+    Nothing about it needs saving: a resumed run derives the same seeds. Each stage runs the
+    forwards of a step's micro-batches in order (every pipeline schedule does), so the j-th
+    forward of a layer in a step is micro-batch `micro_batches[j]` of `start_step`.
+    """
+
+    def __init__(self, seed: int):
+        self.seed = seed
+        self.step = 0
+        self.micro_batches: list[int] = []
+        self._forwards: dict[int, int] = {}
+
+    def start_step(self, step: int, micro_batches: list[int]) -> None:
+        """Before the step's first forward: the global indices of the micro-batches this rank runs, in order."""
+        self.step, self.micro_batches, self._forwards = step, list(micro_batches), {}
+
+    def next_seed(self, layer: int) -> int:
+        j = self._forwards.get(layer, 0)
+        self._forwards[layer] = j + 1
+        micro_batch = self.micro_batches[j] if j < len(self.micro_batches) else j
+        return mix_seed(self.seed, self.step, micro_batch, layer)
+
+
+# ---------------------------------------------------------------------------------------------
+# Layers
 
 
 class Attention(nn.Module):
     """Multi-head attention with separate Q, K, V projections (each with bias), split over heads.
-    With `selective_recompute` the attention core (scores, softmax, dropout) is recomputed in
-    backward instead of kept (parallel.recompute = selective)."""
+    Q, K and V are column-parallel linears fed the same input: the input enters the
+    tensor-parallel region once, so backward all-reduces its gradient once, not three times. With
+    `selective_recompute` the attention core (scores, softmax, dropout) is recomputed in backward
+    instead of kept (parallel.recompute = selective)."""
 
     def __init__(self, config: ModelConfig, layers: LayerFactory, selective_recompute: bool = False):
         super().__init__()
@@ -128,31 +210,26 @@ class Attention(nn.Module):
         self.dropout = config.attention_dropout_rate
         self.scale_invariant = config.scale_invariant
         self.selective_recompute = selective_recompute
-        self.query = layers.column_linear(h, h, bias=True)
-        self.key = layers.column_linear(h, h, bias=True)
-        self.value = layers.column_linear(h, h, bias=True)
+        self.query = layers.column_linear(h, h, bias=True, shared_input=True)
+        self.key = layers.column_linear(h, h, bias=True, shared_input=True)
+        self.value = layers.column_linear(h, h, bias=True, shared_input=True)
         self.dense = layers.row_linear(h, h, bias=not config.scale_invariant)
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        query_input: torch.Tensor,
-        attention_mask: torch.Tensor | None,
-        kv_cache: list[torch.Tensor] | None = None,
-    ) -> torch.Tensor:
-        q = self._heads(self.query(query_input))
-        k = self._heads(self.key(x))
-        v = self._heads(self.value(x))
-        causal = attention_mask is None
+    def forward(self, x, query_input, mask, kv_cache: list[torch.Tensor] | None = None, seed: int | None = None):
+        shared = self.layers.tensor_parallel_input(x)
+        queries = shared if query_input is x else self.layers.tensor_parallel_input(query_input)
+        q = self._heads(self.query(queries))
+        k = self._heads(self.key(shared))
+        v = self._heads(self.value(shared))
         if kv_cache is not None:  # generation: keys and values of earlier positions are kept
             if kv_cache:
                 k, v = torch.cat([kv_cache[0], k], dim=2), torch.cat([kv_cache[1], v], dim=2)
-                causal = False  # one new position attends to everything before it
+                mask = "none"  # one new position attends to everything before it
             kv_cache[:] = [k, v]
         if self.selective_recompute and self.training:
-            context = self.layers.recompute(self._core, q, k, v, attention_mask, causal)
+            context = self.layers.recompute(self._core, q, k, v, mask, seed)
         else:
-            context = self._core(q, k, v, attention_mask, causal)
+            context = self._core(q, k, v, mask, seed)
         batch, _, seq, _ = context.shape
         return self.dense(context.transpose(1, 2).reshape(batch, seq, -1))
 
@@ -160,18 +237,12 @@ class Attention(nn.Module):
         batch, seq, _ = x.shape
         return x.view(batch, seq, self.heads_per_rank, self.head_dim).transpose(1, 2)
 
-    def _core(self, q, k, v, attention_mask, causal: bool):
-        """softmax(q k^T / sqrt(d) + mask) v, with dropout on the probabilities."""
+    def _core(self, q, k, v, mask, seed: int | None):
         dropout = self.dropout if self.training else 0.0
-        mask = None if attention_mask is None else attention_mask.unsqueeze(1)
-        # Attention probabilities are split over heads, so their dropout masks differ per tp
-        # rank: they come from the tensor-parallel RNG stream.
-        with self.layers.tensor_parallel_rng(enabled=dropout > 0):
-            if self.scale_invariant:
-                return relu_attention(q, k, v, attention_mask, causal, dropout)
-            if mask is not None and dropout == 0 and q.is_cuda:
-                return masked_attention(q, k, v, attention_mask)
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=causal)
+        # Attention probabilities are split over heads, so their dropout masks must differ per
+        # tp rank: the factory draws them from a stream of the rank's own.
+        with self.layers.tensor_parallel_rng(seed if dropout > 0 else None, q.device):
+            return attention_core(q, k, v, mask, dropout, self.scale_invariant)
 
 
 class FeedForward(nn.Module):
@@ -187,7 +258,7 @@ class FeedForward(nn.Module):
         return self.dense_4h_to_h(self.activation(self.dense_h_to_4h(x)))
 
 
-# Trunk layers: each takes (x, attention_mask, position_ids, kv_cache) and returns the new x.
+# Trunk layers: each takes (x, mask, position_ids, kv_cache, seed) and returns the new x.
 
 
 class TransformerLayer(nn.Module):
@@ -201,18 +272,18 @@ class TransformerLayer(nn.Module):
         self.mlp = FeedForward(config, layers)
         self.hidden_dropout = config.dropout
 
-    def forward(self, x, attention_mask=None, position_ids=None, kv_cache=None) -> torch.Tensor:
+    def forward(self, x, mask=None, position_ids=None, kv_cache=None, seed=None) -> torch.Tensor:
         normed = self.input_layernorm(x)
         query_input = self.query_input(normed, position_ids)
-        x = x + self._dropout(self.attention(normed, query_input, attention_mask, kv_cache))
+        x = x + self._dropout(self.attention(normed, query_input, mask, kv_cache, seed))
         return x + self._dropout(self.mlp(self.post_attention_layernorm(x)))
 
     def query_input(self, normed: torch.Tensor, position_ids: torch.Tensor | None) -> torch.Tensor:
         return normed
 
     def _dropout(self, x: torch.Tensor) -> torch.Tensor:
-        # Outputs of row-parallel layers are replicated across the tp group: the default RNG,
-        # seeded alike on every tp rank, gives every rank the same mask.
+        # Outputs of row-parallel layers are replicated across the tp group: the layer's seed is
+        # the same on every tp rank, so every rank draws the same mask.
         return F.dropout(x, self.hidden_dropout, training=self.training)
 
 
@@ -228,7 +299,7 @@ class QueryLayer(TransformerLayer):
 
 
 class FinalLayerNorm(LayerNorm):
-    def forward(self, x, attention_mask=None, position_ids=None, kv_cache=None) -> torch.Tensor:
+    def forward(self, x, mask=None, position_ids=None, kv_cache=None, seed=None) -> torch.Tensor:
         return super().forward(x)
 
 
@@ -240,22 +311,8 @@ class Stem(nn.Module):
         self.norm = LayerNorm(config)
         self.mlp = FeedForward(config, layers)
 
-    def forward(self, x, attention_mask=None, position_ids=None, kv_cache=None) -> torch.Tensor:
+    def forward(self, x, mask=None, position_ids=None, kv_cache=None, seed=None) -> torch.Tensor:
         return self.mlp(self.norm(x))
-
-
-class Embedding(nn.Module):
-    """word_emb[ids] + pos_emb[positions], then dropout."""
-
-    def __init__(self, config: ModelConfig, layers: LayerFactory = PLAIN):
-        super().__init__()
-        self.word_embeddings = layers.vocab_embedding(config.padded_vocab_size, config.hidden_size)
-        self.position_embeddings = nn.utils.skip_init(nn.Embedding, config.seq_length, config.hidden_size)
-        self.dropout = config.dropout
-
-    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
-        x = self.word_embeddings(input_ids) + self.position_embeddings(position_ids)
-        return F.dropout(x, self.dropout, training=self.training)
 
 
 def trunk_layer(kind: str, config: ModelConfig, layers: LayerFactory, selective_recompute: bool) -> nn.Module:
@@ -271,31 +328,125 @@ def trunk_layer(kind: str, config: ModelConfig, layers: LayerFactory, selective_
     raise ValueError(f"{kind!r} is not a trunk layer")
 
 
-class PanguAlpha(nn.Module):
-    """The whole network as one module, for inference, evaluation and single-process use.
+# ---------------------------------------------------------------------------------------------
+# The network, or any contiguous run of its layers
 
-    Training runs the same layer classes in a DeepSpeed PipelineModule (pangu/parallel/pipeline.py);
-    parameter names here are the canonical names of pangu checkpoints (layout.py).
+
+class PanguStage(nn.Module):
+    """Layers [first, last) of the declaration (layout.layers) as one module: the whole network,
+    or one pipeline stage of it. Every engine builds its stages with this class, so the network
+    is assembled in one place for every stage cut; parameter names are the canonical names of
+    checkpoints (a last stage that holds the head but not the word embedding has its own copy of
+    the tied embedding, under the same name).
+
+    forward(*inputs): a first stage takes (input_ids, position_ids[, document_ids]), any other
+    (hidden, position_ids[, document_ids]); a last stage returns the logits of this rank's
+    vocabulary slice, any other (hidden, position_ids[, document_ids]) for the next stage.
+    `document_ids` (data.eod_reset) name each position's document: the stage builds the attention
+    mask from them once per forward, for all its layers.
+
+    `recompute`: "full" recomputes each transformer layer in backward, "selective" its attention
+    core. `dropout_seeds` (DropoutSeeds) seeds each layer's dropout in training; without it
+    dropout draws from the default generator.
     """
 
-    def __init__(self, config: ModelConfig, layers: LayerFactory = PLAIN, selective_recompute: bool = False):
+    def __init__(
+        self,
+        config: ModelConfig,
+        layers: LayerFactory = PLAIN,
+        *,
+        first: int = 0,
+        last: int | None = None,
+        recompute: str = "none",
+        dropout_seeds: DropoutSeeds | None = None,
+    ):
         super().__init__()
+        declared = layout.layers(config)
+        last = len(declared) if last is None else last
         self.config = config
         self.layers = layers
-        self.embedding = Embedding(config, layers)
-        trunk = []
-        for layer in layout.layers(config):
+        self.recompute = recompute
+        self.dropout_seeds = dropout_seeds
+        self.first, self.last = first, last
+        self.kinds = [layer.kind for layer in declared[first:last]]
+        self.is_first = first == 0
+        self.is_last = last == len(declared)
+        self.embedding = nn.Module()
+        if layout.WORD_EMBEDDING in self.kinds or layout.HEAD in self.kinds:
+            self.embedding.word_embeddings = layers.vocab_embedding(config.padded_vocab_size, config.hidden_size)
+        if layout.POSITION_EMBEDDING in self.kinds:
+            self.embedding.position_embeddings = nn.utils.skip_init(nn.Embedding, config.seq_length, config.hidden_size)
+        self.trunk: list[tuple[int, nn.Module]] = []  # (layer index, module): registered under canonical names
+        for index, layer in enumerate(declared[first:last], start=first):
             if layer.kind not in layout.TRUNK_KINDS:
                 continue
-            module = trunk_layer(layer.kind, config, layers, selective_recompute)
+            module = trunk_layer(layer.kind, config, layers, recompute == "selective")
             if layer.kind == layout.BLOCK:
-                if layout.BLOCKS not in self._modules:
-                    self.blocks = nn.ModuleList()
-                self.blocks.append(module)
+                if layout.BLOCKS not in self._modules:  # registered in the declared order
+                    self.blocks = nn.ModuleDict()
+                self.blocks[layer.module.removeprefix(layout.BLOCKS + ".")] = module
             else:
                 self.add_module(layer.module, module)
-            trunk.append(module)
-        self.trunk = trunk  # a plain list: the modules are registered above, under their canonical names
+            self.trunk.append((index, module))
+        self.uses_attention = any(kind in layout.TRANSFORMER_KINDS for kind in self.kinds)
+
+    def forward(self, *inputs: torch.Tensor):
+        first, position_ids, *document_ids = inputs
+        document_ids = document_ids[0] if document_ids else None
+        x = self.run(first, position_ids, self.attention_mask(document_ids, first.device))
+        if self.is_last:
+            return x
+        return (x, position_ids) if document_ids is None else (x, position_ids, document_ids)
+
+    def attention_mask(self, document_ids: torch.Tensor | None, device: torch.device):
+        """None (causal) without document ids; else the document mask, as a FlexAttention block
+        mask where that kernel applies (CUDA, no attention dropout, softmax attention)."""
+        if document_ids is None or not self.uses_attention:
+            return None
+        flex = (
+            device.type == "cuda"
+            and not self.config.scale_invariant
+            and not (self.training and self.config.attention_dropout_rate > 0)
+        )
+        return document_block_mask(document_ids) if flex else document_mask(document_ids)
+
+    def run(self, x, position_ids, mask, kv_cache: list[list] | None = None) -> torch.Tensor:
+        """This stage's layers on `x` (token ids on a first stage, hidden states otherwise)."""
+        index = self.first
+        if layout.WORD_EMBEDDING in self.kinds:
+            x = self.embedding.word_embeddings(x)
+            index += 1
+        if layout.POSITION_EMBEDDING in self.kinds:
+            self._seed(index, self.config.dropout)
+            x = x + self.embedding.position_embeddings(position_ids)
+            x = F.dropout(x, self.config.dropout, training=self.training)
+        for i, (index, layer) in enumerate(self.trunk):
+            seed = self._seed(index, max(self.config.dropout, self.config.attention_dropout_rate))
+            cache = kv_cache[i] if kv_cache is not None else None
+            if self.recompute == "full" and self.training and isinstance(layer, TransformerLayer):
+                x = self.layers.recompute(layer, x, mask, position_ids, cache, seed)
+            else:
+                x = layer(x, mask, position_ids, cache, seed)
+        if self.is_last:
+            x = self.layers.lm_logits(x, self.embedding.word_embeddings.weight)
+        return x
+
+    def _seed(self, index: int, rate: float) -> int | None:
+        """Seeds the default generator for layer `index`'s dropout (training with DropoutSeeds
+        only); returns the seed, from which split regions derive theirs."""
+        if not (self.training and rate > 0 and self.dropout_seeds is not None):
+            return None
+        seed = self.dropout_seeds.next_seed(index)
+        torch.manual_seed(seed)
+        return seed
+
+
+class PanguAlpha(PanguStage):
+    """The whole network as one module, for inference, evaluation and single-process use (training
+    runs the same class, cut into stages, inside an engine: pangu/parallel)."""
+
+    def __init__(self, config: ModelConfig, layers: LayerFactory = PLAIN, recompute: str = "none"):
+        super().__init__(config, layers, recompute=recompute)
 
     def forward(
         self,
@@ -303,24 +454,23 @@ class PanguAlpha(nn.Module):
         position_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         kv_cache: list[list] | None = None,
+        document_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits [batch, seq, vocab_size]. `attention_mask` is [batch, seq, seq], 1 where a position
-        may attend (PanGu's convention); None means causal. `kv_cache` (from `new_kv_cache()`) keeps
-        keys and values across calls for generation: feed the prompt once, then one token per call
-        with its position_ids."""
+        may attend (PanGu's convention), or give `document_ids` [batch, seq] (EOD reset); neither
+        means causal. `kv_cache` (from `new_kv_cache()`) keeps keys and values across calls for
+        generation: feed the prompt once, then one token per call with its position_ids."""
         if position_ids is None:
             position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
-        mask = None if attention_mask is None else attention_mask.bool()
-        caches = kv_cache or [None] * len(self.trunk)
-        x = self.embedding(input_ids, position_ids)
-        for layer, cache in zip(self.trunk, caches):
-            x = layer(x, mask, position_ids, cache)
-        return self.logits(x)
+        if attention_mask is not None:
+            mask = attention_mask.bool().unsqueeze(1)
+        else:
+            mask = self.attention_mask(document_ids, input_ids.device)
+        return self.logits(self.run(input_ids, position_ids, mask, kv_cache))
 
     def new_kv_cache(self) -> list[list]:
         return [[] for _ in self.trunk]
 
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Full-vocabulary logits (the padding rows of the vocabulary removed)."""
-        logits = self.layers.lm_logits(hidden, self.embedding.word_embeddings.weight)
+    def logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """Full-vocabulary logits (the padding rows of the vocabulary removed) from this rank's slice."""
         return self.layers.gather_vocab(logits)[..., : self.config.vocab_size]

@@ -18,6 +18,7 @@ from pangu.config import Config
 from pangu.model import layout
 from pangu.model.factory import LayerFactory
 from pangu.model.init import initialize_parameters, zero_parameters
+from pangu.model.pangu_alpha import DropoutSeeds
 from pangu.optim.registry import build_optimizer
 from pangu.parallel.pipeline import build_pipeline, canonical_names
 from pangu.parallel.tensor_parallel import layer_factory
@@ -65,11 +66,16 @@ def deepspeed_config(config: Config, topology: Topology) -> dict:
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 2**62,
         "wall_clock_breakdown": False,
-        "pipeline": {"activation_checkpoint_interval": 1 if config.parallel.recompute == "full" else 0},
     }
     if train.precision == "bf16":
-        ds["bf16"] = {"enabled": True}
+        # immediate_grad_update: each micro-batch's bf16 gradient is added into the fp32 buffer as
+        # backward produces it (no bf16 gradient kept for the whole model; the same sums)
+        ds["bf16"] = {"enabled": True, "immediate_grad_update": True}
+        # gradients accumulate over micro-batches in fp32 and are reduced over data-parallel
+        # ranks in fp32 (DeepSpeed's default reduces bf16 gradients in bf16, which rounds the
+        # sum to 8 bits of mantissa and makes the step depend on dp)
         ds["data_types"] = {"grad_accum_dtype": "fp32"}
+        ds["communication_data_type"] = "fp32"
     elif train.precision == "fp16":
         # dynamic loss scale as in the original recipe: halve on every overflow (hysteresis 1,
         # like MindSpore's DynamicLossScaleUpdateCell) and skip that step; double after a window
@@ -86,10 +92,10 @@ def deepspeed_config(config: Config, topology: Topology) -> dict:
 
 def pipeline_inputs(batch: dict) -> tuple[torch.Tensor, ...]:
     """The pipeline's input tuple from a `pangu.data.dataset.make_batch` dict: token ids and
-    position ids, and the attention mask when data.eod_reset made one."""
+    position ids, and the document ids when data.eod_reset made them."""
     inputs = [torch.from_numpy(batch["input_ids"]), torch.from_numpy(batch["position_ids"])]
-    if batch.get("attention_mask") is not None:
-        inputs.append(torch.from_numpy(batch["attention_mask"]))
+    if batch.get("document_ids") is not None:
+        inputs.append(torch.from_numpy(batch["document_ids"]))
     return tuple(inputs)
 
 
@@ -109,13 +115,19 @@ def allow_fp16_on_cpu() -> None:
 
 def build_engine(config: Config, topology: Topology, initialize: bool = True):
     """(engine, {pipeline name: canonical name}) for this rank's pipeline stage. Without
-    `initialize` (a resumed run: a checkpoint sets every weight) no initial weight is drawn."""
+    `initialize` (a resumed run: a checkpoint sets every weight) no initial weight is drawn.
+    `engine.dropout_seeds` (DropoutSeeds) must be told each step's micro-batches before it runs."""
     layers = layer_factory(config.parallel.tp)
+    dropout_seeds = DropoutSeeds(config.train.seed)
     with deepspeed_prints_to_debug_log():
         pipe = build_pipeline(
-            config, topology, layers, loss_fn=partial(pipeline_loss, layers=layers, vocab_size=config.model.vocab_size)
+            config,
+            topology,
+            layers,
+            loss_fn=partial(pipeline_loss, layers=layers, vocab_size=config.model.vocab_size),
+            dropout_seeds=dropout_seeds,
         )
-    names = canonical_names(pipe, config.model)
+    names = canonical_names(pipe)
     named = [(names[n], p) for n, p in pipe.named_parameters()]
     if initialize:
         initialize_parameters(named, config.model, config.train.seed, topology.tp_rank, topology.tp)
@@ -134,4 +146,5 @@ def build_engine(config: Config, topology: Topology, initialize: bool = True):
         engine, _, _, _ = deepspeed.initialize(
             model=pipe, optimizer=optimizer, config=deepspeed_config(config, topology)
         )
+    engine.dropout_seeds = dropout_seeds
     return engine, names

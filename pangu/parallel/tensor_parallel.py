@@ -5,9 +5,11 @@ for its splittable layers, and gets
 - megatron-core's column- and row-parallel linears and vocab-parallel embedding, returning plain
   tensors, with their tensor-parallel attributes always set (DeepSpeed's gradient-norm clipping
   reads them to count a replicated parameter once);
-- random ops inside tensor-parallel regions drawing from DeepSpeed's activation-checkpointing RNG
-  tracker (one stream per tp rank, replayed exactly when a layer is recomputed);
-- recomputation through DeepSpeed's `checkpoint` (megatron-core's is CUDA-only).
+- one all-reduce of the input gradient for the Q, K and V projections together
+  (`tensor_parallel_input`; megatron's column-parallel linears then skip their own);
+- random ops inside tensor-parallel regions drawing from a stream of the rank's own, seeded from
+  the layer's dropout seed (pangu.model.pangu_alpha.DropoutSeeds) and the tp rank, so that
+  recomputation (torch's checkpoint, which replays the seed) draws the same masks.
 Here too: the vocab-parallel cross entropy and the masking of the padded vocabulary.
 """
 
@@ -15,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 
-import deepspeed
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -24,6 +25,7 @@ from megatron.core.model_parallel_config import ModelParallelConfig
 from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
 
 from pangu.model.factory import LayerFactory
+from pangu.model.pangu_alpha import mix_seed
 
 
 def megatron_config(tp: int, params_dtype: torch.dtype = torch.float32) -> ModelParallelConfig:
@@ -50,7 +52,9 @@ def _mark_split(tensor: torch.Tensor | None, dim: int) -> None:
 class ColumnParallelLinear(tensor_parallel.ColumnParallelLinear):
     """y = x W^T + b with W split by output rows; the output stays split (one slice per rank)."""
 
-    def __init__(self, input_size: int, output_size: int, *, bias: bool, config: ModelParallelConfig):
+    def __init__(
+        self, input_size: int, output_size: int, *, bias: bool, config: ModelParallelConfig, shared_input: bool = False
+    ):
         super().__init__(
             input_size,
             output_size,
@@ -59,6 +63,7 @@ class ColumnParallelLinear(tensor_parallel.ColumnParallelLinear):
             bias=bias,
             gather_output=False,
             skip_bias_add=False,
+            disable_grad_reduce=shared_input,  # the caller all-reduces the input's gradient once
         )
         _mark_split(self.weight, 0)
         _mark_split(self.bias, 0)
@@ -103,8 +108,11 @@ class MegatronLayers(LayerFactory):
         self.tp_rank = parallel_state.get_tensor_model_parallel_rank()
         self.config = megatron_config(tp_size)
 
-    def column_linear(self, fan_in, fan_out, *, bias):
-        return ColumnParallelLinear(fan_in, fan_out, bias=bias, config=self.config)
+    def column_linear(self, fan_in, fan_out, *, bias, shared_input=False):
+        return ColumnParallelLinear(fan_in, fan_out, bias=bias, config=self.config, shared_input=shared_input)
+
+    def tensor_parallel_input(self, x):
+        return tensor_parallel.copy_to_tensor_model_parallel_region(x)
 
     def row_linear(self, fan_in, fan_out, *, bias):
         return RowParallelLinear(fan_in, fan_out, bias=bias, config=self.config)
@@ -123,14 +131,10 @@ class MegatronLayers(LayerFactory):
         """Over the vocabulary split across the group: no rank gathers the full logits."""
         return tensor_parallel.vocab_parallel_cross_entropy(mask_padded_vocab(logits, vocab_size).float(), labels)
 
-    def tensor_parallel_rng(self, enabled=True):
-        if not enabled:
+    def tensor_parallel_rng(self, seed, device):
+        if seed is None:
             return contextlib.nullcontext()
-        return deepspeed.checkpointing.get_cuda_rng_tracker().fork()
-
-    def recompute(self, function, *args):
-        # DeepSpeed's checkpoint saves and restores the default RNG and the tracker's states
-        return deepspeed.checkpointing.checkpoint(function, *args)
+        return _seeded(mix_seed(seed, self.tp_rank), device)
 
 
 def layer_factory(tp: int) -> LayerFactory:
@@ -162,7 +166,19 @@ def mask_padded_vocab(logits: torch.Tensor, vocab_size: int) -> torch.Tensor:
     return logits.masked_fill(ids >= vocab_size, float("-inf"))
 
 
+@contextlib.contextmanager
+def _seeded(seed: int, device: torch.device):
+    """The default generator of `device` seeded with `seed` inside the block, and as it was after."""
+    devices = (
+        [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+    )
+    with torch.random.fork_rng(devices=devices, device_type="cuda"):
+        torch.manual_seed(seed)
+        yield
+
+
 def seed_rng_streams(seed: int) -> None:
-    """Seeds the default RNG (same on every rank) and the tensor-parallel stream (seed + offset + tp rank)."""
-    deepspeed.checkpointing.configure(parallel_state)
-    deepspeed.checkpointing.model_parallel_cuda_manual_seed(seed)
+    """Seeds the default generators alike on every rank. Training's dropout does not depend on
+    them (it is seeded per layer and micro-batch: DropoutSeeds); this keeps anything else that
+    draws without a generator of its own reproducible."""
+    torch.manual_seed(seed)

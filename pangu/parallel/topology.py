@@ -40,6 +40,7 @@ class Topology:
     pp_rank: int
     deepspeed_topology: PipeModelDataParallelTopology
     host_group: dist.ProcessGroup  # gloo, every rank: for Python objects and host tensors
+    data_parallel_host_group: dist.ProcessGroup  # gloo, this rank's data-parallel group: host tensors
 
     @property
     def is_first_stage(self) -> bool:
@@ -71,6 +72,15 @@ def init_distributed(parallel: ParallelConfig) -> Topology:
     `python -m pangu ...` is a world of one.
     """
     timeout = datetime.timedelta(minutes=parallel.timeout_minutes)
+    # gloo connects a rank to a peer when they first talk, not to every rank of every group when
+    # the group is made (world-sized gloo groups would otherwise be full meshes: 2 x 2047 sockets
+    # per rank at 2048 ranks)
+    os.environ.setdefault("TORCH_GLOO_LAZY_INIT", "1")
+    if parallel.tp > 1:
+        # megatron-core's column-parallel linears start the all-reduce of the input gradient and
+        # then compute the weight gradient, relying on one CUDA work queue to run them in that
+        # order (read before the CUDA context is made)
+        os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
     # DeepSpeed and megatron-core create their groups with torch's default timeout (10 minutes
     # for NCCL, less than a large checkpoint save may take): every group gets ours.
     c10d.default_pg_timeout = c10d.default_pg_nccl_timeout = timeout
@@ -115,6 +125,7 @@ def init_distributed(parallel: ParallelConfig) -> Topology:
         pp_rank=coords.pipe,
         deepspeed_topology=ds_topology,
         host_group=dist.group.WORLD if dist.get_backend() == "gloo" else dist.new_group(backend="gloo"),
+        data_parallel_host_group=parallel_state.get_data_parallel_group_gloo(),
     )
 
 

@@ -16,6 +16,7 @@ import signal
 import statistics
 import time
 from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -47,7 +48,13 @@ log = logging.getLogger(__name__)
 
 
 class Batches:
-    """Turns global batches of sample indices into this rank's micro-batches for the engine."""
+    """Turns global batches of sample indices into this rank's micro-batches for the engine.
+
+    A rank reads only the samples it feeds: its data-parallel share, and only on the first stage
+    (token ids) and the last (labels); middle stages read nothing. The step's loss divides by the
+    tokens counted in the whole global batch, which the last stage's ranks sum over their
+    data-parallel group (one integer each, over gloo). `prefetch` reads the next step's share in a
+    background thread while the current step runs."""
 
     def __init__(self, dataset, config: Config, topology: Topology, meta: dict):
         self.dataset = dataset
@@ -55,27 +62,55 @@ class Batches:
         self.topology = topology
         self.pad_id, self.eod_id = meta["pad_id"], meta["eod_id"]
         self.micro_batches = micro_batches_per_step(config, topology)
+        # the global index of each micro-batch this rank runs, in order (DropoutSeeds names them so)
+        self.order = [j * topology.dp + topology.dp_rank for j in range(self.micro_batches)]
+        self.feeds = topology.is_first_stage or topology.is_last_stage
+        self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pangu-batches")
+        self._ahead: tuple[np.ndarray, Future] | None = None
 
-    def for_step(self, global_batch: np.ndarray) -> list[tuple[tuple, tuple]]:
-        """[(inputs, labels)] for each micro-batch of this rank, in the order the engine eats them.
+    def prefetch(self, global_batch: np.ndarray) -> None:
+        """Starts reading this rank's share of `global_batch` in the background."""
+        if self.feeds:
+            self._ahead = (global_batch, self._reader.submit(self._read, global_batch))
+
+    def for_step(self, global_batch: np.ndarray) -> list[tuple[tuple, tuple] | None]:
+        """[(inputs, labels)] for each micro-batch of this rank, in the order the engine eats them
+        (None on middle stages, which the engine feeds from the previous stage).
 
         `scale` makes the step's loss the sum of token losses over the tokens counted in the
         whole global batch (see pangu.parallel.engine.pipeline_loss)."""
-        samples = np.stack([self.dataset[int(i)] for i in global_batch])
-        counted = int((samples[:, :-1] != self.pad_id).sum())
-        scale = torch.tensor([self.micro_batches * self.topology.dp / max(counted, 1)], dtype=torch.float32)
+        if not self.feeds:
+            return [None] * self.micro_batches
+        if self._ahead is not None and np.array_equal(self._ahead[0], global_batch):
+            batches = self._ahead[1].result()
+        else:
+            batches = self._read(global_batch)
+        self._ahead = None
+        scale = None
+        if self.topology.is_last_stage:
+            counted = torch.tensor([sum(int(batch["loss_mask"].sum()) for batch in batches)], dtype=torch.float64)
+            dist.all_reduce(counted, group=self.topology.data_parallel_host_group)
+            scale = torch.tensor([self.micro_batches * self.topology.dp / max(counted.item(), 1)], dtype=torch.float32)
+        return [
+            (
+                pipeline_inputs(batch),
+                (torch.from_numpy(batch["labels"]), torch.from_numpy(batch["loss_mask"]), scale),
+            )
+            for batch in batches
+        ]
+
+    def _read(self, global_batch: np.ndarray) -> list[dict]:
         out = []
         for local in micro_batches(
-            np.arange(len(global_batch)),
+            global_batch,
             dp_size=self.topology.dp,
             dp_rank=self.topology.dp_rank,
             micro_batch_size=self.config.train.micro_batch_size,
         ):
-            batch = make_batch(
-                samples[local], pad_id=self.pad_id, eod_id=self.eod_id, eod_reset=self.config.data.eod_reset
+            samples = np.stack([self.dataset[int(i)] for i in local])
+            out.append(
+                make_batch(samples, pad_id=self.pad_id, eod_id=self.eod_id, eod_reset=self.config.data.eod_reset)
             )
-            labels = (torch.from_numpy(batch["labels"]), torch.from_numpy(batch["loss_mask"]).float(), scale)
-            out.append((pipeline_inputs(batch), labels))
         return out
 
 
@@ -250,8 +285,10 @@ class Trainer:
         """One optimizer step on the next global batch; returns its metrics record."""
         lr = set_learning_rate(self.engine, self.config, self.step)
         start = time.perf_counter()
-        global_batch = self.sampler.next_global_batch()
-        loss = self.engine.train_batch(iter(self.batches.for_step(global_batch)))
+        micro_batches = self.batches.for_step(self.sampler.next_global_batch())
+        self.batches.prefetch(self.sampler.peek_global_batch())
+        self.engine.dropout_seeds.start_step(self.step, self.batches.order)
+        loss = self.engine.train_batch(iter(micro_batches))
         elapsed = time.perf_counter() - start
         self.step += 1
         tokens_per_sec = self.tokens_per_step / elapsed

@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+import torch
 
 from pangu.data import DataError
 from pangu.data.dataset import BlendedDataset, PackedDataset, make_batch
@@ -142,17 +143,21 @@ def test_batch_shifts_labels_and_masks_pad_inputs():
     assert batch["loss_mask"].dtype == np.float32
     assert batch["loss_mask"].tolist() == [[1] * 8, [1, 1, 1, 1, 1, 0, 0, 0]]
     assert batch["position_ids"].tolist() == [list(range(8))] * 2
-    assert "attention_mask" not in batch  # plain causal
+    assert "document_ids" not in batch  # plain causal
 
 
 def test_eod_reset_restarts_positions_and_blocks_attention_by_document():
     batch = make_batch(SAMPLES, pad_id=PAD, eod_id=EOD, eod_reset=True)
     # the separator belongs to the document it ends; the next token starts again at 0
     assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1, 2, 3, 0], [0, 1, 2, 3, 4, 0, 1, 2]]
-    mask = batch["attention_mask"]
-    assert mask.shape == (2, 8, 8) and mask.dtype == bool
-    documents = [[0, 0, 0, 1, 1, 1, 1, 2], [0, 0, 0, 0, 0, 1, 1, 1]]
+    documents = [[1, 1, 1, 2, 2, 2, 2, 3], [1, 1, 1, 1, 1, 2, 2, 2]]
+    assert batch["document_ids"].tolist() == documents and batch["document_ids"].dtype == np.int32
+    # the model's mask from them: query i attends key j when j <= i in the same document
+    from pangu.model.pangu_alpha import document_mask
+
+    mask = document_mask(torch.from_numpy(batch["document_ids"]))
+    assert mask.shape == (2, 1, 8, 8) and mask.dtype == torch.bool
     for b in range(2):
         for i in range(8):
             for j in range(8):
-                assert mask[b, i, j] == (j <= i and documents[b][i] == documents[b][j]), (b, i, j)
+                assert mask[b, 0, i, j] == (j <= i and documents[b][i] == documents[b][j]), (b, i, j)

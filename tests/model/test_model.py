@@ -99,7 +99,7 @@ def test_parameter_counts_match_the_paper(config, paper):
 
 
 def _tiny(**overrides) -> ModelConfig:
-    return ModelConfig(num_layers=3, hidden_size=32, num_heads=4, vocab_size=200, seq_length=16, **overrides)
+    return ModelConfig(**{**dict(num_layers=3, hidden_size=32, num_heads=4, vocab_size=200, seq_length=16), **overrides})
 
 
 def test_parameter_count_formula_matches_the_module(single_process):
@@ -154,27 +154,113 @@ def test_the_model_and_the_pipeline_build_exactly_the_declared_parameters(single
     declared = [(p.name, p.shape) for p in layout.parameters(config)]
     assert [(n, tuple(p.shape)) for n, p in PanguAlpha(config).named_parameters()] == declared
     full = dataclasses.replace(load_config(None, []), model=config)
-    pipe = build_pipeline(full, init_distributed(full.parallel), LayerFactory(), loss_fn=None)
-    names = canonical_names(pipe, config)
+    pipe = build_pipeline(full, init_distributed(full.parallel), LayerFactory(), loss_fn=None, dropout_seeds=None)
+    names = canonical_names(pipe)
     assert sorted((names[n], tuple(p.shape)) for n, p in pipe.named_parameters()) == sorted(declared)
 
 
 def test_flex_attention_under_a_document_mask_equals_the_reference():
-    """The GPU path for EOD reset (FlexAttention with a block mask built from the [b, s, s] mask)
+    """The GPU path for EOD reset (FlexAttention with a block mask built from the document ids)
     computes what scaled_dot_product_attention computes with the materialised mask (forward, on
     the CPU; training on the GPU is checked by scripts/gpu_check.sh)."""
     import torch.nn.functional as F
 
     from pangu.data.dataset import make_batch
-    from pangu.model.pangu_alpha import masked_attention
+    from pangu.model.pangu_alpha import attention_core, document_block_mask, document_mask
 
     generator = torch.Generator().manual_seed(0)
     samples = torch.randint(10, 50, (2, 129), generator=generator).numpy()
     samples[0, [20, 70, 71]] = 8  # separators, back to back too
     samples[1, [5, 100]] = 8
-    mask = torch.from_numpy(make_batch(samples, pad_id=6, eod_id=8, eod_reset=True)["attention_mask"])
+    documents = torch.from_numpy(make_batch(samples, pad_id=6, eod_id=8, eod_reset=True)["document_ids"])
     q, k, v = (torch.randn(2, 4, 128, 16, generator=generator) for _ in range(3))
     with torch.no_grad():
-        got = masked_attention(q, k, v, mask)
-        expected = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.unsqueeze(1))
+        got = attention_core(q, k, v, document_block_mask(documents), 0.0, scale_invariant=False)
+        expected = F.scaled_dot_product_attention(q, k, v, attn_mask=document_mask(documents))
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def _train_mode_stage(config, first=0, last=None, recompute="none", seeds=None):
+    from pangu.model.pangu_alpha import PanguStage
+
+    stage = PanguStage(config, first=first, last=last, recompute=recompute, dropout_seeds=seeds)
+    initialize_parameters(stage.named_parameters(), config, seed=5)
+    return stage.train()
+
+
+def _documents_batch(config, batch=2, seed=0):
+    from pangu.data.dataset import make_batch
+
+    generator = torch.Generator().manual_seed(seed)
+    samples = torch.randint(10, config.vocab_size, (batch, config.seq_length + 1), generator=generator).numpy()
+    samples[:, 5] = 8
+    made = make_batch(samples, pad_id=6, eod_id=8, eod_reset=True)
+    return tuple(torch.from_numpy(made[key]) for key in ("input_ids", "position_ids", "document_ids"))
+
+
+def test_dropout_is_seeded_per_layer_and_micro_batch_not_per_stage(single_process):
+    """With DropoutSeeds, a network cut into two stages draws exactly the masks of the uncut
+    network (each layer seeds itself by its index): stage 1 does not repeat stage 0's masks."""
+    from pangu.model import layout
+    from pangu.model.pangu_alpha import DropoutSeeds
+
+    config = _tiny(num_layers=4, dropout=0.2)
+    cut = len(layout.layers(config)) // 2
+    inputs = _documents_batch(config)
+    outputs = []
+    for bounds in [[(0, None)], [(0, cut), (cut, None)]]:
+        seeds = DropoutSeeds(seed=11)
+        seeds.start_step(step=3, micro_batches=[5])
+        stages = [_train_mode_stage(config, first, last, seeds=seeds) for first, last in bounds]
+        x = inputs
+        for stage in stages:
+            x = stage(*x)
+        outputs.append(x)
+    torch.testing.assert_close(outputs[0], outputs[1], rtol=0, atol=0)
+    # and the masks depend on the step, the micro-batch and the layer
+    seeds = DropoutSeeds(seed=11)
+    drawn = set()
+    for step in (0, 1):
+        seeds.start_step(step, [0, 1])
+        drawn |= {seeds.next_seed(layer) for layer in range(4) for _ in range(2)}
+    assert len(drawn) == 2 * 2 * 4
+
+
+@pytest.mark.parametrize("recompute", ["none", "full", "selective"])
+def test_the_document_mask_is_built_once_per_stage_forward(single_process, monkeypatch, recompute):
+    from pangu.model import pangu_alpha
+
+    built = []
+    original = pangu_alpha.document_mask
+    monkeypatch.setattr(pangu_alpha, "document_mask", lambda ids: built.append(1) or original(ids))
+    config = _tiny(num_layers=4, dropout=0.0)
+    stage = _train_mode_stage(config, recompute=recompute)
+    stage(*_documents_batch(config)).sum().backward()
+    assert len(built) == 1  # not once per layer, nor again when recomputed
+
+
+def test_q_k_and_v_enter_the_tensor_parallel_region_once(single_process):
+    """One all-reduce of the input gradient for the three projections (the query layer's query
+    comes from its own input, the position's query embedding)."""
+    from pangu.model.factory import LayerFactory
+
+    class Counting(LayerFactory):
+        entered = 0
+
+        def tensor_parallel_input(self, x):
+            Counting.entered += 1
+            return x
+
+    config = _tiny(num_layers=3)
+    model = PanguAlpha(config, Counting())
+    initialize_parameters(model.named_parameters(), config, seed=1)
+    model(torch.randint(0, 200, (1, 8)))
+    assert Counting.entered == (config.num_layers - 1) * 1 + 2
+
+
+def test_megatron_column_linears_leave_a_shared_input_to_the_caller(single_process):
+    from pangu.parallel.tensor_parallel import MegatronLayers
+
+    layers = MegatronLayers(1)
+    assert layers.column_linear(8, 8, bias=True, shared_input=True).disable_grad_reduce
+    assert not layers.column_linear(8, 8, bias=True).disable_grad_reduce

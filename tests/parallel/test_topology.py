@@ -63,3 +63,52 @@ def test_the_measured_peak_is_a_positive_rate():
 
     assert measure_peak_flops(torch.device("cpu"), torch.float32, 128, trials=2, seconds=0.02) > 1e6
     assert peak_flops_per_device(123.0, torch.device("cpu")) == 123.0
+
+
+SOCKETS_PROBE = """
+import os, torch.distributed as dist
+from pangu.config import load_config
+from pangu.parallel.topology import init_distributed
+topology = init_distributed(load_config(None, ["parallel.tp=2"]).parallel)
+extra = dist.new_group(backend="gloo")  # as the checkpoint writer's group
+for group in (topology.host_group, extra):
+    box = [dist.get_rank()]
+    dist.broadcast_object_list(box, src=0, group=group)
+def is_socket(fd):
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}").startswith("socket")
+    except OSError:
+        return False
+sockets = [sum(map(is_socket, os.listdir("/proc/self/fd")))]
+gathered = [None] * dist.get_world_size()
+dist.all_gather_object(gathered, sockets[0], group=topology.host_group)
+if dist.get_rank() == 0:
+    print("SOCKETS", max(gathered))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_gloo_groups_connect_only_to_the_peers_they_talk_to(tmp_path):
+    """World-sized gloo groups connect every pair of ranks when made (2 x 2047 sockets per rank at
+    2048 ranks); pangu has gloo connect lazily, on a pair's first message."""
+    script = tmp_path / "sockets.py"
+    script.write_text(SOCKETS_PROBE)
+    counts = {}
+    for lazy in ("default", "0"):
+        env = subprocess_env()
+        env["OMP_NUM_THREADS"] = "1"
+        if lazy == "0":
+            env["TORCH_GLOO_LAZY_INIT"] = "0"
+        else:
+            env.pop("TORCH_GLOO_LAZY_INIT", None)
+        result = subprocess.run(
+            [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=4", str(script)],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=300,
+        )
+        assert result.returncode == 0, result.stderr[-3000:]
+        counts[lazy] = int(result.stdout.split("SOCKETS")[1].split()[0])
+    assert counts["default"] < counts["0"], counts

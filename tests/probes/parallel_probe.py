@@ -19,6 +19,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 
 from pangu.config import load_config
+from pangu.model.pangu_alpha import TransformerLayer
 from pangu.pretrain.trainer import Trainer
 
 
@@ -40,7 +41,7 @@ def main() -> None:
 
     block_inputs: list[torch.Tensor] = []
     for module in trainer.engine.module.modules():
-        if type(module).__name__ in ("TransformerLayerPipe", "QueryLayerPipe"):
+        if isinstance(module, TransformerLayer):
             module.register_forward_pre_hook(lambda _, inputs: block_inputs.append(inputs[0][0].detach().clone()))
 
     steps = []
@@ -72,6 +73,7 @@ def main() -> None:
     if trainer.topology.rank == 0:
         result = {
             "steps": steps,
+            "micro_batches": trainer.batches.micro_batches,
             "memory": memory,
             "checkpoint": str(checkpoint),
             "replicated_params_differing_across_tp": int(flags[0]),
