@@ -99,7 +99,9 @@ def test_parameter_counts_match_the_paper(config, paper):
 
 
 def _tiny(**overrides) -> ModelConfig:
-    return ModelConfig(**{**dict(num_layers=3, hidden_size=32, num_heads=4, vocab_size=200, seq_length=16), **overrides})
+    return ModelConfig(
+        **{**dict(num_layers=3, hidden_size=32, num_heads=4, vocab_size=200, seq_length=16), **overrides}
+    )
 
 
 def test_parameter_count_formula_matches_the_module(single_process):
