@@ -55,13 +55,11 @@ def worker(args) -> None:
     import torch
     import torch.distributed as dist
 
-    from pangu.checkpoint.deepspeed_state import link_optimizer_state
     from pangu.checkpoint.saver import Checkpointer
     from pangu.checkpoint.training import load_checkpoint
     from pangu.config import load_config
     from pangu.data.dataset import make_batch
-    from pangu.parallel.engine import build_engine, pipeline_inputs
-    from pangu.parallel.tensor_parallel import seed_rng_streams
+    from pangu.parallel.engine import MicroBatch, build_engine
     from pangu.parallel.topology import init_distributed
 
     dp, tp, pp = args.layout
@@ -85,7 +83,7 @@ def worker(args) -> None:
     ]
     config = load_config(None, overrides)
     topology = init_distributed(config.parallel)
-    seed_rng_streams(config.train.seed)
+    torch.manual_seed(config.train.seed)
     rank = topology.rank
     figures: dict = {}
 
@@ -111,10 +109,10 @@ def worker(args) -> None:
             checkpoints = Checkpointer(out / "run", config, topology)
             if resumed:  # this rank's share is read while the engine is built
                 checkpoints.prefetch(out / "run" / "checkpoints" / "step_00000001")
-            engine, names = build_engine(config, topology, initialize=not resumed)
+            engine = build_engine(config, topology, initialize=not resumed)
             if resumed:
-                checkpoints.restore(engine, names, [out / "run" / "checkpoints" / "step_00000001"])
-            link_optimizer_state(engine, config.optim)  # the trainer's next step: a fresh run's state is made
+                checkpoints.restore(engine, [out / "run" / "checkpoints" / "step_00000001"])
+            engine.create_optimizer_state()  # the trainer's next step: a fresh run's state is made
 
         timed(f"{args.phase}_startup", startup, count_io=resumed)
         gathered = [None] * topology.world_size
@@ -125,18 +123,16 @@ def worker(args) -> None:
         dist.barrier()
         return
 
-    engine, names = timed("first_startup", lambda: build_engine(config, topology, initialize=True), count_io=False)
+    engine = timed("first_startup", lambda: build_engine(config, topology, initialize=True), count_io=False)
+    deepspeed_engine = engine.engine  # the baseline: DeepSpeed's own save and load of the same engine
     rng = np.random.default_rng(rank)
 
     def step():
         batches = []
         for _ in range(config.train.global_batch_size // (dp * config.train.micro_batch_size)):
             samples = rng.integers(5, 40000, size=(1, args.seq + 1))
-            batch = make_batch(samples, pad_id=0, eod_id=1, eod_reset=False)
-            scale = torch.tensor([1.0 / args.seq], dtype=torch.float32)
-            labels = (torch.from_numpy(batch["labels"]), torch.from_numpy(batch["loss_mask"]).float(), scale)
-            batches.append((pipeline_inputs(batch), labels))
-        return engine.train_batch(iter(batches))
+            batches.append(MicroBatch.from_batch(make_batch(samples, pad_id=0, eod_id=1, eod_reset=False)))
+        return engine.train_step(batches, tokens=len(batches) * dp * args.seq)
 
     timed("train_step", step, count_io=False)
     state = {"step": 1, "sampler": {}, "tokenizer_fingerprint": None}
@@ -146,16 +142,16 @@ def worker(args) -> None:
     ds_dir = out / "deepspeed"
     path = None
     for repeat in range(args.repeat):  # interleaved, so that all see the same machine load
-        path = timed("pangu_save_sync", partial(sync.save, 1, engine, names, state, None))
-        timed("deepspeed_save", partial(engine.save_checkpoint, str(ds_dir), tag="bench"))
-        timed("pangu_save_async_call", partial(background.save, 2 + repeat, engine, names, state, None))
+        path = timed("pangu_save_sync", partial(sync.save, 1, engine, state, None))
+        timed("deepspeed_save", partial(deepspeed_engine.save_checkpoint, str(ds_dir), tag="bench"))
+        timed("pangu_save_async_call", partial(background.save, 2 + repeat, engine, state, None))
         timed("train_step_during_async_write", step, count_io=False)
         timed("pangu_save_async_rest", background.wait)
         figures.setdefault("pangu_save_async", []).append(dict(background.last))
         timed("train_step_alone", step, count_io=False)
     for _ in range(args.repeat):
-        timed("pangu_load", partial(load_checkpoint, path, engine, names, topology, config))
-        timed("deepspeed_load", partial(engine.load_checkpoint, str(ds_dir), tag="bench"))
+        timed("pangu_load", partial(load_checkpoint, path, engine, topology, config))
+        timed("deepspeed_load", partial(deepspeed_engine.load_checkpoint, str(ds_dir), tag="bench"))
 
     figures["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     gathered = [None] * topology.world_size

@@ -223,8 +223,18 @@ class DataConfig:
 
 @dataclass
 class ParallelConfig:
+    # which engine runs the network (pangu/parallel/engine.py): DeepSpeed's pipeline engine with
+    # ZeRO-1 and megatron-core's TP layers, or torch's pipelining schedules, DTensor TP and FSDP2
+    engine: Literal["deepspeed", "torch"] = "deepspeed"
     tp: int = 1  # tensor (op-level) parallel size
-    pp: int = 1  # pipeline stages; dp = world_size / (tp * pp)
+    pp: int = 1  # pipeline ranks; dp = world_size / (tp * pp)
+    # the pipeline schedule (torch engine; deepspeed runs 1f1b): 1f1b, interleaved 1F1B, interleaved
+    # zero bubble (zero_bubble) or the V-shaped zero bubble (zbv, two stages per rank)
+    schedule: Literal["1f1b", "interleaved_1f1b", "zero_bubble", "zbv"] = "1f1b"
+    virtual_stages: int = 1  # pipeline stages per rank (interleaved schedules: >= 2; zbv: 2)
+    # LayerNorm, dropout and the residual stream split over the sequence across the tp group
+    # (torch engine): activation memory / tp between the tensor-parallel regions
+    sequence_parallel: bool = False
     recompute: Literal["none", "full", "selective"] = "none"
     partition: Literal["parameters", "uniform"] = "parameters"  # how layers are split across stages
     # every process group's collective timeout: long enough for the slowest collective a run
@@ -234,6 +244,31 @@ class ParallelConfig:
     def validate(self) -> None:
         _require(self.tp >= 1, "parallel.tp", self.tp, ">= 1")
         _require(self.pp >= 1, "parallel.pp", self.pp, ">= 1")
+        _require(self.virtual_stages >= 1, "parallel.virtual_stages", self.virtual_stages, ">= 1")
+        if self.engine == "deepspeed":
+            for key, value, default in (
+                ("schedule", self.schedule, "1f1b"),
+                ("virtual_stages", self.virtual_stages, 1),
+                ("sequence_parallel", self.sequence_parallel, False),
+            ):
+                _require(
+                    value == default,
+                    f"parallel.{key}",
+                    value,
+                    f"{default!r} with parallel.engine = 'deepspeed' (its pipeline engine runs 1F1B, one stage per "
+                    "rank, without sequence parallelism): set parallel.engine = 'torch'",
+                )
+        if self.schedule == "1f1b":
+            _require(self.virtual_stages == 1, "parallel.virtual_stages", self.virtual_stages, "1 with 1f1b")
+        elif self.schedule == "zbv":
+            _require(self.virtual_stages == 2, "parallel.virtual_stages", self.virtual_stages, "2 with zbv")
+        else:
+            _require(
+                self.virtual_stages >= 2,
+                "parallel.virtual_stages",
+                self.virtual_stages,
+                f">= 2 with {self.schedule} (one stage per rank is 1f1b)",
+            )
         _require(self.timeout_minutes > 0, "parallel.timeout_minutes", self.timeout_minutes, "> 0 (minutes)")
 
 
@@ -411,7 +446,20 @@ class Config:
             f"a divisor of the padded vocabulary ({self.model.padded_vocab_size})",
         )
         # the pipeline holds the embedding, num_layers - 1 blocks and the query layer (+ head)
-        _require(pp <= self.model.num_layers, "parallel.pp", pp, f"at most model.num_layers ({self.model.num_layers})")
+        stages = pp * self.parallel.virtual_stages
+        _require(
+            stages <= self.model.num_layers,
+            "parallel.pp" if self.parallel.virtual_stages == 1 else "parallel.pp x parallel.virtual_stages",
+            stages,
+            f"at most model.num_layers ({self.model.num_layers}): every stage holds a transformer layer",
+        )
+        if self.parallel.sequence_parallel:
+            _require(
+                self.model.seq_length % tp == 0,
+                "parallel.sequence_parallel",
+                True,
+                f"model.seq_length ({self.model.seq_length}) divisible by parallel.tp ({tp})",
+            )
         _require(
             self.optim.warmup_steps <= self.train.steps,
             "optim.warmup_steps",

@@ -7,12 +7,13 @@ def single_process():
     import torch.distributed as dist
 
     from pangu.config import ParallelConfig
-    from pangu.parallel.tensor_parallel import seed_rng_streams
     from pangu.parallel.topology import init_distributed
 
     if not dist.is_initialized():
         init_distributed(ParallelConfig())
-        seed_rng_streams(0)
+        import torch
+
+        torch.manual_seed(0)
 
 
 @pytest.fixture(scope="session")

@@ -1,9 +1,9 @@
 """A run's checkpoints as the trainer sees them: resume from the newest intact one, start from
 another run's weights, save on the training thread or in the background (train.async_save).
 
-Background save: the save captures the small state at once (trainer state, RNGs, optimizer
-scalars, loss scaler) and returns; a daemon thread copies the rank's fp32 partitions (master
-weights and optimizer state) into host buffers (pinned on a GPU, reused from save to save) and
+Background save: the save captures the small state at once (trainer state, optimizer scalars,
+loss scale) and returns; a daemon thread copies the rank's fp32 buffers (master weights and
+optimizer state) into host buffers (pinned on a GPU, reused from save to save) and
 writes them. The forward and backward passes of the next step run meanwhile; only its optimizer
 step, the one place these partitions change, waits for the copy to be done. The background
 threads of all ranks agree on a gloo group of their own and rank 0 publishes once every rank has
@@ -21,7 +21,6 @@ from pathlib import Path
 
 import torch
 
-from pangu.checkpoint import deepspeed_state as ds
 from pangu.checkpoint import format as fmt
 from pangu.checkpoint.training import (
     Prefetch,
@@ -33,6 +32,7 @@ from pangu.checkpoint.training import (
     write_checkpoint,
 )
 from pangu.config import Config
+from pangu.parallel.engine import Engine
 from pangu.parallel.topology import Topology
 
 
@@ -62,39 +62,38 @@ class Checkpointer:
         engine is built); the next `restore` uses it."""
         self._prefetch = Prefetch(path, self.topology)
 
-    def restore(self, engine, names: dict[str, str], candidates: list[Path] | None = None) -> tuple[Path, dict] | None:
+    def restore(self, engine: Engine, candidates: list[Path] | None = None) -> tuple[Path, dict] | None:
         """(checkpoint, trainer state) of the newest checkpoint that loads, or None for a fresh run."""
         self.wait()
         candidates = self.candidates() if candidates is None else candidates
         prefetch, self._prefetch = self._prefetch, None
-        return resume(candidates, engine, names, self.topology, self.config, prefetch) if candidates else None
+        return resume(candidates, engine, self.topology, self.config, prefetch) if candidates else None
 
-    def load_weights(self, source: str | Path, engine, names: dict[str, str]) -> Path:
+    def load_weights(self, source: str | Path, engine: Engine) -> Path:
         """Only the weights of any checkpoint (train.init_from), read where this rank owns them."""
         path = fmt.resolve(source)
         fmt.read_manifest(path)
-        load_checkpoint(path, engine, names, self.topology, self.config, weights_only=True)
+        load_checkpoint(path, engine, self.topology, self.config, weights_only=True)
         return path
 
-    def save(self, step: int, engine, names: dict[str, str], trainer_state: dict, tokenizer_path: Path | None) -> Path:
+    def save(self, step: int, engine: Engine, trainer_state: dict, tokenizer_path: Path | None) -> Path:
         """Checkpoint `step`: written before returning, or (async_save) in the background. Returns
         the checkpoint's directory (published on return, or when the background write is done)."""
         self.wait()
         start = time.perf_counter()
         if not self.async_save:
             request = save_request(
-                self.run_dir, step, engine, names, self.topology, self.config, trainer_state, tokenizer_path
+                self.run_dir, step, engine, self.topology, self.config, trainer_state, tokenizer_path
             )
             path = write_checkpoint(request, self.group)
             self.last = {"blocked_s": time.perf_counter() - start, "async": False}
             return path
-        ds.link_optimizer_state(engine, self.config.optim)
-        live = ds.partitions(engine, self.config.optim)
+        engine.create_optimizer_state()
+        live = engine.checkpoint_buffers()
         request = save_request(
             self.run_dir,
             step,
             engine,
-            names,
             self.topology,
             self.config,
             trainer_state,
@@ -153,6 +152,6 @@ class Checkpointer:
                 {k: torch.empty(t.shape, dtype=t.dtype, pin_memory=pinned) for k, t in part.items()} for part in live
             ]
         if engine not in self._hooked:
-            ds.before_optimizer_step(engine, self._before_step)
+            engine.before_optimizer_step(self._before_step)
             self._hooked.append(engine)
         return self._host

@@ -1,10 +1,10 @@
 """Saving and loading a training checkpoint under any layout: every rank writes what it owns and
-reads what it needs (the format: format.py; the pieces: store.py; DeepSpeed's internals:
-deepspeed_state.py; saving in the background: saver.py).
+reads what it needs (the format: format.py; the pieces: store.py; what a rank owns: the engine's
+fragments, pangu/parallel/engine.py; saving in the background: saver.py).
 
-Save: each rank writes, for its ZeRO-1 fragment of every parameter, the fp32 master weight and
-each optimizer state as pieces of tensors/rank{R}.bin, each with its tensor-parallel box and flat
-range, plus its RNG states. Rank 0 then gathers the pieces' records (metadata, not tensors),
+Save: each rank writes, for its fragment of every parameter (its ZeRO-1 or FSDP share), the fp32
+master weight and each optimizer state as pieces of tensors/rank{R}.bin, each with its box in the
+full tensor and flat range, plus its RNG states. Rank 0 then gathers the pieces' records (metadata, not tensors),
 writes the index, the trainer state, the tokenizer and the manifest, and publishes. No collective
 carries tensor data, and the model's half-precision weights are not written (they are the master
 weights rounded).
@@ -19,7 +19,6 @@ all-gather every optimizer step ends with.
 
 from __future__ import annotations
 
-import io
 import json
 import shutil
 import threading
@@ -29,11 +28,9 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import deepspeed
 import torch
 import torch.distributed as dist
 
-from pangu.checkpoint import deepspeed_state as ds
 from pangu.checkpoint import format as fmt
 from pangu.checkpoint.store import (
     INDEX_FILE,
@@ -46,7 +43,7 @@ from pangu.checkpoint.store import (
 )
 from pangu.config import Config
 from pangu.model import layout
-from pangu.parallel.tensor_parallel import seed_rng_streams
+from pangu.parallel.engine import Engine
 from pangu.parallel.topology import Topology
 
 _GROUP: list = []  # [the checkpoint group, the default group it was made under]
@@ -97,8 +94,7 @@ def checkpoint_candidates(run_dir: str | Path) -> list[Path]:
 
 def resume(
     candidates: list[Path],
-    engine,
-    names: dict[str, str],
+    engine: Engine,
     topology: Topology,
     config: Config,
     prefetch: Prefetch | None = None,
@@ -109,7 +105,7 @@ def resume(
     problems = []
     for i, path in enumerate(candidates):
         try:
-            state = load_checkpoint(path, engine, names, topology, config, prefetch=prefetch)
+            state = load_checkpoint(path, engine, topology, config, prefetch=prefetch)
         except CorruptCheckpointError as err:
             problems.append(str(err))
             following = candidates[i + 1].name if i + 1 < len(candidates) else "none is left"
@@ -167,7 +163,6 @@ class SaveRequest:
     root: Path
     step: int
     pieces: list[tuple]  # (name, key, tensor, full shape, box, flat range, copy)
-    rng: bytes
     rank: int
     world_size: int
     keep: int
@@ -185,8 +180,7 @@ class SaveRequest:
 def save_request(
     run_dir: str | Path,
     step: int,
-    engine,
-    names: dict[str, str],
+    engine: Engine,
     topology: Topology,
     config: Config,
     trainer_state: dict,
@@ -194,30 +188,21 @@ def save_request(
     snapshot: list[dict[str, torch.Tensor]] | None = None,
 ) -> SaveRequest:
     """This rank's part of checkpoint `step`: its fragments of every parameter's weight and
-    optimizer state (views of the live partitions, or of `snapshot` for a background save)."""
-    ds.link_optimizer_state(engine, config.optim)
-    parts = snapshot if snapshot is not None else ds.partitions(engine, config.optim)
-    table = layout.parameter_table(config.model)
+    optimizer state (views of the live buffers, or of `snapshot` for a background save)."""
+    engine.create_optimizer_state()
+    buffers = snapshot if snapshot is not None else engine.checkpoint_buffers()
+    shapes = {p.name: p.shape for p in layout.parameters(config.model)}
     pieces = []
-    for fragment in ds.fragments(engine):
-        name = names[fragment.pipe_name]
-        spec = table[name]
-        box = spec.local_range(topology.tp_rank, topology.tp)
-        flat = (fragment.offset, fragment.offset + fragment.numel)
-        if name == layout.WORD_EMBEDDING_WEIGHT and not topology.is_first_stage:
-            copy = 1  # the head's copy of the tied embedding; the first stage's is read elsewhere
-        else:
-            copy = topology.tp_rank if spec.split_dim is None else 0  # replicated across tp
-        for key, flat_tensor in parts[fragment.group].items():
-            tensor = flat_tensor.narrow(0, fragment.start, fragment.numel)
-            pieces.append((name, key, tensor, spec.shape, box, flat, copy))
-    rng = io.BytesIO()
-    torch.save(_rng_state(), rng)
+    for fragment in engine.fragments():
+        for key in buffers[fragment.buffer]:
+            tensor = fragment.view(buffers, key)
+            pieces.append(
+                (fragment.name, key, tensor, shapes[fragment.name], fragment.box, fragment.flat, fragment.copy)
+            )
     request = SaveRequest(
         fmt.checkpoint_root(run_dir),
         step,
         pieces,
-        rng.getvalue(),
         topology.rank,
         topology.world_size,
         config.train.keep_checkpoints,
@@ -228,8 +213,8 @@ def save_request(
                 json.dumps(
                     dict(
                         trainer_state,
-                        optimizer_scalars=ds.optimizer_scalars(engine),
-                        loss_scaler=ds.loss_scaler_state(engine),
+                        optimizer_scalars=engine.optimizer_scalars(),
+                        loss_scaler=engine.loss_scale_state(),
                     )
                 )
             ),
@@ -296,11 +281,10 @@ def _broadcast(value, group):
 def _make_tmp(tmp: Path) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
     (tmp / "tensors").mkdir(parents=True)
-    (tmp / "rng").mkdir()
 
 
 def _write_rank_files(request: SaveRequest) -> tuple[dict, list[dict], str | None]:
-    """This rank's pieces (tensors/rank{R}.bin) and RNG states (rng/rank{R}.pt)."""
+    """This rank's pieces (tensors/rank{R}.bin)."""
     files: dict[str, dict] = {}
     records: list[dict] = []
     name = rank_file(request.rank)
@@ -315,9 +299,6 @@ def _write_rank_files(request: SaveRequest) -> tuple[dict, list[dict], str | Non
         size, written = writer.finish()
         files[f"tensors/{name}.bin"] = {"bytes": size}
         records.extend(written)
-        rng_file = request.tmp / "rng" / f"{name}.pt"
-        write_file_synced(rng_file, request.rng)
-        files[f"rng/{rng_file.name}"] = fmt.file_entry(rng_file)
 
     error = _attempt(write)
     if error is not None and box:
@@ -350,23 +331,25 @@ def _finalize(request: SaveRequest, gathered: list) -> None:
 
 def load_checkpoint(
     path: Path,
-    engine,
-    names: dict[str, str],
+    engine: Engine,
     topology: Topology,
     config: Config,
     weights_only: bool = False,
     prefetch: Prefetch | None = None,
 ) -> dict:
-    """Loads weights (and, unless `weights_only`, optimizer state, loss scaler and RNGs) into the
-    engine from a checkpoint written under any layout; every rank calls this. Returns the stored
-    trainer state, with `same_layout` and `read` (this rank's bytes read, its share, the index's
-    bytes). The caller has checked the structure (checkpoint_candidates or format.read_manifest);
-    a piece that does not match its checksum raises CorruptCheckpointError on every rank."""
+    """Loads weights (and, unless `weights_only`, optimizer state and loss scale) into the engine
+    from a checkpoint written under any layout, by either engine; every rank calls this. Returns
+    the stored trainer state, with `same_layout` and `read` (this rank's bytes read, its share,
+    the index's bytes). The caller has checked the structure (checkpoint_candidates or
+    format.read_manifest); a piece that does not match its checksum raises
+    CorruptCheckpointError on every rank. Nothing random needs restoring: dropout is seeded by
+    the step and the micro-batch (pangu.model.pangu_alpha.DropoutSeeds), so the RNG states older
+    checkpoints carry are not read."""
     group = checkpoint_group() if dist.is_initialized() else None
     start = time.perf_counter()
     outcome: dict = {}
     try:
-        outcome = _read_rank_share(Path(path), engine, names, topology, config, weights_only, prefetch)
+        outcome = _read_rank_share(Path(path), engine, topology, config, weights_only, prefetch)
         problem = None
     except (CorruptCheckpointError, OSError, ValueError, KeyError) as err:
         problem = ("corrupt", str(err) if isinstance(err, CheckpointError) else f"{path}: {type(err).__name__}: {err}")
@@ -382,18 +365,12 @@ def load_checkpoint(
     if found:
         kind, message = next((p for p in found if p[0] != "corrupt"), found[0])
         raise {"corrupt": CorruptCheckpointError, "refused": CheckpointError}.get(kind, RuntimeError)(message)
-    ds.refresh_model_weights(engine)
+    engine.after_load(optimizer_state=not weights_only)
     if weights_only:
         return {}
     trainer = outcome["trainer"]
-    ds.restore_optimizer_scalars(engine, trainer["optimizer_scalars"])
-    ds.restore_loss_scaler(engine, trainer["loss_scaler"])
-    if outcome["rng"] is not None:
-        _restore_rng_state(torch.load(io.BytesIO(outcome["rng"]), weights_only=False))
-    else:
-        # Dropout streams belong to ranks; under a new layout they are re-derived from the seed
-        # and the step, so the run stays deterministic (but its dropout masks differ).
-        seed_rng_streams(config.train.seed + 7919 * outcome["step"])
+    engine.restore_optimizer_scalars(trainer["optimizer_scalars"])
+    engine.restore_loss_scale(trainer["loss_scaler"])
     trainer["same_layout"] = outcome["same_layout"]
     trainer["read"] = dict(outcome["read"], seconds=time.perf_counter() - start)
     return trainer
@@ -401,15 +378,14 @@ def load_checkpoint(
 
 def _read_rank_share(
     path: Path,
-    engine,
-    names: dict[str, str],
+    engine: Engine,
     topology: Topology,
     config: Config,
     weights_only: bool,
     prefetch: Prefetch | None,
 ) -> dict:
-    """Reads this rank's fragments into the engine's fp32 partitions, and (for a resume) the
-    trainer state and this rank's RNG states, checking every checksum. No collective."""
+    """Reads this rank's fragments into the engine's fp32 buffers, and (for a resume) the
+    trainer state, checking every checksum. No collective."""
     manifest = fmt.read_manifest(path, verify=False)
     fmt.check_model_matches(manifest, config.model, path)
     same_layout = manifest["layout"] == {"dp": topology.dp, "tp": topology.tp, "pp": topology.pp}
@@ -419,16 +395,13 @@ def _read_rank_share(
     else:
         reader = _reader(path, manifest, own)
     if not weights_only:  # state the checkpoint fills need not be zeroed first
-        ds.link_optimizer_state(engine, config.optim, zeros=False)
-    parts = ds.partitions(engine, config.optim, weights_only)
-    table = layout.parameter_table(config.model)
+        engine.create_optimizer_state(zeros=False)
+    buffers = engine.checkpoint_buffers(weights_only)
     share = 0
     try:
-        for fragment in ds.fragments(engine):
-            name = names[fragment.pipe_name]
-            box = table[name].local_range(topology.tp_rank, topology.tp)
-            flat = (fragment.offset, fragment.offset + fragment.numel)
-            for key, flat_tensor in parts[fragment.group].items():
+        for fragment in engine.fragments():
+            name = fragment.name
+            for key in buffers[fragment.buffer]:
                 if key not in reader.keys(name):
                     raise CheckpointError(
                         f"checkpoint {path} has no {'weights' if key == 'weight' else 'optimizer state'} {key!r} "
@@ -437,13 +410,11 @@ def _read_rank_share(
                         f"{config.optim.name!r}; resume with the same optimizer or start from its weights "
                         f"with train.init_from"
                     )
-                target = flat_tensor.narrow(0, fragment.start, fragment.numel)
-                reader.read_flat(name, key, box, flat, out=target)
+                target = fragment.view(buffers, key)
+                reader.read_flat(name, key, fragment.box, fragment.flat, out=target)
                 share += target.numel() * target.element_size()
     finally:
         reader.close()
-    if not weights_only:
-        ds.zero_uncovered(engine, config.optim)
     outcome = {
         "same_layout": same_layout,
         "step": manifest["step"],
@@ -451,21 +422,4 @@ def _read_rank_share(
     }
     if not weights_only:
         outcome["trainer"] = json.loads(fmt.read_checked(path, "trainer.json", manifest))
-        rng_rel = f"rng/{rank_file(topology.rank)}.pt"
-        has_rng = same_layout and rng_rel in manifest["files"]
-        outcome["rng"] = fmt.read_checked(path, rng_rel, manifest) if has_rng else None
     return outcome
-
-
-def _rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "tracker": deepspeed.checkpointing.get_cuda_rng_tracker().get_states()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def _restore_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    deepspeed.checkpointing.get_cuda_rng_tracker().set_states(state["tracker"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])

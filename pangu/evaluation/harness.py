@@ -29,13 +29,14 @@ from pangu.evaluation.tasks import Task, load_task
 
 
 def make_scorer(model_or_engine, *, tokenizer, config=None, topology=None, batch_size: int = 8):
-    """A scorer for a `PanguAlpha`, a DeepSpeed pipeline engine (needs `config` and `topology`,
+    """A scorer for a `PanguAlpha`, a training engine (pangu.parallel.engine; needs `config` and `topology`,
     as the trainer holds them), or anything that already is a `Scorer`."""
     from pangu.evaluation.scoring import EngineScorer, ModelScorer, Scorer
+    from pangu.parallel.engine import Engine
 
     if isinstance(model_or_engine, Scorer):
         return model_or_engine
-    if hasattr(model_or_engine, "eval_batch"):
+    if isinstance(model_or_engine, Engine):
         if config is None or topology is None:
             raise ValueError("scoring through the pipeline engine needs its config and topology")
         return EngineScorer(model_or_engine, config, topology, pad_id=tokenizer.pad_id, eod_id=tokenizer.eod_id)
@@ -237,15 +238,16 @@ def build_eval_engine(config, checkpoint_path, micro_batch_size: int | None = No
     the trainer builds it, with the weights of `checkpoint_path` (any layout). The model section
     comes from the checkpoint; the micro-batch size (default train.micro_batch_size) sets the
     evaluation shapes."""
+    import torch
+
     from pangu.checkpoint import format as fmt
     from pangu.checkpoint.training import load_checkpoint
     from pangu.config import ModelConfig
     from pangu.parallel.engine import build_engine
-    from pangu.parallel.tensor_parallel import seed_rng_streams
     from pangu.parallel.topology import init_distributed
 
     topology = init_distributed(config.parallel)
-    seed_rng_streams(config.train.seed)
+    torch.manual_seed(config.train.seed)
     path = fmt.resolve(checkpoint_path)
     manifest = fmt.read_manifest(path)
     mb = micro_batch_size or config.train.micro_batch_size
@@ -255,8 +257,8 @@ def build_eval_engine(config, checkpoint_path, micro_batch_size: int | None = No
         train=dataclasses.replace(config.train, micro_batch_size=mb, global_batch_size=mb * topology.dp),
     )
     config.validate()
-    engine, names = build_engine(config, topology)
-    load_checkpoint(path, engine, names, topology, config, weights_only=True)
+    engine = build_engine(config, topology)
+    load_checkpoint(path, engine, topology, config, weights_only=True)
     return engine, config, topology
 
 

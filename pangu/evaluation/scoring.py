@@ -2,15 +2,15 @@
 
 - `ModelScorer`: a `PanguAlpha` in this process (what `pangu.load` gives). Rows are batched by
   length and padded to the longest of the batch; generation uses the KV cache.
-- `EngineScorer`: the DeepSpeed pipeline engine of training, under any (dp, tp, pp) layout. Every
+- `EngineScorer`: the training engine (pangu.parallel.engine), under any (dp, tp, pp) layout. Every
   micro-batch is padded to the fixed shape of training, [train.micro_batch_size,
-  model.seq_length] (the engine caches the shapes of what stages send each other), with an
-  attention mask exactly when training passes one (data.eod_reset). The engine's loss function is
-  swapped, for the call, for one returning per-token losses (vocab-parallel cross entropy, so
-  the last stage never gathers the vocabulary), `eval_batch` runs with `reduce_output=None` (no
-  averaging over data-parallel ranks), and the last stage's per-row losses are gathered on rank 0
-  (over the gloo host group: no copy per rank, nothing on the GPUs); the other ranks get None. Micro-batches are dealt round-robin to the data-parallel ranks. Generation runs the stage
-  module directly (full recomputation per token, logits gathered over tp) and needs pp = 1.
+  model.seq_length] (the engines fix the shapes of what stages send each other), with document
+  ids exactly when training passes them (data.eod_reset). The engine returns per-token losses
+  (vocab-parallel cross entropy, so the last stage never gathers the vocabulary) on the last
+  stage, and its per-row losses are gathered on rank 0 (over the gloo host group: no copy per
+  rank, nothing on the GPUs); the other ranks get None. Micro-batches are dealt round-robin to the
+  data-parallel ranks. Generation asks the engine for full-vocabulary logits (full recomputation
+  per token) and needs pp = 1.
 
 Both build a row's inputs with `pangu.data.dataset.make_batch`, as training does, so positions
 and masks (with or without EOD reset) are those the model was trained with.
@@ -27,8 +27,7 @@ from tqdm import tqdm
 
 from pangu.data.dataset import make_batch
 from pangu.evaluation.inference import cached_logits, current_document, generate, token_losses
-from pangu.parallel import tensor_parallel as tp
-from pangu.parallel.engine import pipeline_inputs
+from pangu.parallel.engine import Engine, MicroBatch
 
 StopFn = Callable[[list[int]], bool]
 MICRO_BATCHES_PER_CALL = 64  # per data-parallel rank and eval_batch call: bounds the kept outputs
@@ -100,30 +99,25 @@ class ModelScorer(Scorer):
 
 
 class EngineScorer(Scorer):
-    """Scores through DeepSpeed's PipelineEngine (see the module docstring). Every rank of the
-    job must call the same methods with the same rows; rank 0 gets the full results, the other
-    ranks None."""
+    """Scores through the training engine (see the module docstring). Every rank of the job must
+    call the same methods with the same rows; rank 0 gets the full results, the other ranks None."""
 
-    def __init__(self, engine, config, topology, *, pad_id: int, eod_id: int):
+    def __init__(self, engine: Engine, config, topology, *, pad_id: int, eod_id: int):
         self.engine, self.config, self.topology = engine, config, topology
         self.seq_length = config.model.seq_length
         self.micro_batch_size = config.train.micro_batch_size
         self.eod_reset = config.data.eod_reset
         self.pad_id, self.eod_id = pad_id, eod_id
-        self.layers = tp.layer_factory(topology.tp)
 
-    def _loss_fn(self, logits, labels):
-        (targets,) = labels
-        return self.layers.cross_entropy(logits, targets, self.config.model.vocab_size)
-
-    def _micro_batch(self, rows, indices: list[int]):
+    def _micro_batch(self, rows, indices: list[int]) -> MicroBatch:
         samples = np.full((self.micro_batch_size, self.seq_length + 1), self.pad_id, dtype=np.int64)
         for k, i in enumerate(indices):
             if len(rows[i]) > self.seq_length + 1:
                 raise ValueError(f"row {i} has {len(rows[i])} tokens; at most seq_length + 1 = {self.seq_length + 1}")
             samples[k, : len(rows[i])] = rows[i]
-        batch = make_batch(samples, pad_id=self.pad_id, eod_id=self.eod_id, eod_reset=self.eod_reset)
-        return pipeline_inputs(batch), (torch.from_numpy(batch["labels"]),)
+        return MicroBatch.from_batch(
+            make_batch(samples, pad_id=self.pad_id, eod_id=self.eod_id, eod_reset=self.eod_reset)
+        )
 
     def token_losses(self, rows):
         topo, mb = self.topology, self.micro_batch_size
@@ -131,35 +125,18 @@ class EngineScorer(Scorer):
         per_call = MICRO_BATCHES_PER_CALL * topo.dp
         groups += [[] for _ in range(-len(groups) % topo.dp)]  # every dp rank runs as many micro-batches
         mine: dict[int, np.ndarray] = {}
-        module = self.engine.module
-        saved_loss_fn = module.loss_fn
-        module.loss_fn = self._loss_fn
-        try:
-            calls = range(0, len(groups), per_call)
-            for first in tqdm(
-                calls, desc="scoring", unit="call", leave=False, disable=None if dist.get_rank() == 0 else True
-            ):
-                call = groups[first : first + per_call]
-                local = call[topo.dp_rank :: topo.dp]
-                batches = [self._micro_batch(rows, indices) for indices in local]
-                # eval_batch adds each micro-batch's loss into total_loss without resetting it (only
-                # train_batch does): a scalar left by training or validation would not take our
-                # per-token losses
-                self.engine.total_loss = None
-                outputs = self.engine.eval_batch(
-                    iter(batches),
-                    compute_loss=True,
-                    reduce_output=None,
-                    bcast_loss=False,
-                    num_micro_batches=len(batches),
-                )
-                if topo.is_last_stage and topo.tp_rank == 0:
-                    for indices, losses in zip(local, outputs):
-                        losses = losses.float().cpu().numpy()
-                        for k, i in enumerate(indices):
-                            mine[i] = losses[k, : len(rows[i]) - 1].copy()
-        finally:
-            module.loss_fn = saved_loss_fn
+        calls = range(0, len(groups), per_call)
+        for first in tqdm(
+            calls, desc="scoring", unit="call", leave=False, disable=None if dist.get_rank() == 0 else True
+        ):
+            call = groups[first : first + per_call]
+            local = call[topo.dp_rank :: topo.dp]
+            outputs = self.engine.token_losses([self._micro_batch(rows, indices) for indices in local])
+            if outputs is not None:
+                for indices, losses in zip(local, outputs):
+                    losses = losses.numpy()
+                    for k, i in enumerate(indices):
+                        mine[i] = losses[k, : len(rows[i]) - 1].copy()
         return _gather_rows(mine, len(rows), self.topology)
 
     @torch.no_grad()
@@ -169,16 +146,11 @@ class EngineScorer(Scorer):
                 f"generation needs parallel.pp = 1 (this run has {self.topology.layout}); "
                 f"evaluate generation tasks with pp = 1 (any tp) or in one process"
             )
-        module = self.engine.module
-        device = next(module.parameters()).device
-        was_training = module.training
-        module.eval()
 
         def logits_of(ids: list[int]) -> torch.Tensor:
-            """The whole row again each time (the pipeline module keeps no KV cache)."""
+            """The whole row again each time (the engine keeps no KV cache)."""
             batch = make_batch(np.array([ids + [self.pad_id]]), pad_id=self.pad_id, eod_id=self.eod_id, eod_reset=False)
-            logits = module(tuple(t.to(device) for t in pipeline_inputs(batch)))[:, -1:]
-            return tp.gather_vocab(logits)[0, 0, : self.config.model.vocab_size].float()
+            return self.engine.logits(MicroBatch.from_batch(batch).inputs)[0, -1].float().cpu()
 
         mine: dict[int, np.ndarray] = {}
         for i in range(self.topology.dp_rank, len(prompts), self.topology.dp):
@@ -190,10 +162,8 @@ class EngineScorer(Scorer):
                 max_new_tokens=max_new_tokens,
                 stop_ids=(self.eod_id,),
                 stop=stop,
-                device=device,
             )
             mine[i] = np.array(out, dtype=np.int64)
-        module.train(was_training)
         if self.topology.tp_rank != 0:
             mine = {}
         rows = _gather_rows(mine, len(prompts), self.topology)

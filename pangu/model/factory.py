@@ -61,8 +61,11 @@ class LayerFactory:
     def tensor_parallel_rng(self, seed: int | None, device: torch.device) -> contextlib.AbstractContextManager:
         """Context for random ops on activations split across the tensor-parallel group (the
         attention probabilities), given the layer's dropout seed (None: draw from the current
-        generator): under tensor parallelism each rank draws from a stream of its own."""
-        return contextlib.nullcontext()
+        generator): under tensor parallelism each rank draws from a stream of its own, which
+        recomputation replays (the seed is an argument of what it recomputes)."""
+        if seed is None or self.tp_size == 1:
+            return contextlib.nullcontext()
+        return seeded(mix_seed(seed, self.tp_rank), device)
 
     def recompute(self, function, *args):
         """function(*args) without keeping its activations; backward runs it again with the same
@@ -71,3 +74,32 @@ class LayerFactory:
 
 
 PLAIN = LayerFactory()
+
+
+_MASK64 = (1 << 64) - 1
+
+
+def _splitmix64(x: int) -> int:
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+def mix_seed(*values: int) -> int:
+    """A 63-bit seed from integers (a hash: nearby inputs give unrelated seeds)."""
+    h = 0
+    for value in values:
+        h = _splitmix64(h ^ (value & _MASK64))
+    return h >> 1
+
+
+@contextlib.contextmanager
+def seeded(seed: int, device: torch.device):
+    """The default generator of `device` seeded with `seed` inside the block, and as it was after."""
+    devices = (
+        [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+    )
+    with torch.random.fork_rng(devices=devices, device_type="cuda"):
+        torch.manual_seed(seed)
+        yield

@@ -47,7 +47,7 @@ import torch.nn.functional as F
 
 from pangu.config import ModelConfig
 from pangu.model import layout
-from pangu.model.factory import PLAIN, LayerFactory
+from pangu.model.factory import PLAIN, LayerFactory, mix_seed
 
 
 def fast_gelu(x: torch.Tensor) -> torch.Tensor:
@@ -141,24 +141,6 @@ def attention_core(q, k, v, mask, dropout: float, scale_invariant: bool) -> torc
 
 # ---------------------------------------------------------------------------------------------
 # Dropout seeds
-
-
-_MASK64 = (1 << 64) - 1
-
-
-def _splitmix64(x: int) -> int:
-    x = (x + 0x9E3779B97F4A7C15) & _MASK64
-    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
-    return x ^ (x >> 31)
-
-
-def mix_seed(*values: int) -> int:
-    """A 63-bit seed from integers (a hash: nearby inputs give unrelated seeds)."""
-    h = 0
-    for value in values:
-        h = _splitmix64(h ^ (value & _MASK64))
-    return h >> 1
 
 
 class DropoutSeeds:

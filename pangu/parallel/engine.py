@@ -1,48 +1,189 @@
-"""Wiring the pipeline module and the optimizer into DeepSpeed's PipelineEngine with ZeRO stage 1.
+"""The engine interface: everything training, evaluation and checkpoints ask of the machinery that
+runs the network under a (dp, tp, pp) layout. Two engines implement it, each in a folder of its
+own that is the only place importing its stack (`parallel.engine` picks one):
 
-One engine for every layout: the PipelineEngine allows ZeRO stage 1 only, so pangu uses it at
-pp = 1 too. DeepSpeed owns what it does well: gradient accumulation over micro-batches, 1F1B,
-data-parallel reduction, optimizer-state partitioning, gradient clipping, bf16/fp16 and loss
-scaling. pangu owns the model, the optimizer and the loss normalisation.
+- `deepspeed`: DeepSpeed's PipelineEngine (1F1B, one stage per rank) with ZeRO stage 1 and
+  megatron-core's tensor-parallel layers (pangu/parallel/deepspeed/);
+- `torch`: torch.distributed.pipelining schedules (1F1B, interleaved 1F1B, zero bubble), DTensor
+  tensor parallelism with optional sequence parallelism, and FSDP2 sharding of parameters,
+  gradients and optimizer state (pangu/parallel/native/).
+
+Both build the network from `PanguStage` (pangu/model/pangu_alpha.py), cut at the same layer
+indices (pangu/parallel/stages.py), and describe what a rank owns in the same terms (`Fragment`),
+so a checkpoint written by one resumes on the other under any layout.
+
+The loss of a step is sum(token losses) / (tokens counted in the whole global batch): the trainer
+counts the tokens (`MicroBatches.tokens`) and each engine scales its micro-batch losses so that
+its gradient reduction over data-parallel ranks yields exactly that.
 """
 
 from __future__ import annotations
 
-import warnings
-from functools import partial
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass
 
-import deepspeed
 import torch
 
 from pangu.config import Config
-from pangu.model import layout
-from pangu.model.factory import LayerFactory
-from pangu.model.init import initialize_parameters, zero_parameters
 from pangu.model.pangu_alpha import DropoutSeeds
-from pangu.optim.registry import build_optimizer
-from pangu.parallel.pipeline import build_pipeline, canonical_names
-from pangu.parallel.tensor_parallel import layer_factory
-from pangu.parallel.topology import Topology, deepspeed_prints_to_debug_log
+from pangu.parallel.topology import Topology
 from pangu.schema import ConfigError
 
 
-def pipeline_loss(
-    logits: torch.Tensor,
-    labels: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
-    *,
-    layers: LayerFactory,
-    vocab_size: int,
-) -> torch.Tensor:
-    """Sum of this micro-batch's token losses times `scale`.
+@dataclass
+class MicroBatch:
+    """One micro-batch as the engine eats it (torch tensors on the host): inputs for the first
+    stage, labels and the loss mask for the last (a middle stage of a pipeline gets None)."""
 
-    The loss of a step must be (sum of token losses) / (tokens counted in the whole global batch),
-    not a mean of per-micro-batch means. DeepSpeed divides each micro-batch loss by the number of
-    micro-batches and averages gradients over data-parallel ranks, so the data loader passes
-    scale = micro_batches x dp / counted_tokens_of_the_global_batch, and the two cancel.
-    """
-    targets, loss_mask, scale = labels
-    token_losses = layers.cross_entropy(logits, targets, vocab_size)
-    return (token_losses * loss_mask).sum() * scale[0]
+    input_ids: torch.Tensor  # [b, s] int64
+    position_ids: torch.Tensor  # [b, s] int64
+    document_ids: torch.Tensor | None  # [b, s] int32 with data.eod_reset, else None (causal)
+    labels: torch.Tensor  # [b, s] int64
+    loss_mask: torch.Tensor  # [b, s] float32: 1 where the token counts
+
+    @classmethod
+    def from_batch(cls, batch: dict) -> MicroBatch:
+        """From a `pangu.data.dataset.make_batch` dict of numpy arrays."""
+        documents = batch.get("document_ids")
+        return cls(
+            torch.from_numpy(batch["input_ids"]),
+            torch.from_numpy(batch["position_ids"]),
+            None if documents is None else torch.from_numpy(documents),
+            torch.from_numpy(batch["labels"]),
+            torch.from_numpy(batch["loss_mask"]),
+        )
+
+    @property
+    def inputs(self) -> tuple[torch.Tensor, ...]:
+        """What the first stage takes: (input_ids, position_ids[, document_ids])."""
+        if self.document_ids is None:
+            return (self.input_ids, self.position_ids)
+        return (self.input_ids, self.position_ids, self.document_ids)
+
+
+@dataclass
+class StepResult:
+    loss: float  # mean token loss of the global batch (every rank)
+    grad_norm: float  # before clipping; nan when the step was skipped for non-finite gradients
+    applied: bool  # False: non-finite gradients (or an fp16 overflow), weights and state untouched
+
+
+@dataclass(frozen=True)
+class Fragment:
+    """A part of one parameter whose fp32 master weight and optimizer state this rank owns (what
+    it writes to a checkpoint and reads back): the elements [flat[0], flat[1]) in row-major order
+    of the region `box` of the full tensor, stored in `checkpoint_buffers()[buffer][key]` from
+    element `start`. `copy` > 0 marks a replica that checkpoints store but readers skip (the
+    head's copy of the tied embedding; a tensor-parallel-replicated parameter on tp rank > 0)."""
+
+    name: str  # canonical (pangu/model/layout.py)
+    box: tuple[tuple[int, int], ...]
+    flat: tuple[int, int]
+    buffer: int
+    start: int
+    copy: int = 0
+
+    @property
+    def numel(self) -> int:
+        return self.flat[1] - self.flat[0]
+
+    def view(self, buffers: list[dict[str, torch.Tensor]], key: str) -> torch.Tensor:
+        return buffers[self.buffer][key].narrow(0, self.start, self.numel)
+
+
+class Engine(ABC):
+    """One rank's share of the network and its optimizer under a layout (see the module docstring)."""
+
+    config: Config
+    topology: Topology
+    dropout_seeds: DropoutSeeds
+
+    # -- training and evaluation ------------------------------------------------------------
+
+    @abstractmethod
+    def train_step(self, micro_batches: list[MicroBatch | None], tokens: int) -> StepResult:
+        """Forward and backward over this rank's micro-batches (in order; the global micro-batch
+        index of each is set on `dropout_seeds` by the caller), gradients reduced over
+        data-parallel ranks, clipped to optim.grad_clip, and one optimizer step. `tokens`: the
+        tokens counted in the whole global batch."""
+
+    @abstractmethod
+    def evaluate(self, micro_batches: list[MicroBatch | None], tokens: int) -> float:
+        """Mean token loss of a global batch, without dropout or gradients (every rank)."""
+
+    @abstractmethod
+    def token_losses(self, micro_batches: list[MicroBatch | None]) -> list[torch.Tensor] | None:
+        """Per-token losses [b, s] of each micro-batch, on the ranks of the last stage with tp rank
+        0 (None elsewhere): task scoring."""
+
+    @abstractmethod
+    def logits(self, inputs: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """Full-vocabulary logits [b, s, vocab_size] of one micro-batch's inputs, on every rank
+        (generation; pp = 1 only)."""
+
+    @property
+    @abstractmethod
+    def optimizer(self) -> torch.optim.Optimizer:
+        """The optimizer pangu built (its param groups carry the learning rates; its spec's
+        `metrics` read it)."""
+
+    def set_lr_factor(self, factor: float) -> None:
+        """Every param group's lr = its base lr x factor (the schedule's value)."""
+        from pangu.optim.schedules import apply_lr_factor
+
+        apply_lr_factor(self.optimizer.param_groups, factor)
+
+    # -- checkpoints ------------------------------------------------------------------------
+
+    @abstractmethod
+    def checkpoint_buffers(self, weights_only: bool = False) -> list[dict[str, torch.Tensor]]:
+        """This rank's fp32 tensors that fragments live in: {"weight": master weights, state key:
+        optimizer state} per buffer, 1-D. The optimizer state exists once `create_optimizer_state`
+        has run."""
+
+    @abstractmethod
+    def fragments(self) -> list[Fragment]:
+        """This rank's fragments, every parameter it owns part of."""
+
+    @abstractmethod
+    def state_keys(self, buffer: int) -> tuple[str, ...]:
+        """The optimizer state kept per element for the parameters of a buffer."""
+
+    @abstractmethod
+    def create_optimizer_state(self, zeros: bool = True) -> None:
+        """Makes the optimizer state exist before the first step (zeros; or uninitialised, for a
+        checkpoint to fill, followed by `after_load`)."""
+
+    @abstractmethod
+    def after_load(self, optimizer_state: bool) -> None:
+        """After a checkpoint has filled the fragments: the model's weights from the fp32 master
+        weights, and (with `optimizer_state`) zeros in state no fragment covers (padding)."""
+
+    @abstractmethod
+    def optimizer_scalars(self) -> list[dict]:
+        """Per buffer, the optimizer state that is not per element (see checkpoint/training.py)."""
+
+    @abstractmethod
+    def restore_optimizer_scalars(self, scalars: list[dict]) -> None: ...
+
+    @abstractmethod
+    def loss_scale_state(self) -> dict:
+        """The fp16 dynamic loss scale, engine-neutral: {"scale", "good_steps"} ({} without fp16)."""
+
+    @abstractmethod
+    def restore_loss_scale(self, state: dict) -> None: ...
+
+    @abstractmethod
+    def before_optimizer_step(self, hook: Callable[[], None]) -> None:
+        """Runs `hook()` at the start of every optimizer step: the one place where the master
+        weights and the optimizer state change (a background checkpoint copy waits there)."""
+
+    @abstractmethod
+    def memory_report(self) -> dict[str, int]:
+        """Bytes this rank holds: parameter_bytes, master_weight_bytes, gradient_bytes,
+        optimizer_state_bytes (measured from the tensors)."""
 
 
 def micro_batches_per_step(config: Config, topology: Topology) -> int:
@@ -55,96 +196,18 @@ def micro_batches_per_step(config: Config, topology: Topology) -> int:
     return config.train.global_batch_size // per_step
 
 
-def deepspeed_config(config: Config, topology: Topology) -> dict:
-    train = config.train
-    ds = {
-        "train_batch_size": train.global_batch_size,
-        "train_micro_batch_size_per_gpu": train.micro_batch_size,
-        "gradient_accumulation_steps": micro_batches_per_step(config, topology),
-        "gradient_clipping": config.optim.grad_clip,
-        "zero_optimization": {"stage": 1},
-        "zero_allow_untested_optimizer": True,
-        "steps_per_print": 2**62,
-        "wall_clock_breakdown": False,
-    }
-    if train.precision == "bf16":
-        # immediate_grad_update: each micro-batch's bf16 gradient is added into the fp32 buffer as
-        # backward produces it (no bf16 gradient kept for the whole model; the same sums)
-        ds["bf16"] = {"enabled": True, "immediate_grad_update": True}
-        # gradients accumulate over micro-batches in fp32 and are reduced over data-parallel
-        # ranks in fp32 (DeepSpeed's default reduces bf16 gradients in bf16, which rounds the
-        # sum to 8 bits of mantissa and makes the step depend on dp)
-        ds["data_types"] = {"grad_accum_dtype": "fp32"}
-        ds["communication_data_type"] = "fp32"
-    elif train.precision == "fp16":
-        # dynamic loss scale as in the original recipe: halve on every overflow (hysteresis 1,
-        # like MindSpore's DynamicLossScaleUpdateCell) and skip that step; double after a window
-        ds["fp16"] = {
-            "enabled": True,
-            "loss_scale": 0,
-            "initial_scale_power": train.initial_loss_scale_power,
-            "loss_scale_window": train.loss_scale_window,
-            "hysteresis": 1,
-            "min_loss_scale": train.min_loss_scale,
-        }
-    return ds
+def build_engine(config: Config, topology: Topology, initialize: bool = True) -> Engine:
+    """The engine `parallel.engine` names, holding this rank's stages. Without `initialize` (a
+    resumed run: a checkpoint sets every weight) no initial weight is drawn."""
+    if config.parallel.engine == "deepspeed":
+        from pangu.parallel.deepspeed.engine import DeepSpeedEngine
+
+        return DeepSpeedEngine(config, topology, initialize)
+    from pangu.parallel.native.engine import TorchEngine
+
+    return TorchEngine(config, topology, initialize)
 
 
-def pipeline_inputs(batch: dict) -> tuple[torch.Tensor, ...]:
-    """The pipeline's input tuple from a `pangu.data.dataset.make_batch` dict: token ids and
-    position ids, and the document ids when data.eod_reset made them."""
-    inputs = [torch.from_numpy(batch["input_ids"]), torch.from_numpy(batch["position_ids"])]
-    if batch.get("document_ids") is not None:
-        inputs.append(torch.from_numpy(batch["document_ids"]))
-    return tuple(inputs)
-
-
-def allow_fp16_on_cpu() -> None:
-    """DeepSpeed's CPU accelerator refuses fp16 unless oneDNN has fp16 kernels (AVX512-FP16 CPUs).
-    torch computes fp16 on any CPU, only slower, so pangu lets DeepSpeed's fp16 path (loss
-    scaling, overflow skipping) run there: that is how it is tested without a GPU."""
-    from deepspeed.accelerator import get_accelerator
-
-    accelerator = get_accelerator()
-    if accelerator.device_name() == "cpu" and not accelerator.is_fp16_supported():
-        warnings.warn(
-            "fp16 on a CPU without oneDNN fp16 kernels: correct but slow; use bf16 or fp32 on CPU", stacklevel=2
-        )
-        accelerator.is_fp16_supported = lambda: True
-
-
-def build_engine(config: Config, topology: Topology, initialize: bool = True):
-    """(engine, {pipeline name: canonical name}) for this rank's pipeline stage. Without
-    `initialize` (a resumed run: a checkpoint sets every weight) no initial weight is drawn.
-    `engine.dropout_seeds` (DropoutSeeds) must be told each step's micro-batches before it runs."""
-    layers = layer_factory(config.parallel.tp)
-    dropout_seeds = DropoutSeeds(config.train.seed)
-    with deepspeed_prints_to_debug_log():
-        pipe = build_pipeline(
-            config,
-            topology,
-            layers,
-            loss_fn=partial(pipeline_loss, layers=layers, vocab_size=config.model.vocab_size),
-            dropout_seeds=dropout_seeds,
-        )
-    names = canonical_names(pipe)
-    named = [(names[n], p) for n, p in pipe.named_parameters()]
-    if initialize:
-        initialize_parameters(named, config.model, config.train.seed, topology.tp_rank, topology.tp)
-    else:
-        zero_parameters(named)
-    table = layout.parameter_table(config.model)
-    optimizer = build_optimizer(
-        config.optim,
-        named,
-        no_decay=[name for name, _ in named if not table[name].weight_decay],
-        scale_invariant=[name for name, _ in named if table[name].scale_invariant],
-    )
-    if config.train.precision == "fp16":
-        allow_fp16_on_cpu()
-    with deepspeed_prints_to_debug_log():
-        engine, _, _, _ = deepspeed.initialize(
-            model=pipe, optimizer=optimizer, config=deepspeed_config(config, topology)
-        )
-    engine.dropout_seeds = dropout_seeds
-    return engine, names
+def finite_or_nan(value) -> float:
+    value = float(value) if value is not None else float("nan")
+    return value if math.isfinite(value) else float("nan")

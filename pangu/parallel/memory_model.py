@@ -66,6 +66,7 @@ from pangu.config import Config, ModelConfig
 from pangu.model import layout as model_layout
 from pangu.optim import registry
 from pangu.optim.param_groups import GROUP_ORDER, group_of
+from pangu.parallel.stages import stage_bounds
 
 if TYPE_CHECKING:
     from pangu.parallel.planner import Layout
@@ -157,70 +158,6 @@ def pipeline_layers(config: Config, tp: int) -> tuple[PipeLayer, ...]:
     """The pipeline's layers (pangu.model.layout, as pangu.parallel.pipeline builds them), with
     the parameters each holds on one tensor-parallel rank, by optimizer group."""
     return _pipeline_layers(config.model, tp, registry.get(config.optim.name).scale_invariant_group)
-
-
-def _partition_uniform(num_items: int, num_parts: int) -> list[int]:
-    """deepspeed.runtime.utils.partition_uniform."""
-    if num_items <= num_parts:
-        return [min(p, num_items) for p in range(num_parts + 1)]
-    chunk, residual = divmod(num_items, num_parts)
-    parts = [p * chunk for p in range(num_parts + 1)]
-    for i in range(residual):
-        for k in range(i + 1, num_parts + 1):
-            parts[k] += 1
-    return parts
-
-
-def _partition_balanced(weights: list[int], num_parts: int) -> list[int]:
-    """deepspeed.runtime.utils.partition_balanced, the same dynamic programme and tie-breaking
-    (it minimises max - min of the parts' weights)."""
-    n, m = len(weights), num_parts
-    if n <= m:
-        return _partition_uniform(n, m)
-    inf = math.inf
-    dp_max = [[inf] * (m + 1) for _ in range(n + 1)]
-    dp_min = [[inf] * (m + 1) for _ in range(n + 1)]
-    dp_cost = [[inf] * (m + 1) for _ in range(n + 1)]
-    position = [[0] * (m + 1) for _ in range(n + 1)]
-    prefix = [0.0] * (n + 1)
-    for i, w in enumerate(weights):
-        prefix[i + 1] = prefix[i] + float(w)
-    dp_max[0][0] = 0.0
-    dp_cost[0][0] = 0.0
-    for i in range(1, n + 1):
-        for j in range(1, min(i, m) + 1):
-            best_cost, best_max, best_min, best_k = dp_cost[i][j], dp_max[i][j], dp_min[i][j], position[i][j]
-            prev_max, prev_min = [row[j - 1] for row in dp_max], [row[j - 1] for row in dp_min]
-            for k in range(i):
-                part = prefix[i] - prefix[k]
-                max_sum = prev_max[k] if prev_max[k] > part else part
-                min_sum = prev_min[k] if prev_min[k] < part else part
-                cost = max_sum - min_sum
-                if best_cost >= cost:
-                    best_cost, best_max, best_min, best_k = cost, max_sum, min_sum, k
-            dp_cost[i][j], dp_max[i][j], dp_min[i][j], position[i][j] = best_cost, best_max, best_min, best_k
-    parts = [n]
-    for j in reversed(range(1, m + 1)):
-        parts.append(position[parts[-1]][j])
-    parts.reverse()
-    return parts
-
-
-def stage_bounds(config: Config, tp: int, pp: int) -> list[int]:
-    """Layer indices where each pipeline stage starts (pp + 1 numbers), as DeepSpeed's
-    PipelineModule partitions pangu's layers (parallel.partition: "parameters" balances the
-    parameters of each rank's layers; "uniform" balances the transformer layers)."""
-    layers = pipeline_layers(config, tp)
-    if config.parallel.partition == "parameters":
-        weights = tuple(layer.numel for layer in layers)
-    else:  # the transformer layers, one each
-        weights = tuple(int(layer.kind in model_layout.TRANSFORMER_KINDS) for layer in layers)
-    return list(_cached_partition(weights, pp))
-
-
-@lru_cache(maxsize=4096)
-def _cached_partition(weights: tuple[int, ...], pp: int) -> tuple[int, ...]:
-    return tuple(_partition_balanced(list(weights), pp))
 
 
 # ---------------------------------------------------------------------------------------------

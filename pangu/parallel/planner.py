@@ -51,9 +51,9 @@ from pangu.parallel.memory_model import (
     MemoryEstimate,
     dtype_bytes,
     estimate_memory,
-    stage_bounds,
     stage_memory,
 )
+from pangu.parallel.stages import stage_bounds
 from pangu.schema import ConfigError
 
 GiB = 2**30

@@ -1,9 +1,9 @@
 """The training loop: `pangu pretrain`.
 
 Per step: set the learning rate from the schedule, take global batch k from the sampler, give
-this rank its micro-batches, let DeepSpeed's pipeline engine run them (1F1B, gradient
-accumulation, data-parallel reduction, clipping, the ZeRO-1 optimizer step), then log, validate
-and checkpoint. The run resumes by itself from the latest checkpoint in `train.output_dir`.
+this rank its micro-batches, let the engine (pangu/parallel/engine.py) run them (the pipeline
+schedule, gradient accumulation, data-parallel reduction, clipping, the sharded optimizer step),
+then log, validate and checkpoint. The run resumes by itself from the latest checkpoint in `train.output_dir`.
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ import torch
 import torch.distributed as dist
 
 from pangu.checkpoint import format as checkpoint_format
-from pangu.checkpoint.deepspeed_state import link_optimizer_state, memory_report
 from pangu.checkpoint.saver import Checkpointer
 from pangu.checkpoint.store import CheckpointError
 from pangu.config import Config, SpikeGuardConfig
@@ -36,9 +35,8 @@ from pangu.evaluation.harness import evaluate_tasks
 from pangu.evaluation.tasks import load_task
 from pangu.model.sizes import flops_per_token, parameter_count
 from pangu.optim import registry
-from pangu.optim.schedules import apply_lr_factor, lr_factor
-from pangu.parallel.engine import build_engine, micro_batches_per_step, pipeline_inputs
-from pangu.parallel.tensor_parallel import seed_rng_streams
+from pangu.optim.schedules import lr_factor
+from pangu.parallel.engine import Engine, MicroBatch, build_engine, micro_batches_per_step
 from pangu.parallel.topology import Topology, device, init_distributed
 from pangu.pretrain import run_directory
 from pangu.pretrain.metrics import MetricsLogger, peak_memory_bytes, total_peak_flops
@@ -73,31 +71,23 @@ class Batches:
         if self.feeds:
             self._ahead = (global_batch, self._reader.submit(self._read, global_batch))
 
-    def for_step(self, global_batch: np.ndarray) -> list[tuple[tuple, tuple] | None]:
-        """[(inputs, labels)] for each micro-batch of this rank, in the order the engine eats them
-        (None on middle stages, which the engine feeds from the previous stage).
-
-        `scale` makes the step's loss the sum of token losses over the tokens counted in the
-        whole global batch (see pangu.parallel.engine.pipeline_loss)."""
+    def for_step(self, global_batch: np.ndarray) -> tuple[list[MicroBatch | None], int]:
+        """(this rank's micro-batches in the order the engine eats them (None on middle stages,
+        which the engine feeds from the previous stage), the tokens counted in the whole global
+        batch (on the last stage; 0 elsewhere): the step's loss divides by them)."""
         if not self.feeds:
-            return [None] * self.micro_batches
+            return [None] * self.micro_batches, 0
         if self._ahead is not None and np.array_equal(self._ahead[0], global_batch):
             batches = self._ahead[1].result()
         else:
             batches = self._read(global_batch)
         self._ahead = None
-        scale = None
+        tokens = 0
         if self.topology.is_last_stage:
-            counted = torch.tensor([sum(int(batch["loss_mask"].sum()) for batch in batches)], dtype=torch.float64)
+            counted = torch.tensor([sum(int(batch["loss_mask"].sum()) for batch in batches)], dtype=torch.int64)
             dist.all_reduce(counted, group=self.topology.data_parallel_host_group)
-            scale = torch.tensor([self.micro_batches * self.topology.dp / max(counted.item(), 1)], dtype=torch.float32)
-        return [
-            (
-                pipeline_inputs(batch),
-                (torch.from_numpy(batch["labels"]), torch.from_numpy(batch["loss_mask"]), scale),
-            )
-            for batch in batches
-        ]
+            tokens = int(counted.item())
+        return [MicroBatch.from_batch(batch) for batch in batches], tokens
 
     def _read(self, global_batch: np.ndarray) -> list[dict]:
         out = []
@@ -153,10 +143,10 @@ def learning_rate(config: Config, step: int) -> float:
     )
 
 
-def set_learning_rate(engine, config: Config, step: int) -> float:
+def set_learning_rate(engine: Engine, config: Config, step: int) -> float:
     """Sets every param group's lr to its base lr times the schedule; returns optim.lr's value."""
     lr = learning_rate(config, step)
-    apply_lr_factor(engine.optimizer.param_groups, lr / config.optim.lr)
+    engine.set_lr_factor(lr / config.optim.lr)
     return lr
 
 
@@ -168,7 +158,7 @@ class Trainer:
         self.stop_request = StopRequest()  # before anything slow, so that an early signal is kept
         train = config.train
         self.topology = init_distributed(config.parallel)
-        seed_rng_streams(train.seed)
+        torch.manual_seed(train.seed)  # nothing in training draws from it (dropout: DropoutSeeds)
         self.train_data, self.meta = load_prepared(config.data.prepared_dir, "train", config.model.seq_length)
         self.index_cache = index_cache_dir(config.data.prepared_dir)  # the sampler's permutations, built once
         valid_data, _ = load_prepared(config.data.prepared_dir, "valid", config.model.seq_length)
@@ -203,7 +193,7 @@ class Trainer:
         if candidates:  # this rank's share is read while the engine is built
             self.checkpoints.prefetch(candidates[0])
         # a run that resumes (or starts from train.init_from) draws no initial weights
-        self.engine, self.names = build_engine(config, self.topology, initialize=not (candidates or train.init_from))
+        self.engine = build_engine(config, self.topology, initialize=not (candidates or train.init_from))
         self.sampler = GlobalBatchSampler(
             len(self.train_data), train.global_batch_size, seed=train.seed, cache_dir=self.index_cache
         )
@@ -211,14 +201,14 @@ class Trainer:
         self.resumed_from, self.resume_read = None, {}
         if candidates and not self._guard_resume(lambda: self._restore(candidates)):
             del self.engine  # it was built to receive the checkpoint: draw the initial weights now
-            self.engine, self.names = build_engine(config, self.topology, initialize=True)
+            self.engine = build_engine(config, self.topology, initialize=True)
         elif train.init_from:
-            self.checkpoints.load_weights(train.init_from, self.engine, self.names)
+            self.checkpoints.load_weights(train.init_from, self.engine)
         if self.topology.rank == 0:  # the run is accepted: now its directory may change
             run_directory.write_config(self.output_dir, config)
         self.spike_guard = SpikeGuard(train.spike_guard)
-        link_optimizer_state(self.engine, config.optim)  # optimizer state exists from here on: measurable
-        self.memory = memory_report(self.engine)
+        self.engine.create_optimizer_state()  # optimizer state exists from here on: measurable
+        self.memory = self.engine.memory_report()
         self.batches = Batches(self.train_data, config, self.topology, self.meta)
         self.valid_batches = Batches(valid_data, config, self.topology, self.meta)
         self.tokens_per_step = train.global_batch_size * config.model.seq_length
@@ -268,7 +258,7 @@ class Trainer:
     def _restore(self, candidates: list[Path]) -> Path:
         """Continues from the newest of `candidates` that loads (falling back over corrupt ones):
         weights, optimizer, RNGs, step and data position."""
-        path, state = self.checkpoints.restore(self.engine, self.names, candidates)
+        path, state = self.checkpoints.restore(self.engine, candidates)
         self.resumed_from, self.resume_read = path, state["read"]
         if state.get("tokenizer_fingerprint") != self.meta["tokenizer"]["fingerprint"]:
             raise CheckpointError(
@@ -285,10 +275,10 @@ class Trainer:
         """One optimizer step on the next global batch; returns its metrics record."""
         lr = set_learning_rate(self.engine, self.config, self.step)
         start = time.perf_counter()
-        micro_batches = self.batches.for_step(self.sampler.next_global_batch())
+        micro_batches, tokens = self.batches.for_step(self.sampler.next_global_batch())
         self.batches.prefetch(self.sampler.peek_global_batch())
         self.engine.dropout_seeds.start_step(self.step, self.batches.order)
-        loss = self.engine.train_batch(iter(micro_batches))
+        result = self.engine.train_step(micro_batches, tokens)
         elapsed = time.perf_counter() - start
         self.step += 1
         tokens_per_sec = self.tokens_per_step / elapsed
@@ -297,16 +287,16 @@ class Trainer:
         # and the sampler move on (that batch is not retried).
         record = {
             "step": self.step,
-            "loss": float(loss),
-            "skipped": not self.engine.was_step_applied(),
+            "loss": result.loss,
+            "skipped": not result.applied,
             "lr": lr,
-            "grad_norm": _grad_norm(self.engine),
+            "grad_norm": result.grad_norm,
             "tokens_per_sec": tokens_per_sec,
             "mfu": tokens_per_sec * self.model_flops / self.peak_flops,
             "consumed_samples": self.sampler.consumed_samples,
             "peak_memory_bytes": peak_memory_bytes(),
         }
-        record.update(registry.get(self.config.optim.name).metrics(self.engine.optimizer.optimizer))
+        record.update(registry.get(self.config.optim.name).metrics(self.engine.optimizer))
         return record
 
     def evaluate_tasks(self) -> dict[str, float]:
@@ -333,7 +323,6 @@ class Trainer:
         return self.checkpoints.save(
             self.step,
             self.engine,
-            self.names,
             {
                 "step": self.step,
                 "sampler": self.sampler.state_dict(),
@@ -467,16 +456,11 @@ def pretrain(config: Config) -> dict:
     return Trainer(config).run()
 
 
-def validation_loss(engine, batches: Batches, train) -> float:
+def validation_loss(engine: Engine, batches: Batches, train) -> float:
     """Mean token loss over the first `train.eval_batches` global batches of the validation set."""
     total = 0.0
     size = train.global_batch_size
     for k in range(train.eval_batches):
         ids = (np.arange(k * size, (k + 1) * size) % len(batches.dataset)).astype(np.int64)
-        total += float(engine.eval_batch(iter(batches.for_step(ids)), compute_loss=True))
+        total += engine.evaluate(*batches.for_step(ids))
     return total / train.eval_batches
-
-
-def _grad_norm(engine) -> float:
-    norm = engine.get_global_grad_norm()
-    return float(norm) if norm is not None else float("nan")

@@ -144,21 +144,28 @@ def test_kv_cache_generation_equals_full_forward_greedy(single_process):
     [{}, {"final_layernorm": "after"}, {"scale_invariant": True, "final_layernorm": "after"}],
     ids=["before", "after", "scale_invariant"],
 )
-def test_the_model_and_the_pipeline_build_exactly_the_declared_parameters(single_process, overrides):
+def test_the_model_and_its_stages_build_exactly_the_declared_parameters(single_process, overrides):
     """pangu/model/layout.py is the one declaration: the single-process model registers its
-    parameters under the declared names, shapes and order, and the pipeline's stage modules map
-    onto the same canonical names (the head sharing the word embedding)."""
+    parameters under the declared names, shapes and order, and every stage cut (what both
+    engines build) holds each declared parameter once under the same names, the last stage a
+    copy of the tied word embedding for the head."""
     from pangu.model import layout
-    from pangu.parallel.pipeline import build_pipeline, canonical_names
-    from pangu.parallel.topology import init_distributed
+    from pangu.model.pangu_alpha import PanguStage
+    from pangu.parallel.stages import stage_bounds
 
-    config = _tiny(**overrides)
+    config = _tiny(num_layers=5, **overrides)
     declared = [(p.name, p.shape) for p in layout.parameters(config)]
     assert [(n, tuple(p.shape)) for n, p in PanguAlpha(config).named_parameters()] == declared
     full = dataclasses.replace(load_config(None, []), model=config)
-    pipe = build_pipeline(full, init_distributed(full.parallel), LayerFactory(), loss_fn=None, dropout_seeds=None)
-    names = canonical_names(pipe)
-    assert sorted((names[n], tuple(p.shape)) for n, p in pipe.named_parameters()) == sorted(declared)
+    for stages in (2, 3, 5):
+        bounds = stage_bounds(full, 1, stages)
+        built = [
+            (n, tuple(p.shape))
+            for first, last in zip(bounds, bounds[1:])
+            for n, p in PanguStage(config, first=first, last=last).named_parameters()
+        ]
+        head_copy = [(layout.WORD_EMBEDDING_WEIGHT, dict(declared)[layout.WORD_EMBEDDING_WEIGHT])]
+        assert sorted(built) == sorted(declared + head_copy), stages
 
 
 def test_flex_attention_under_a_document_mask_equals_the_reference():
@@ -244,7 +251,6 @@ def test_the_document_mask_is_built_once_per_stage_forward(single_process, monke
 def test_q_k_and_v_enter_the_tensor_parallel_region_once(single_process):
     """One all-reduce of the input gradient for the three projections (the query layer's query
     comes from its own input, the position's query embedding)."""
-    from pangu.model.factory import LayerFactory
 
     class Counting(LayerFactory):
         entered = 0
@@ -261,8 +267,11 @@ def test_q_k_and_v_enter_the_tensor_parallel_region_once(single_process):
 
 
 def test_megatron_column_linears_leave_a_shared_input_to_the_caller(single_process):
-    from pangu.parallel.tensor_parallel import MegatronLayers
+    from pangu.config import ParallelConfig
+    from pangu.parallel.deepspeed.megatron import MegatronLayers, init_parallel_state
+    from pangu.parallel.topology import init_distributed
 
+    init_parallel_state(init_distributed(ParallelConfig()), timeout_minutes=1)
     layers = MegatronLayers(1)
     assert layers.column_linear(8, 8, bias=True, shared_input=True).disable_grad_reduce
     assert not layers.column_linear(8, 8, bias=True).disable_grad_reduce

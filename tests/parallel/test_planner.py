@@ -15,7 +15,7 @@ from pangu.config import load_config
 from pangu.model import layout
 from pangu.model.sizes import flops_per_token, forward_flops_per_token, parameter_count
 from pangu.optim.param_groups import GROUP_ORDER
-from pangu.parallel import memory_model, planner
+from pangu.parallel import memory_model, planner, stages
 from pangu.parallel.memory_model import Kernels
 from pangu.parallel.planner import GiB, Layout
 from pangu.schema import ConfigError, parse_bytes
@@ -156,7 +156,7 @@ def test_stage_partition_is_deepspeeds():
     for _ in range(200):
         weights = [rng.choice([1, 5, 100, 1000]) for _ in range(rng.randint(1, 30))]
         parts = rng.randint(1, 12)
-        assert memory_model._partition_balanced(weights, parts) == partition_balanced(weights, parts), (weights, parts)
+        assert stages._partition_balanced(weights, parts) == partition_balanced(weights, parts), (weights, parts)
 
 
 def test_layouts_divide_the_devices_the_model_and_the_batch():

@@ -15,12 +15,10 @@ GROUPS_PROBE = """
 import torch, torch.distributed.distributed_c10d as c10d
 from pangu.config import load_config
 from pangu.parallel.engine import build_engine
-from pangu.parallel.tensor_parallel import seed_rng_streams
 from pangu.parallel.topology import init_distributed
 config = load_config(None, ["parallel.timeout_minutes=7", "model.vocab_size=300", "model.seq_length=16",
                             "train.global_batch_size=2", "train.micro_batch_size=1"])
 topology = init_distributed(config.parallel)
-seed_rng_streams(0)
 build_engine(config, topology)
 groups = list(c10d._world.pg_map)
 timeouts = {str(pg._get_backend(torch.device("cpu")).options._timeout) for pg in groups}

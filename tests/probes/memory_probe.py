@@ -9,15 +9,15 @@ CASES_JSON is a JSON list of cases, {"name": ..., "config": optional YAML path, 
 tp x pp divides W. Every case builds its own engine, so one launch covers several layouts and
 precisions. Recorded per case and rank (rank 0 writes RESULT.json):
 
-- `report`: pangu.checkpoint.deepspeed_state.memory_report (what a run logs);
+- `report`: the engine's memory_report (what a run logs);
 - `tensors`: bytes of the real allocations: the parameters, DeepSpeed's flat parameter buffer,
   the gradients where they live (BF16_Optimizer's fp32 buffer and the bf16 param.grad; for
   fp32/fp16 the param.grad), measured at the gradient reduction of a real step, the fp32 master
   partitions and the optimizer state (tensors with at least one dimension);
 - `saved_forward`: bytes autograd saves during one forward of one micro-batch through this
   rank's stage (torch.autograd.graph.saved_tensors_hooks; each storage counted once; parameter
-  storages excluded; the inputs DeepSpeed's recomputation keeps are counted too, since its
-  checkpoint holds them on the autograd node instead of saving them through autograd);
+  storages excluded; the inputs recomputation keeps are counted too, since torch's checkpoint
+  holds them outside autograd's saved tensors);
 - `saved_peak`: the largest total of those bytes alive at any moment of a real `train_batch`
   (1F1B over all micro-batches, recomputation in backward included).
 """
@@ -79,17 +79,16 @@ class SavedTensorMeter:
         return torch.autograd.graph.saved_tensors_hooks(self.hold, lambda held: held.tensor)
 
     def checkpoint_wrapper(self, original):
-        """DeepSpeed's reentrant checkpoint keeps its inputs on the node (ctx.deepspeed_saved_tensors),
-        not through save_for_backward: count them, alive until that node's backward has run."""
+        """torch's checkpoint keeps its inputs for the recomputation, not through autograd's saved
+        tensors: count them, alive until the backward of the node that made its output has run."""
 
-        def checkpoint(function, *args):
-            outputs = original(function, *args)
+        def checkpoint(function, *args, **kwargs):
+            outputs = original(function, *args, **kwargs)
             if torch.is_grad_enabled():
                 outs = outputs if isinstance(outputs, tuple) else (outputs,)
                 node = next((o.grad_fn for o in outs if torch.is_tensor(o) and o.grad_fn is not None), None)
                 if node is not None:
                     node.metadata["memory_probe"] = [self.hold(a) for a in args if torch.is_tensor(a)]
-                    # DeepSpeed drops them (ctx.deepspeed_saved_tensors = None) after its backward
                     node.register_hook(lambda *_: node.metadata.clear())
             return outputs
 
@@ -114,20 +113,19 @@ def synthetic_micro_batches(config, count: int, seed: int = 0):
 
 def measure_case(config) -> dict:
     """Builds the engine for `config` on this rank and measures it (see the module docstring)."""
-    import deepspeed
     from deepspeed.runtime.pipe import schedule
     from deepspeed.runtime.pipe.engine import PipelineEngine
 
-    from pangu.checkpoint.deepspeed_state import link_optimizer_state, memory_report
+    from pangu.model import factory
     from pangu.parallel.engine import build_engine, micro_batches_per_step
-    from pangu.parallel.tensor_parallel import seed_rng_streams
     from pangu.parallel.topology import init_distributed
 
     topology = init_distributed(config.parallel)
-    seed_rng_streams(config.train.seed)
-    engine, _ = build_engine(config, topology)
-    link_optimizer_state(engine, config.optim)
-    report = memory_report(engine)
+    torch.manual_seed(config.train.seed)
+    pangu_engine = build_engine(config, topology)
+    pangu_engine.create_optimizer_state()
+    report = pangu_engine.memory_report()
+    engine = pangu_engine.engine  # DeepSpeed's PipelineEngine: the buffers the planner models
     module = engine.module
     params = list(module.parameters())
     ds_optimizer = engine.optimizer
@@ -144,15 +142,14 @@ def measure_case(config) -> dict:
     }
     excluded = {p.untyped_storage().data_ptr() for p in params} | {m.untyped_storage().data_ptr() for m in masters}
 
-    original_checkpoint = deepspeed.checkpointing.checkpoint
+    original_checkpoint = factory.checkpoint
     original_reduce = PipelineEngine._INSTRUCTION_MAP[schedule.ReduceGrads]
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.train.precision, torch.float32)
     b, s, h = config.train.micro_batch_size, config.model.seq_length, config.model.hidden_size
     try:
         # one micro-batch's forward through this stage, with synthetic inputs of the right shape
         meter = SavedTensorMeter(excluded)
-        deepspeed.checkpointing.checkpoint = meter.checkpoint_wrapper(original_checkpoint)
-        module.activation_checkpoint_func = meter.checkpoint_wrapper(original_checkpoint)
+        factory.checkpoint = meter.checkpoint_wrapper(original_checkpoint)
         (ids, positions), labels = synthetic_micro_batches(config, 1, seed=1)[0]
         module.train()
         if topology.is_first_stage:
@@ -168,8 +165,7 @@ def measure_case(config) -> dict:
 
         # a real step: 1F1B over all micro-batches, the reduction, the optimizer step
         meter = SavedTensorMeter(excluded)
-        deepspeed.checkpointing.checkpoint = meter.checkpoint_wrapper(original_checkpoint)
-        module.activation_checkpoint_func = meter.checkpoint_wrapper(original_checkpoint)
+        factory.checkpoint = meter.checkpoint_wrapper(original_checkpoint)
         at_reduce: dict[str, int] = {}
 
         def reduce_grads(self, *args, **kwargs):
@@ -187,7 +183,7 @@ def measure_case(config) -> dict:
             engine.train_batch(iter(batches))
         saved_peak = meter.peak
     finally:
-        deepspeed.checkpointing.checkpoint = original_checkpoint
+        factory.checkpoint = original_checkpoint
         PipelineEngine._INSTRUCTION_MAP[schedule.ReduceGrads] = original_reduce
     tensors.update(at_reduce)
     engine.destroy()

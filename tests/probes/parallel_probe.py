@@ -16,16 +16,23 @@ import json
 
 import torch
 import torch.distributed as dist
-from megatron.core import parallel_state
 
 from pangu.config import load_config
+from pangu.model import layout
 from pangu.model.pangu_alpha import TransformerLayer
 from pangu.pretrain.trainer import Trainer
+
+TP_GROUP: list = []  # this rank's tensor-parallel group
+
+
+def local(tensor: torch.Tensor) -> torch.Tensor:
+    """A DTensor's local part (the torch engine's parameters), or the tensor itself."""
+    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
 
 
 def differs_across_tp(tensor: torch.Tensor) -> bool:
     """True if this tensor is not bitwise identical on every rank of the tensor-parallel group."""
-    group = parallel_state.get_tensor_model_parallel_group()
+    group = TP_GROUP[0]
     gathered = [torch.empty_like(tensor) for _ in range(dist.get_world_size(group))]
     dist.all_gather(gathered, tensor.contiguous(), group=group)
     return any(not torch.equal(gathered[0], other) for other in gathered[1:])
@@ -38,11 +45,18 @@ def main() -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     args = parser.parse_args()
     trainer = Trainer(load_config(args.config, args.overrides))
+    topology = trainer.topology
+    for p in range(topology.pp):  # every rank makes every group (new_group is collective)
+        for d in range(topology.dp):
+            ranks = [topology.rank_of(d, t, p) for t in range(topology.tp)]
+            group = dist.new_group(ranks)
+            if topology.rank in ranks:
+                TP_GROUP.append(group)
 
     block_inputs: list[torch.Tensor] = []
-    for module in trainer.engine.module.modules():
+    for module in (m for stage in trainer.engine.stages for m in stage.modules()):
         if isinstance(module, TransformerLayer):
-            module.register_forward_pre_hook(lambda _, inputs: block_inputs.append(inputs[0][0].detach().clone()))
+            module.register_forward_pre_hook(lambda _, inputs: block_inputs.append(inputs[0].detach().clone()))
 
     steps = []
     while trainer.step < (trainer.config.train.stop_at or trainer.config.train.steps):
@@ -53,15 +67,16 @@ def main() -> None:
                 "step": record["step"],
                 "loss": record["loss"],
                 "grad_norm": record["grad_norm"],
-                "skipped": bool(trainer.engine.was_step_applied() is False),
+                "skipped": record["skipped"],
                 **{k: v for k, v in record.items() if k.startswith("si_")},
             }
         )
+    table = layout.parameter_table(trainer.config.model)
     replicated_differ = [
         name
-        for pipe_name, name in trainer.names.items()
-        if not getattr(dict(trainer.engine.module.named_parameters())[pipe_name], "tensor_model_parallel", False)
-        and differs_across_tp(dict(trainer.engine.module.named_parameters())[pipe_name].data)
+        for stage in trainer.engine.stages
+        for name, param in stage.named_parameters()
+        if table[name].split_dim is None and differs_across_tp(local(param.data))
     ]
     inputs_differ = sum(differs_across_tp(x) for x in block_inputs)
     checkpoint = trainer.save()
@@ -69,7 +84,6 @@ def main() -> None:
     dist.all_gather_object(memory, dict(trainer.memory, peak_memory_bytes=record["peak_memory_bytes"]))
     flags = torch.tensor([len(replicated_differ), inputs_differ], dtype=torch.int64)
     dist.all_reduce(flags)
-    scaler = getattr(trainer.engine.optimizer, "loss_scaler", None)
     if trainer.topology.rank == 0:
         result = {
             "steps": steps,
@@ -79,7 +93,7 @@ def main() -> None:
             "replicated_params_differing_across_tp": int(flags[0]),
             "block_inputs_differing_across_tp": int(flags[1]),
             "block_inputs_checked": len(block_inputs),
-            "loss_scale": float(scaler.cur_scale) if scaler is not None else None,
+            "loss_scale": trainer.engine.loss_scale_state().get("scale"),
         }
         with open(args.result, "w") as f:
             json.dump(result, f)

@@ -44,17 +44,17 @@ GLOBAL = np.arange(100, 108)
 def test_a_rank_reads_only_its_data_parallel_share(single_process):
     dataset = CountingDataset()
     batches = _batches(dataset, dp=2, dp_rank=1, last=False)
-    micro = batches.for_step(GLOBAL)
+    micro, _ = batches.for_step(GLOBAL)
     # micro-batch j of dp rank 1 is global_batch[(2j + 1) * 2 : ...]: samples 102, 103, 106, 107
     assert sorted(dataset.reads) == [102, 103, 106, 107]
-    assert [m[0][0][:, 0].tolist() for m in micro] == [[112, 113], [116, 117]]
+    assert [m.input_ids[:, 0].tolist() for m in micro] == [[112, 113], [116, 117]]
     assert batches.order == [1, 3]  # the global micro-batches it runs, for DropoutSeeds
 
 
 def test_middle_stages_read_nothing(single_process):
     dataset = CountingDataset()
-    micro = _batches(dataset, first=False, last=False).for_step(GLOBAL)
-    assert micro == [None] * 4 and dataset.reads == []
+    micro, tokens = _batches(dataset, first=False, last=False).for_step(GLOBAL)
+    assert micro == [None] * 4 and tokens == 0 and dataset.reads == []
 
 
 def test_the_next_step_is_read_ahead_and_used_only_if_it_is_the_one_asked_for(single_process):
@@ -63,25 +63,25 @@ def test_the_next_step_is_read_ahead_and_used_only_if_it_is_the_one_asked_for(si
     batches.prefetch(GLOBAL)
     batches._ahead[1].result()  # the background read is done
     assert sorted(dataset.reads) == GLOBAL.tolist()
-    ahead = batches.for_step(GLOBAL)
+    ahead, _ = batches.for_step(GLOBAL)
     assert sorted(dataset.reads) == GLOBAL.tolist()  # served from the read-ahead, not read again
-    direct = _batches(CountingDataset()).for_step(GLOBAL)
-    for (inputs, labels), (inputs2, labels2) in zip(ahead, direct):
-        assert all((a == b).all() for a, b in zip(inputs + labels, inputs2 + labels2))
+    direct, _ = _batches(CountingDataset()).for_step(GLOBAL)
+    for a, b in zip(ahead, direct):
+        assert all(
+            (x == y).all() for x, y in zip(a.inputs + (a.labels, a.loss_mask), b.inputs + (b.labels, b.loss_mask))
+        )
     batches.prefetch(GLOBAL)
     other = GLOBAL + 50  # a rollback changed what comes next: the read-ahead is not used
-    assert batches.for_step(other)[0][0][0][0, 0] == 10 + 150
+    assert batches.for_step(other)[0][0].input_ids[0, 0] == 10 + 150
 
 
 @pytest.mark.parametrize("pads", [0, 5])
-def test_the_loss_scale_counts_the_tokens_of_the_global_batch(single_process, pads):
+def test_the_tokens_of_the_global_batch_are_counted(single_process, pads):
     class Padded(CountingDataset):
         def __getitem__(self, i):
             sample = super().__getitem__(i)
             sample[:pads] = META["pad_id"]
             return sample
 
-    micro = _batches(Padded()).for_step(GLOBAL)
-    counted = 8 * (32 - pads)
-    scale = micro[0][1][2]
-    assert scale.item() == pytest.approx(4 * 1 / counted)  # micro-batches x dp / counted tokens
+    _, tokens = _batches(Padded()).for_step(GLOBAL)
+    assert tokens == 8 * (32 - pads)  # every sample of the global batch, counted by the last stage

@@ -37,7 +37,7 @@ def test_nan_gradient_skips_the_update_and_training_goes_on(tiny_corpus, tmp_pat
         "def train_step(self):\n"
         "    hooks = []\n"
         "    if self.step == 2:\n"
-        "        param = next(self.engine.module.parameters())\n"
+        "        param = next(self.engine.stages[0].parameters())\n"
         "        hooks.append(param.register_hook(lambda g: g * float('nan')))\n"
         "    record = step(self)\n"
         "    for hook in hooks:\n"

@@ -2,38 +2,23 @@
 DeepSpeedZeroOptimizer, BF16_Optimizer): where each parameter's fragment of this rank's flat fp32
 partition lies (what a rank owns and writes), the flat partitions of the master weights and of
 the optimizer state, refreshing the model's weights from them, the per-group scalars, and the
-loss scaler.
+loss scaler, in the engine-neutral terms of pangu/parallel/engine.py.
 
 Under ZeRO-1 each param group is one flat fp32 tensor split evenly over the data-parallel ranks;
 a rank's partition cuts parameters at arbitrary flat positions. DeepSpeed records, per model
 parameter, the fragment this rank owns (`param._hp_mapping`: its start in the partition and in
 the flattened parameter, and its length; deepspeed/utils/tensor_fragment.py).
-
-What state an optimizer keeps is its spec's to say (pangu/optim/registry.py); this module only
-knows where DeepSpeed keeps it.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
-from deepspeed.utils import (
-    safe_get_full_fp32_param,
-    safe_get_full_optimizer_state,
-    safe_set_full_fp32_param,
-    safe_set_full_optimizer_state,
-)
 
-from pangu.config import OptimConfig
+from pangu.config import Config
+from pangu.model import layout
 from pangu.optim import registry
-
-__all__ = [
-    "safe_get_full_fp32_param",
-    "safe_get_full_optimizer_state",
-    "safe_set_full_fp32_param",
-    "safe_set_full_optimizer_state",
-]
+from pangu.parallel.engine import Fragment
+from pangu.parallel.topology import Topology
 
 
 def base_optimizer(engine) -> torch.optim.Optimizer:
@@ -46,40 +31,49 @@ def flat_partitions(engine) -> list[torch.Tensor]:
     return [group["params"][0] for group in base_optimizer(engine).param_groups]
 
 
-@dataclass(frozen=True)
-class Fragment:
-    """The part of one model parameter that this rank's ZeRO-1 partition holds."""
-
-    pipe_name: str  # the parameter's name in the pipeline module
-    group: int  # its param group
-    start: int  # first element in the group's flat fp32 partition
-    offset: int  # first element in the flattened parameter (this rank's tensor-parallel slice)
-    numel: int
-
-
-def fragments(engine) -> list[Fragment]:
+def fragments(engine, config: Config, topology: Topology) -> list[Fragment]:
     """This rank's fragments, in the module's parameter order (a parameter outside the rank's
-    partitions has none)."""
+    partitions has none). Buffer i is param group i's flat partition."""
+    table = layout.parameter_table(config.model)
     out = []
     for pipe_name, param in engine.module.named_parameters():
         mapping = getattr(param, "_hp_mapping", None)
         if mapping is None:
             continue
+        name = pipe_name.partition(".")[2]  # DeepSpeed's layer index, then the stage's own name
+        spec = table[name]
         hp, lp = mapping.get_hp_fragment_address(), mapping.lp_fragment_address
-        out.append(Fragment(pipe_name, mapping.param_group_index, hp.start, lp.start, lp.numel))
+        if name == layout.WORD_EMBEDDING_WEIGHT and not topology.is_first_stage:
+            copy = 1  # the head's copy of the tied embedding; the first stage's is read
+        else:
+            copy = topology.tp_rank if spec.split_dim is None else 0  # replicated across tp
+        out.append(
+            Fragment(
+                name,
+                spec.local_range(topology.tp_rank, topology.tp),
+                (lp.start, lp.start + lp.numel),
+                mapping.param_group_index,
+                hp.start,
+                copy,
+            )
+        )
     return out
 
 
-def partitions(engine, optim: OptimConfig, weights_only: bool = False) -> list[dict[str, torch.Tensor]]:
+def group_state_keys(engine, config: Config) -> list[tuple[str, ...]]:
+    spec = registry.get(config.optim.name)
+    return [spec.state_keys(config.optim, group["name"]) for group in base_optimizer(engine).param_groups]
+
+
+def partitions(engine, config: Config, weights_only: bool = False) -> list[dict[str, torch.Tensor]]:
     """Per param group, this rank's flat fp32 tensors: {"weight": the master weights, state key:
     that optimizer state} (the state must exist: link_optimizer_state)."""
-    spec = registry.get(optim.name)
     base = base_optimizer(engine)
     out = []
-    for group, flat in zip(base.param_groups, flat_partitions(engine)):
+    for keys, flat in zip(group_state_keys(engine, config), flat_partitions(engine)):
         tensors = {"weight": flat.detach()}
         if not weights_only:
-            tensors.update({key: base.state[flat][key] for key in spec.state_keys(optim, group["name"])})
+            tensors.update({key: base.state[flat][key] for key in keys})
         out.append(tensors)
     return out
 
@@ -103,13 +97,13 @@ def before_optimizer_step(engine, hook) -> None:
     hooks.append(hook)
 
 
-def zero_uncovered(engine, optim: OptimConfig) -> None:
+def zero_uncovered(engine, config: Config, topology: Topology) -> None:
     """Zeroes the optimizer state of partition elements no parameter owns (ZeRO's alignment
     padding), after a checkpoint has filled every fragment of state created without zeros."""
     covered: dict[int, list[tuple[int, int]]] = {}
-    for fragment in fragments(engine):
-        covered.setdefault(fragment.group, []).append((fragment.start, fragment.start + fragment.numel))
-    for group, part in enumerate(partitions(engine, optim)):
+    for fragment in fragments(engine, config, topology):
+        covered.setdefault(fragment.buffer, []).append((fragment.start, fragment.start + fragment.numel))
+    for group, part in enumerate(partitions(engine, config)):
         end = 0
         gaps = []
         for start, stop in sorted(covered.get(group, [])) + [(part["weight"].numel(),) * 2]:
@@ -129,27 +123,18 @@ def refresh_model_weights(engine) -> None:
     engine.optimizer.update_lp_params()
 
 
-def state_keys_by_param(engine, optim: OptimConfig) -> dict[torch.nn.Parameter, tuple[str, ...]]:
-    """For every model parameter of this rank, the names of its per-element optimizer state."""
-    spec = registry.get(optim.name)
-    keys_per_group = [spec.state_keys(optim, group["name"]) for group in base_optimizer(engine).param_groups]
-    wrapper = engine.optimizer
-    groups = getattr(wrapper, "bit16_groups", None) or wrapper.bf16_groups
-    return {param: keys_per_group[i] for i, params in enumerate(groups) for param in params}
-
-
-def link_optimizer_state(engine, optim: OptimConfig, zeros: bool = True) -> None:
+def link_optimizer_state(engine, config: Config, zeros: bool = True) -> None:
     """Lets DeepSpeed map each parameter to its fragment of the flat optimizer state. Before the
     first step the optimizer has no state: it is created (zeros, and the spec's initial scalars;
     without `zeros` uninitialised, for a checkpoint to fill: then `zero_uncovered`) so that it
     can be set. DeepSpeed links lazily, once, at its first step, before the optimizer has created
     its state, so the link is redone here."""
-    spec = registry.get(optim.name)
+    spec = registry.get(config.optim.name)
     base = base_optimizer(engine)
     create = torch.zeros_like if zeros else torch.empty_like
-    for group, flat in zip(base.param_groups, flat_partitions(engine)):
+    for keys, flat in zip(group_state_keys(engine, config), flat_partitions(engine)):
         if not base.state[flat]:
-            state = {key: create(flat, dtype=torch.float32) for key in spec.state_keys(optim, group["name"])}
+            state = {key: create(flat, dtype=torch.float32) for key in keys}
             state.update({key: torch.tensor(value, dtype=torch.float32) for key, value in spec.scalar_state.items()})
             base.state[flat] = state
     engine.optimizer._hp_optimizer_states_linked = False
@@ -180,28 +165,28 @@ def restore_optimizer_scalars(engine, scalars: list[dict]) -> None:
         group.update(values["group"])
 
 
-def loss_scaler_state(engine) -> dict:
+def loss_scale_state(engine) -> dict:
+    """DeepSpeed's dynamic loss scaler as {"scale", "good_steps"}: the steps since the last
+    overflow (it doubles the scale when that count reaches a multiple of the window)."""
     scaler = getattr(engine.optimizer, "loss_scaler", None)
-    if scaler is None:
+    if scaler is None or not getattr(scaler, "dynamic", False):
         return {}
-    return {
-        k: (float(v) if torch.is_tensor(v) else v)
-        for k, v in vars(scaler).items()
-        if isinstance(v, (int, float, bool)) or (torch.is_tensor(v) and v.numel() == 1)
-    }
+    return {"scale": float(scaler.cur_scale), "good_steps": int(scaler.cur_iter - scaler.last_overflow_iter - 1)}
 
 
-def restore_loss_scaler(engine, state: dict) -> None:
+def restore_loss_scale(engine, state: dict) -> None:
+    """From {"scale", "good_steps"}, or a checkpoint written before the engine interface (which
+    stored DeepSpeed's own fields)."""
     scaler = getattr(engine.optimizer, "loss_scaler", None)
-    if scaler is None or not state:
+    if scaler is None or not getattr(scaler, "dynamic", False):
         return
-    for key, value in state.items():
-        current = getattr(scaler, key, None)
-        setattr(
-            scaler,
-            key,
-            torch.tensor(value, dtype=current.dtype, device=current.device) if torch.is_tensor(current) else value,
-        )
+    if "cur_iter" in state:  # format of older checkpoints: DeepSpeed's attributes
+        state = {"scale": state["cur_scale"], "good_steps": int(state["cur_iter"] - state["last_overflow_iter"] - 1)}
+    if "scale" not in state:  # written without fp16: the scale starts afresh
+        return
+    scaler.cur_scale = state["scale"]
+    scaler.last_overflow_iter = -1
+    scaler.cur_iter = state["good_steps"]
 
 
 def memory_report(engine) -> dict[str, int]:
@@ -213,14 +198,14 @@ def memory_report(engine) -> dict[str, int]:
     param_pointers = {p.data_ptr() for p in params}
     grad_dtype = torch.float32 if engine.bfloat16_enabled() else params[0].dtype
     return {
-        "parameter_bytes": _tensor_bytes(params),
-        "master_weight_bytes": _tensor_bytes(m for m in flat_partitions(engine) if m.data_ptr() not in param_pointers),
+        "parameter_bytes": tensor_bytes(params),
+        "master_weight_bytes": tensor_bytes(m for m in flat_partitions(engine) if m.data_ptr() not in param_pointers),
         "gradient_bytes": sum(p.numel() for p in params) * torch.empty((), dtype=grad_dtype).element_size(),
-        "optimizer_state_bytes": _tensor_bytes(
+        "optimizer_state_bytes": tensor_bytes(
             v for state in base.state.values() for v in state.values() if torch.is_tensor(v) and v.dim() > 0
         ),
     }
 
 
-def _tensor_bytes(tensors) -> int:
+def tensor_bytes(tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors if torch.is_tensor(t))

@@ -1,8 +1,8 @@
 """PanGu-α as a DeepSpeed `PipelineModule`: one pipeline layer per stage, each a `PanguStage`
 (pangu/model/pangu_alpha.py) holding the declared layers of that stage.
 
-pangu cuts the stages itself (`memory_model.stage_bounds`, which the planner reads too) and
-hands DeepSpeed exactly one layer per stage. Between stages flows a tuple of tensors: (hidden,
+pangu cuts the stages itself (pangu/parallel/stages.py, which the other engine and the planner
+read too) and hands DeepSpeed exactly one layer per stage. Between stages flows a tuple of tensors: (hidden,
 position_ids) or, with EOD reset, (hidden, position_ids, document_ids); the integer tensors go
 to the next stage without gradients (the query layer needs the positions, every attention layer
 the documents). The word embedding is tied between the first stage and the head on the last:
@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import torch
 from deepspeed.pipe import LayerSpec, PipelineModule
+from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
 from megatron.core import parallel_state
 
 from pangu.config import Config
 from pangu.model.factory import LayerFactory
 from pangu.model.pangu_alpha import DropoutSeeds, PanguStage, TransformerLayer
-from pangu.parallel.memory_model import stage_bounds
+from pangu.parallel.stages import stage_bounds
 from pangu.parallel.topology import Topology
 
 
@@ -50,7 +51,7 @@ class StagePipeline(PipelineModule):
         ]
         super().__init__(
             layers=specs,
-            topology=topology.deepspeed_topology,
+            topology=deepspeed_topology(topology),
             loss_fn=loss_fn,
             partition_method="uniform",  # one layer (a whole stage) each
             activation_checkpoint_interval=0,  # pangu's stages recompute what parallel.recompute asks
@@ -78,12 +79,13 @@ class StagePipeline(PipelineModule):
             torch.distributed.all_reduce(weight.grad, group=group)
 
 
-def build_pipeline(config: Config, topology: Topology, layers: LayerFactory, loss_fn, dropout_seeds) -> StagePipeline:
-    """This rank's stage of the pipeline, its splittable layers made by `layers`."""
-    return StagePipeline(config, topology, layers, loss_fn, dropout_seeds)
-
-
-def canonical_names(pipe: PipelineModule) -> dict[str, str]:
-    """{pipeline parameter name: canonical parameter name} for the parameters this stage holds:
-    the stage's own names, under DeepSpeed's layer index."""
-    return {name: name.partition(".")[2] for name, _ in pipe.named_parameters()}
+def deepspeed_topology(topology: Topology) -> PipeModelDataParallelTopology:
+    """DeepSpeed's view of pangu's rank mapping, checked to agree with it."""
+    ds = PipeModelDataParallelTopology(num_pp=topology.pp, num_mp=topology.tp, num_dp=topology.dp)
+    coords = ds.get_coord(topology.rank)
+    if (coords.data, coords.model, coords.pipe) != (topology.dp_rank, topology.tp_rank, topology.pp_rank):
+        raise RuntimeError(
+            f"rank {topology.rank}: DeepSpeed places it at (dp, tp, pp) = {(coords.data, coords.model, coords.pipe)}, "
+            f"pangu at {(topology.dp_rank, topology.tp_rank, topology.pp_rank)}"
+        )
+    return ds

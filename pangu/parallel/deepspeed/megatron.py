@@ -7,15 +7,11 @@ for its splittable layers, and gets
   reads them to count a replicated parameter once);
 - one all-reduce of the input gradient for the Q, K and V projections together
   (`tensor_parallel_input`; megatron's column-parallel linears then skip their own);
-- random ops inside tensor-parallel regions drawing from a stream of the rank's own, seeded from
-  the layer's dropout seed (pangu.model.pangu_alpha.DropoutSeeds) and the tp rank, so that
-  recomputation (torch's checkpoint, which replays the seed) draws the same masks.
-Here too: the vocab-parallel cross entropy and the masking of the padded vocabulary.
+Here too: megatron-core's parallel state for pangu's layout, the vocab-parallel cross entropy and
+the masking of the padded vocabulary.
 """
 
 from __future__ import annotations
-
-import contextlib
 
 import torch
 import torch.distributed as dist
@@ -25,7 +21,6 @@ from megatron.core.model_parallel_config import ModelParallelConfig
 from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
 
 from pangu.model.factory import LayerFactory
-from pangu.model.pangu_alpha import mix_seed
 
 
 def megatron_config(tp: int, params_dtype: torch.dtype = torch.float32) -> ModelParallelConfig:
@@ -101,7 +96,7 @@ class VocabParallelEmbedding(tensor_parallel.VocabParallelEmbedding):
 
 class MegatronLayers(LayerFactory):
     """megatron-core's tensor-parallel layers over the tensor-parallel group of `parallel_state`
-    (initialised by pangu.parallel.topology.init_distributed)."""
+    (initialised by `init_parallel_state`)."""
 
     def __init__(self, tp_size: int):
         self.tp_size = tp_size
@@ -130,11 +125,6 @@ class MegatronLayers(LayerFactory):
     def cross_entropy(self, logits, labels, vocab_size):
         """Over the vocabulary split across the group: no rank gathers the full logits."""
         return tensor_parallel.vocab_parallel_cross_entropy(mask_padded_vocab(logits, vocab_size).float(), labels)
-
-    def tensor_parallel_rng(self, seed, device):
-        if seed is None:
-            return contextlib.nullcontext()
-        return _seeded(mix_seed(seed, self.tp_rank), device)
 
 
 def layer_factory(tp: int) -> LayerFactory:
@@ -166,19 +156,24 @@ def mask_padded_vocab(logits: torch.Tensor, vocab_size: int) -> torch.Tensor:
     return logits.masked_fill(ids >= vocab_size, float("-inf"))
 
 
-@contextlib.contextmanager
-def _seeded(seed: int, device: torch.device):
-    """The default generator of `device` seeded with `seed` inside the block, and as it was after."""
-    devices = (
-        [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+def init_parallel_state(topology, timeout_minutes: float) -> None:
+    """megatron-core's groups for pangu's mapping of ranks (tp fastest, then dp, then pp), checked
+    against it on every rank."""
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=topology.tp,
+        pipeline_model_parallel_size=topology.pp,
+        distributed_timeout_minutes=timeout_minutes,
+        create_gloo_process_groups=False,
     )
-    with torch.random.fork_rng(devices=devices, device_type="cuda"):
-        torch.manual_seed(seed)
-        yield
-
-
-def seed_rng_streams(seed: int) -> None:
-    """Seeds the default generators alike on every rank. Training's dropout does not depend on
-    them (it is seeded per layer and micro-batch: DropoutSeeds); this keeps anything else that
-    draws without a generator of its own reproducible."""
-    torch.manual_seed(seed)
+    megatron = (
+        parallel_state.get_data_parallel_rank(),
+        parallel_state.get_tensor_model_parallel_rank(),
+        parallel_state.get_pipeline_model_parallel_rank(),
+    )
+    if megatron != (topology.dp_rank, topology.tp_rank, topology.pp_rank):
+        raise RuntimeError(
+            f"rank {topology.rank}: pangu places it at (dp, tp, pp) = "
+            f"{(topology.dp_rank, topology.tp_rank, topology.pp_rank)} but megatron-core at {megatron}"
+        )
