@@ -37,6 +37,7 @@ from pangu.data.dataset import make_batch  # noqa: E402
 from pangu.data.prepare import prepare  # noqa: E402
 from pangu.data.sampler import GlobalBatchSampler  # noqa: E402
 from pangu.model.sizes import flops_per_token  # noqa: E402
+from pangu.optim.registry import AdamWOptions  # noqa: E402
 from pangu.optim.s3 import S3  # noqa: E402
 from pangu.pretrain.trainer import Trainer, learning_rate  # noqa: E402
 
@@ -104,17 +105,18 @@ class PlainLoop:
         decay = [p for p in self.model.parameters() if p.dim() >= 2]
         no_decay = [p for p in self.model.parameters() if p.dim() < 2]
         groups = [{"params": decay, "weight_decay": optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-        if compiled_adamw:
-            self.optimizer = torch.optim.AdamW(groups, lr=optim.lr, betas=optim.betas, eps=optim.eps, fused=True)
+        if compiled_adamw:  # with pangu's AdamW defaults (the config's optimizer is S3)
+            adamw = AdamWOptions()
+            self.optimizer = torch.optim.AdamW(groups, lr=optim.lr, betas=adamw.betas, eps=adamw.eps, fused=True)
             self.forward_loss = torch.compile(self._forward_loss)
         else:
             self.optimizer = S3(
                 groups,
                 lr=optim.lr,
-                beta=optim.beta,
-                p=optim.p,
-                nesterov=optim.nesterov,
-                eps=optim.eps,
+                beta=optim.options.beta,
+                p=optim.options.p,
+                nesterov=optim.options.nesterov,
+                eps=optim.options.eps,
                 fused=optim.fused,
             )
             self.forward_loss = self._forward_loss

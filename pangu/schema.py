@@ -32,10 +32,9 @@ def from_dict(cls: type, data: Any, where: str, document: str = "the config") ->
     names = [f.name for f in dataclasses.fields(cls)]
     for key in data:
         if key not in names:
-            close = difflib.get_close_matches(str(key), names, n=1)
-            hint = f" Did you mean {close[0]!r}?" if close else ""
             raise ConfigError(
-                f"unknown key {_join(where, key)!r}.{hint} Allowed keys of {where or document}: {', '.join(names)}"
+                f"unknown key {_join(where, key)!r}.{did_you_mean(key, names)} "
+                f"Allowed keys of {where or document}: {', '.join(names)}"
             )
     required = [
         f.name
@@ -49,6 +48,12 @@ def from_dict(cls: type, data: Any, where: str, document: str = "the config") ->
         )
     kwargs = {key: _coerce(hints[key], value, _join(where, key)) for key, value in data.items()}
     return cls(**kwargs)
+
+
+def did_you_mean(key: Any, names: list[str]) -> str:
+    """' Did you mean NAME?' for the name closest to a mistyped key, or ''."""
+    close = difflib.get_close_matches(str(key), names, n=1)
+    return f" Did you mean {close[0]!r}?" if close else ""
 
 
 def _join(where: str, key: Any) -> str:

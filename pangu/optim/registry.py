@@ -1,27 +1,30 @@
 """One place per optimizer: `optim.name` -> an `OptimizerSpec` that says everything the rest of
 pangu needs to know about it.
 
-    config      which names exist, and any check across config sections (`check`)
+    config      which names exist, the options each reads from the optim section (`options`),
+                and any check across config sections (`check`)
     engine      how to build it from parameter groups (`build`)
     checkpoint  which per-element state tensors it keeps per group (`state_keys`) and which
                 per-group scalars (`scalar_state`), so its state is saved under any layout
     planner     how many fp32 buffers per element it keeps (the length of `state_keys`)
     trainer     what to log after each step (`metrics`)
 
-Adding an optimizer is `register(OptimizerSpec(...))` plus its tests (see docs/architecture.md).
+Adding an optimizer is its options (an `OptimizerOptions` subclass) and `register(OptimizerSpec(...))`,
+plus its tests (see docs/architecture.md).
 This module imports no torch (the planner reads it); `build` imports what it needs when called.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from pangu import config as config_module
-from pangu.config import Config, OptimConfig
+from pangu.config import Config, OptimConfig, OptimizerOptions
 from pangu.optim.param_groups import SCALE_INVARIANT, param_groups
-from pangu.schema import ConfigError
+from pangu.schema import ConfigError, from_dict
 
 if TYPE_CHECKING:
     import torch
@@ -42,7 +45,9 @@ class OptimizerSpec:
     build: Callable[[OptimConfig, list[dict[str, Any]]], torch.optim.Optimizer]
     # (optim config, param group name) -> names of the fp32 state tensors it keeps per element
     state_keys: Callable[[OptimConfig, str], tuple[str, ...]]
-    # the scale-invariant trunk in a group of its own, with optim.si_lr and optim.si_weight_decay
+    # its own settings (optim config's `options`), read from the optim section beside the shared ones
+    options: type[OptimizerOptions] = OptimizerOptions
+    # the scale-invariant trunk in a group of its own, with the options' si_lr and si_weight_decay
     scale_invariant_group: bool = False
     # per-parameter state that is not per element, with its value before the first step
     scalar_state: Mapping[str, float] = field(default_factory=dict)
@@ -57,6 +62,7 @@ def register(spec: OptimizerSpec) -> OptimizerSpec:
     if spec.name in _SPECS:
         raise ValueError(f"optimizer {spec.name!r} is registered already")
     _SPECS[spec.name] = spec
+    config_module.register_options(spec.name, spec.options)
     return spec
 
 
@@ -103,8 +109,8 @@ def build_optimizer(
             optim.weight_decay,
             no_decay=no_decay,
             scale_invariant=scale_invariant,
-            scale_invariant_lr=optim.si_lr,
-            scale_invariant_weight_decay=optim.si_weight_decay,
+            scale_invariant_lr=optim.options.si_lr,
+            scale_invariant_weight_decay=optim.options.si_weight_decay,
         )
     else:
         groups = param_groups(named_parameters, optim.weight_decay, no_decay=no_decay)
@@ -115,16 +121,89 @@ def build_optimizer(
 # The built-in optimizers
 
 
+@dataclass(frozen=True)
+class S3Options(OptimizerOptions):
+    beta: float = 0.95  # of both the momentum and the average of |g|^p
+    p: float = 3.0
+    nesterov: bool = True
+    eps: float = 1e-8
+
+    def validate(self) -> None:
+        self.require(0.0 <= self.beta < 1.0, "beta", "in [0, 1)")
+        self.require(self.p >= 1.0, "p", ">= 1")
+        self.require(self.eps >= 0, "eps", ">= 0")
+
+
+@dataclass(frozen=True)
+class AdamWOptions(OptimizerOptions):
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+
+    def validate(self) -> None:
+        self.require(all(0.0 <= b < 1.0 for b in self.betas), "betas", "two numbers in [0, 1)")
+        self.require(self.eps >= 0, "eps", ">= 0")
+
+
+# sgd_si's optimizer for the parameters outside the scale-invariant trunk: optim.si_other -> its options
+SI_OTHER: dict[str, type[S3Options] | type[AdamWOptions]] = {"s3": S3Options, "adamw": AdamWOptions}
+_TRUNK_KEYS = ("si_lr", "si_weight_decay", "si_clip_c")
+
+
+@dataclass(frozen=True)
+class ScaleInvariantOptions(OptimizerOptions):
+    """sgd_si's trunk settings, and `other`: the options of the optimizer of every other parameter,
+    written beside them in the optim section and chosen by `si_other` (beta, p, ... for s3)."""
+
+    si_lr: float = 8e-4
+    si_weight_decay: float = 1e-2
+    si_clip_c: float = 4.0  # C of the relative clip; sqrt(C) = 2 as in SIBERT; 0 disables
+    other: S3Options | AdamWOptions = field(default_factory=S3Options)
+
+    @property
+    def si_other(self) -> str:
+        return next(name for name, options in SI_OTHER.items() if type(self.other) is options)
+
+    @classmethod
+    def keys(cls, section: dict[str, Any]) -> list[str]:
+        return [*_TRUNK_KEYS, "si_other", *cls._other(section).keys(section)]
+
+    @classmethod
+    def read(cls, section: dict[str, Any]) -> ScaleInvariantOptions:
+        trunk = from_dict(cls, {key: value for key, value in section.items() if key in _TRUNK_KEYS}, "optim")
+        rest = {key: value for key, value in section.items() if key not in (*_TRUNK_KEYS, "si_other")}
+        return dataclasses.replace(trunk, other=cls._other(section).read(rest))
+
+    @staticmethod
+    def _other(section: dict[str, Any]) -> type[S3Options] | type[AdamWOptions]:
+        name = section.get("si_other", "s3")
+        if name not in tuple(SI_OTHER):
+            raise ConfigError(
+                f"optim.si_other = {name!r} is not allowed: expected one of {', '.join(map(repr, SI_OTHER))}"
+            )
+        return SI_OTHER[name]
+
+    def to_dict(self) -> dict[str, Any]:
+        trunk = {key: getattr(self, key) for key in _TRUNK_KEYS}
+        return {**trunk, "si_other": self.si_other, **self.other.to_dict()}
+
+    def validate(self) -> None:
+        self.require(self.si_lr > 0, "si_lr", "> 0")
+        self.require(self.si_weight_decay >= 0, "si_weight_decay", ">= 0")
+        self.require(self.si_clip_c >= 0, "si_clip_c", ">= 0 (0 disables)")
+        self.other.validate()
+
+
 def _build_s3(optim: OptimConfig, groups: list[dict[str, Any]]):
     from pangu.optim.s3 import S3
 
+    options = optim.options
     return S3(
         groups,
         lr=optim.lr,
-        beta=optim.beta,
-        p=optim.p,
-        nesterov=optim.nesterov,
-        eps=optim.eps,
+        beta=options.beta,
+        p=options.p,
+        nesterov=options.nesterov,
+        eps=options.eps,
         weight_decay=optim.weight_decay,
         fused=fused(optim),
     )
@@ -136,8 +215,8 @@ def _build_adamw(optim: OptimConfig, groups: list[dict[str, Any]]):
     return torch.optim.AdamW(
         groups,
         lr=optim.lr,
-        betas=optim.betas,
-        eps=optim.eps,
+        betas=optim.options.betas,
+        eps=optim.options.eps,
         weight_decay=optim.weight_decay,
         fused=fused(optim),
         foreach=not fused(optim),
@@ -147,18 +226,15 @@ def _build_adamw(optim: OptimConfig, groups: list[dict[str, Any]]):
 def _build_sgd_si(optim: OptimConfig, groups: list[dict[str, Any]]):
     from pangu.optim.scale_invariant import ScaleInvariantSGD
 
+    options = optim.options
     return ScaleInvariantSGD(
         groups,
         lr=optim.lr,
         weight_decay=optim.weight_decay,
-        clip_c=optim.si_clip_c,
-        other=optim.si_other,
-        beta=optim.beta,
-        p=optim.p,
-        nesterov=optim.nesterov,
-        betas=optim.betas,
-        eps=optim.eps,
+        clip_c=options.si_clip_c,
+        other=options.si_other,
         fused=fused(optim),
+        **options.other.to_dict(),  # the other optimizer's settings, named as ScaleInvariantSGD takes them
     )
 
 
@@ -169,7 +245,7 @@ ADAMW_STATE = ("exp_avg", "exp_avg_sq")
 def _sgd_si_state(optim: OptimConfig, group: str) -> tuple[str, ...]:
     if group == SCALE_INVARIANT:
         return ()  # plain SGD keeps no state
-    return S3_STATE if optim.si_other == "s3" else ADAMW_STATE
+    return S3_STATE if optim.options.si_other == "s3" else ADAMW_STATE
 
 
 def _sgd_si_metrics(optimizer) -> dict[str, float]:
@@ -190,13 +266,18 @@ def _sgd_si_check(config: Config) -> None:
         )
 
 
-register(OptimizerSpec("s3", _build_s3, lambda optim, group: S3_STATE))
-register(OptimizerSpec("adamw", _build_adamw, lambda optim, group: ADAMW_STATE, scalar_state={"step": 0.0}))
+register(OptimizerSpec("s3", _build_s3, lambda optim, group: S3_STATE, options=S3Options))
+register(
+    OptimizerSpec(
+        "adamw", _build_adamw, lambda optim, group: ADAMW_STATE, options=AdamWOptions, scalar_state={"step": 0.0}
+    )
+)
 register(
     OptimizerSpec(
         "sgd_si",
         _build_sgd_si,
         _sgd_si_state,
+        options=ScaleInvariantOptions,
         scale_invariant_group=True,
         metrics=_sgd_si_metrics,
         check=_sgd_si_check,

@@ -103,3 +103,36 @@ def test_an_old_training_checkpoint_resumes_weights_and_optimizer_state(single_p
     for name, param in engine.stages[0].named_parameters():  # the model's weights: the master weights
         assert torch.equal(param.detach(), reader.read(name)), name
     assert state_norm > 0  # two steps were taken: the state is not the zeros a fresh run starts with
+
+
+def test_a_format_2_checkpoint_with_every_optimizers_keys_in_its_config_resumes(single_process):
+    """tests/fixtures/checkpoint_v2_flat_optim was written before each optimizer's options moved
+    to its registry entry: its stored optim section holds every optimizer's keys (sgd_si with
+    si_other adamw, and S3's beta). Its config reads back, and its weights and AdamW state load
+    into a training engine, element for element; the scale-invariant trunk has no state."""
+    from pangu.checkpoint import deepspeed_state as ds
+    from pangu.checkpoint import format as fmt
+    from pangu.checkpoint.store import TensorReader
+    from pangu.checkpoint.training import load_checkpoint
+    from pangu.config import config_from_dict
+    from pangu.parallel.engine import build_engine
+    from pangu.parallel.topology import init_distributed
+
+    path = FIXTURE.parent / "checkpoint_v2_flat_optim"
+    manifest = fmt.read_manifest(path)
+    assert manifest["version"] == 2 and manifest["config"]["optim"]["beta"] == 0.5
+    config = config_from_dict(manifest["config"])
+    assert config.optim.options.si_other == "adamw" and config.optim.options.other.betas == (0.8, 0.9)
+    topology = init_distributed(config.parallel)
+    engine, names = build_engine(config, topology)
+    trainer = load_checkpoint(path, engine, names, topology, config)
+    assert trainer["step"] == 2 and trainer["same_layout"]
+    reader = TensorReader(path / "tensors")
+    keys = ds.state_keys_by_param(engine, config.optim)
+    assert {keys[param] for param in engine.module.parameters()} == {(), ("exp_avg", "exp_avg_sq")}
+    for pipe_name, param in engine.module.named_parameters():
+        name = names[pipe_name]
+        assert torch.equal(ds.safe_get_full_fp32_param(param), reader.read(name, "weight")), name
+        for key in keys[param]:
+            stored = reader.read(name, key)
+            assert torch.equal(ds.safe_get_full_optimizer_state(param, key), stored) and stored.abs().sum() > 0

@@ -36,12 +36,13 @@ def test_overrides_are_typed():
             "optim.warmup_steps=2",
             "optim.lr=1e-3",
             "model.dropout=0",
+            "optim.name=adamw",
             "optim.betas=[0.9, 0.99]",
             "data.sources=[{kind: jsonl, path: x.jsonl, text_field: content}]",
         ],
     )
     assert config.train.steps == 7 and config.optim.lr == 1e-3 and config.model.dropout == 0.0
-    assert config.optim.betas == (0.9, 0.99)
+    assert config.optim.options.betas == (0.9, 0.99)
     assert config.data.sources[0].text_field == "content"
 
 
@@ -106,7 +107,7 @@ def test_defaults_are_valid():
         ("data.tokenizer.train_sentences=-5", "data.tokenizer.train_sentences"),
         ("train.initial_loss_scale_power=4000", "train.initial_loss_scale_power"),
         ("train.seed=-1", "train.seed"),
-        ("optim.si_lr=0", "optim.si_lr"),
+        ("optim.p=0.5", "optim.p"),
         ("parallel.timeout_minutes=0", "parallel.timeout_minutes"),
         ("optim.lr=1e999", "optim.lr"),
     ],
