@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 import yaml
 
-from pangu.schema import ConfigError, did_you_mean, from_dict, parse_bytes
+from pangu.schema import ConfigError, apply_override, did_you_mean, from_dict, parse_bytes
 
 PADDED_VOCAB_MULTIPLE = 128
 # A trained tokenizer holds SentencePiece's 3 ids, PanGu's 7 special pieces and 256 byte pieces,
@@ -245,30 +245,22 @@ class ParallelConfig:
     def validate(self) -> None:
         _require(self.tp >= 1, "parallel.tp", self.tp, ">= 1")
         _require(self.pp >= 1, "parallel.pp", self.pp, ">= 1")
-        _require(self.virtual_stages >= 1, "parallel.virtual_stages", self.virtual_stages, ">= 1")
-        if self.engine == "deepspeed":
-            for key, value, default in (
-                ("schedule", self.schedule, "1f1b"),
-                ("virtual_stages", self.virtual_stages, 1),
-                ("sequence_parallel", self.sequence_parallel, False),
-            ):
-                _require(
-                    value == default,
-                    f"parallel.{key}",
-                    value,
-                    f"{default!r} with parallel.engine = 'deepspeed' (its pipeline engine runs 1F1B, one stage per "
-                    "rank, without sequence parallelism): set parallel.engine = 'torch'",
-                )
-        if self.schedule == "1f1b":
-            _require(self.virtual_stages == 1, "parallel.virtual_stages", self.virtual_stages, "1 with 1f1b")
-        elif self.schedule == "zbv":
-            _require(self.virtual_stages == 2, "parallel.virtual_stages", self.virtual_stages, "2 with zbv")
-        else:
+        stages = {"1f1b": "1", "zbv": "2"}.get(self.schedule, ">= 2")  # stages per rank each schedule runs
+        _require(
+            str(self.virtual_stages) == stages or (stages == ">= 2" and self.virtual_stages >= 2),
+            "parallel.virtual_stages",
+            self.virtual_stages,
+            f"{stages} with parallel.schedule = {self.schedule!r}",
+        )
+        if self.engine == "deepspeed":  # its pipeline engine runs 1F1B, one stage per rank, without SP
             _require(
-                self.virtual_stages >= 2,
-                "parallel.virtual_stages",
-                self.virtual_stages,
-                f">= 2 with {self.schedule} (one stage per rank is 1f1b)",
+                self.schedule == "1f1b", "parallel.schedule", self.schedule, "'1f1b' with parallel.engine = 'deepspeed'"
+            )
+            _require(
+                not self.sequence_parallel,
+                "parallel.sequence_parallel",
+                True,
+                "false with parallel.engine = 'deepspeed'",
             )
         _require(self.timeout_minutes > 0, "parallel.timeout_minutes", self.timeout_minutes, "> 0 (minutes)")
 
@@ -604,23 +596,3 @@ def _build(raw: Any, stored: bool) -> Config:
     config.optim = _read_optim(raw.get("optim", {}), stored)
     config.validate()
     return config
-
-
-def apply_override(raw: dict[str, Any], override: str) -> None:
-    """Apply one `section.key=value` (value parsed as YAML) to the nested dict `raw`."""
-    if "=" not in override:
-        raise ConfigError(f"--set {override!r}: expected section.key=value, e.g. train.steps=100")
-    dotted, _, text = override.partition("=")
-    keys = dotted.strip().split(".")
-    if len(keys) < 2 or not all(keys):
-        raise ConfigError(f"--set {override!r}: expected section.key=value, e.g. train.steps=100")
-    try:
-        value = yaml.safe_load(text)
-    except yaml.YAMLError:
-        value = text
-    node = raw
-    for key in keys[:-1]:
-        node = node.setdefault(key, {})
-        if not isinstance(node, dict):
-            raise ConfigError(f"--set {override!r}: {key!r} is not a section")
-    node[keys[-1]] = value

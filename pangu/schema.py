@@ -13,6 +13,8 @@ import types
 import typing
 from typing import Any, Literal
 
+import yaml
+
 
 class PanguError(Exception):
     """A condition a user can cause (bad input, a damaged file, a full disk): the command prints
@@ -152,3 +154,23 @@ def parse_bytes(text: str) -> int:
     value, prefix, binary = float(match[1]), (match[2] or "").upper(), match[3]
     power = "KMGTP".index(prefix) + 1 if prefix else 0
     return int(value * (1024 if binary else 1000) ** power)
+
+
+def apply_override(raw: dict[str, Any], override: str) -> None:
+    """Apply one `section.key=value` (value parsed as YAML) to the nested dict `raw`."""
+    if "=" not in override:
+        raise ConfigError(f"--set {override!r}: expected section.key=value, e.g. train.steps=100")
+    dotted, _, text = override.partition("=")
+    keys = dotted.strip().split(".")
+    if len(keys) < 2 or not all(keys):
+        raise ConfigError(f"--set {override!r}: expected section.key=value, e.g. train.steps=100")
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        value = text
+    node = raw
+    for key in keys[:-1]:
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {override!r}: {key!r} is not a section")
+    node[keys[-1]] = value
