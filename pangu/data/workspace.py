@@ -1,17 +1,39 @@
-"""Where `pangu prepare` writes, and what it may remove: the prepared directory, which it
-replaces as a whole only when it holds nothing but an earlier preparation, and the work
-directories, each marked with the prepared directory it works for (data.work_dir may be shared
-with anything else)."""
+"""Where `pangu prepare` writes, and what it may remove: the prepared directory, which one
+prepare at a time owns (a lock beside it) and which it replaces as a whole only when it holds
+nothing but an earlier preparation, and the work directories, each marked with the prepared
+directory it works for (data.work_dir may be shared with anything else)."""
 
 from __future__ import annotations
 
 import os
 import shutil
 from pathlib import Path
+from typing import IO
 
 from pangu.config import DataConfig
 from pangu.data import DataError
 from pangu.data.prepared import META_FILE, foreign_entries
+from pangu.files import LockHeld, take_lock
+
+
+def claim(out_dir: Path) -> IO:
+    """The prepared directory's lock (`.<name>.lock` beside it: the directory itself is replaced
+    by a rename), held until the returned file is closed; a second prepare stops at once, naming
+    the holder."""
+    lock_path = out_dir.with_name(f".{out_dir.name}.lock")
+    try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        return take_lock(lock_path)
+    except LockHeld as held:
+        raise DataError(
+            f"data.prepared_dir = {str(out_dir)!r} is being prepared by another `pangu prepare` ({held.holder}): "
+            f"wait for it to end, or choose another data.prepared_dir"
+        ) from None
+    except OSError as err:
+        raise DataError(
+            f"data.prepared_dir: cannot take the lock {str(lock_path)!r} ({err.strerror}): choose a directory this "
+            f"user can write, on a file system that supports locks"
+        ) from None
 
 
 def check_output_dir(out_dir: Path, work_root: Path) -> None:

@@ -5,6 +5,9 @@ import dataclasses
 import itertools
 import json
 import shutil
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -17,7 +20,7 @@ from pangu.data.indexed import IndexedShard
 from pangu.data.prepare import is_validation_document, load_prepared, load_tokenizer, prepare
 from pangu.data.sources import heldout_reviews, iter_documents, review_files
 from pangu.data.tokenizer import PanguTokenizer
-from tests.helpers import RELEASE
+from tests.helpers import RELEASE, subprocess_env
 
 RELEASED_MODEL = RELEASE / "vocab.model"
 PEOPLE_DAILY = list(itertools.islice(iter_documents(SourceConfig(kind="builtin"), 0, heldout_review_fraction=0.1), 400))
@@ -190,6 +193,43 @@ def test_a_rebuild_never_deletes_what_prepare_did_not_write(tmp_path, corpus):
     for name in SHARD_FILES:  # an older pangu's shard names (format 1) are its own: replaced
         (out / name).rename(out / name.replace("-00000", ""))
     assert prepare(config, progress=False)["reused"] is False
+
+
+# a `pangu prepare` caught in the middle of its work: it has read its config and planned, and waits
+_PREPARE_IN_PROGRESS = """
+import sys, time
+import pangu.data.prepare as prepare
+from pangu.config import load_config
+
+def plan_pieces(*args):
+    print("working", flush=True)
+    time.sleep(120)
+
+prepare.plan_pieces = plan_pieces
+prepare.prepare(load_config(sys.argv[1], []))
+"""
+
+
+def test_a_second_prepare_on_the_same_directory_stops_at_once_naming_the_first(tmp_path, corpus):
+    config = _config(tmp_path, corpus)
+    (tmp_path / "config.yaml").write_text(config.dump())
+    first = subprocess.Popen(
+        [sys.executable, "-c", _PREPARE_IN_PROGRESS, str(tmp_path / "config.yaml")],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=subprocess_env(),
+    )
+    try:
+        assert first.stdout.readline() == "working\n"
+        started = time.monotonic()
+        with pytest.raises(DataError, match=rf"prepared' is being prepared by another .*pid {first.pid}\).*wait"):
+            prepare(config, progress=False)
+        assert time.monotonic() - started < 5
+    finally:
+        first.kill()
+        first.wait()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".prepared.lock", "config.yaml", "corpus.jsonl"]
+    assert prepare(config, progress=False)["reused"] is False  # the holder died: its lock went with it
 
 
 def test_a_shared_work_directory_loses_only_prepare_s_own_stale_work(tmp_path, corpus):
