@@ -11,13 +11,12 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 
 from pangu.data import DataError
-from pangu.data.cache import cached_array
+from pangu.data.cache import IndexCache, cached_array
 
 
 class SampleDataset(Protocol):
@@ -75,11 +74,11 @@ class BlendedDataset:
     `weights`: sample k comes from the dataset whose realised share is furthest below its weight
     (ties go to the first), as in Megatron. The blend is as long as the datasets together; a
     dataset drawn more often than it has samples (a weight above its share of the samples)
-    starts over from its first sample. With `cache_dir`, the index is built once and
-    memory-mapped from there afterwards."""
+    starts over from its first sample. With `cache_dir`, the index is built once, by one
+    process, and memory-mapped from there afterwards."""
 
     def __init__(
-        self, datasets: Sequence[SampleDataset], weights: Sequence[float], cache_dir: str | Path | None = None
+        self, datasets: Sequence[SampleDataset], weights: Sequence[float], cache_dir: IndexCache | None = None
     ) -> None:
         if len(datasets) != len(weights) or not datasets:
             raise ValueError(f"need one weight per dataset, got {len(datasets)} datasets and {len(weights)} weights")

@@ -398,7 +398,9 @@ def _publish(
     """Step 5 (rank 0): the report, the files beside the shards, and the atomic switch."""
     data = config.data
     staging = work / "out"
-    shutil.rmtree(index_cache_dir(staging), ignore_errors=True)  # a killed earlier publish may have left a part
+    shutil.rmtree(
+        index_cache_dir(staging).directory, ignore_errors=True
+    )  # a killed earlier publish may have left a part
     sources_meta = []
     for index, source in enumerate(data.sources):
         cleaning = dict(reports[index], kept=0)

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pangu.data import DataError
+from pangu.data.cache import IndexCache
 from pangu.data.dataset import BlendedDataset, PackedDataset, SampleDataset
 from pangu.data.indexed import IndexedShard, ShardTokens
 from pangu.data.tokenizer import PanguTokenizer
@@ -47,9 +48,10 @@ def foreign_entries(prepared_dir: Path) -> list[str]:
 _RERUN = "re-run `pangu prepare --config <your config>`"
 
 
-def index_cache_dir(prepared_dir: str | Path) -> Path:
-    """Where the blend and sampler indices of a prepared directory are cached."""
-    return Path(prepared_dir) / INDEX_CACHE
+def index_cache_dir(prepared_dir: str | Path, wait_minutes: float = IndexCache.wait_minutes) -> IndexCache:
+    """Where the blend and sampler indices of a prepared directory are cached; a process waits up
+    to `wait_minutes` for another one building an index it needs."""
+    return IndexCache(Path(prepared_dir) / INDEX_CACHE, wait_minutes)
 
 
 def load_prepared(

@@ -135,7 +135,7 @@ class Trainer:
         self.topology = init_distributed(config.parallel)
         seed_rng_streams(train.seed)
         self.train_data, self.meta = load_prepared(config.data.prepared_dir, "train", config.model.seq_length)
-        self.index_cache = index_cache_dir(config.data.prepared_dir)  # the sampler's permutations, built once
+        self.index_cache = index_cache_dir(config.data.prepared_dir, config.parallel.timeout_minutes)  # built once
         valid_data, _ = load_prepared(config.data.prepared_dir, "valid", config.model.seq_length)
         if self.meta["vocab_size"] != config.model.vocab_size:
             raise ConfigError(

@@ -18,6 +18,7 @@ import yaml
 
 from bench.corpus import write_corpus
 from pangu.config import Config, SourceConfig, load_config
+from pangu.data.cache import IndexCache
 from pangu.data.cleaning import Cleaner
 from pangu.data.dataset import BlendedDataset, PackedDataset, _greedy_steps, blend_indices
 from pangu.data.indexed import IndexedShard, ShardWriter
@@ -361,14 +362,14 @@ def test_blend_index_is_cached_rebuilt_when_the_blend_changes_and_reused_otherwi
     calls = []
     build = dataset_module.blend_indices
     monkeypatch.setattr(dataset_module, "blend_indices", lambda *a: calls.append(a) or build(*a))
-    first = BlendedDataset([_Constant(50), _Constant(30)], [3.0, 1.0], cache_dir=tmp_path)
+    first = BlendedDataset([_Constant(50), _Constant(30)], [3.0, 1.0], cache_dir=IndexCache(tmp_path))
     assert isinstance(first.dataset_index, np.memmap) and len(calls) == 2  # built (both arrays)
     written = {p.name: p.stat().st_mtime_ns for p in tmp_path.iterdir()}
-    again = BlendedDataset([_Constant(50), _Constant(30)], [3.0, 1.0], cache_dir=tmp_path)
+    again = BlendedDataset([_Constant(50), _Constant(30)], [3.0, 1.0], cache_dir=IndexCache(tmp_path))
     assert len(calls) == 2 and {p.name: p.stat().st_mtime_ns for p in tmp_path.iterdir()} == written
     assert np.array_equal(again.dataset_index, first.dataset_index)
-    BlendedDataset([_Constant(50), _Constant(30)], [1.0, 1.0], cache_dir=tmp_path)  # another blend
-    BlendedDataset([_Constant(50), _Constant(31)], [3.0, 1.0], cache_dir=tmp_path)  # other shards
+    BlendedDataset([_Constant(50), _Constant(30)], [1.0, 1.0], cache_dir=IndexCache(tmp_path))  # another blend
+    BlendedDataset([_Constant(50), _Constant(31)], [3.0, 1.0], cache_dir=IndexCache(tmp_path))  # other shards
     assert len(calls) == 6 and len(list(tmp_path.iterdir())) == 6
     uncached = BlendedDataset([_Constant(50), _Constant(30)], [3.0, 1.0])
     assert np.array_equal(uncached.dataset_index, first.dataset_index)
@@ -384,21 +385,89 @@ def test_the_sampler_permutation_is_numpy_permutation_of_n(size):
 
 def test_sampler_permutation_is_cached_and_the_same_as_without_cache(tmp_path, monkeypatch):
     plain = GlobalBatchSampler(1000, 64, seed=7)
-    cached = GlobalBatchSampler(1000, 64, seed=7, cache_dir=tmp_path)
+    cached = GlobalBatchSampler(1000, 64, seed=7, cache_dir=IndexCache(tmp_path))
     for _ in range(40):  # across epochs
         assert np.array_equal(plain.next_global_batch(), cached.next_global_batch())
     assert len(list(tmp_path.glob("permutation-*.npy"))) == 3  # epochs 0, 1, 2
     expected = plain.next_global_batch()
     monkeypatch.setattr(GlobalBatchSampler, "_build_permutation", lambda self, epoch: pytest.fail("rebuilt"))
-    resumed = GlobalBatchSampler.from_state_dict(cached.state_dict(), 1000, 64, cache_dir=tmp_path)
+    resumed = GlobalBatchSampler.from_state_dict(cached.state_dict(), 1000, 64, cache_dir=IndexCache(tmp_path))
     assert np.array_equal(resumed.next_global_batch(), expected)  # mapped from the cache, not rebuilt
     monkeypatch.undo()
-    GlobalBatchSampler(1000, 64, seed=8, cache_dir=tmp_path).next_global_batch()  # another seed: another file
+    GlobalBatchSampler(
+        1000, 64, seed=8, cache_dir=IndexCache(tmp_path)
+    ).next_global_batch()  # another seed: another file
     assert len(list(tmp_path.glob("permutation-*.npy"))) == 4
     for damaged in tmp_path.glob("permutation-*.npy"):
         damaged.write_bytes(damaged.read_bytes()[:100])
     for seed in (7, 8):  # a damaged file is rebuilt, not trusted
         assert np.array_equal(
-            GlobalBatchSampler(1000, 64, seed=seed, cache_dir=tmp_path).next_global_batch(),
+            GlobalBatchSampler(1000, 64, seed=seed, cache_dir=IndexCache(tmp_path)).next_global_batch(),
             GlobalBatchSampler(1000, 64, seed=seed).next_global_batch(),
         )
+
+
+# a process that needs the index array `test` of DIRECTORY: it says when it is about to ask, records
+# in BUILDS each time it builds the array itself, and prints what it got
+_NEEDS_INDEX = """
+import os, sys, time
+from pathlib import Path
+import numpy as np
+from pangu.data.cache import IndexCache, cached_array
+
+directory, builds, build_seconds, wait_minutes = Path(sys.argv[1]), Path(sys.argv[2]), float(sys.argv[3]), float(sys.argv[4])
+
+def build():
+    with open(builds, "a") as f:
+        f.write(f"{os.getpid()}\\n")
+    print("building", flush=True)
+    time.sleep(build_seconds)
+    return np.arange(100_000, dtype=np.int64)
+
+print("asking", flush=True)
+array = cached_array(IndexCache(directory, wait_minutes), "test", {"rule": "arange"}, 100_000, build)
+print(type(array).__name__, int(array.sum()), flush=True)
+"""
+
+
+def _needs_index(directory: Path, builds: Path, build_seconds: float = 1.0, wait_minutes: float = 1.0):
+    return subprocess.Popen(
+        [sys.executable, "-c", _NEEDS_INDEX, str(directory), str(builds), str(build_seconds), str(wait_minutes)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=subprocess_env(),
+    )
+
+
+def test_one_process_builds_an_index_and_the_others_map_it(tmp_path):
+    """Six plain processes (ranks of one job, or independent jobs on one prepared directory) ask
+    for the same missing index at once: one builds it, the others wait for it and map it."""
+    builds = tmp_path / "builds"
+    processes = [_needs_index(tmp_path / "cache", builds) for _ in range(6)]
+    outputs = [p.communicate(timeout=120) for p in processes]
+    assert [p.returncode for p in processes] == [0] * 6, [err for _, err in outputs]
+    assert all(out.splitlines()[-1] == f"memmap {sum(range(100_000))}" for out, _ in outputs)
+    assert len(builds.read_text().splitlines()) == 1
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == [next((tmp_path / "cache").glob("test-*.npy")).name]
+
+
+def test_a_builder_that_dies_is_replaced_and_a_stuck_one_is_named(tmp_path):
+    builds = tmp_path / "builds"
+    builder = _needs_index(tmp_path / "cache", builds, build_seconds=600)
+    try:
+        assert builder.stdout.readline() == "asking\n" and builder.stdout.readline() == "building\n"
+        stuck = _needs_index(tmp_path / "cache", builds, wait_minutes=0.02)
+        _, err = stuck.communicate(timeout=120)
+        assert stuck.returncode == 1 and f"pid {builder.pid} is building" in err and "DataError" in err
+        waiter = _needs_index(tmp_path / "cache", builds)
+        assert waiter.stdout.readline() == "asking\n"
+        time.sleep(1.0)  # it finds the lock held and waits
+    finally:
+        builder.kill()
+        builder.wait()
+    out, err = waiter.communicate(timeout=120)
+    assert waiter.returncode == 0, err
+    assert f"pid {builder.pid} stopped before it finished building" in err
+    assert out.splitlines()[-1] == f"memmap {sum(range(100_000))}"
+    assert builds.read_text().splitlines() == [str(builder.pid), str(waiter.pid)]
