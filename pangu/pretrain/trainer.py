@@ -27,7 +27,7 @@ from pangu.checkpoint.deepspeed_state import link_optimizer_state, memory_report
 from pangu.checkpoint.saver import Checkpointer
 from pangu.checkpoint.store import CheckpointError
 from pangu.config import Config, SpikeGuardConfig
-from pangu.data.dataset import make_batch
+from pangu.data.dataset import make_batch, read_samples
 from pangu.data.prepare import index_cache_dir, load_prepared, load_tokenizer
 from pangu.data.sampler import GlobalBatchSampler, micro_batches
 from pangu.data.tokenizer import TOKENIZER_FILE
@@ -61,7 +61,7 @@ class Batches:
 
         `scale` makes the step's loss the sum of token losses over the tokens counted in the
         whole global batch (see pangu.parallel.engine.pipeline_loss)."""
-        samples = np.stack([self.dataset[int(i)] for i in global_batch])
+        samples = read_samples(self.dataset, global_batch, self.config.model.vocab_size)
         counted = int((samples[:, :-1] != self.pad_id).sum())
         scale = torch.tensor([self.micro_batches * self.topology.dp / max(counted, 1)], dtype=torch.float32)
         out = []
