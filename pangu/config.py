@@ -356,11 +356,13 @@ class TrainConfig:
         _require(self.global_batch_size >= 1, "train.global_batch_size", self.global_batch_size, ">= 1")
         _require(self.seed >= 0, "train.seed", self.seed, ">= 0")
         _require(self.peak_flops >= 0, "train.peak_flops", self.peak_flops, ">= 0 (0: measured or known)")
+        # DeepSpeed keeps the initial scale as the integer 2^power, and torch multiplies a tensor
+        # by an integer only below 2^63
         _require(
-            0 <= self.initial_loss_scale_power <= 64,
+            0 <= self.initial_loss_scale_power <= 62,
             "train.initial_loss_scale_power",
             self.initial_loss_scale_power,
-            "in [0, 64] (the fp16 loss scale starts at 2^power)",
+            "in [0, 62] (the fp16 loss scale starts at 2^power)",
         )
         _require(self.loss_scale_window >= 1, "train.loss_scale_window", self.loss_scale_window, ">= 1")
         _require(self.min_loss_scale > 0, "train.min_loss_scale", self.min_loss_scale, "> 0")
