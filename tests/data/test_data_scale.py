@@ -181,7 +181,8 @@ def test_a_killed_prepare_resumes_and_gives_the_uninterrupted_result(tmp_path):
     corpus = tmp_path / "corpus"
     write_corpus(corpus, 60_000, file_size=30_000, seed=2)
     prepared = tmp_path / "prepared"
-    config = _config_file(tmp_path / "config.yaml", _settings(corpus, prepared, piece_size="8KB"))
+    # (a validation split that holds a sample: the 60 KB preparation must be trainable to be published)
+    config = _config_file(tmp_path / "config.yaml", _settings(corpus, prepared, piece_size="8KB", valid_fraction=0.2))
     old = prepare(load_config(config), progress=False)
     before = _files(prepared)
     write_corpus(tmp_path / "more", 300_000, file_size=100_000, seed=3)
@@ -206,7 +207,10 @@ def test_a_killed_prepare_resumes_and_gives_the_uninterrupted_result(tmp_path):
     assert resumed["input_fingerprint"] != old["input_fingerprint"]
     fresh = tmp_path / "fresh"
     prepare(
-        load_config(_config_file(tmp_path / "fresh.yaml", _settings(corpus, fresh, piece_size="8KB"))), progress=False
+        load_config(
+            _config_file(tmp_path / "fresh.yaml", _settings(corpus, fresh, piece_size="8KB", valid_fraction=0.2))
+        ),
+        progress=False,
     )
     assert _files(prepared) == _files(fresh)
     assert not work.exists()
@@ -286,7 +290,7 @@ def test_pieces_of_any_size_read_every_document_once_in_order(tmp_path):
         source = SourceConfig(kind=kind, path=str(path))
         for piece_size in (1, 7, 100, 1000, 1 << 30):
             pieces = plan_pieces([source], piece_size, 1 << 30)
-            assert [d for p in pieces for d in iter_piece(p, source, heldout_review_fraction=0)] == texts, piece_size
+            assert [d for p in pieces for d in iter_piece(p, source)] == texts, piece_size
     # compressed files are read as streams, one piece each
     for suffix, compression in ((".gz", "gzip"), (".zst", "zstd"), (".bz2", "bz2")):
         packed = tmp_path / f"packed.jsonl{suffix}"
@@ -294,14 +298,14 @@ def test_pieces_of_any_size_read_every_document_once_in_order(tmp_path):
             out.write(jsonl.read_bytes())
         source = SourceConfig(kind="jsonl", path=str(packed))
         assert len(plan_pieces([source], 100, 1 << 30)) == 1
-        assert list(iter_documents(source, 0, heldout_review_fraction=0)) == texts
+        assert list(iter_documents(source, 0)) == texts
     # parquet: runs of row groups
     table = tmp_path / "docs.parquet"
     pq.write_table(pa.Table.from_pylist([{"text": t} for t in texts]), table, row_group_size=40)
     source = SourceConfig(kind="parquet", path=str(table))
     pieces = plan_pieces([source], 2000, 1 << 30)
     assert len(pieces) > 2
-    assert [d for p in pieces for d in iter_piece(p, source, heldout_review_fraction=0)] == texts
+    assert [d for p in pieces for d in iter_piece(p, source)] == texts
 
 
 def test_a_directory_source_reads_compressed_files_too(tmp_path):
@@ -309,7 +313,7 @@ def test_a_directory_source_reads_compressed_files_too(tmp_path):
     with pa.output_stream(str(tmp_path / "b.jsonl.zst"), compression="zstd") as out:
         out.write('{"text": "第二篇"}\n'.encode())
     source = SourceConfig(kind="jsonl", path=str(tmp_path))
-    assert list(iter_documents(source, 0, heldout_review_fraction=0)) == ["第一篇", "第二篇"]
+    assert list(iter_documents(source, 0)) == ["第一篇", "第二篇"]
 
 
 # ---------------------------------------------------------------------------------------------
