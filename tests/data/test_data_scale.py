@@ -277,6 +277,60 @@ def test_near_duplicates_are_removed_and_reported_as_such(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
+# Deduplication's file opens
+
+
+_opened: list[str] | None = None  # paths opened while a test counts them (Python's audit events)
+
+
+def _record_open(event: str, args: tuple) -> None:
+    if event == "open" and _opened is not None and isinstance(args[0], (str, bytes, os.PathLike)):
+        _opened.append(os.fsdecode(args[0]))
+
+
+sys.addaudithook(_record_open)
+
+
+def _prepare_counting_dedup_opens(corpus: Path, prepared: Path, **settings) -> tuple[dict, int]:
+    """A prepare in this process (data.num_proc 1) and how many times it opened a file of
+    deduplication: a piece's keys, or anything under the work directory's dedup/."""
+    global _opened
+    config = load_config(_config_file(prepared.with_suffix(".yaml"), _settings(corpus, prepared, **settings)))
+    _opened = []
+    try:
+        report = prepare(config, progress=False)
+    finally:
+        opened, _opened = _opened, None
+    return report, sum(path.endswith(".keys") or f"{os.sep}dedup{os.sep}" in path for path in opened)
+
+
+@pytest.mark.slow
+def test_deduplication_opens_grow_with_pieces_plus_buckets_and_change_nothing(tmp_path, monkeypatch):
+    """P pieces and B buckets, both 4 times as many: the opens of deduplication's files grow 4
+    times (they were 2 P B: 16 times), and the result is the one of a single bucket."""
+    import pangu.data.dedup as dedup
+
+    settings = {"piece_size": "1KiB", "shard_size": "16KiB", "valid_fraction": 0.3}
+    opens, pieces, buckets = [], [], []
+    for size in (24_000, 96_000):
+        corpus = tmp_path / f"corpus-{size}"
+        write_corpus(corpus, size, file_size=size, seed=5)
+        with monkeypatch.context() as patch:
+            patch.setattr(dedup, "KEYS_PER_BUCKET", 4)  # a bucket per 2 KB of input
+            report, count = _prepare_counting_dedup_opens(corpus, tmp_path / f"many-{size}", **settings)
+            buckets.append(dedup.bucket_count(sum(f.stat().st_size for f in corpus.iterdir()), 1))
+        opens.append(count)
+        pieces.append(report["pieces"])
+        one_bucket, _ = _prepare_counting_dedup_opens(corpus, tmp_path / f"one-{size}", **settings)
+        assert one_bucket["sources"][0]["cleaning"]["duplicate"] > 0
+        assert _files(tmp_path / f"many-{size}") == _files(tmp_path / f"one-{size}")
+    print(f"pieces {pieces}, buckets {buckets}, opens of deduplication's files {opens}")
+    assert pieces[1] >= 3.5 * pieces[0] and buckets[1] >= 3.5 * buckets[0] and buckets[0] >= 10
+    assert opens[1] <= 5 * opens[0]
+    assert all(count <= 8 * (p + b) for count, p, b in zip(opens, pieces, buckets))
+
+
+# ---------------------------------------------------------------------------------------------
 # Streaming readers and pieces
 
 
