@@ -503,7 +503,8 @@ def test_tiny_model_trained_on_the_sentiment_examples_scores_high(tmp_path):
         "data.eod_reset=true",
         "data.num_proc=1",
     ]
-    config = load_config(None, data_settings)
+    # prepared for the model it trains (prepare refuses a result that could not train its config's)
+    config = load_config(None, [*data_settings, "model.seq_length=128", "train.global_batch_size=8"])
     prepare(config, progress=False)
     result = run_pretrain(
         tiny_overrides(
