@@ -225,6 +225,8 @@ def test_plan_says_when_nothing_fits_and_rejects_bad_input():
     assert "none of the" in done.stderr and "GiB per device" in done.stderr
     bad_size = run_plan("--config", "configs/tiny.yaml", "--gpus", "8", "--gpu-memory", "eighty")
     assert bad_size.returncode == 2 and "is not a size" in bad_size.stderr
+    no_memory = run_plan("--config", "configs/tiny.yaml", "--gpus", "8", "--gpu-memory", "0")
+    assert no_memory.returncode == 2 and "--gpu-memory = 0 bytes is not allowed" in no_memory.stderr
     with pytest.raises(ConfigError, match="--gpus"):
         planner.plan(load_config(ROOT / "configs/tiny.yaml", []), planner.Hardware(0, 80 * GiB))
 
