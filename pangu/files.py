@@ -1,17 +1,21 @@
 """Files pangu writes and reads, in one place: writes that an interruption at any moment leaves
 either old or new (a temporary name, fsync, rename), paths named by an untrusted file kept inside
-their directory, and temporary directories that carry a marker so that only pangu's own are ever
-removed. Imports nothing of pangu: every package may use it.
+their directory, temporary directories that carry a marker so that only pangu's own are ever
+removed, and advisory locks that name their holder. Imports nothing of pangu: every package may
+use it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import shutil
+import socket
+import time
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import IO, Any, BinaryIO
 
 TMP_MARKER = ".pangu-tmp"  # the file inside every temporary directory pangu made
 
@@ -114,3 +118,61 @@ def remove_marked_tmp(path: str | Path) -> None:
 def unmark(path: str | Path) -> None:
     """Takes the marker out of a finished temporary directory, before it is renamed into place."""
     (Path(path) / TMP_MARKER).unlink(missing_ok=True)
+
+
+class LockHeld(Exception):
+    """Another process holds the lock; `holder` is what it wrote into the lock file."""
+
+    def __init__(self, path: Path, holder: str) -> None:
+        super().__init__(f"{path} is held by {holder}")
+        self.path, self.holder = path, holder
+
+
+def take_lock(path: str | Path, wait_seconds: float = 0.0) -> IO:
+    """An advisory lock on the file `path` (created if needed), held for as long as the returned
+    file stays open. The operating system releases it when the holder dies, so a killed process
+    never blocks the next one. The holder writes "host H, pid P" into the file; another process
+    that cannot take the lock within `wait_seconds` gets `LockHeld` naming it. The lock covers the
+    processes that see the same file system: every node for a shared one, one node for local disks.
+    An `OSError` means the file system refuses locks (or the file cannot be created)."""
+    path = Path(path)
+    deadline = time.monotonic() + wait_seconds
+    pause = 0.05  # between attempts while waiting, doubled up to 2 s: little load on a shared file system
+    lock = open(path, "a+")
+    while True:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                lock.seek(0)
+                holder = lock.read().strip() or "another process"
+                lock.close()
+                raise LockHeld(path, holder) from None
+            time.sleep(min(pause, max(0.0, deadline - time.monotonic())))
+            pause = min(2 * pause, 2.0)
+            continue
+        except OSError:
+            lock.close()
+            raise
+        # the previous holder may have removed the file (release_lock) after it was opened here:
+        # a lock on a removed file locks nothing, so take the one on the file that is there now
+        try:
+            current = os.stat(path).st_ino == os.fstat(lock.fileno()).st_ino
+        except FileNotFoundError:
+            current = False
+        if current:
+            break
+        lock.close()
+        lock = open(path, "a+")
+    lock.seek(0)
+    lock.truncate()
+    lock.write(f"host {socket.gethostname()}, pid {os.getpid()}\n")
+    lock.flush()
+    return lock
+
+
+def release_lock(lock: IO) -> None:
+    """Removes a lock file taken by `take_lock`, then releases the lock: whoever opened the file
+    meanwhile finds it gone once the lock is theirs, and takes a new one."""
+    Path(lock.name).unlink(missing_ok=True)
+    lock.close()

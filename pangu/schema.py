@@ -25,6 +25,12 @@ class ConfigError(PanguError, ValueError):
     """A configuration value is unknown, mistyped or inconsistent."""
 
 
+def require(ok: bool, name: str, value: Any, allowed: str) -> None:
+    """A ConfigError naming the field, its value and what is allowed, unless `ok`."""
+    if not ok:
+        raise ConfigError(f"{name} = {value!r} is not allowed: expected {allowed}")
+
+
 def from_dict(cls: type, data: Any, where: str, document: str = "the config") -> Any:
     """Build dataclass `cls` from `data`, checking every key and type; `where` is the dotted path
     of `data` inside `document` (the config, a task file)."""

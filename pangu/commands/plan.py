@@ -19,6 +19,7 @@ from pangu.parallel.planner import (
     plan,
     smallest_memory,
 )
+from pangu.schema import ConfigError
 
 
 def add_parser(commands) -> None:
@@ -86,6 +87,8 @@ def _reference_layout(config: Config, gpus: int) -> Layout | None:
 def run(args) -> int:
     """Prints the best layouts (table and --set lines), or a JSON list with --json."""
     config = load_config(args.config, args.overrides)
+    if args.gpu_memory <= 0:
+        raise ConfigError(f"--gpu-memory = {args.gpu_memory} bytes is not allowed: expected a size above 0, e.g. 80GiB")
     hardware = Hardware(
         args.gpus,
         args.gpu_memory,

@@ -4,16 +4,19 @@ Every document is first normalised (whitespace, control characters, optionally t
 simplified). Then the filters run in this order, and a document is counted against the FIRST
 filter that removes it:
 
+- `too_long`           a JSON record too long to read (sources.py; data.cleaning.max_document_size)
+- `invalid_unicode`    a lone surrogate: bytes that are not UTF-8, or an unpaired `\\ud800` escape
+                       in JSON; such text cannot be encoded, so it is dropped, not allowed to stop
+                       the preparation
 - `too_short`          fewer than `min_length` characters, whitespace not counted
 - `low_chinese_ratio`  Chinese characters / non-whitespace characters below `min_chinese_ratio`
-- `heldout_review`     the same text as a held-out evaluation review (they must never be trained on)
 - `duplicate`          exactly the same normalised text as a document kept earlier, in any source
 - `near_duplicate`     (data.near_dedup) nearly the same text as an earlier document (MinHash LSH)
 
-`Cleaner` applies the first three to one document at a time (`reject`), which is what the
-workers of `prepare` do; deduplication there runs over the whole corpus afterwards (`dedup.py`).
-`Cleaner.clean` runs all of them, exact deduplication included, over a sequence in memory: the
-reference the tests compare `prepare` with.
+`Cleaner` applies the middle ones to one document at a time (`check`), which is what the workers
+of `prepare` do; deduplication there runs over the whole corpus afterwards (`dedup.py`).
+`Cleaner.clean` runs all but `too_long`, exact deduplication included, over a sequence in memory:
+the reference the tests compare `prepare` with.
 """
 
 from __future__ import annotations
@@ -28,8 +31,9 @@ import opencc
 
 from pangu.config import CleaningConfig
 
-FILTERS = ("too_short", "low_chinese_ratio", "heldout_review", "duplicate", "near_duplicate")
+FILTERS = ("too_long", "invalid_unicode", "too_short", "low_chinese_ratio", "duplicate", "near_duplicate")
 
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")  # the only code points UTF-8 cannot encode
 _ZERO_WIDTH_AND_CONTROL = re.compile("[\u200b\u200c\u200d\u2060\ufeff\x00-\x08\x0e-\x1f\x7f]")
 _HORIZONTAL_WHITESPACE = re.compile(r"[^\S\n]+")  # tabs, full-width and no-break spaces, ...
 _BLANK_LINES = re.compile(r"\n{3,}")
@@ -54,7 +58,8 @@ def visible_length(text: str) -> int:
 
 def chinese_ratio(text: str) -> float:
     visible = visible_length(text)
-    return len(_CHINESE_CHARACTER.findall(text)) / visible if visible else 0.0
+    # subn counts without a list of one-character strings (50 bytes each)
+    return _CHINESE_CHARACTER.subn("", text)[1] / visible if visible else 0.0
 
 
 def text_key(text: str) -> bytes:
@@ -73,14 +78,16 @@ def hash_fraction(text: str, salt: str) -> float:
 class CleaningReport:
     """What happened to one source's documents."""
 
-    documents: int = 0  # read from the source
+    documents: int = 0  # read from the source (a long document cut in n counts n times)
+    too_long: int = 0
+    invalid_unicode: int = 0
     too_short: int = 0
     low_chinese_ratio: int = 0
-    heldout_review: int = 0
     duplicate: int = 0
     near_duplicate: int = 0
     kept: int = 0
     kept_characters: int = 0
+    long_cut: int = 0  # documents longer than data.cleaning.max_document_size, cut into several
 
     def to_dict(self) -> dict[str, int]:
         return asdict(self)
@@ -90,9 +97,10 @@ class CleaningReport:
         if self.documents == 0:
             return "the source yielded no documents at all"
         thresholds = {
+            "too_long": f"records over 16 x data.cleaning.max_document_size = {config.max_document_size}",
+            "invalid_unicode": "text that is not valid Unicode",
             "too_short": f"data.cleaning.min_length = {config.min_length}",
             "low_chinese_ratio": f"data.cleaning.min_chinese_ratio = {config.min_chinese_ratio}",
-            "heldout_review": "held-out evaluation reviews",
             "duplicate": "data.cleaning.deduplicate = true",
             "near_duplicate": "data.near_dedup.enabled = true",
         }
@@ -117,24 +125,25 @@ class Cleaner:
     """Applies the cleaning config. One Cleaner is used for all sources of a corpus, so that a
     document repeated in a second source counts as a duplicate there."""
 
-    def __init__(self, config: CleaningConfig, heldout_texts: Iterable[str] = ()) -> None:
+    def __init__(self, config: CleaningConfig) -> None:
         self.config = config
         self._seen: set[bytes] = set()
-        self._heldout = {text_key(self.normalize(text)) for text in heldout_texts}
 
     def normalize(self, text: str) -> str:
         text = normalize_whitespace(text)
         return _to_simplified(text) if self.config.to_simplified else text
 
-    def reject(self, text: str) -> str | None:
-        """The filter that removes the normalised `text` (deduplication aside), or None."""
+    def check(self, raw: str) -> tuple[str, str | None]:
+        """The normalised text of a raw document, and the filter that removes it (deduplication
+        aside) or None."""
+        if _LONE_SURROGATE.search(raw):
+            return raw, "invalid_unicode"
+        text = self.normalize(raw)
         if not text or visible_length(text) < self.config.min_length:
-            return "too_short"
+            return text, "too_short"
         if chinese_ratio(text) < self.config.min_chinese_ratio:
-            return "low_chinese_ratio"
-        if self._heldout and text_key(text) in self._heldout:
-            return "heldout_review"
-        return None
+            return text, "low_chinese_ratio"
+        return text, None
 
     def clean(self, documents: Iterable[str]) -> tuple[list[str], CleaningReport]:
         """The kept documents (normalised), in order, and what each filter removed."""
@@ -142,8 +151,7 @@ class Cleaner:
         kept: list[str] = []
         for raw in documents:
             report.documents += 1
-            text = self.normalize(raw)
-            reason = self.reject(text)
+            text, reason = self.check(raw)
             if reason is not None:
                 setattr(report, reason, getattr(report, reason) + 1)
                 continue

@@ -5,19 +5,22 @@
   shorter tail is dropped. A sample may span two shards: the stream is what counts.
 - `BlendedDataset`: several sources interleaved sample by sample in fixed proportions; its index
   is built once (`blend_indices`, vectorised) and cached beside the shards.
+- `read_samples`: a batch of samples, every token id checked against the model's vocabulary on the
+  host (an id outside it would fail in the embedding, on a GPU as a device-side assert that kills
+  the process): a damaged shard, or one of another tokenizer, is named with the sample.
 - `make_batch`: a [B, seq_length + 1] array of samples -> model inputs, labels and masks.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 
 from pangu.data import DataError
-from pangu.data.cache import cached_array
+from pangu.data.cache import IndexCache, cached_array
 
 
 class SampleDataset(Protocol):
@@ -25,11 +28,15 @@ class SampleDataset(Protocol):
 
     def __getitem__(self, i: int) -> np.ndarray: ...
 
+    def locate(self, i: int, offset: int) -> str:
+        """Where token `offset` of sample i is stored, in words (for error messages)."""
+
 
 class TokenSource(Protocol):
     """A shard's token stream: IndexedShard, or ShardTokens (which maps its file on first use)."""
 
     num_tokens: int
+    bin_path: Path
 
     @property
     def tokens(self) -> np.ndarray: ...
@@ -69,17 +76,22 @@ class PackedDataset:
             s += 1
         return np.concatenate(parts).astype(np.int64)
 
+    def locate(self, i: int, offset: int) -> str:
+        position = int(i) * self.sample_length + offset
+        s = int(np.searchsorted(self.starts, position, side="right")) - 1
+        return f"{self.shards[s].bin_path}, its token {position - int(self.starts[s])}"
+
 
 class BlendedDataset:
     """Interleaves datasets so that every prefix of the blend holds them in proportion to
     `weights`: sample k comes from the dataset whose realised share is furthest below its weight
     (ties go to the first), as in Megatron. The blend is as long as the datasets together; a
     dataset drawn more often than it has samples (a weight above its share of the samples)
-    starts over from its first sample. With `cache_dir`, the index is built once and
-    memory-mapped from there afterwards."""
+    starts over from its first sample. With `cache_dir`, the index is built once, by one
+    process, and memory-mapped from there afterwards."""
 
     def __init__(
-        self, datasets: Sequence[SampleDataset], weights: Sequence[float], cache_dir: str | Path | None = None
+        self, datasets: Sequence[SampleDataset], weights: Sequence[float], cache_dir: IndexCache | None = None
     ) -> None:
         if len(datasets) != len(weights) or not datasets:
             raise ValueError(f"need one weight per dataset, got {len(datasets)} datasets and {len(weights)} weights")
@@ -104,6 +116,9 @@ class BlendedDataset:
 
     def __getitem__(self, i: int) -> np.ndarray:
         return self.datasets[self.dataset_index[i]][int(self.dataset_sample_index[i])]
+
+    def locate(self, i: int, offset: int) -> str:
+        return self.datasets[self.dataset_index[i]].locate(int(self.dataset_sample_index[i]), offset)
 
 
 def blend_indices(weights: Sequence[float], sizes: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
@@ -172,6 +187,39 @@ def _greedy_steps(w: list[float], drawn: list[int], k: int, steps: int, order: n
         d = max(datasets, key=lambda j: w[j] * (step + 1) - drawn[j])
         order[step] = d
         drawn[d] += 1
+
+
+def read_samples(dataset: SampleDataset, indices: Sequence[int] | np.ndarray, vocab_size: int) -> np.ndarray:
+    """Samples `indices` of `dataset` as one [len(indices), seq_length + 1] int64 array, every
+    token id checked to lie in [0, vocab_size) (model.vocab_size)."""
+    samples = np.stack([dataset[int(i)] for i in indices])
+    check_token_ids(
+        samples,
+        vocab_size,
+        lambda row, column: (
+            f"token {column} of sample {int(indices[row])} ({dataset.locate(int(indices[row]), column)})"
+        ),
+    )
+    return samples
+
+
+_SHARD_FIX = (
+    "the data was written with another tokenizer or is damaged; re-run `pangu prepare` with this model's tokenizer"
+)
+
+
+def check_token_ids(
+    tokens: np.ndarray, vocab_size: int, where: Callable[[int, int], str], fix: str = _SHARD_FIX
+) -> None:
+    """A DataError naming the first token of a [rows, columns] array outside [0, vocab_size) by
+    `where(row, column)`, and saying `fix`; two reductions over the batch when every id is in range."""
+    if not tokens.size or (tokens.min() >= 0 and tokens.max() < vocab_size):
+        return
+    row, column = (int(k[0]) for k in np.nonzero((tokens < 0) | (tokens >= vocab_size)))
+    raise DataError(
+        f"{where(row, column)} is token id {int(tokens[row, column])}, outside the model's vocabulary of "
+        f"{vocab_size} (model.vocab_size): {fix}"
+    )
 
 
 def make_batch(samples: np.ndarray, *, pad_id: int, eod_id: int, eod_reset: bool) -> dict[str, np.ndarray]:

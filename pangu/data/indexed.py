@@ -14,7 +14,6 @@ reuses a preparation, and `IndexedShard(prefix, verify=True)` opens and verifies
 
 from __future__ import annotations
 
-import os
 import struct
 import zlib
 from pathlib import Path
@@ -23,6 +22,7 @@ from types import TracebackType
 import numpy as np
 
 from pangu.data import DataError
+from pangu.files import atomic_writer, write_atomic
 
 MAGIC = b"PANGUIDX"
 VERSION = 1
@@ -43,17 +43,16 @@ def shard_paths(prefix: str | Path) -> tuple[Path, Path]:
 
 
 class ShardWriter:
-    """Streams documents into `PREFIX.bin.tmp`; `finalize()` writes the index and renames both
-    files into place, so a reader never sees a half-written shard. Used as a context manager, it
-    finalizes on success and deletes its temporary files on error."""
+    """Streams documents into `PREFIX.bin` (under a temporary name until `finalize()`, which then
+    writes the index, each file atomically), so a reader never sees a half-written shard. Used as
+    a context manager, it finalizes on success and deletes its temporary file on error."""
 
     def __init__(self, prefix: str | Path, vocab_size: int) -> None:
         self.bin_path, self.idx_path = shard_paths(prefix)
         self.vocab_size = vocab_size
         self.dtype = dtype_for_vocab(vocab_size)
-        self._bin_tmp = self.bin_path.with_name(self.bin_path.name + ".tmp")
-        self._idx_tmp = self.idx_path.with_name(self.idx_path.name + ".tmp")
-        self._bin = self._bin_tmp.open("wb")
+        self._bin_writer = atomic_writer(self.bin_path)
+        self._bin = self._bin_writer.__enter__()
         self._lengths: list[np.ndarray] = []
         self.num_documents = 0
         self.num_tokens = 0
@@ -79,27 +78,20 @@ class ShardWriter:
         self.num_tokens += len(tokens)
 
     def finalize(self) -> None:
-        self._bin.flush()
-        os.fsync(self._bin.fileno())
-        self._bin.close()
+        # .bin first: a crash before the index is renamed leaves a new .bin with an old .idx, which
+        # the size check reports as damaged instead of silently reading the wrong documents
+        self._bin_writer.__exit__(None, None, None)
         offsets = np.zeros(self.num_documents + 1, dtype="<u8")
         if self._lengths:
             np.cumsum(np.concatenate(self._lengths), out=offsets[1:])
         dtype_code = next(code for code, dtype in _DTYPES.items() if dtype == self.dtype)
         body = _HEADER.pack(MAGIC, VERSION, dtype_code, self.num_documents, self.num_tokens) + offsets.tobytes()
-        with self._idx_tmp.open("wb") as idx:
-            idx.write(body + _FOOTER.pack(zlib.crc32(body)))
-            idx.flush()
-            os.fsync(idx.fileno())
-        # .bin first: a crash between the renames leaves a new .bin with an old .idx, which the
-        # size check reports as damaged instead of silently reading the wrong documents
-        os.replace(self._bin_tmp, self.bin_path)
-        os.replace(self._idx_tmp, self.idx_path)
+        write_atomic(self.idx_path, body + _FOOTER.pack(zlib.crc32(body)))
 
     def discard(self) -> None:
-        self._bin.close()
-        for path in (self._bin_tmp, self._idx_tmp):
-            path.unlink(missing_ok=True)
+        # the writer sees an error: it removes its temporary file, and swallows the error it was given
+        discarded = RuntimeError("shard discarded")
+        self._bin_writer.__exit__(RuntimeError, discarded, None)
 
     def __enter__(self) -> ShardWriter:
         return self

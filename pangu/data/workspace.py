@@ -1,17 +1,41 @@
-"""Where `pangu prepare` writes, and what it may remove: the prepared directory, which it
-replaces as a whole only when it holds nothing but an earlier preparation, and the work
-directories, each marked with the prepared directory it works for (data.work_dir may be shared
-with anything else)."""
+"""Where `pangu prepare` writes, and what it may remove: the prepared directory, which one
+prepare at a time owns (a lock beside it) and which it replaces as a whole only when it holds
+nothing but an earlier preparation, and the work directories, each marked with the prepared
+directory it works for (data.work_dir may be shared with anything else)."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import IO
 
 from pangu.config import DataConfig
 from pangu.data import DataError
 from pangu.data.prepared import META_FILE, foreign_entries
+from pangu.files import LockHeld, take_lock, write_json_atomic
+from pangu.schema import ConfigError, from_dict
+
+
+def claim(out_dir: Path) -> IO:
+    """The prepared directory's lock (`.<name>.lock` beside it: the directory itself is replaced
+    by a rename), held until `release_lock`; a second prepare stops at once, naming the holder."""
+    lock_path = out_dir.with_name(f".{out_dir.name}.lock")
+    try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        return take_lock(lock_path)
+    except LockHeld as held:
+        raise DataError(
+            f"data.prepared_dir = {str(out_dir)!r} is being prepared by another `pangu prepare` ({held.holder}): "
+            f"wait for it to end, or choose another data.prepared_dir"
+        ) from None
+    except OSError as err:
+        raise DataError(
+            f"data.prepared_dir: cannot take the lock {str(lock_path)!r} ({err.strerror}): choose a directory this "
+            f"user can write, on a file system that supports locks"
+        ) from None
 
 
 def check_output_dir(out_dir: Path, work_root: Path) -> None:
@@ -53,22 +77,34 @@ def work_dir(data: DataConfig, fingerprint: str) -> Path:
     return work_root(data) / fingerprint[:16]
 
 
-WORK_MARKER = ".pangu-prepare"  # in each work directory: the prepared directory it works for
+WORK_MARKER = ".pangu-prepare.json"  # in each work directory: the prepared directory it works for
+
+
+@dataclass
+class WorkMarker:
+    prepared_dir: str  # resolved
 
 
 def start_work(work: Path, out_dir: Path) -> None:
     """Creates (or keeps, to resume) `work`, and removes the work of earlier runs on other inputs
     for the same prepared directory: only directories whose marker says so (data.work_dir may
     be shared, and may hold anything else)."""
-    owner = str(out_dir.resolve())
+    owner = WorkMarker(str(out_dir.resolve()))
     work.parent.mkdir(parents=True, exist_ok=True)
     for other in work.parent.iterdir():
-        marker = other / WORK_MARKER
-        if other != work and marker.is_file() and marker.read_text(errors="replace") == owner:
+        if other != work and other.is_dir() and not other.is_symlink() and _marker(other) == owner:
             shutil.rmtree(other, ignore_errors=True)
     for sub in ("pieces", "dedup", "shards", "out"):
         (work / sub).mkdir(parents=True, exist_ok=True)
-    (work / WORK_MARKER).write_text(owner)
+    write_json_atomic(work / WORK_MARKER, asdict(owner))
+
+
+def _marker(directory: Path) -> WorkMarker | None:
+    """The marker of a work directory, or None for anything else (another program's directory)."""
+    try:
+        return from_dict(WorkMarker, json.loads((directory / WORK_MARKER).read_text(encoding="utf-8")), "", WORK_MARKER)
+    except (OSError, ValueError, ConfigError):
+        return None
 
 
 def remove_work(work: Path) -> None:

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from pangu.config import Config
-from pangu.data.dataset import make_batch
+from pangu.data.dataset import make_batch, read_samples
 from pangu.data.prepare import load_prepared
 from pangu.evaluation.inference import token_losses
 from pangu.model.pangu_alpha import PanguAlpha
@@ -20,7 +20,7 @@ def validation_perplexity(model: PanguAlpha, config: Config, max_samples: int = 
     count = min(len(dataset), max_samples)
     total, tokens = 0.0, 0
     for start in range(0, count, batch_size):
-        samples = np.stack([dataset[i] for i in range(start, min(start + batch_size, count))])
+        samples = read_samples(dataset, range(start, min(start + batch_size, count)), model.config.vocab_size)
         batch = make_batch(samples, pad_id=meta["pad_id"], eod_id=meta["eod_id"], eod_reset=config.data.eod_reset)
         total += float((token_losses(model, batch).cpu() * torch.from_numpy(batch["loss_mask"])).sum())
         tokens += int(batch["loss_mask"].sum())

@@ -25,12 +25,13 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from pangu.data.dataset import make_batch
+from pangu.data.dataset import check_token_ids, make_batch
 from pangu.evaluation.inference import cached_logits, current_document, generate, token_losses
 from pangu.parallel.engine import Engine, MicroBatch
 
 StopFn = Callable[[list[int]], bool]
 MICRO_BATCHES_PER_CALL = 64  # per data-parallel rank and eval_batch call: bounds the kept outputs
+_FIX = "the tokenizer is not the one the model was trained with"  # rows are the tokenizer's ids
 
 
 class Scorer:
@@ -69,6 +70,9 @@ class ModelScorer(Scorer):
             samples = np.full((len(chunk), width), self.pad_id, dtype=np.int64)
             for k, i in enumerate(chunk):
                 samples[k, : len(rows[i])] = rows[i]
+            check_token_ids(
+                samples, self.model.config.vocab_size, lambda r, c, chunk=chunk: f"token {c} of row {chunk[r]}", _FIX
+            )
             batch = make_batch(samples, pad_id=self.pad_id, eod_id=self.eod_id, eod_reset=self.eod_reset)
             losses = token_losses(self.model, batch).cpu().numpy()
             for k, i in enumerate(chunk):
@@ -115,6 +119,7 @@ class EngineScorer(Scorer):
             if len(rows[i]) > self.seq_length + 1:
                 raise ValueError(f"row {i} has {len(rows[i])} tokens; at most seq_length + 1 = {self.seq_length + 1}")
             samples[k, : len(rows[i])] = rows[i]
+        check_token_ids(samples, self.config.model.vocab_size, lambda r, c: f"token {c} of row {indices[r]}", _FIX)
         return MicroBatch.from_batch(
             make_batch(samples, pad_id=self.pad_id, eod_id=self.eod_id, eod_reset=self.eod_reset)
         )

@@ -3,7 +3,7 @@ candidates or references, the number of shots and how to score.
 
     name: sentiment
     kind: classification            # classification | generation | perplexity
-    data: ${prepared_dir}/heldout_reviews.jsonl
+    data: builtin:heldout_reviews     # the builtin corpus's held-out reviews (pangu/data/builtin.py)
     template: "评论：{text}\\n这是一条{candidate}评。"
     candidates: {positive: 好, negative: 差}   # label value -> the words filled in for {candidate}
     label: label                    # the field holding the gold label
@@ -12,7 +12,8 @@ candidates or references, the number of shots and how to score.
 
 Every key is checked on load; errors name the task file, the key and what is allowed. Data
 paths are relative to the task file; `${prepared_dir}` is the config's data.prepared_dir and
-other `${VAR}`s are environment variables. `--task NAME=PATH` replaces the data file.
+other `${VAR}`s are environment variables; `builtin:heldout_reviews` is the builtin corpus's
+held-out reviews, asked of the builtin source. `--task NAME=PATH` replaces the data file.
 
 This module also turns a task and a tokenizer into scoring requests (token rows with the span to
 score) and generation prompts; pangu/evaluation/harness.py runs them through a scorer.
@@ -296,8 +297,13 @@ def _check(ok: bool, where: str, key: str, value: Any, allowed: str) -> None:
         raise TaskError(f"{where}: {key} = {value!r} is not allowed: expected {allowed}")
 
 
+BUILTIN_HELDOUT_REVIEWS = "builtin:heldout_reviews"
+
+
 def _path(value: Any, base_dir: Path, prepared_dir: str | Path | None, where: str, key: str) -> Path:
     text = str(value)
+    if text == BUILTIN_HELDOUT_REVIEWS:
+        return Path(text)
     if "${prepared_dir}" in text:
         if prepared_dir is None:
             raise TaskError(f"{where}: {key} = {text!r} needs the config's data.prepared_dir: pass --config")
@@ -323,6 +329,10 @@ def read_examples(path: Path, task: Task | None = None) -> list[dict]:
     flattened to {"id", "context", "question", "answers"}), or .txt (one document a line, as
     {"text": line})."""
     where = f"task {task.name!r}: " if task else ""
+    if str(path) == BUILTIN_HELDOUT_REVIEWS:
+        from pangu.data.builtin import heldout_reviews
+
+        return [{"text": review.text, "label": review.label} for review in heldout_reviews()]
     if not path.is_file():
         raise TaskError(f"{where}data file {str(path)!r} does not exist")
     text = _read_text(path, f"{where}data file ")

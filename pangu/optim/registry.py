@@ -22,7 +22,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from pangu import config as config_module
-from pangu.config import Config, OptimConfig, OptimizerOptions
+from pangu.config import Config
+from pangu.config.optim import OptimConfig, OptimizerOptions, register_options
 from pangu.optim.param_groups import SCALE_INVARIANT, param_groups
 from pangu.schema import ConfigError, from_dict
 
@@ -62,7 +63,7 @@ def register(spec: OptimizerSpec) -> OptimizerSpec:
     if spec.name in _SPECS:
         raise ValueError(f"optimizer {spec.name!r} is registered already")
     _SPECS[spec.name] = spec
-    config_module.register_options(spec.name, spec.options)
+    register_options(spec.name, spec.options)
     return spec
 
 

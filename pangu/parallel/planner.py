@@ -229,8 +229,10 @@ def estimate_step_time(config: Config, layout: Layout, hardware: Hardware) -> St
 # Enumeration and ranking
 
 
-def _divisors(n: int) -> list[int]:
-    return [d for d in range(1, n + 1) if n % d == 0]
+def _divisors(n: int, limit: int) -> list[int]:
+    """The divisors of n up to `limit`, in O(limit) whatever n is (a device count may be huge or
+    prime; the limits are the model's heads and layers and the global batch)."""
+    return [d for d in range(1, min(n, limit) + 1) if n % d == 0]
 
 
 def enumerate_layouts(config: Config, gpus: int, recompute: tuple[str, ...] = RECOMPUTE_MODES) -> list[Layout]:
@@ -239,16 +241,14 @@ def enumerate_layouts(config: Config, gpus: int, recompute: tuple[str, ...] = RE
     num_layers; dp x micro_batch_size x micro_batches = train.global_batch_size."""
     model, batch = config.model, config.train.global_batch_size
     layouts = []
-    for tp in _divisors(gpus):
+    for tp in _divisors(gpus, model.num_heads):
         if model.num_heads % tp or model.ffn_size % tp or model.padded_vocab_size % tp:
             continue
-        for pp in _divisors(gpus // tp):
-            if pp > model.num_layers:
-                continue
+        for pp in _divisors(gpus // tp, model.num_layers):
             dp = gpus // (tp * pp)
             if batch % dp:
                 continue
-            for mbs in _divisors(batch // dp):
+            for mbs in _divisors(batch // dp, batch):
                 for mode in recompute:
                     layouts.append(Layout(dp, tp, pp, mode, mbs, batch // (dp * mbs)))
     return layouts

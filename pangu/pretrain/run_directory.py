@@ -4,13 +4,12 @@ accepted."""
 
 from __future__ import annotations
 
-import fcntl
 import os
-import socket
 from pathlib import Path
 from typing import IO
 
 from pangu.config import Config
+from pangu.files import LockHeld, take_lock
 from pangu.schema import ConfigError
 
 LOCK_FILE = ".pangu.lock"
@@ -21,26 +20,16 @@ def claim(directory: Path, field: str = "train.output_dir") -> IO:
     Keep the returned file open for as long as the run lasts."""
     try:
         directory.mkdir(parents=True, exist_ok=True)
-        lock = open(directory / LOCK_FILE, "a+")
+        return take_lock(directory / LOCK_FILE)
+    except LockHeld as held:
+        raise ConfigError(
+            f"{field} = {str(directory)!r} is in use by another run ({held.holder}): wait for it to end, or choose "
+            "another directory"
+        ) from None
     except OSError as err:
         raise ConfigError(
             f"{field} = {str(directory)!r} is not writable ({err.strerror}): choose a directory this user can write"
         ) from None
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        lock.seek(0)
-        holder = lock.read().strip() or "another process"
-        lock.close()
-        raise ConfigError(
-            f"{field} = {str(directory)!r} is in use by another run ({holder}): wait for it to end, or choose "
-            "another directory"
-        ) from None
-    lock.seek(0)
-    lock.truncate()
-    lock.write(f"host {socket.gethostname()}, pid {os.getpid()}\n")
-    lock.flush()
-    return lock
 
 
 def write_config(directory: Path, config: Config) -> None:

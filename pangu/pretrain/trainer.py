@@ -27,7 +27,7 @@ from pangu.checkpoint import format as checkpoint_format
 from pangu.checkpoint.saver import Checkpointer
 from pangu.checkpoint.store import CheckpointError
 from pangu.config import Config, SpikeGuardConfig
-from pangu.data.dataset import make_batch
+from pangu.data.dataset import make_batch, read_samples
 from pangu.data.prepare import index_cache_dir, load_prepared, load_tokenizer
 from pangu.data.sampler import GlobalBatchSampler, micro_batches
 from pangu.data.tokenizer import TOKENIZER_FILE
@@ -97,7 +97,7 @@ class Batches:
             dp_rank=self.topology.dp_rank,
             micro_batch_size=self.config.train.micro_batch_size,
         ):
-            samples = np.stack([self.dataset[int(i)] for i in local])
+            samples = read_samples(self.dataset, local, self.config.model.vocab_size)
             out.append(
                 make_batch(samples, pad_id=self.pad_id, eod_id=self.eod_id, eod_reset=self.config.data.eod_reset)
             )
@@ -160,7 +160,7 @@ class Trainer:
         self.topology = init_distributed(config.parallel)
         torch.manual_seed(train.seed)  # nothing in training draws from it (dropout: DropoutSeeds)
         self.train_data, self.meta = load_prepared(config.data.prepared_dir, "train", config.model.seq_length)
-        self.index_cache = index_cache_dir(config.data.prepared_dir)  # the sampler's permutations, built once
+        self.index_cache = index_cache_dir(config.data.prepared_dir, config.parallel.timeout_minutes)  # built once
         valid_data, _ = load_prepared(config.data.prepared_dir, "valid", config.model.seq_length)
         if self.meta["vocab_size"] != config.model.vocab_size:
             raise ConfigError(

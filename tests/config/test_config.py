@@ -106,6 +106,7 @@ def test_defaults_are_valid():
         ("train.global_batch_size=-8", "train.global_batch_size"),
         ("data.tokenizer.train_sentences=-5", "data.tokenizer.train_sentences"),
         ("train.initial_loss_scale_power=4000", "train.initial_loss_scale_power"),
+        ("train.initial_loss_scale_power=63", "train.initial_loss_scale_power"),
         ("train.seed=-1", "train.seed"),
         ("optim.p=0.5", "optim.p"),
         ("parallel.timeout_minutes=0", "parallel.timeout_minutes"),

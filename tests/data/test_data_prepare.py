@@ -5,22 +5,26 @@ import dataclasses
 import itertools
 import json
 import shutil
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 
 from pangu.config import Config, SourceConfig
 from pangu.data import DataError
-from pangu.data.cleaning import Cleaner
+from pangu.data.builtin import heldout_reviews, review_files
+from pangu.data.cleaning import FILTERS, Cleaner
 from pangu.data.dataset import BlendedDataset, PackedDataset
 from pangu.data.indexed import IndexedShard
 from pangu.data.prepare import is_validation_document, load_prepared, load_tokenizer, prepare
-from pangu.data.sources import heldout_reviews, iter_documents, review_files
+from pangu.data.sources import iter_documents
 from pangu.data.tokenizer import PanguTokenizer
-from tests.helpers import RELEASE
+from tests.helpers import RELEASE, subprocess_env
 
 RELEASED_MODEL = RELEASE / "vocab.model"
-PEOPLE_DAILY = list(itertools.islice(iter_documents(SourceConfig(kind="builtin"), 0, heldout_review_fraction=0.1), 400))
+PEOPLE_DAILY = list(itertools.islice(iter_documents(SourceConfig(kind="builtin"), 0), 400))
 SHARD_FILES = ["train-0-00000.bin", "train-0-00000.idx", "valid-0-00000.bin", "valid-0-00000.idx"]
 
 
@@ -71,7 +75,7 @@ def test_prepare_writes_a_self_contained_directory_that_loads_back(tmp_path, cor
     report = prepare(config, progress=False)
     out = Path(config.data.prepared_dir)
     assert sorted(p.name for p in out.iterdir()) == sorted(
-        SHARD_FILES + ["meta.json", "tokenizer.model", "heldout_reviews.jsonl", "index-cache"]
+        SHARD_FILES + ["meta.json", "tokenizer.model", "index-cache"]
     )
     assert [p.name.split("-")[0] for p in (out / "index-cache").iterdir()] == ["permutation"]
     assert (out / "tokenizer.model").read_bytes() == RELEASED_MODEL.read_bytes()
@@ -192,6 +196,43 @@ def test_a_rebuild_never_deletes_what_prepare_did_not_write(tmp_path, corpus):
     assert prepare(config, progress=False)["reused"] is False
 
 
+# a `pangu prepare` caught in the middle of its work: it has read its config and planned, and waits
+_PREPARE_IN_PROGRESS = """
+import sys, time
+import pangu.data.prepare as prepare
+from pangu.config import load_config
+
+def plan_pieces(*args):
+    print("working", flush=True)
+    time.sleep(120)
+
+prepare.plan_pieces = plan_pieces
+prepare.prepare(load_config(sys.argv[1], []))
+"""
+
+
+def test_a_second_prepare_on_the_same_directory_stops_at_once_naming_the_first(tmp_path, corpus):
+    config = _config(tmp_path, corpus)
+    (tmp_path / "config.yaml").write_text(config.dump())
+    first = subprocess.Popen(
+        [sys.executable, "-c", _PREPARE_IN_PROGRESS, str(tmp_path / "config.yaml")],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=subprocess_env(),
+    )
+    try:
+        assert first.stdout.readline() == "working\n"
+        started = time.monotonic()
+        with pytest.raises(DataError, match=rf"prepared' is being prepared by another .*pid {first.pid}\).*wait"):
+            prepare(config, progress=False)
+        assert time.monotonic() - started < 5
+    finally:
+        first.kill()
+        first.wait()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".prepared.lock", "config.yaml", "corpus.jsonl"]
+    assert prepare(config, progress=False)["reused"] is False  # the holder died: its lock went with it
+
+
 def test_a_shared_work_directory_loses_only_prepare_s_own_stale_work(tmp_path, corpus):
     shared = tmp_path / "scratch"
     (shared / "someone-else").mkdir(parents=True)
@@ -251,6 +292,85 @@ def test_a_damaged_meta_json_is_one_clear_error_and_prepare_rebuilds(tmp_path, c
         load_prepared(out, "train", 64)
     assert prepare(config, progress=False)["reason"].startswith(f"{out}/meta.json is damaged")
     load_prepared(out, "train", 64)
+
+
+def test_a_meta_json_without_a_field_is_a_damaged_file_not_a_key_error(tmp_path, corpus):
+    config = _config(tmp_path, corpus)
+    prepare(config, progress=False)
+    out = Path(config.data.prepared_dir)
+    meta = json.loads((out / "meta.json").read_text())
+    del meta["sources"][0]["train"]["shards"][0]["documents"]
+    (out / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(
+        DataError, match=r"meta.json is damaged \(missing key 'sources\[0\].train.shards\[0\].documents'"
+    ):
+        load_prepared(out, "train", 64)
+    assert "meta.json is damaged" in prepare(config, progress=False)["reason"]
+    meta["sources"][0]["train"]["shards"][0] = {"shard": "../../etc/passwd", "documents": 1, "tokens": 1}
+    (out / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(DataError, match=r"shard '../../etc/passwd' is not a shard name"):
+        load_prepared(out, "train", 64)
+
+
+def test_a_preparation_of_format_2_still_loads(tmp_path, corpus):
+    """What pangu wrote before the held-out reviews became the builtin source's own: their file
+    and their counters beside the same shards."""
+    config = _config(tmp_path, corpus)
+    prepare(config, progress=False)
+    out = Path(config.data.prepared_dir)
+    meta = json.loads((out / "meta.json").read_text())
+    train, _ = load_prepared(out, "train", 64)
+    meta["format_version"] = meta["inputs"]["format_version"] = 2
+    meta["input_fingerprint"] = "0" * 64  # the hash of format 2's inputs
+    meta["inputs"]["data"]["heldout_review_fraction"] = 0.1
+    for name in ("too_long", "invalid_unicode", "long_cut"):
+        del meta["sources"][0]["cleaning"][name]
+    meta["sources"][0]["cleaning"]["heldout_review"] = 0
+    meta["heldout_reviews"] = {"file": "heldout_reviews.jsonl", "documents": 0, "positive": 0, "negative": 0}
+    (out / "meta.json").write_text(json.dumps(meta))
+    (out / "heldout_reviews.jsonl").write_text("")
+    old, report = load_prepared(out, "train", 64)
+    assert [old[i].tolist() for i in range(len(old))] == [train[i].tolist() for i in range(len(train))]
+    assert report["vocab_size"] == 40000 and report["sources"][0]["cleaning"]["too_long"] == 0
+    rebuilt = prepare(config, progress=False)  # another format: rebuilt, its old file replaced with it
+    assert rebuilt["reused"] is False and "format_version" in rebuilt["reason"]
+    assert not (out / "heldout_reviews.jsonl").exists()
+
+
+def test_text_that_unicode_cannot_encode_drops_its_document_not_the_preparation(tmp_path, corpus):
+    with corpus.open("ab") as f:
+        f.write(b'{"content": "\\ud800' + PEOPLE_DAILY[0].encode() + b'"}\n')  # an unpaired surrogate escape
+        f.write(b'{"content": "\xff' + PEOPLE_DAILY[1].encode() + b'"}\n')  # a byte that is not UTF-8
+    config = _config(tmp_path, corpus)
+    cleaning = prepare(config, progress=False)["sources"][0]["cleaning"]
+    assert cleaning["invalid_unicode"] == 2 and cleaning["documents"] == 152
+    assert cleaning["kept"] + sum(cleaning[name] for name in FILTERS) == 152
+
+
+def test_a_result_that_cannot_train_is_not_published_and_its_work_is_kept(tmp_path, corpus):
+    config = _config(tmp_path, corpus)
+    prepare(config, progress=False)
+    out = Path(config.data.prepared_dir)
+    before = _files(out)
+    config.data.valid_fraction = 0.002  # no validation document
+    with pytest.raises(DataError, match=r"cannot train this config's model: the valid split of .* holds 0 tokens"):
+        prepare(config, progress=False)
+    assert _files(out) == before
+    config.data.valid_fraction = 0.2
+    config.train.global_batch_size = 10_000
+    with pytest.raises(
+        DataError,
+        match=r"its \d+ training samples \(of model.seq_length \+ 1 = 65 tokens\) do not fill one global batch of "
+        r"train.global_batch_size = 10000; lower it, or add data \(.*prepared is as it was, and the finished work is kept",
+    ):
+        prepare(config, progress=False)
+    assert _files(out) == before
+    config.train.global_batch_size = 8
+    done = prepare(config, progress=False)
+    assert done["reused"] is False and done["resumed_pieces"] == done["pieces"]  # only published
+    config.train.global_batch_size = 10_000
+    with pytest.raises(DataError, match=r"do not fill one global batch .*prepared is as it was\)"):
+        prepare(config, progress=False)  # up to date, but not for this config
 
 
 def test_a_damaged_compressed_source_names_the_file(tmp_path):
@@ -335,10 +455,9 @@ def builtin_prepared(tmp_path_factory) -> Path:
 def test_heldout_reviews_never_reach_a_shard(builtin_prepared):
     out = builtin_prepared
     meta = json.loads((out / "meta.json").read_text())
-    heldout = [json.loads(line) for line in (out / "heldout_reviews.jsonl").read_text(encoding="utf-8").splitlines()]
-    assert heldout == [{"text": r.text, "label": r.label} for r in heldout_reviews(0.1)]
-    assert len(heldout) == meta["heldout_reviews"]["documents"] > 1000
-    assert {r["label"] for r in heldout} == {"positive", "negative"}
+    heldout = heldout_reviews()  # the builtin source's own: the prepared directory knows nothing of them
+    assert len(heldout) > 1000 and {r.label for r in heldout} == {"positive", "negative"}
+    assert "heldout" not in json.dumps(meta)
 
     in_shards = {
         tuple(document)
@@ -349,10 +468,10 @@ def test_heldout_reviews_never_reach_a_shard(builtin_prepared):
     tokenizer = load_tokenizer(out)
     normalize = Cleaner(Config().data.cleaning).normalize
     encoded = lambda text: tuple(tokenizer.encode(normalize(text)) + [tokenizer.eod_id])
-    assert not any(encoded(r["text"]) in in_shards for r in heldout)
+    assert not any(encoded(r.text) in in_shards for r in heldout)
     # the check can fail: reviews that are not held out are found there
     positive = next(path for path, label in review_files().items() if label == "positive")
-    held = {r["text"] for r in heldout}
+    held = {r.text for r in heldout}
     trained = [
         line.strip()
         for line in positive.read_text(encoding="utf-8").splitlines()[:300]
@@ -366,7 +485,7 @@ def test_builtin_corpus_report_and_training_view(builtin_prepared):
     cleaning = meta["sources"][0]["cleaning"]
     assert cleaning["kept"] == meta["totals"]["train"]["documents"] + meta["totals"]["valid"]["documents"]
     assert cleaning["documents"] == sum(
-        cleaning[k] for k in ("too_short", "low_chinese_ratio", "heldout_review", "duplicate", "kept")
+        cleaning[k] for k in ("too_long", "invalid_unicode", "too_short", "low_chinese_ratio", "duplicate", "kept")
     )
     assert meta["totals"]["train"]["tokens"] > 1_000_000
     assert len(dataset) == meta["totals"]["train"]["tokens"] // 1025

@@ -18,6 +18,7 @@ import yaml
 
 from bench.corpus import write_corpus
 from pangu.config import Config, SourceConfig, load_config
+from pangu.data.cache import IndexCache
 from pangu.data.cleaning import Cleaner
 from pangu.data.dataset import BlendedDataset, PackedDataset, _greedy_steps, blend_indices
 from pangu.data.indexed import IndexedShard, ShardWriter
@@ -158,6 +159,63 @@ def test_peak_memory_does_not_grow_with_the_corpus(tmp_path):
     assert peaks[4] <= 1.10 * peaks[1], peaks
 
 
+# a prepare in one process that says how far a piece got every half second; prints its cleaning
+# report and its peak RSS in KiB (measured from a small parent: a process forked from a large one,
+# such as pytest's, reports that one's RSS as its own peak)
+_MEASURED_LONG = """
+import resource, subprocess, sys
+code = (
+    "import json, sys; import pangu.data.pieces; from pangu.config import load_config; "
+    "from pangu.data.prepare import prepare; pangu.data.pieces._PROGRESS_SECONDS = 0.5; "
+    "print(json.dumps(prepare(load_config(sys.argv[1]))['sources'][0]['cleaning']))"
+)
+done = subprocess.run([sys.executable, "-c", code, sys.argv[1]], check=True, stdout=subprocess.PIPE, text=True)
+print(done.stdout.strip())
+print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
+"""
+
+
+@pytest.mark.slow
+def test_a_50_mb_line_keeps_memory_bounded_is_cut_and_shows_progress(tmp_path):
+    """A text file holding one 50 MB line (here English, so that it is cut, cleaned and filtered
+    but not tokenized) beside ordinary lines: the peak RSS of the process stays within 100 MB of a
+    prepare of the ordinary lines alone (it was 30 times the line: 1.6 GB), the line is cut into
+    documents of at most data.cleaning.max_document_size, and progress is shown while it is read."""
+    from pangu.data.builtin import people_daily_file
+
+    lines = [
+        "".join(token.rsplit("/", 1)[0] for token in line.split())
+        for line in people_daily_file().read_text(encoding="utf-8").splitlines()[:300]
+        if line.strip()
+    ]
+    sentence = "The quick brown fox jumps over the lazy dog. "
+    peaks, reports = {}, {}
+    for name, long_line in (("ordinary", ""), ("long", sentence * (50_000_000 // len(sentence)))):
+        corpus = tmp_path / name / "corpus.txt"
+        corpus.parent.mkdir()
+        with corpus.open("w", encoding="utf-8") as f:
+            f.write(
+                "\n".join(lines[:150]) + "\n" + (long_line + "\n" if long_line else "") + "\n".join(lines[150:]) + "\n"
+            )
+        settings = _settings(corpus, tmp_path / name / "prepared", valid_fraction=0.1, piece_size="64MB")
+        settings["data"]["sources"] = [{"kind": "text", "path": str(corpus)}]
+        config = _config_file(tmp_path / name / "config.yaml", settings)
+        result = subprocess.run(
+            [sys.executable, "-c", _MEASURED_LONG, str(config)], capture_output=True, text=True, env=subprocess_env()
+        )
+        assert result.returncode == 0, result.stderr[-3000:]
+        *_, report, peak = result.stdout.splitlines()
+        peaks[name], reports[name] = int(peak), json.loads(report)
+        if long_line:
+            assert "[prepare] piece 0 (" in result.stderr and "M characters read so far" in result.stderr
+    print("peak RSS (KiB) without and with the 50 MB line:", peaks)
+    assert peaks["long"] <= peaks["ordinary"] + 100 * 1024
+    long, ordinary = reports["long"], reports["ordinary"]
+    assert long["long_cut"] == 1 and 50 <= long["documents"] - ordinary["documents"] <= 60
+    assert long["low_chinese_ratio"] - ordinary["low_chinese_ratio"] == long["documents"] - ordinary["documents"]
+    assert long["kept"] == ordinary["kept"]
+
+
 # ---------------------------------------------------------------------------------------------
 # Resume
 
@@ -180,7 +238,8 @@ def test_a_killed_prepare_resumes_and_gives_the_uninterrupted_result(tmp_path):
     corpus = tmp_path / "corpus"
     write_corpus(corpus, 60_000, file_size=30_000, seed=2)
     prepared = tmp_path / "prepared"
-    config = _config_file(tmp_path / "config.yaml", _settings(corpus, prepared, piece_size="8KB"))
+    # (a validation split that holds a sample: the 60 KB preparation must be trainable to be published)
+    config = _config_file(tmp_path / "config.yaml", _settings(corpus, prepared, piece_size="8KB", valid_fraction=0.2))
     old = prepare(load_config(config), progress=False)
     before = _files(prepared)
     write_corpus(tmp_path / "more", 300_000, file_size=100_000, seed=3)
@@ -205,7 +264,10 @@ def test_a_killed_prepare_resumes_and_gives_the_uninterrupted_result(tmp_path):
     assert resumed["input_fingerprint"] != old["input_fingerprint"]
     fresh = tmp_path / "fresh"
     prepare(
-        load_config(_config_file(tmp_path / "fresh.yaml", _settings(corpus, fresh, piece_size="8KB"))), progress=False
+        load_config(
+            _config_file(tmp_path / "fresh.yaml", _settings(corpus, fresh, piece_size="8KB", valid_fraction=0.2))
+        ),
+        progress=False,
     )
     assert _files(prepared) == _files(fresh)
     assert not work.exists()
@@ -272,6 +334,60 @@ def test_near_duplicates_are_removed_and_reported_as_such(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
+# Deduplication's file opens
+
+
+_opened: list[str] | None = None  # paths opened while a test counts them (Python's audit events)
+
+
+def _record_open(event: str, args: tuple) -> None:
+    if event == "open" and _opened is not None and isinstance(args[0], (str, bytes, os.PathLike)):
+        _opened.append(os.fsdecode(args[0]))
+
+
+sys.addaudithook(_record_open)
+
+
+def _prepare_counting_dedup_opens(corpus: Path, prepared: Path, **settings) -> tuple[dict, int]:
+    """A prepare in this process (data.num_proc 1) and how many times it opened a file of
+    deduplication: a piece's keys, or anything under the work directory's dedup/."""
+    global _opened
+    config = load_config(_config_file(prepared.with_suffix(".yaml"), _settings(corpus, prepared, **settings)))
+    _opened = []
+    try:
+        report = prepare(config, progress=False)
+    finally:
+        opened, _opened = _opened, None
+    return report, sum(path.endswith(".keys") or f"{os.sep}dedup{os.sep}" in path for path in opened)
+
+
+@pytest.mark.slow
+def test_deduplication_opens_grow_with_pieces_plus_buckets_and_change_nothing(tmp_path, monkeypatch):
+    """P pieces and B buckets, both 4 times as many: the opens of deduplication's files grow 4
+    times (they were 2 P B: 16 times), and the result is the one of a single bucket."""
+    import pangu.data.dedup as dedup
+
+    settings = {"piece_size": "1KiB", "shard_size": "16KiB", "valid_fraction": 0.3}
+    opens, pieces, buckets = [], [], []
+    for size in (24_000, 96_000):
+        corpus = tmp_path / f"corpus-{size}"
+        write_corpus(corpus, size, file_size=size, seed=5)
+        with monkeypatch.context() as patch:
+            patch.setattr(dedup, "KEYS_PER_BUCKET", 4)  # a bucket per 2 KB of input
+            report, count = _prepare_counting_dedup_opens(corpus, tmp_path / f"many-{size}", **settings)
+            buckets.append(dedup.bucket_count(sum(f.stat().st_size for f in corpus.iterdir()), 1))
+        opens.append(count)
+        pieces.append(report["pieces"])
+        one_bucket, _ = _prepare_counting_dedup_opens(corpus, tmp_path / f"one-{size}", **settings)
+        assert one_bucket["sources"][0]["cleaning"]["duplicate"] > 0
+        assert _files(tmp_path / f"many-{size}") == _files(tmp_path / f"one-{size}")
+    print(f"pieces {pieces}, buckets {buckets}, opens of deduplication's files {opens}")
+    assert pieces[1] >= 3.5 * pieces[0] and buckets[1] >= 3.5 * buckets[0] and buckets[0] >= 10
+    assert opens[1] <= 5 * opens[0]
+    assert all(count <= 8 * (p + b) for count, p, b in zip(opens, pieces, buckets))
+
+
+# ---------------------------------------------------------------------------------------------
 # Streaming readers and pieces
 
 
@@ -285,7 +401,7 @@ def test_pieces_of_any_size_read_every_document_once_in_order(tmp_path):
         source = SourceConfig(kind=kind, path=str(path))
         for piece_size in (1, 7, 100, 1000, 1 << 30):
             pieces = plan_pieces([source], piece_size, 1 << 30)
-            assert [d for p in pieces for d in iter_piece(p, source, heldout_review_fraction=0)] == texts, piece_size
+            assert [d for p in pieces for d in iter_piece(p, source)] == texts, piece_size
     # compressed files are read as streams, one piece each
     for suffix, compression in ((".gz", "gzip"), (".zst", "zstd"), (".bz2", "bz2")):
         packed = tmp_path / f"packed.jsonl{suffix}"
@@ -293,14 +409,14 @@ def test_pieces_of_any_size_read_every_document_once_in_order(tmp_path):
             out.write(jsonl.read_bytes())
         source = SourceConfig(kind="jsonl", path=str(packed))
         assert len(plan_pieces([source], 100, 1 << 30)) == 1
-        assert list(iter_documents(source, 0, heldout_review_fraction=0)) == texts
+        assert list(iter_documents(source, 0)) == texts
     # parquet: runs of row groups
     table = tmp_path / "docs.parquet"
     pq.write_table(pa.Table.from_pylist([{"text": t} for t in texts]), table, row_group_size=40)
     source = SourceConfig(kind="parquet", path=str(table))
     pieces = plan_pieces([source], 2000, 1 << 30)
     assert len(pieces) > 2
-    assert [d for p in pieces for d in iter_piece(p, source, heldout_review_fraction=0)] == texts
+    assert [d for p in pieces for d in iter_piece(p, source)] == texts
 
 
 def test_a_directory_source_reads_compressed_files_too(tmp_path):
@@ -308,7 +424,7 @@ def test_a_directory_source_reads_compressed_files_too(tmp_path):
     with pa.output_stream(str(tmp_path / "b.jsonl.zst"), compression="zstd") as out:
         out.write('{"text": "第二篇"}\n'.encode())
     source = SourceConfig(kind="jsonl", path=str(tmp_path))
-    assert list(iter_documents(source, 0, heldout_review_fraction=0)) == ["第一篇", "第二篇"]
+    assert list(iter_documents(source, 0)) == ["第一篇", "第二篇"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -361,14 +477,14 @@ def test_blend_index_is_cached_rebuilt_when_the_blend_changes_and_reused_otherwi
     calls = []
     build = dataset_module.blend_indices
     monkeypatch.setattr(dataset_module, "blend_indices", lambda *a: calls.append(a) or build(*a))
-    first = BlendedDataset([_Constant(50), _Constant(30)], [3.0, 1.0], cache_dir=tmp_path)
+    first = BlendedDataset([_Constant(50), _Constant(30)], [3.0, 1.0], cache_dir=IndexCache(tmp_path))
     assert isinstance(first.dataset_index, np.memmap) and len(calls) == 2  # built (both arrays)
     written = {p.name: p.stat().st_mtime_ns for p in tmp_path.iterdir()}
-    again = BlendedDataset([_Constant(50), _Constant(30)], [3.0, 1.0], cache_dir=tmp_path)
+    again = BlendedDataset([_Constant(50), _Constant(30)], [3.0, 1.0], cache_dir=IndexCache(tmp_path))
     assert len(calls) == 2 and {p.name: p.stat().st_mtime_ns for p in tmp_path.iterdir()} == written
     assert np.array_equal(again.dataset_index, first.dataset_index)
-    BlendedDataset([_Constant(50), _Constant(30)], [1.0, 1.0], cache_dir=tmp_path)  # another blend
-    BlendedDataset([_Constant(50), _Constant(31)], [3.0, 1.0], cache_dir=tmp_path)  # other shards
+    BlendedDataset([_Constant(50), _Constant(30)], [1.0, 1.0], cache_dir=IndexCache(tmp_path))  # another blend
+    BlendedDataset([_Constant(50), _Constant(31)], [3.0, 1.0], cache_dir=IndexCache(tmp_path))  # other shards
     assert len(calls) == 6 and len(list(tmp_path.iterdir())) == 6
     uncached = BlendedDataset([_Constant(50), _Constant(30)], [3.0, 1.0])
     assert np.array_equal(uncached.dataset_index, first.dataset_index)
@@ -384,21 +500,89 @@ def test_the_sampler_permutation_is_numpy_permutation_of_n(size):
 
 def test_sampler_permutation_is_cached_and_the_same_as_without_cache(tmp_path, monkeypatch):
     plain = GlobalBatchSampler(1000, 64, seed=7)
-    cached = GlobalBatchSampler(1000, 64, seed=7, cache_dir=tmp_path)
+    cached = GlobalBatchSampler(1000, 64, seed=7, cache_dir=IndexCache(tmp_path))
     for _ in range(40):  # across epochs
         assert np.array_equal(plain.next_global_batch(), cached.next_global_batch())
     assert len(list(tmp_path.glob("permutation-*.npy"))) == 3  # epochs 0, 1, 2
     expected = plain.next_global_batch()
     monkeypatch.setattr(GlobalBatchSampler, "_build_permutation", lambda self, epoch: pytest.fail("rebuilt"))
-    resumed = GlobalBatchSampler.from_state_dict(cached.state_dict(), 1000, 64, cache_dir=tmp_path)
+    resumed = GlobalBatchSampler.from_state_dict(cached.state_dict(), 1000, 64, cache_dir=IndexCache(tmp_path))
     assert np.array_equal(resumed.next_global_batch(), expected)  # mapped from the cache, not rebuilt
     monkeypatch.undo()
-    GlobalBatchSampler(1000, 64, seed=8, cache_dir=tmp_path).next_global_batch()  # another seed: another file
+    GlobalBatchSampler(
+        1000, 64, seed=8, cache_dir=IndexCache(tmp_path)
+    ).next_global_batch()  # another seed: another file
     assert len(list(tmp_path.glob("permutation-*.npy"))) == 4
     for damaged in tmp_path.glob("permutation-*.npy"):
         damaged.write_bytes(damaged.read_bytes()[:100])
     for seed in (7, 8):  # a damaged file is rebuilt, not trusted
         assert np.array_equal(
-            GlobalBatchSampler(1000, 64, seed=seed, cache_dir=tmp_path).next_global_batch(),
+            GlobalBatchSampler(1000, 64, seed=seed, cache_dir=IndexCache(tmp_path)).next_global_batch(),
             GlobalBatchSampler(1000, 64, seed=seed).next_global_batch(),
         )
+
+
+# a process that needs the index array `test` of DIRECTORY: it says when it is about to ask, records
+# in BUILDS each time it builds the array itself, and prints what it got
+_NEEDS_INDEX = """
+import os, sys, time
+from pathlib import Path
+import numpy as np
+from pangu.data.cache import IndexCache, cached_array
+
+directory, builds, build_seconds, wait_minutes = Path(sys.argv[1]), Path(sys.argv[2]), float(sys.argv[3]), float(sys.argv[4])
+
+def build():
+    with open(builds, "a") as f:
+        f.write(f"{os.getpid()}\\n")
+    print("building", flush=True)
+    time.sleep(build_seconds)
+    return np.arange(100_000, dtype=np.int64)
+
+print("asking", flush=True)
+array = cached_array(IndexCache(directory, wait_minutes), "test", {"rule": "arange"}, 100_000, build)
+print(type(array).__name__, int(array.sum()), flush=True)
+"""
+
+
+def _needs_index(directory: Path, builds: Path, build_seconds: float = 1.0, wait_minutes: float = 1.0):
+    return subprocess.Popen(
+        [sys.executable, "-c", _NEEDS_INDEX, str(directory), str(builds), str(build_seconds), str(wait_minutes)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=subprocess_env(),
+    )
+
+
+def test_one_process_builds_an_index_and_the_others_map_it(tmp_path):
+    """Six plain processes (ranks of one job, or independent jobs on one prepared directory) ask
+    for the same missing index at once: one builds it, the others wait for it and map it."""
+    builds = tmp_path / "builds"
+    processes = [_needs_index(tmp_path / "cache", builds) for _ in range(6)]
+    outputs = [p.communicate(timeout=120) for p in processes]
+    assert [p.returncode for p in processes] == [0] * 6, [err for _, err in outputs]
+    assert all(out.splitlines()[-1] == f"memmap {sum(range(100_000))}" for out, _ in outputs)
+    assert len(builds.read_text().splitlines()) == 1
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == [next((tmp_path / "cache").glob("test-*.npy")).name]
+
+
+def test_a_builder_that_dies_is_replaced_and_a_stuck_one_is_named(tmp_path):
+    builds = tmp_path / "builds"
+    builder = _needs_index(tmp_path / "cache", builds, build_seconds=600)
+    try:
+        assert builder.stdout.readline() == "asking\n" and builder.stdout.readline() == "building\n"
+        stuck = _needs_index(tmp_path / "cache", builds, wait_minutes=0.02)
+        _, err = stuck.communicate(timeout=120)
+        assert stuck.returncode == 1 and f"pid {builder.pid} is building" in err and "DataError" in err
+        waiter = _needs_index(tmp_path / "cache", builds)
+        assert waiter.stdout.readline() == "asking\n"
+        time.sleep(1.0)  # it finds the lock held and waits
+    finally:
+        builder.kill()
+        builder.wait()
+    out, err = waiter.communicate(timeout=120)
+    assert waiter.returncode == 0, err
+    assert f"pid {builder.pid} stopped before it finished building" in err
+    assert out.splitlines()[-1] == f"memmap {sum(range(100_000))}"
+    assert builds.read_text().splitlines() == [str(builder.pid), str(waiter.pid)]

@@ -1,12 +1,15 @@
 """Token shards on disk, packing into samples, blending sources, and batch construction."""
 
+import shutil
+
 import numpy as np
 import pytest
 import torch
 
 from pangu.data import DataError
-from pangu.data.dataset import BlendedDataset, PackedDataset, make_batch
-from pangu.data.indexed import IndexedShard, ShardWriter
+from pangu.data.dataset import BlendedDataset, PackedDataset, make_batch, read_samples
+from pangu.data.indexed import IndexedShard, ShardTokens, ShardWriter
+from tests.helpers import run_pretrain, tiny_overrides
 
 PAD, EOD = 6, 9
 
@@ -35,6 +38,25 @@ def test_shard_round_trip(tmp_path, vocab_size, dtype):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["s.bin", "s.idx"]  # no temporary files left
     with pytest.raises(IndexError):
         shard.doc(4)
+
+
+def test_a_token_outside_the_model_s_vocabulary_names_its_shard_and_sample(tmp_path):
+    """A shard of another tokenizer (or a damaged one) is caught on the host, per batch, before
+    the embedding sees the id (an IndexError on the CPU, a device-side assert on a GPU)."""
+    first = _write_shard(tmp_path / "a", [[100] * 5 + [700] + [100] * 24], vocab_size=65535)
+    second = _write_shard(tmp_path / "b", [[5] * 3 + [600] + [5] * 26], vocab_size=65535)
+    packed = PackedDataset([first, ShardTokens(tmp_path / "b", second.num_tokens, 65535)], seq_length=11)
+    assert read_samples(packed, [1, 3], vocab_size=600).shape == (2, 12)  # samples 0 and 2 are not read
+    with pytest.raises(DataError, match=rf"token 5 of sample 0 \({tmp_path}/a.bin, its token 5\) is token id 700, "):
+        read_samples(packed, [1, 0], vocab_size=600)
+    # sample 2 spans both shards
+    with pytest.raises(DataError, match=rf"token 9 of sample 2 \({tmp_path}/b.bin, its token 3\) .*vocabulary of 600"):
+        read_samples(packed, [2], vocab_size=600)
+    assert read_samples(packed, [2], vocab_size=601)[0, 9] == 600
+    blend = BlendedDataset([packed, PackedDataset(second, seq_length=11)], [1.0, 1.0])
+    k = next(k for k in range(len(blend)) if blend.dataset_index[k] == 0 and blend.dataset_sample_index[k] == 2)
+    with pytest.raises(DataError, match=rf"token 9 of sample {k} \({tmp_path}/b.bin, its token 3\)"):
+        read_samples(blend, [k], vocab_size=600)
 
 
 def test_writer_rejects_ids_outside_the_vocabulary(tmp_path):
@@ -161,3 +183,23 @@ def test_eod_reset_restarts_positions_and_blocks_attention_by_document():
         for i in range(8):
             for j in range(8):
                 assert mask[b, 0, i, j] == (j <= i and documents[b][i] == documents[b][j]), (b, i, j)
+
+
+@pytest.mark.slow
+def test_training_on_a_shard_with_foreign_token_ids_stops_with_one_line(tiny_corpus, tmp_path):
+    """The trainer reads every global batch through `read_samples`: a shard whose ids exceed the
+    model's vocabulary ends the run before the first step, naming the shard, exit status 2."""
+    corpus = tmp_path / "prepared"
+    shutil.copytree(tiny_corpus, corpus)
+    shard = corpus / "train-0-00000.bin"
+    shard.write_bytes(np.full(shard.stat().st_size // 2, 700, dtype=np.uint16).tobytes())  # the model has 600
+    result = run_pretrain(tiny_overrides(corpus, tmp_path / "run"))
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert (
+        "train-0-00000.bin, its token" in result.stderr
+        and "is token id 700, outside the model's vocabulary of 600" in result.stderr
+    )
+    assert (
+        not (tmp_path / "run" / "metrics.jsonl").exists()
+        or "loss" not in (tmp_path / "run" / "metrics.jsonl").read_text()
+    )

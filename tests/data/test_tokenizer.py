@@ -88,3 +88,18 @@ def test_training_rejects_a_vocabulary_too_small_for_the_special_and_byte_pieces
     with pytest.raises(DataError, match="vocab_size = 200 is too small"):
         PanguTokenizer.train(review_lines, tmp_path / "tok.model", vocab_size=200)
     assert not (tmp_path / "tok.model").exists()
+
+
+def test_text_never_ends_in_half_a_character(tmp_path, review_lines):
+    """A sample cut after the first bytes of a byte-fallback character (generation stops at
+    max_new_tokens anywhere) decodes without them, not to U+FFFD: every prefix of the ids decodes
+    to a prefix of the text."""
+    trained = PanguTokenizer.train(review_lines, tmp_path / "tok.model", vocab_size=400)
+    text = "好龘𠀋é不错"  # 3- and 4-byte characters never seen in training, a 2-byte one, then known ones
+    ids = trained.encode(text)
+    assert sum(trained._sp.is_byte(i) for i in ids) >= 7
+    for end in range(len(ids) + 1):
+        decoded = trained.decode(ids[:end])
+        assert "\ufffd" not in decoded and text.startswith(decoded), (end, decoded)
+    assert trained.decode(ids) == text
+    assert {trained.decode(ids[:end]) for end in range(len(ids) + 1)} >= {"好", "好龘", "好龘𠀋", "好龘𠀋é"}

@@ -259,8 +259,9 @@ def test_every_task_file_is_known_and_loads():
     for name in EXAMPLE_TASKS:
         task = load_task(example_spec(name))
         assert task.data == EXAMPLES / EXAMPLE_TASKS[name]
-    sentiment = load_task("sentiment", prepared_dir="data_cache/x")
-    assert sentiment.data == Path("data_cache/x/heldout_reviews.jsonl").resolve()
+    sentiment = load_task("sentiment")  # the builtin source's held-out reviews: no prepared directory needed
+    examples = read_examples(sentiment.data, sentiment)
+    assert len(examples) > 1000 and {e["label"] for e in examples} == {"positive", "negative"}
 
 
 @pytest.mark.parametrize("shots", [0, 1])
@@ -474,13 +475,13 @@ def test_tiny_model_trained_on_the_sentiment_examples_scores_high(tmp_path):
     sample (packing cuts a few between two samples; their label was never next to their text)."""
     import pangu
     from pangu.config import load_config
+    from pangu.data.builtin import heldout_reviews
     from pangu.data.cleaning import normalize_whitespace
     from pangu.data.prepare import is_validation_document, load_prepared, prepare
-    from pangu.data.sources import heldout_reviews
     from pangu.evaluation.tasks import fill
 
     task = load_task("sentiment", prepared_dir=tmp_path)
-    reviews = [r for r in heldout_reviews(0.1) if 8 <= len(r.text) <= 24 and "\n" not in r.text]
+    reviews = [r for r in heldout_reviews() if 8 <= len(r.text) <= 24 and "\n" not in r.text]
     picked = [r for r in reviews if r.label == "positive"][:40] + [r for r in reviews if r.label == "negative"][:40]
     lines, trained = [], []
     for review in picked:
@@ -502,7 +503,8 @@ def test_tiny_model_trained_on_the_sentiment_examples_scores_high(tmp_path):
         "data.eod_reset=true",
         "data.num_proc=1",
     ]
-    config = load_config(None, data_settings)
+    # prepared for the model it trains (prepare refuses a result that could not train its config's)
+    config = load_config(None, [*data_settings, "model.seq_length=128", "train.global_batch_size=8"])
     prepare(config, progress=False)
     result = run_pretrain(
         tiny_overrides(

@@ -4,7 +4,7 @@ option of its own (`optim.momentum`). Importing this module registers `optim.nam
 
 from dataclasses import dataclass
 
-from pangu.config import OptimizerOptions
+from pangu.config.optim import OptimizerOptions
 from pangu.optim import registry
 
 

@@ -191,10 +191,18 @@ def test_more_memory_never_fits_fewer_layouts_and_recompute_saves_activations():
     assert no_flash.activations > memory_model.estimate_memory(config, layout).activations
 
 
-def run_plan(*args: str) -> subprocess.CompletedProcess:
+def run_plan(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "pangu.cli", "plan", *args], capture_output=True, text=True, cwd=ROOT, timeout=120
+        [sys.executable, "-m", "pangu.cli", "plan", *args], capture_output=True, text=True, cwd=ROOT, timeout=timeout
     )
+
+
+@pytest.mark.parametrize("gpus", [2**61 - 1, 2**40, 10**30, 509], ids=["a huge prime", "2^40", "10^30", "a prime"])
+def test_plan_answers_within_seconds_for_any_device_count(gpus):
+    """The layouts are found from the divisors of the heads, layers and batch, never by counting
+    to the device count."""
+    done = run_plan("--config", "configs/2.6b.yaml", "--gpus", str(gpus), "--gpu-memory", "80GiB", timeout=30)
+    assert done.returncode == 1 and f"no layout of {gpus} devices divides the model" in done.stderr
 
 
 def test_plan_for_pangu_2_6b_on_its_512_devices():
@@ -217,6 +225,8 @@ def test_plan_says_when_nothing_fits_and_rejects_bad_input():
     assert "none of the" in done.stderr and "GiB per device" in done.stderr
     bad_size = run_plan("--config", "configs/tiny.yaml", "--gpus", "8", "--gpu-memory", "eighty")
     assert bad_size.returncode == 2 and "is not a size" in bad_size.stderr
+    no_memory = run_plan("--config", "configs/tiny.yaml", "--gpus", "8", "--gpu-memory", "0")
+    assert no_memory.returncode == 2 and "--gpu-memory = 0 bytes is not allowed" in no_memory.stderr
     with pytest.raises(ConfigError, match="--gpus"):
         planner.plan(load_config(ROOT / "configs/tiny.yaml", []), planner.Hardware(0, 80 * GiB))
 

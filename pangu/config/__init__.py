@@ -14,7 +14,9 @@ from typing import Any, Literal
 
 import yaml
 
-from pangu.schema import ConfigError, apply_override, did_you_mean, from_dict, parse_bytes
+from pangu.config.optim import OptimConfig, read_optim
+from pangu.schema import ConfigError, apply_override, from_dict, parse_bytes
+from pangu.schema import require as _require
 
 PADDED_VOCAB_MULTIPLE = 128
 # A trained tokenizer holds SentencePiece's 3 ids, PanGu's 7 special pieces and 256 byte pieces,
@@ -128,6 +130,9 @@ class CleaningConfig:
     min_chinese_ratio: float = 0.3
     to_simplified: bool = False
     deduplicate: bool = True
+    # a longer document (UTF-8 bytes) is cut into documents of at most this size at line or
+    # sentence ends, which bounds memory; a JSON record over 16 times this size is skipped unread
+    max_document_size: str = "1MB"
 
 
 @dataclass
@@ -163,7 +168,6 @@ class DataConfig:
     # how long a rank of a multi-process prepare waits for the others (tokenizer training, slow ranks)
     timeout_minutes: float = 1440.0
     valid_fraction: float = 0.01  # of documents, chosen by a hash of the text: deterministic
-    heldout_review_fraction: float = 0.1  # of review documents, never written into any shard
     eod_reset: bool = False  # restart positions and block attention after each separator
     seed: int = 1234
 
@@ -179,8 +183,11 @@ class DataConfig:
                     f"a file, directory or glob (required for kind {source.kind!r})",
                 )
         _require(self.num_proc >= 0, "data.num_proc", self.num_proc, ">= 0 (0: every core of the node)")
-        for name in ("piece_size", "shard_size"):
-            value = getattr(self, name)
+        for name, value in (
+            ("piece_size", self.piece_size),
+            ("shard_size", self.shard_size),
+            ("cleaning.max_document_size", self.cleaning.max_document_size),
+        ):
             try:
                 size = parse_bytes(value)
             except ConfigError:
@@ -201,12 +208,6 @@ class DataConfig:
             ">= 1",
         )
         _require(0.0 < self.valid_fraction < 0.5, "data.valid_fraction", self.valid_fraction, "a fraction in (0, 0.5)")
-        _require(
-            0.0 <= self.heldout_review_fraction < 1.0,
-            "data.heldout_review_fraction",
-            self.heldout_review_fraction,
-            "a fraction in [0, 1)",
-        )
         _require(
             0.0 <= self.cleaning.min_chinese_ratio <= 1.0,
             "data.cleaning.min_chinese_ratio",
@@ -263,111 +264,6 @@ class ParallelConfig:
                 "false with parallel.engine = 'deepspeed'",
             )
         _require(self.timeout_minutes > 0, "parallel.timeout_minutes", self.timeout_minutes, "> 0 (minutes)")
-
-
-# The optimizer: what every optimizer shares is OptimConfig's; each optimizer's own options (S3's
-# beta, AdamW's betas, ...) are declared with its registry entry (pangu/optim/registry.py), which
-# registers them here by the optimizer's name when it is imported, since config cannot import it.
-# Users write both in the optim section (`optim.beta`, `--set optim.p=2`).
-
-
-@dataclass(frozen=True)
-class OptimizerOptions:
-    """An optimizer's own options: subclass it with typed fields, their defaults and a `validate`,
-    and hand the subclass to the optimizer's `OptimizerSpec`."""
-
-    @classmethod
-    def keys(cls, section: dict[str, Any]) -> list[str]:
-        """The keys of the optim section `section` (as written) that these options read."""
-        return [f.name for f in dataclasses.fields(cls)]
-
-    @classmethod
-    def read(cls, section: dict[str, Any]) -> OptimizerOptions:
-        """The options from `section`, which holds only keys of `keys(section)`, each typed and checked."""
-        return from_dict(cls, section, "optim")
-
-    def to_dict(self) -> dict[str, Any]:
-        """The keys and values as `read` takes them."""
-        return dataclasses.asdict(self)
-
-    def validate(self) -> None:
-        """Each value within its domain (`require`)."""
-
-    def require(self, ok: bool, key: str, allowed: str) -> None:
-        _require(ok, f"optim.{key}", getattr(self, key), allowed)
-
-
-_OPTIONS: dict[str, type[OptimizerOptions]] = {}  # optim.name -> the options it reads
-
-
-def register_options(optimizer: str, options: type[OptimizerOptions]) -> None:
-    _OPTIONS[optimizer] = options
-
-
-@dataclass
-class OptimConfig:
-    name: str = "s3"  # a registered optimizer (pangu/optim/registry.py): s3, adamw, sgd_si
-    lr: float = 1e-3
-    weight_decay: float = 0.1  # not applied to LayerNorm parameters and biases
-    # S3 and AdamW: one fused kernel per tensor (S3: torch.compile, built on the first step;
-    # AdamW: torch's fused kernel) instead of the multi-tensor foreach path; under sgd_si it
-    # applies to si_other = s3 (its AdamW part runs unfused). "auto": fused on GPUs, where it is
-    # faster; foreach on the CPU, where compiling costs more than a short run saves
-    fused: bool | Literal["auto"] = "auto"
-    # schedule and clipping
-    warmup_steps: int = 10
-    decay: Literal["cosine", "linear", "constant", "step"] = "cosine"
-    min_lr_ratio: float = 0.1
-    grad_clip: float = 1.0  # global gradient-norm clip; 0 disables
-    # the options of optimizer `name`, written beside the keys above; None: their defaults
-    options: OptimizerOptions | None = None
-
-    def __post_init__(self) -> None:
-        if self.options is None and self.name in _OPTIONS:
-            self.options = _OPTIONS[self.name]()
-
-    def validate(self) -> None:
-        _require(self.name in _OPTIONS, "optim.name", self.name, f"one of {', '.join(map(repr, _OPTIONS))}")
-        if not isinstance(self.options, _OPTIONS[self.name]):
-            raise TypeError(f"optim.options {self.options!r} are not the options of optim.name = {self.name!r}")
-        self.options.validate()
-        _require(self.lr > 0, "optim.lr", self.lr, "> 0")
-        _require(self.weight_decay >= 0, "optim.weight_decay", self.weight_decay, ">= 0")
-        _require(self.warmup_steps >= 0, "optim.warmup_steps", self.warmup_steps, ">= 0")
-        _require(0.0 <= self.min_lr_ratio <= 1.0, "optim.min_lr_ratio", self.min_lr_ratio, "in [0, 1]")
-        _require(self.grad_clip >= 0, "optim.grad_clip", self.grad_clip, ">= 0 (0 disables)")
-
-    def to_dict(self) -> dict[str, Any]:
-        """The optim section as users write it: the shared keys, then the options'."""
-        shared = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "options"}
-        return {**shared, **self.options.to_dict()}
-
-
-def _read_optim(section: Any, stored: bool) -> OptimConfig:
-    """The optim section: the shared keys into OptimConfig, the others into the options of the
-    optimizer it names; a key of neither is an error naming the optimizer and its keys. A `stored`
-    section (a checkpoint's config) may also hold options of other optimizers, which are left out:
-    before each optimizer's options moved to its registry entry, every optim section was stored
-    with every optimizer's keys (they never acted on the run)."""
-    if not isinstance(section, dict):
-        raise ConfigError(f"optim must be a mapping, got {section!r}")
-    name = section.get("name", OptimConfig.name)
-    if not isinstance(name, str) or name not in _OPTIONS:
-        raise ConfigError(f"optim.name = {name!r} is not allowed: expected one of {', '.join(map(repr, _OPTIONS))}")
-    shared = [f.name for f in dataclasses.fields(OptimConfig) if f.name != "options"]
-    own = _OPTIONS[name].keys(section)
-    for key in section:
-        owners = [other for other, options in _OPTIONS.items() if other != name and key in options.keys({})]
-        if key in shared or key in own or (stored and owners):
-            continue
-        reason = f" (an option of {', '.join(map(repr, owners))}; each optimizer reads only its own)" if owners else ""
-        raise ConfigError(
-            f"unknown key 'optim.{key}' for optim.name = {name!r}{reason}.{did_you_mean(key, shared + own)} "
-            f"Allowed keys of optim for {name}: {', '.join(shared + own)}"
-        )
-    optim = from_dict(OptimConfig, {key: value for key, value in section.items() if key in shared}, "optim")
-    optim.options = _OPTIONS[name].read({key: value for key, value in section.items() if key in own})
-    return optim
 
 
 @dataclass
@@ -445,11 +341,13 @@ class TrainConfig:
         _require(self.global_batch_size >= 1, "train.global_batch_size", self.global_batch_size, ">= 1")
         _require(self.seed >= 0, "train.seed", self.seed, ">= 0")
         _require(self.peak_flops >= 0, "train.peak_flops", self.peak_flops, ">= 0 (0: measured or known)")
+        # DeepSpeed keeps the initial scale as the integer 2^power, and torch multiplies a tensor
+        # by an integer only below 2^63
         _require(
-            0 <= self.initial_loss_scale_power <= 64,
+            0 <= self.initial_loss_scale_power <= 62,
             "train.initial_loss_scale_power",
             self.initial_loss_scale_power,
-            "in [0, 64] (the fp16 loss scale starts at 2^power)",
+            "in [0, 62] (the fp16 loss scale starts at 2^power)",
         )
         _require(self.loss_scale_window >= 1, "train.loss_scale_window", self.loss_scale_window, ">= 1")
         _require(self.min_loss_scale > 0, "train.min_loss_scale", self.min_loss_scale, "> 0")
@@ -539,11 +437,6 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def _require(ok: bool, name: str, value: Any, allowed: str) -> None:
-    if not ok:
-        raise ConfigError(f"{name} = {value!r} is not allowed: expected {allowed}")
-
-
 # ---------------------------------------------------------------------------------------------
 # Loading: YAML -> nested dict -> overrides -> typed dataclasses, strictly.
 
@@ -567,7 +460,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     return _build(raw, stored=False)
 
 
-CONFIGS_DIR = Path(__file__).resolve().parent / "configs"  # the builtin configs: tiny, 350m, 2.6b, 13b, 200b
+CONFIGS_DIR = Path(__file__).resolve().parents[1] / "configs"  # the builtin configs: tiny, 350m, 2.6b, 13b, 200b
 
 
 def resolve_config(path: str | Path) -> Path:
@@ -583,9 +476,18 @@ def resolve_config(path: str | Path) -> Path:
     raise ConfigError(f"config file {str(path)!r} {problem} (builtin configs: {names})")
 
 
+# keys older versions of pangu wrote into the configs they stored (checkpoints): read, then dropped
+RETIRED_KEYS = (("data", "heldout_review_fraction"),)  # the builtin source's own fixed fraction now
+
+
 def config_from_dict(raw: dict[str, Any]) -> Config:
     """Build and validate a config from a nested dict pangu stored (a checkpoint's), written by
-    `Config.to_dict` of this or an earlier version (see `_read_optim`)."""
+    `Config.to_dict` of this or an earlier version (see `read_optim`; keys since retired are dropped)."""
+    if isinstance(raw, dict):
+        raw = {section: dict(values) if isinstance(values, dict) else values for section, values in raw.items()}
+        for section, key in RETIRED_KEYS:
+            if isinstance(raw.get(section), dict):
+                raw[section].pop(key, None)
     return _build(raw, stored=True)
 
 
@@ -593,6 +495,6 @@ def _build(raw: Any, stored: bool) -> Config:
     if not isinstance(raw, dict):
         raise ConfigError(f"the config must be a mapping of sections, got {raw!r}")
     config = from_dict(Config, {section: value for section, value in raw.items() if section != "optim"}, "")
-    config.optim = _read_optim(raw.get("optim", {}), stored)
+    config.optim = read_optim(raw.get("optim", {}), stored)
     config.validate()
     return config
