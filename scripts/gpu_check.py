@@ -36,10 +36,9 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "bench"))  # bench/ is not a package: the plain loop and the optimizer bench
+from pangu.files import write_atomic, write_json_atomic
 
-from pangu.files import write_atomic, write_json_atomic  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 
 @dataclass(frozen=True)
@@ -328,7 +327,7 @@ def _cell(value) -> str:
     if value is None or value == "":
         return "-"
     if isinstance(value, float):
-        return f"{value:.3g}" if abs(value) < 1e4 else f"{value:,.0f}"
+        return f"{value:.3g}" if abs(value) < 1000 else f"{value:,.0f}"
     return str(value).replace("|", "/").replace("\n", " ")
 
 
@@ -445,6 +444,15 @@ def measure_row(row: Row, smoke: bool, result_file: Path) -> int:
     return 1 if result.get("failed") else 0
 
 
+def _from_bench(name: str):
+    """A module of bench/ (not a package), in a row's process only."""
+    import importlib
+
+    if str(REPO / "bench") not in sys.path:
+        sys.path.insert(0, str(REPO / "bench"))
+    return importlib.import_module(name)
+
+
 def _device(smoke: bool):
     import torch
 
@@ -483,8 +491,7 @@ def measure_peak(row: Row, smoke: bool) -> dict:
 def measure_optimizer(row: Row, smoke: bool) -> dict:
     """ms per optimizer step on one flat fp32 tensor of 350M elements (what ZeRO-1 hands pangu's
     optimizer for the 350M model), each optimizer with its own state, steps interleaved."""
-    from optimizer_step import bench
-
+    bench = _from_bench("optimizer_step").bench
     elements = 1_000_000 if smoke else 350_000_000
     repeats, warmup = (3, 1) if smoke else (20, 3)
     medians = bench([(elements,)], repeats, warmup, _device(smoke), names=OPTIMIZERS_COMPARED)
@@ -620,8 +627,8 @@ def plain_training(config, device, samples: list):
     """step(i): the plain loop of bench/throughput.py on `samples[i]`, compiled when the row's
     train.compile is, in bf16 autocast when its precision is bf16, with the row's recomputation."""
     import torch
-    from throughput import PlainLoop
 
+    PlainLoop = _from_bench("throughput").PlainLoop
     dtype = torch.bfloat16 if config.train.precision == "bf16" else torch.float32
     loop = PlainLoop(
         config,
