@@ -43,21 +43,24 @@ def alive(pid: int) -> bool:
 def test_a_killed_check_keeps_every_row_it_finished(tmp_path):
     """Killed (SIGKILL: nothing of it runs on) while its third row runs, the check leaves the
     JSON and the table whole, with the two rows it finished, and its row process dies with it."""
-    env = dict(subprocess_env(), **{HANG: "350m pangu compiled"})  # the third row: still running when killed
-    check = subprocess.Popen(check_command(tmp_path), env=env, cwd=REPO, stdout=subprocess.DEVNULL)
+    scratch = tmp_path / "tmp"  # the killed check cannot remove its temporary directory: let pytest do it
+    scratch.mkdir()
+    env = dict(subprocess_env(), TMPDIR=str(scratch), **{HANG: "350m pangu compiled"})  # row 3 runs when killed
+    out = tmp_path / "out"
+    check = subprocess.Popen(check_command(out), env=env, cwd=REPO, stdout=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 240
         while True:
             assert check.poll() is None and time.monotonic() < deadline, "the check ended or never reached row 3"
             time.sleep(0.2)
-            if (tmp_path / "gpu_check.json").is_file():
-                rows = rows_of(tmp_path)
+            if (out / "gpu_check.json").is_file():
+                rows = rows_of(out)
                 if rows["350m pangu compiled"]["status"] == "running":
                     break
     finally:
         check.send_signal(signal.SIGKILL)
         check.wait()
-    rows = rows_of(tmp_path)
+    rows = rows_of(out)
     assert [rows[name]["status"] for name in ("matmul peak", "optimizer step")] == ["ok", "ok"]
     assert rows["matmul peak"]["result"]["measured FLOP/s"] > 0
     assert set(rows["optimizer step"]["result"]["ms/step"]) == {"AdamW fused", "S3 fused p=2", "S3 fused p=3"}
@@ -65,7 +68,7 @@ def test_a_killed_check_keeps_every_row_it_finished(tmp_path):
         "running",
         "pending",
     }
-    table = (tmp_path / "gpu_check.md").read_text()
+    table = (out / "gpu_check.md").read_text()
     assert "| matmul peak | ok |" in table and "| optimizer step | ok |" in table
     assert "| 350m pangu compiled | running |" in table
     for name, ms in rows["optimizer step"]["result"]["ms/step"].items():
