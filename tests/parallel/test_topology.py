@@ -6,8 +6,6 @@ from __future__ import annotations
 import subprocess
 import sys
 
-import pytest
-
 from tests.helpers import subprocess_env
 
 GROUPS_PROBE = """
