@@ -174,12 +174,11 @@ def run_row(
             status, note = ("ok", "") if code == 0 else ("failed", f"exit {code}")
         except subprocess.TimeoutExpired:
             status, note = "timed out", f"killed after {time.monotonic() - start:.0f} s ({cut_by})"
-        except BaseException:
-            _kill_group(process)
+        except BaseException:  # Ctrl-C or SIGTERM: the row is killed below, the check stops
             report.update(row, status="interrupted", seconds=round(time.monotonic() - start, 1))
             raise
         finally:
-            _kill_group(process)  # a finished row's leftovers (compile workers, test subprocesses) too
+            _kill_group(process)  # also a finished row's leftovers (compile workers, test subprocesses)
     stderr = err_file.read_text(errors="replace")
     report.append_log(row, status, out_file.read_text(errors="replace"), stderr)
     outcome = {"status": status, "seconds": round(time.monotonic() - start, 1), "note": note}
