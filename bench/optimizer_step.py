@@ -98,10 +98,12 @@ def time_step(optimizer: torch.optim.Optimizer, device: torch.device) -> float:
     return (time.perf_counter() - start) * 1e3
 
 
-def bench(shapes: list[tuple[int, ...]], repeats: int, warmup: int, device: torch.device) -> dict[str, float]:
-    """Median ms per step of every optimizer in OPTIMIZERS, interleaved."""
+def bench(
+    shapes: list[tuple[int, ...]], repeats: int, warmup: int, device: torch.device, names: tuple[str, ...] = ()
+) -> dict[str, float]:
+    """Median ms per step of the optimizers `names` of OPTIMIZERS (default: every one), interleaved."""
     params = make_params(shapes, device)
-    optimizers = {name: make(params) for name, make in OPTIMIZERS.items()}
+    optimizers = {name: make(params) for name, make in OPTIMIZERS.items() if not names or name in names}
     times: dict[str, list[float]] = {name: [] for name in optimizers}
     for round_index in range(warmup + repeats):
         for name, optimizer in optimizers.items():

@@ -113,6 +113,17 @@ def main(argv: list[str] | None = None) -> int:
         where = f" ({err.filename})" if err.filename else ""
         print(f"pangu {args.command}: error: {err.strerror}{where}", file=sys.stderr)
         return 1
+    finally:
+        _close_process_group()
+
+
+def _close_process_group() -> None:
+    """Ends the command's process group, if it joined one: a process that exits with gloo groups
+    still open can abort in their threads' teardown ("terminate called without an active
+    exception", exit status 1) after all its work is done."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import time
 import uuid
 from pathlib import Path
@@ -15,17 +14,42 @@ import torch
 import torch.distributed as dist
 
 from pangu.config import Config
+from pangu.files import write_atomic
 from pangu.schema import ConfigError
 
 logger = logging.getLogger(__name__)
 
-# Dense bf16 peaks of common accelerators, FLOP/s per device (vendor figures); any other device's
-# peak is measured at start-up.
-KNOWN_PEAKS = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12, "A800": 312e12, "V100": 125e12}
+# Dense (no sparsity) bf16 tensor-core peaks, FLOP/s per device, from the vendor's datasheets, by
+# the exact name torch.cuda.get_device_name reports: the PCIe and NVL parts of a chip run at lower
+# clocks and power than its SXM part, so a name is matched whole, never as a substring. Any other
+# name gets no vendor figure, and its peak is measured at start-up.
+KNOWN_PEAKS = {
+    "NVIDIA H100 80GB HBM3": 989e12,  # SXM5
+    "NVIDIA H100 PCIe": 756e12,
+    "NVIDIA H100 NVL": 835e12,
+    "NVIDIA H200": 989e12,  # SXM
+    "NVIDIA H200 NVL": 835e12,
+    "NVIDIA H800": 989e12,  # SXM5, as older drivers name it
+    "NVIDIA H800 80GB HBM3": 989e12,
+    "NVIDIA H800 PCIe": 756e12,
+    "NVIDIA H20": 148e12,
+    "NVIDIA A100-SXM4-40GB": 312e12,
+    "NVIDIA A100-SXM4-80GB": 312e12,
+    "NVIDIA A100-PCIE-40GB": 312e12,
+    "NVIDIA A100 80GB PCIe": 312e12,
+    "NVIDIA A800-SXM4-80GB": 312e12,
+    "NVIDIA A800 80GB PCIe": 312e12,
+    "Tesla V100-SXM2-16GB": 125e12,  # V100: fp16 tensor cores (it has no bf16 ones)
+    "Tesla V100-SXM2-32GB": 125e12,
+    "Tesla V100-PCIE-16GB": 112e12,
+    "Tesla V100-PCIE-32GB": 112e12,
+    "Tesla V100S-PCIE-32GB": 130e12,
+}
 
 
 def known_peak(device_name: str) -> float | None:
-    return next((peak for key, peak in KNOWN_PEAKS.items() if key in device_name), None)
+    """The vendor peak of exactly this product, or None (then the peak is measured)."""
+    return KNOWN_PEAKS.get(device_name.strip())
 
 
 def measure_peak_flops(
@@ -104,9 +128,7 @@ class MetricsLogger:
                 for line in path.read_text(encoding="utf-8", errors="replace").splitlines()
                 if _step_of(line) <= step
             ]
-            tmp = path.with_name(".metrics.jsonl.tmp")
-            tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
-            os.replace(tmp, path)
+            write_atomic(path, "".join(line + "\n" for line in kept))
         self._jsonl = open(path, "a", encoding="utf-8")
         self._tensorboard = SummaryWriter(str(self.output_dir / "tensorboard"), purge_step=step + 1)
 

@@ -8,7 +8,6 @@ import sys
 
 import pytest
 
-from pangu.pretrain.metrics import known_peak
 from tests.helpers import subprocess_env
 
 GROUPS_PROBE = """
@@ -36,22 +35,6 @@ def test_every_process_group_gets_the_configured_timeout():
     line = result.stdout.strip().splitlines()[-1]
     assert int(line.split()[0]) > 5  # the default group, megatron-core's and DeepSpeed's groups
     assert "['0:07:00']" in line and line.endswith("True")
-
-
-@pytest.mark.parametrize(
-    "name, peak",
-    [
-        ("NVIDIA H100 80GB HBM3", 989e12),
-        ("NVIDIA H800", 989e12),
-        ("NVIDIA A800-SXM4-80GB", 312e12),
-        ("NVIDIA L40S", None),
-        ("NVIDIA B200", None),
-    ],
-)
-def test_unknown_accelerators_are_measured_not_refused(name, peak):
-    """A card outside the table of vendor peaks gets None here, and the trainer then measures
-    its bf16 matmul peak instead of failing after the checkpoint has loaded."""
-    assert known_peak(name) == peak
 
 
 def test_the_measured_peak_is_a_positive_rate():
@@ -82,6 +65,7 @@ gathered = [None] * dist.get_world_size()
 dist.all_gather_object(gathered, sockets[0], group=topology.host_group)
 if dist.get_rank() == 0:
     print("SOCKETS", max(gathered))
+dist.destroy_process_group()
 """
 
 

@@ -224,6 +224,7 @@ def main() -> None:
         with open(result_file, "w") as f:
             json.dump(results, f)
     dist.barrier()
+    dist.destroy_process_group()  # gloo groups left open can abort the exit
 
 
 if __name__ == "__main__":

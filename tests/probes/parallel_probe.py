@@ -98,6 +98,7 @@ def main() -> None:
         with open(args.result, "w") as f:
             json.dump(result, f)
     dist.barrier()
+    dist.destroy_process_group()  # gloo groups left open can abort the exit
 
 
 if __name__ == "__main__":
