@@ -8,8 +8,11 @@ interleaved zero bubble (ScheduleInterleavedZeroBubble) and ZBV (ScheduleZBVZero
 three with v = 2 stages per rank. A stage's forward sleeps F / v, its backward B / v, of which the
 weight-gradient part (what the zero-bubble schedules defer to their W actions) is W / v: a rank's
 compute per micro-batch is F + B whatever the schedule. Sleeps make the figures deterministic on a
-noisy machine; the tensors stages send each other are tiny, so communication is small beside them,
-and a run with every sleep 0 reports what it costs (the `overhead` column: a step's time then).
+noisy machine; the tensors stages send each other are tiny, so communication is small beside them.
+Its cost, with the schedule's own work, shows twice: in a run with every sleep 0 (`no-sleep ms`, a
+step's time then), and in the measured step beside the replayed one (`ideal ms`, below): each
+action costs its wake-up, p2p and Python (~1-2 ms on 2 busy cores), and the zero-bubble schedules
+run three actions per micro-batch and stage where the others run two (`actions`, per rank).
 
 For every case, after a warm-up step, each repeat measures per rank the time actually slept (busy)
 and the step's window from the first rank's start to the last rank's end (one monotonic clock for
@@ -19,14 +22,19 @@ all processes); idle fraction = 1 - mean busy / window, the median over repeats.
     interleaved 1F1B     (p - 1)(F + B) / v / step, i.e. (p - 1) / (v m + p - 1)
     interleaved ZB       (p - 1)(f + i - w) with chunk times f = F/v, i = (B - W)/v, w = W/v: ZB-H1's
                          (p - 1)(T_F + T_B - T_W) (Qi et al. 2024, sec. 2.1; torch: "ZB1P")
-    ZBV                  0 when f = i = w and m >= 2p - 1 (ZB-V, sec. 6; torch's docstring), else none
+    ZBV                  (p - 1) f when f = i = w and m >= 2p - 1, else none: ZB-V (sec. 6; torch's
+                         docstring) leaves no idle time inside its parallelogram, whose ranks start
+                         f apart; the paper overlaps that offset with the neighbouring steps
+                         (optimizer post-validation), a synchronous step (torch's, pangu's: the
+                         gradient norm is all-reduced before the optimizer steps) idles through it
   where step = m (F + B) + bubble;
 - simulated: the same schedule replayed from the actions each rank actually ran, in its order, with
-  the nominal sleeps and no communication: the bubble of torch's schedule as implemented (torch
-  runs a first stage's whole backward in its W actions, and ZBV's order is built for m >= 2p - 1).
+  the nominal sleeps and no communication (`ideal ms`: its step): the bubble of torch's schedule as
+  implemented (torch runs a first stage's whole backward in its W actions, and ZBV's order is built
+  for m >= 2p - 1).
 
     python bench/pipeline_bubble.py [--ranks 2 4] [--microbatches 4 8] [--schedules ...] \\
-        [--forward-ms 20] [--backward-ms 40] [--weight-ms 20] [--repeats 5] [--json OUT]
+        [--forward-ms 40] [--backward-ms 80] [--weight-ms 40] [--repeats 5] [--json OUT]
 """
 
 from __future__ import annotations
@@ -152,7 +160,11 @@ class SleepingStage(nn.Module):
 def record_actions(stage: PipelineStage, clock: Clock) -> None:
     """Log each action the schedule runs on `stage` (forward, full or input backward, weight backward)
     with its micro-batch, by wrapping the three methods every torch schedule calls."""
-    forward, backward, backward_weight = stage.forward_one_chunk, stage.backward_one_chunk, stage.backward_weight_one_chunk
+    forward, backward, backward_weight = (
+        stage.forward_one_chunk,
+        stage.backward_one_chunk,
+        stage.backward_weight_one_chunk,
+    )
 
     def logged(kind: str, microbatch: int) -> None:
         clock.actions.append([stage.stage_index, kind, microbatch, 0.0])
@@ -223,7 +235,7 @@ def worker(rank: int, world: int, port: int, cases: list, sleeps: Sleeps, repeat
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     results = {
         label: [run_case(rank, world, schedule, m, case_sleeps, repeats) for schedule, m in cases]
-        for label, case_sleeps in (("sleeping", sleeps), ("overhead", Sleeps(0.0, 0.0, 0.0)))
+        for label, case_sleeps in (("sleeping", sleeps), ("no_sleep", Sleeps(0.0, 0.0, 0.0)))
     }
     (Path(out_dir) / f"rank{rank}.json").write_text(json.dumps(results))
     dist.destroy_process_group()
@@ -246,15 +258,15 @@ def theoretical_bubble(schedule: str, pp: int, microbatches: int, sleeps: Sleeps
         balanced = abs(chunk.forward - chunk.input_grad) < 1e-12 and abs(chunk.forward - chunk.weight) < 1e-12
         if not (balanced and microbatches >= 2 * pp - 1):
             return None
-        bubble = 0.0
+        bubble = (pp - 1) * chunk.forward
     return bubble / (microbatches * (sleeps.forward + sleeps.backward) + bubble)
 
 
-def simulated_bubble(actions_by_rank: list[list], num_stages: int) -> float:
-    """The idle fraction of a step in which each rank runs its actions [stage, kind, micro-batch,
-    seconds] in their order, each as soon as what it needs has finished: a forward needs the previous
-    stage's forward, a full or input backward the next stage's (the last stage: its own forward), a
-    weight backward the stage's input backward. No communication time."""
+def replay(actions_by_rank: list[list], num_stages: int) -> tuple[float, float]:
+    """(idle fraction, seconds) of a step in which each rank runs its actions [stage, kind,
+    micro-batch, seconds] in their order, each as soon as what it needs has finished: a forward needs
+    the previous stage's forward, a full or input backward the next stage's (the last stage: its own
+    forward), a weight backward the stage's input backward. No communication time."""
 
     def needs(stage: int, kind: str, microbatch: int) -> tuple | None:
         if kind == "F":
@@ -281,7 +293,7 @@ def simulated_bubble(actions_by_rank: list[list], num_stages: int) -> float:
         if not progressed:
             raise RuntimeError(f"the recorded actions cannot run in order: stuck at {position} of {actions_by_rank}")
     busy = [sum(action[3] for action in actions) for actions in actions_by_rank]
-    return 1 - statistics.mean(busy) / max(free)
+    return 1 - statistics.mean(busy) / max(free), max(free)
 
 
 @dataclass
@@ -290,9 +302,11 @@ class Row:
     pp: int
     microbatches: int
     virtual_stages: int
+    actions: int  # compute actions per rank and step (the most of any rank)
+    ideal_ms: float  # the replayed step: the sleeps and the schedule's order alone
     step_ms: float  # measured, median
-    overhead_ms: float  # the same step with every sleep 0: communication and the schedule's own work
-    theory: float | None
+    no_sleep_ms: float  # the same step with every sleep 0: communication and the schedule's own work
+    theory: float | None  # idle fractions of the step
     simulated: float
     measured: float
 
@@ -319,18 +333,22 @@ def measure(pp: int, cases: list[tuple[str, int]], sleeps: Sleeps, repeats: int)
     for index, (schedule, microbatches) in enumerate(cases):
         sleeping = [rank["sleeping"][index] for rank in ranks]
         measured, step = step_figures(sleeping)
-        _, overhead = step_figures([rank["overhead"][index] for rank in ranks])
+        _, no_sleep = step_figures([rank["no_sleep"][index] for rank in ranks])
         virtual = VIRTUAL_STAGES[schedule]
+        actions = [rank["actions"] for rank in sleeping]
+        simulated, ideal = replay(actions, pp * virtual)
         rows.append(
             Row(
                 schedule=schedule,
                 pp=pp,
                 microbatches=microbatches,
                 virtual_stages=virtual,
+                actions=max(len(rank_actions) for rank_actions in actions),
+                ideal_ms=1000 * ideal,
                 step_ms=1000 * step,
-                overhead_ms=1000 * overhead,
+                no_sleep_ms=1000 * no_sleep,
                 theory=theoretical_bubble(schedule, pp, microbatches, sleeps),
-                simulated=simulated_bubble([rank["actions"] for rank in sleeping], pp * virtual),
+                simulated=simulated,
                 measured=measured,
             )
         )
@@ -342,14 +360,15 @@ def format_table(rows: list[Row]) -> str:
         return f"{value / base:.2f}" if base else "-"
 
     lines = [
-        f"{'schedule':<17} {'p':>2} {'m':>2} {'v':>2} | {'step ms':>8} {'overhead':>8} | "
-        f"{'theory':>7} {'simulated':>9} {'measured':>8} | {'meas/theory':>11} {'meas/sim':>8}"
+        f"{'schedule':<17} {'p':>2} {'m':>2} {'v':>2} {'actions':>7} | {'ideal ms':>8} {'step ms':>8} "
+        f"{'no-sleep ms':>11} | {'theory':>7} {'simulated':>9} {'measured':>8} | {'meas/theory':>11} {'meas/sim':>8}"
     ]
     for row in rows:
         theory = f"{row.theory:.1%}" if row.theory is not None else "-"
         lines.append(
-            f"{row.schedule:<17} {row.pp:>2} {row.microbatches:>2} {row.virtual_stages:>2} | "
-            f"{row.step_ms:>8.1f} {row.overhead_ms:>8.1f} | {theory:>7} {row.simulated:>9.1%} {row.measured:>8.1%} | "
+            f"{row.schedule:<17} {row.pp:>2} {row.microbatches:>2} {row.virtual_stages:>2} {row.actions:>7} | "
+            f"{row.ideal_ms:>8.1f} {row.step_ms:>8.1f} {row.no_sleep_ms:>11.1f} | "
+            f"{theory:>7} {row.simulated:>9.1%} {row.measured:>8.1%} | "
             f"{ratio(row.measured, row.theory):>11} {ratio(row.measured, row.simulated):>8}"
         )
     return "\n".join(lines)
@@ -360,9 +379,9 @@ def main() -> None:
     parser.add_argument("--ranks", type=int, nargs="+", default=[2, 4], help="pipeline ranks p")
     parser.add_argument("--microbatches", type=int, nargs="+", default=[4, 8], help="micro-batches m per step")
     parser.add_argument("--schedules", nargs="+", choices=list(SCHEDULES), default=list(SCHEDULES))
-    parser.add_argument("--forward-ms", type=float, default=20.0, help="a rank's forward per micro-batch, F")
-    parser.add_argument("--backward-ms", type=float, default=40.0, help="a rank's whole backward, B")
-    parser.add_argument("--weight-ms", type=float, default=20.0, help="the weight-gradient part of B, W")
+    parser.add_argument("--forward-ms", type=float, default=40.0, help="a rank's forward per micro-batch, F")
+    parser.add_argument("--backward-ms", type=float, default=80.0, help="a rank's whole backward, B")
+    parser.add_argument("--weight-ms", type=float, default=40.0, help="the weight-gradient part of B, W")
     parser.add_argument("--repeats", type=int, default=5, help="measured steps per case (after one warm-up)")
     parser.add_argument("--json", type=Path, default=None, metavar="OUT", help="also write the rows here")
     args = parser.parse_args()
@@ -387,7 +406,8 @@ def main() -> None:
         rows += measure(pp, cases, sleeps, args.repeats)
     print(format_table(rows))
     if args.json is not None:
-        write_json_atomic(args.json, {"sleeps_ms": asdict(sleeps), "rows": [asdict(row) for row in rows]})
+        settings = {"forward_ms": args.forward_ms, "backward_ms": args.backward_ms, "weight_ms": args.weight_ms}
+        write_json_atomic(args.json, {**settings, "repeats": args.repeats, "rows": [asdict(row) for row in rows]})
 
 
 if __name__ == "__main__":
