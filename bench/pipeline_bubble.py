@@ -197,7 +197,7 @@ def run_case(rank: int, pp: int, schedule: str, microbatches: int, sleeps: Sleep
     indices = stages_of_rank(parallel, rank)
     num_stages = pp * virtual
     clock = Clock()
-    # static shapes: without them each stage runs a shape-inference forward on uninitialised buffers
+    # static shapes: the first step then runs no shape-inference forward (torch.distributed.pipelining)
     activation = torch.empty(1, WIDTH, device="meta", requires_grad=True)
     stages = []
     for index in indices:
@@ -393,6 +393,8 @@ def main() -> None:
         parser.error("--forward-ms, --backward-ms and --weight-ms need F >= 0 and B >= W >= 0")
     if args.repeats < 1:
         parser.error("--repeats needs at least 1")
+    if args.json is not None and not args.json.parent.is_dir():
+        parser.error(f"--json {args.json}: the directory {args.json.parent} does not exist")
 
     sleeps = Sleeps(args.forward_ms / 1000, args.backward_ms / 1000, args.weight_ms / 1000)
     print(
