@@ -1,10 +1,13 @@
 """How the model's splittable layers are built: a small factory the model takes as an argument.
 
 The model says what the network computes; the factory says how the layers that tensor
-parallelism splits are made. This default builds plain torch layers for one process (inference,
-evaluation, export: no torch.distributed needed). `pangu.parallel.tensor_parallel.MegatronLayers`
-builds megatron-core's column/row-parallel linears and vocab-parallel embedding instead, with
-a dropout stream per tensor-parallel rank inside split regions, for training under any tp.
+parallelism splits are made, where parameters are made, and what happens at the edges of the
+split regions. This default builds plain torch layers for one process (inference, evaluation,
+export: no torch.distributed needed). The engines bring their own: the DeepSpeed engine's
+`MegatronLayers` (pangu/parallel/deepspeed/megatron.py: megatron-core's column/row-parallel
+linears and vocab-parallel embedding), the torch engine's `DTensorLayers`
+(pangu/parallel/native/layers.py: plain layers on the meta device that DTensor plans split, with
+sequence parallelism at the edges).
 """
 
 from __future__ import annotations
@@ -23,12 +26,19 @@ class LayerFactory:
 
     tp_size: int = 1
     tp_rank: int = 0
+    device: str | None = None  # None: uninitialised on the CPU; "meta": no storage (an engine materialises shards)
+
+    def make(self, module_class, *args, **kwargs) -> nn.Module:
+        """`module_class(*args, **kwargs)` with uninitialised parameters, where `device` says."""
+        if self.device is None:
+            return nn.utils.skip_init(module_class, *args, **kwargs)
+        return module_class(*args, device=self.device, **kwargs)
 
     def column_linear(self, fan_in: int, fan_out: int, *, bias: bool, shared_input: bool = False) -> nn.Module:
         """y = x W^T + b; under tensor parallelism each rank computes a slice of the outputs. With
         `shared_input` the caller passes the input through `tensor_parallel_input` itself, once for
         every linear that reads it."""
-        return nn.utils.skip_init(nn.Linear, fan_in, fan_out, bias=bias)
+        return self.make(nn.Linear, fan_in, fan_out, bias=bias)
 
     def tensor_parallel_input(self, x: torch.Tensor) -> torch.Tensor:
         """`x` as the input of column-parallel linears built with `shared_input`: under tensor
@@ -38,14 +48,25 @@ class LayerFactory:
     def row_linear(self, fan_in: int, fan_out: int, *, bias: bool) -> nn.Module:
         """y = x W^T + b; under tensor parallelism each rank takes a slice of the inputs and the
         partial outputs are summed over the group."""
-        return nn.utils.skip_init(nn.Linear, fan_in, fan_out, bias=bias)
+        return self.make(nn.Linear, fan_in, fan_out, bias=bias)
 
     def vocab_embedding(self, num_embeddings: int, embedding_dim: int) -> nn.Module:
         """The word embedding; under tensor parallelism each rank holds a slice of the rows."""
-        return nn.utils.skip_init(nn.Embedding, num_embeddings, embedding_dim)
+        return self.make(nn.Embedding, num_embeddings, embedding_dim)
+
+    def enter_sequence_parallel(self, x: torch.Tensor) -> torch.Tensor:
+        """The embedding's output (the same on every tp rank) as the residual stream of the trunk:
+        under sequence parallelism each rank keeps its slice of the sequence."""
+        return x
+
+    def residual_seed(self, seed: int) -> int:
+        """The seed of a trunk layer's dropout on the residual stream: the same on every tp rank
+        (the stream is replicated), or a rank's own under sequence parallelism (it holds a slice)."""
+        return seed
 
     def lm_logits(self, hidden: torch.Tensor, word_embeddings: torch.Tensor) -> torch.Tensor:
-        """Logits against the tied word embedding (this rank's vocabulary slice)."""
+        """Logits against the tied word embedding (this rank's vocabulary slice), from the trunk's
+        residual stream (the whole sequence again under sequence parallelism)."""
         return F.linear(hidden, word_embeddings)
 
     def gather_vocab(self, logits: torch.Tensor) -> torch.Tensor:

@@ -198,8 +198,9 @@ class Attention(nn.Module):
         self.dense = layers.row_linear(h, h, bias=not config.scale_invariant)
 
     def forward(self, x, query_input, mask, kv_cache: list[torch.Tensor] | None = None, seed: int | None = None):
+        """`query_input`: what the queries are computed from; None: `x`, like the keys and values."""
         shared = self.layers.tensor_parallel_input(x)
-        queries = shared if query_input is x else self.layers.tensor_parallel_input(query_input)
+        queries = shared if query_input is None else self.layers.tensor_parallel_input(query_input)
         q = self._heads(self.query(queries))
         k = self._heads(self.key(shared))
         v = self._heads(self.value(shared))
@@ -260,8 +261,8 @@ class TransformerLayer(nn.Module):
         x = x + self._dropout(self.attention(normed, query_input, mask, kv_cache, seed))
         return x + self._dropout(self.mlp(self.post_attention_layernorm(x)))
 
-    def query_input(self, normed: torch.Tensor, position_ids: torch.Tensor | None) -> torch.Tensor:
-        return normed
+    def query_input(self, normed: torch.Tensor, position_ids: torch.Tensor | None) -> torch.Tensor | None:
+        return None  # the normalised hidden state, as for the keys and values
 
     def _dropout(self, x: torch.Tensor) -> torch.Tensor:
         # Outputs of row-parallel layers are replicated across the tp group: the layer's seed is
@@ -274,7 +275,7 @@ class QueryLayer(TransformerLayer):
 
     def __init__(self, config: ModelConfig, layers: LayerFactory = PLAIN, selective_recompute: bool = False):
         super().__init__(config, layers, selective_recompute)
-        self.query_embeddings = nn.utils.skip_init(nn.Embedding, config.seq_length, config.hidden_size)
+        self.query_embeddings = layers.make(nn.Embedding, config.seq_length, config.hidden_size)
 
     def query_input(self, normed: torch.Tensor, position_ids: torch.Tensor | None) -> torch.Tensor:
         return self.query_embeddings(position_ids).to(normed.dtype)
@@ -357,7 +358,7 @@ class PanguStage(nn.Module):
         if layout.WORD_EMBEDDING in self.kinds or layout.HEAD in self.kinds:
             self.embedding.word_embeddings = layers.vocab_embedding(config.padded_vocab_size, config.hidden_size)
         if layout.POSITION_EMBEDDING in self.kinds:
-            self.embedding.position_embeddings = nn.utils.skip_init(nn.Embedding, config.seq_length, config.hidden_size)
+            self.embedding.position_embeddings = layers.make(nn.Embedding, config.seq_length, config.hidden_size)
         self.trunk: list[tuple[int, nn.Module]] = []  # (layer index, module): registered under canonical names
         for index, layer in enumerate(declared[first:last], start=first):
             if layer.kind not in layout.TRUNK_KINDS:
@@ -402,8 +403,9 @@ class PanguStage(nn.Module):
             self._seed(index, self.config.dropout)
             x = x + self.embedding.position_embeddings(position_ids)
             x = F.dropout(x, self.config.dropout, training=self.training)
+            x = self.layers.enter_sequence_parallel(x)
         for i, (index, layer) in enumerate(self.trunk):
-            seed = self._seed(index, max(self.config.dropout, self.config.attention_dropout_rate))
+            seed = self._seed(index, max(self.config.dropout, self.config.attention_dropout_rate), residual=True)
             cache = kv_cache[i] if kv_cache is not None else None
             if self.recompute == "full" and self.training and isinstance(layer, TransformerLayer):
                 x = self.layers.recompute(layer, x, mask, position_ids, cache, seed)
@@ -413,13 +415,14 @@ class PanguStage(nn.Module):
             x = self.layers.lm_logits(x, self.embedding.word_embeddings.weight)
         return x
 
-    def _seed(self, index: int, rate: float) -> int | None:
+    def _seed(self, index: int, rate: float, residual: bool = False) -> int | None:
         """Seeds the default generator for layer `index`'s dropout (training with DropoutSeeds
-        only); returns the seed, from which split regions derive theirs."""
+        only; a trunk layer's `residual` stream as the factory says); returns the layer's seed,
+        from which split regions derive theirs."""
         if not (self.training and rate > 0 and self.dropout_seeds is not None):
             return None
         seed = self.dropout_seeds.next_seed(index)
-        torch.manual_seed(seed)
+        torch.manual_seed(self.layers.residual_seed(seed) if residual else seed)
         return seed
 
 

@@ -102,6 +102,16 @@ class Engine(ABC):
 
     # -- training and evaluation ------------------------------------------------------------
 
+    @property
+    @abstractmethod
+    def reads_inputs(self) -> bool:
+        """This rank holds the first stage: it needs the micro-batches' token ids."""
+
+    @property
+    @abstractmethod
+    def reads_labels(self) -> bool:
+        """This rank holds the last stage: it needs the labels, and the tokens a step counts."""
+
     @abstractmethod
     def train_step(self, micro_batches: list[MicroBatch | None], tokens: int) -> StepResult:
         """Forward and backward over this rank's micro-batches (in order; the global micro-batch
@@ -115,8 +125,8 @@ class Engine(ABC):
 
     @abstractmethod
     def token_losses(self, micro_batches: list[MicroBatch | None]) -> list[torch.Tensor] | None:
-        """Per-token losses [b, s] of each micro-batch, on the ranks of the last stage with tp rank
-        0 (None elsewhere): task scoring."""
+        """Per-token losses [b, s] of each micro-batch, on the ranks holding the last stage with tp
+        rank 0 (None elsewhere): task scoring."""
 
     @abstractmethod
     def logits(self, inputs: tuple[torch.Tensor, ...]) -> torch.Tensor:

@@ -54,7 +54,7 @@ class Batches:
     data-parallel group (one integer each, over gloo). `prefetch` reads the next step's share in a
     background thread while the current step runs."""
 
-    def __init__(self, dataset, config: Config, topology: Topology, meta: dict):
+    def __init__(self, dataset, config: Config, topology: Topology, meta: dict, engine: Engine):
         self.dataset = dataset
         self.config = config
         self.topology = topology
@@ -62,7 +62,8 @@ class Batches:
         self.micro_batches = micro_batches_per_step(config, topology)
         # the global index of each micro-batch this rank runs, in order (DropoutSeeds names them so)
         self.order = [j * topology.dp + topology.dp_rank for j in range(self.micro_batches)]
-        self.feeds = topology.is_first_stage or topology.is_last_stage
+        self.feeds = engine.reads_inputs or engine.reads_labels
+        self.counts_tokens = engine.reads_labels
         self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pangu-batches")
         self._ahead: tuple[np.ndarray, Future] | None = None
 
@@ -83,7 +84,7 @@ class Batches:
             batches = self._read(global_batch)
         self._ahead = None
         tokens = 0
-        if self.topology.is_last_stage:
+        if self.counts_tokens:
             counted = torch.tensor([sum(int(batch["loss_mask"].sum()) for batch in batches)], dtype=torch.int64)
             dist.all_reduce(counted, group=self.topology.data_parallel_host_group)
             tokens = int(counted.item())
@@ -209,8 +210,8 @@ class Trainer:
         self.spike_guard = SpikeGuard(train.spike_guard)
         self.engine.create_optimizer_state()  # optimizer state exists from here on: measurable
         self.memory = self.engine.memory_report()
-        self.batches = Batches(self.train_data, config, self.topology, self.meta)
-        self.valid_batches = Batches(valid_data, config, self.topology, self.meta)
+        self.batches = Batches(self.train_data, config, self.topology, self.meta, self.engine)
+        self.valid_batches = Batches(valid_data, config, self.topology, self.meta, self.engine)
         self.tokens_per_step = train.global_batch_size * config.model.seq_length
         self.model_flops = flops_per_token(config.model)
         self.peak_flops = total_peak_flops(train.peak_flops, device(), self.topology.host_group)

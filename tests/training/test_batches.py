@@ -35,7 +35,8 @@ def _batches(dataset, *, dp=1, dp_rank=0, first=True, last=True):
     topology = SimpleNamespace(
         dp=dp, dp_rank=dp_rank, is_first_stage=first, is_last_stage=last, data_parallel_host_group=dist.group.WORLD
     )
-    return Batches(dataset, config, topology, META)
+    engine = SimpleNamespace(reads_inputs=first, reads_labels=last)
+    return Batches(dataset, config, topology, META, engine)
 
 
 GLOBAL = np.arange(100, 108)

@@ -112,6 +112,14 @@ class DeepSpeedEngine(Engine):
 
     # -- training and evaluation ------------------------------------------------------------
 
+    @property
+    def reads_inputs(self):
+        return self.topology.is_first_stage
+
+    @property
+    def reads_labels(self):
+        return self.topology.is_last_stage
+
     def _loss(self, logits: torch.Tensor, labels: tuple[torch.Tensor, ...]) -> torch.Tensor:
         """Training: this micro-batch's sum of token losses x the step's scale. DeepSpeed divides
         each micro-batch loss by the number of micro-batches and averages gradients over
