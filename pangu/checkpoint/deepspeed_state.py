@@ -192,11 +192,15 @@ def loss_scaler_state(engine) -> dict:
 
 
 def restore_loss_scaler(engine, state: dict) -> None:
+    """Sets the loss scaler's scalars a checkpoint recorded (only attributes the scaler has: a
+    checkpoint cannot add any)."""
     scaler = getattr(engine.optimizer, "loss_scaler", None)
     if scaler is None or not state:
         return
     for key, value in state.items():
-        current = getattr(scaler, key, None)
+        if not hasattr(scaler, key):
+            continue
+        current = getattr(scaler, key)
         setattr(
             scaler,
             key,

@@ -76,14 +76,15 @@ class Checkpointer:
         load_checkpoint(path, engine, names, self.topology, self.config, weights_only=True)
         return path
 
-    def save(self, step: int, engine, names: dict[str, str], trainer_state: dict, tokenizer_path: Path | None) -> Path:
+    def save(self, step: int, engine, names: dict[str, str], trainer_state: dict, tokenizer: bytes | None) -> Path:
         """Checkpoint `step`: written before returning, or (async_save) in the background. Returns
-        the checkpoint's directory (published on return, or when the background write is done)."""
+        the checkpoint's directory (published on return, or when the background write is done).
+        `tokenizer`: the model file the run trains with, which the checkpoint carries."""
         self.wait()
         start = time.perf_counter()
         if not self.async_save:
             request = save_request(
-                self.run_dir, step, engine, names, self.topology, self.config, trainer_state, tokenizer_path
+                self.run_dir, step, engine, names, self.topology, self.config, trainer_state, tokenizer
             )
             path = write_checkpoint(request, self.group)
             self.last = {"blocked_s": time.perf_counter() - start, "async": False}
@@ -98,7 +99,7 @@ class Checkpointer:
             self.topology,
             self.config,
             trainer_state,
-            tokenizer_path,
+            tokenizer,
             snapshot=self._host_buffers(live, engine),
         )
         self._copied = threading.Event()

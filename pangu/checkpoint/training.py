@@ -19,9 +19,8 @@ all-gather every optimizer step ends with.
 
 from __future__ import annotations
 
-import io
+import dataclasses
 import json
-import shutil
 import threading
 import time
 import traceback
@@ -29,22 +28,23 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import deepspeed
 import torch
 import torch.distributed as dist
 
 from pangu.checkpoint import deepspeed_state as ds
 from pangu.checkpoint import format as fmt
+from pangu.checkpoint import rng
 from pangu.checkpoint.store import (
     INDEX_FILE,
     CheckpointError,
     CorruptCheckpointError,
     TensorReader,
     TensorWriter,
-    write_file_synced,
     write_index,
 )
 from pangu.config import Config
+from pangu.data.tokenizer import TOKENIZER_FILE
+from pangu.files import make_marked_tmp, write_synced
 from pangu.model import layout
 from pangu.parallel.tensor_parallel import seed_rng_streams
 from pangu.parallel.topology import Topology
@@ -135,10 +135,9 @@ class Prefetch:
     def _read(self, topology: Topology) -> None:
         try:
             manifest = fmt.read_manifest(self.path, verify=False)
-            same_layout = manifest["layout"] == {"dp": topology.dp, "tp": topology.tp, "pp": topology.pp}
-            own = f"{rank_file(topology.rank)}.bin" if same_layout else None
-            self._reader = _reader(self.path, manifest, own)
-            if own is not None and f"tensors/{own}" in manifest["files"]:
+            own = f"{rank_file(topology.rank)}.bin" if manifest.layout == _layout(topology) else None
+            self._reader = fmt.tensor_reader(self.path, manifest, prefer=own)
+            if own is not None and f"tensors/{own}" in manifest.files:
                 self._reader.preload(own)
         except BaseException as err:  # noqa: BLE001 - raised where the share is read
             self._error = err
@@ -150,10 +149,8 @@ class Prefetch:
         return self._reader
 
 
-def _reader(path: Path, manifest: dict, own: str | None) -> TensorReader:
-    index_rel = f"tensors/{INDEX_FILE}"
-    index = fmt.read_checked(path, index_rel, manifest) if index_rel in manifest["files"] else None
-    return TensorReader(path / "tensors", prefer=own, index=index)
+def _layout(topology: Topology) -> fmt.Layout:
+    return fmt.Layout(dp=topology.dp, tp=topology.tp, pp=topology.pp)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -171,7 +168,7 @@ class SaveRequest:
     rank: int
     world_size: int
     keep: int
-    finalize: dict = field(default_factory=dict)  # rank 0: trainer state, tokenizer, manifest fields
+    finalize: dict = field(default_factory=dict)  # rank 0: trainer state, tokenizer, manifest
 
     @property
     def final(self) -> Path:
@@ -190,11 +187,12 @@ def save_request(
     topology: Topology,
     config: Config,
     trainer_state: dict,
-    tokenizer_path: Path | None,
+    tokenizer: bytes | None,
     snapshot: list[dict[str, torch.Tensor]] | None = None,
 ) -> SaveRequest:
     """This rank's part of checkpoint `step`: its fragments of every parameter's weight and
-    optimizer state (views of the live partitions, or of `snapshot` for a background save)."""
+    optimizer state (views of the live partitions, or of `snapshot` for a background save).
+    `tokenizer`: the model file the run trains with (rank 0 writes it into the checkpoint)."""
     ds.link_optimizer_state(engine, config.optim)
     parts = snapshot if snapshot is not None else ds.partitions(engine, config.optim)
     table = layout.parameter_table(config.model)
@@ -211,13 +209,11 @@ def save_request(
         for key, flat_tensor in parts[fragment.group].items():
             tensor = flat_tensor.narrow(0, fragment.start, fragment.numel)
             pieces.append((name, key, tensor, spec.shape, box, flat, copy))
-    rng = io.BytesIO()
-    torch.save(_rng_state(), rng)
     request = SaveRequest(
         fmt.checkpoint_root(run_dir),
         step,
         pieces,
-        rng.getvalue(),
+        rng.encode(rng.current()),
         topology.rank,
         topology.world_size,
         config.train.keep_checkpoints,
@@ -233,15 +229,16 @@ def save_request(
                     )
                 )
             ),
-            "tokenizer_path": tokenizer_path,
-            "manifest": {
-                "kind": "training",
-                "step": step,
-                "model": fmt.model_fields(config.model),
-                "config": config.to_dict(),
-                "layout": {"dp": topology.dp, "tp": topology.tp, "pp": topology.pp},
-                "tokenizer_fingerprint": trainer_state.get("tokenizer_fingerprint"),
-            },
+            "tokenizer": tokenizer,
+            "manifest": fmt.Manifest(
+                kind="training",
+                step=step,
+                model=config.model,
+                config=config.to_dict(),
+                layout=_layout(topology),
+                tokenizer_fingerprint=trainer_state.get("tokenizer_fingerprint"),
+                files={},
+            ),
         }
     return request
 
@@ -266,7 +263,7 @@ def write_checkpoint(request: SaveRequest, group=None) -> Path:
         error = _broadcast(error, group)
     if error is not None:
         if request.rank == 0:
-            shutil.rmtree(tmp, ignore_errors=True)
+            fmt.discard(tmp)
         dist.barrier(group=group)
         previous = (root / "latest").read_text().strip() if (root / "latest").is_file() else "none"
         raise CheckpointError(
@@ -294,13 +291,13 @@ def _broadcast(value, group):
 
 
 def _make_tmp(tmp: Path) -> None:
-    shutil.rmtree(tmp, ignore_errors=True)
-    (tmp / "tensors").mkdir(parents=True)
+    make_marked_tmp(tmp)  # replacing a crashed attempt's
+    (tmp / "tensors").mkdir()
     (tmp / "rng").mkdir()
 
 
 def _write_rank_files(request: SaveRequest) -> tuple[dict, list[dict], str | None]:
-    """This rank's pieces (tensors/rank{R}.bin) and RNG states (rng/rank{R}.pt)."""
+    """This rank's pieces (tensors/rank{R}.bin) and RNG states (rng/rank{R}.json)."""
     files: dict[str, dict] = {}
     records: list[dict] = []
     name = rank_file(request.rank)
@@ -313,11 +310,11 @@ def _write_rank_files(request: SaveRequest) -> tuple[dict, list[dict], str | Non
             index = tuple(slice(a, b) for a, b in piece_box)
             writer.add(piece_name, key, tensor, shape, index, flat=flat, copy=copy)
         size, written = writer.finish()
-        files[f"tensors/{name}.bin"] = {"bytes": size}
+        files[f"tensors/{name}.bin"] = fmt.FileRecord(bytes=size)
         records.extend(written)
-        rng_file = request.tmp / "rng" / f"{name}.pt"
-        write_file_synced(rng_file, request.rng)
-        files[f"rng/{rng_file.name}"] = fmt.file_entry(rng_file)
+        rng_rel = rng.file_name(name)
+        write_synced(request.tmp / rng_rel, request.rng)
+        files[rng_rel] = fmt.file_entry(request.tmp / rng_rel)
 
     error = _attempt(write)
     if error is not None and box:
@@ -332,13 +329,14 @@ def _finalize(request: SaveRequest, gathered: list) -> None:
     records = [record for _, part, _ in gathered for record in part]
     write_index(tmp / "tensors", records)
     files[f"tensors/{INDEX_FILE}"] = fmt.file_entry(tmp / "tensors" / INDEX_FILE)
-    write_file_synced(tmp / "trainer.json", json.dumps(info["trainer"], indent=1).encode())
-    files["trainer.json"] = fmt.file_entry(tmp / "trainer.json")
-    if info["tokenizer_path"] is not None:
-        write_file_synced(tmp / "tokenizer.model", Path(info["tokenizer_path"]).read_bytes())
-        files["tokenizer.model"] = fmt.file_entry(tmp / "tokenizer.model")
-    total = sum(entry["bytes"] for entry in files.values())
-    fmt.write_manifest(tmp, {**info["manifest"], "pieces": len(records), "bytes": total, "files": files})
+    write_synced(tmp / fmt.TRAINER_FILE, json.dumps(info["trainer"], indent=1).encode())
+    files[fmt.TRAINER_FILE] = fmt.file_entry(tmp / fmt.TRAINER_FILE)
+    if info["tokenizer"] is not None:
+        write_synced(tmp / TOKENIZER_FILE, info["tokenizer"])
+        files[TOKENIZER_FILE] = fmt.file_entry(tmp / TOKENIZER_FILE)
+    total = sum(entry.bytes for entry in files.values())
+    manifest = dataclasses.replace(info["manifest"], pieces=len(records), bytes=total, files=files)
+    fmt.write_manifest(tmp, manifest)
     fmt.publish(tmp, final)
     fmt.publish_latest(request.root, final.name)
     fmt.prune(request.root, request.keep, current=final.name)
@@ -389,7 +387,7 @@ def load_checkpoint(
     ds.restore_optimizer_scalars(engine, trainer["optimizer_scalars"])
     ds.restore_loss_scaler(engine, trainer["loss_scaler"])
     if outcome["rng"] is not None:
-        _restore_rng_state(torch.load(io.BytesIO(outcome["rng"]), weights_only=False))
+        rng.restore(outcome["rng"])
     else:
         # Dropout streams belong to ranks; under a new layout they are re-derived from the seed
         # and the step, so the run stays deterministic (but its dropout masks differ).
@@ -412,12 +410,12 @@ def _read_rank_share(
     trainer state and this rank's RNG states, checking every checksum. No collective."""
     manifest = fmt.read_manifest(path, verify=False)
     fmt.check_model_matches(manifest, config.model, path)
-    same_layout = manifest["layout"] == {"dp": topology.dp, "tp": topology.tp, "pp": topology.pp}
+    same_layout = manifest.layout == _layout(topology)
     own = f"{rank_file(topology.rank)}.bin" if same_layout else None
     if prefetch is not None and prefetch.path == path:
         reader = prefetch.reader()
     else:
-        reader = _reader(path, manifest, own)
+        reader = fmt.tensor_reader(path, manifest, prefer=own)
     if not weights_only:  # state the checkpoint fills need not be zeroed first
         ds.link_optimizer_state(engine, config.optim, zeros=False)
     parts = ds.partitions(engine, config.optim, weights_only)
@@ -433,7 +431,7 @@ def _read_rank_share(
                     raise CheckpointError(
                         f"checkpoint {path} has no {'weights' if key == 'weight' else 'optimizer state'} {key!r} "
                         f"for {name!r}: it was written with optim.name = "
-                        f"{manifest.get('config', {}).get('optim', {}).get('name')!r}, this run uses "
+                        f"{manifest.optimizer!r}, this run uses "
                         f"{config.optim.name!r}; resume with the same optimizer or start from its weights "
                         f"with train.init_from"
                     )
@@ -446,26 +444,26 @@ def _read_rank_share(
         ds.zero_uncovered(engine, config.optim)
     outcome = {
         "same_layout": same_layout,
-        "step": manifest["step"],
+        "step": manifest.step,
         "read": {"bytes": reader.bytes_read, "share_bytes": share, "index_bytes": reader.index_bytes},
     }
     if not weights_only:
-        outcome["trainer"] = json.loads(fmt.read_checked(path, "trainer.json", manifest))
-        rng_rel = f"rng/{rank_file(topology.rank)}.pt"
-        has_rng = same_layout and rng_rel in manifest["files"]
-        outcome["rng"] = fmt.read_checked(path, rng_rel, manifest) if has_rng else None
+        trainer = fmt.read_trainer_state(path, manifest)
+        if len(trainer.optimizer_scalars) != len(parts):
+            raise CorruptCheckpointError(
+                f"{path / fmt.TRAINER_FILE} is corrupt: it holds the scalars of {len(trainer.optimizer_scalars)} "
+                f"optimizer param groups, the optimizer has {len(parts)}"
+            )
+        outcome["trainer"] = dataclasses.asdict(trainer)
+        outcome["rng"] = _read_rng(path, manifest, topology) if same_layout else None
     return outcome
 
 
-def _rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "tracker": deepspeed.checkpointing.get_cuda_rng_tracker().get_states()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def _restore_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    deepspeed.checkpointing.get_cuda_rng_tracker().set_states(state["tracker"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
+def _read_rng(path: Path, manifest: fmt.Manifest, topology: Topology) -> rng.RngStates | None:
+    """This rank's RNG states (checked now, restored once every rank has read its share)."""
+    for rel in (rng.file_name(rank_file(topology.rank)), rng.older_file_name(rank_file(topology.rank))):
+        if rel in manifest.files:
+            states = rng.decode(fmt.read_checked(path, rel, manifest), path / rel)
+            rng.check(states, path / rel)
+            return states
+    return None

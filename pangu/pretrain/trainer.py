@@ -30,7 +30,6 @@ from pangu.config import Config, SpikeGuardConfig
 from pangu.data.dataset import make_batch
 from pangu.data.prepare import index_cache_dir, load_prepared, load_tokenizer
 from pangu.data.sampler import GlobalBatchSampler, micro_batches
-from pangu.data.tokenizer import TOKENIZER_FILE
 from pangu.evaluation.harness import evaluate_tasks
 from pangu.evaluation.tasks import load_task
 from pangu.model.sizes import flops_per_token, parameter_count
@@ -150,7 +149,9 @@ class Trainer:
             )
         # task files are read now, so that a missing one fails before any training
         self.eval_tasks = [load_task(spec, prepared_dir=config.data.prepared_dir) for spec in train.eval_tasks]
-        self.tokenizer = load_tokenizer(config.data.prepared_dir) if self.eval_tasks else None
+        # the tokenizer the run trains with, as it starts: every checkpoint carries these bytes, whatever
+        # the prepared directory holds when it is written
+        self.tokenizer = load_tokenizer(config.data.prepared_dir)
         if train.wandb.project and importlib.util.find_spec("wandb") is None:
             raise ConfigError(
                 f"train.wandb.project = {train.wandb.project!r} needs wandb: pip install 'pangu-lm[wandb]', "
@@ -302,7 +303,7 @@ class Trainer:
                 "sampler": self.sampler.state_dict(),
                 "tokenizer_fingerprint": self.meta["tokenizer"]["fingerprint"],
             },
-            Path(self.config.data.prepared_dir) / TOKENIZER_FILE,
+            self.tokenizer.model_bytes,
         )
 
     def run(self) -> dict:

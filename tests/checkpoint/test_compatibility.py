@@ -53,7 +53,11 @@ def test_upgrade_writes_format_2_with_the_same_tensors(upgraded):
     from pangu.cli import main
 
     manifest = fmt.read_manifest(upgraded)
-    assert manifest["version"] == 2 and manifest["upgraded_from"] == 1 and manifest["step"] == 2
+    assert manifest.version == 2 and manifest.upgraded_from == 1 and manifest.step == 2
+    assert sorted(rel for rel in manifest.files if rel.startswith("rng/")) == [
+        "rng/rank00000.json",
+        "rng/rank00001.json",
+    ]
     assert main(["checkpoint", "verify", str(upgraded), "--quiet"]) == 0
     old, new = TensorReader(FIXTURE / "tensors"), TensorReader(upgraded / "tensors")
     assert old.names() == new.names()
@@ -81,9 +85,9 @@ def test_an_old_training_checkpoint_resumes_weights_and_optimizer_state(single_p
 
     path = FIXTURE if which == "format 1" else upgraded
     manifest = fmt.read_manifest(path)
-    assert manifest["version"] == (1 if which == "format 1" else 2)
-    assert manifest["layout"] == {"dp": 1, "tp": 2, "pp": 1}
-    config = config_from_dict(manifest["config"])
+    assert manifest.version == (1 if which == "format 1" else 2)
+    assert manifest.layout == fmt.Layout(dp=1, tp=2, pp=1)
+    config = config_from_dict(manifest.config)
     config = config_from_dict({**config.to_dict(), "parallel": {**config.to_dict()["parallel"], "tp": 1}})
     topology = init_distributed(config.parallel)
     engine, names = build_engine(config, topology)

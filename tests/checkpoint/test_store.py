@@ -12,8 +12,14 @@ import pytest
 import torch
 
 from pangu.checkpoint import format as fmt
-from pangu.checkpoint.store import CorruptCheckpointError, TensorReader, TensorWriter, flat_runs, write_index
+from pangu.checkpoint.boxes import flat_runs
+from pangu.checkpoint.store import CorruptCheckpointError, TensorReader, TensorWriter, write_index
+from pangu.checkpoint.weights import write_weights
 from pangu.cli import main
+from pangu.config import ModelConfig
+from pangu.model import layout
+
+WORDS, POSITIONS = layout.WORD_EMBEDDING_WEIGHT, layout.POSITION_EMBEDDING_WEIGHT
 
 
 def test_flat_runs_are_rectangles_of_the_range_in_order():
@@ -78,13 +84,14 @@ def test_fragments_saved_under_one_layout_are_read_under_another(tmp_path, split
     assert torch.equal(out, _region(full, box, flat)) or (copy and out.isnan().all())
 
 
-def _weights_checkpoint(tmp_path):
-    from pangu.checkpoint.weights import write_weights
-    from pangu.config import ModelConfig
+TINY = ModelConfig(num_layers=2, hidden_size=32, num_heads=2, vocab_size=100, seq_length=8)
 
-    tensors = [("a", torch.randn(64, 32)), ("b", torch.randn(100))]
-    model = ModelConfig(num_layers=2, hidden_size=32, num_heads=2, vocab_size=100, seq_length=8)
-    return write_weights(tmp_path / "ckpt", model, tensors), dict(tensors)
+
+def _weights_checkpoint(tmp_path, model: ModelConfig = TINY):
+    """A weights-only checkpoint of `model` (random weights) and its tensors."""
+    generator = torch.Generator().manual_seed(0)
+    tensors = {spec.name: torch.randn(spec.shape, generator=generator) for spec in layout.parameters(model)}
+    return write_weights(tmp_path / "ckpt", model, tensors.items()), tensors
 
 
 def test_a_flipped_byte_is_found_by_the_reader_and_by_verify(tmp_path, capsys):
@@ -92,7 +99,7 @@ def test_a_flipped_byte_is_found_by_the_reader_and_by_verify(tmp_path, capsys):
     assert main(["checkpoint", "verify", str(path), "--quiet"]) == 0
     shard = path / "tensors" / "rank00000.bin"
     index = json.loads((path / "tensors" / "index.json").read_text())["pieces"]
-    offset = next(p["offset"] for p in index if p["name"] == "b") + 13
+    offset = next(p["offset"] for p in index if p["name"] == POSITIONS) + 13
     with open(shard, "r+b") as f:
         f.seek(offset)
         byte = f.read(1)
@@ -100,13 +107,13 @@ def test_a_flipped_byte_is_found_by_the_reader_and_by_verify(tmp_path, capsys):
         f.write(bytes([byte[0] ^ 0x10]))
     fmt.check_structure(path)  # sizes are right: start-up does not read bytes
     reader = TensorReader(path / "tensors")
-    assert torch.equal(reader.read("a"), tensors["a"])  # the other piece is intact
-    with pytest.raises(CorruptCheckpointError, match=r"rank00000.bin is corrupt: 'b' \(weight\).*checksum"):
-        reader.read("b")
+    assert torch.equal(reader.read(WORDS), tensors[WORDS])  # the other pieces are intact
+    with pytest.raises(CorruptCheckpointError, match=rf"rank00000.bin is corrupt: '{POSITIONS}' \(weight\).*checksum"):
+        reader.read(POSITIONS)
     capsys.readouterr()
     assert main(["checkpoint", "verify", str(path)]) == 1
     out, err = capsys.readouterr()
-    assert out.strip() == "corrupt" and "rank00000.bin is corrupt: 'b'" in err and "100.0%" in err
+    assert out.strip() == "corrupt" and f"rank00000.bin is corrupt: '{POSITIONS}'" in err and "100.0%" in err
 
     with open(shard, "r+b") as f:
         f.truncate(100)
@@ -116,17 +123,16 @@ def test_a_flipped_byte_is_found_by_the_reader_and_by_verify(tmp_path, capsys):
 
 
 def test_info_says_what_a_checkpoint_holds(tmp_path, capsys):
-    path, _ = _weights_checkpoint(tmp_path)
+    path, tensors = _weights_checkpoint(tmp_path)
     assert main(["checkpoint", "info", str(path), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["kind"] == "weights" and info["format"] == 2 and info["step"] == 0
-    assert info["parameters"] == 64 * 32 + 100 and info["state"] == ["weight"]
+    assert info["parameters"] == sum(t.numel() for t in tensors.values()) and info["state"] == ["weight"]
 
 
 def test_a_rank_draws_only_the_tiles_of_its_slice(monkeypatch):
     """Initial weights are drawn per fixed tile of the full tensor: every tensor-parallel slice
     equals the slice of the full draw, and a rank draws about its share of the tiles."""
-    from pangu.config import ModelConfig
     from pangu.model import init, layout
 
     monkeypatch.setattr(init, "TILE_COLUMNS", 16)
