@@ -181,7 +181,7 @@ class Trainer:
         elif train.init_from:
             self.checkpoints.load_weights(train.init_from, self.engine, self.names)
         if self.topology.rank == 0:  # the run is accepted: now its directory may change
-            run_directory.write_config(self.output_dir, config)
+            run_directory.accept(self.output_dir, config, self.step)
         self.spike_guard = SpikeGuard(train.spike_guard)
         link_optimizer_state(self.engine, config.optim)  # optimizer state exists from here on: measurable
         self.memory = memory_report(self.engine)
@@ -220,8 +220,8 @@ class Trainer:
         if self.topology.rank == 0:
             aside = checkpoint_format.set_aside(self.output_dir)
             metrics = self.output_dir / "metrics.jsonl"
-            if metrics.is_file():  # the new run rewrites it from step 0: the old curve goes with its checkpoints
-                shutil.copy2(metrics, aside / metrics.name)
+            if metrics.is_file():  # the new run writes it from step 0: the old curve goes with its checkpoints
+                shutil.move(metrics, aside / metrics.name)
             log.warning(
                 "train.restart: %s; the checkpoints (and metrics.jsonl) are moved to %s and training starts from "
                 "step 0",

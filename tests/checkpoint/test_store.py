@@ -168,3 +168,47 @@ def test_async_save_is_a_checked_config_field():
     assert load_config(None, ["train.async_save=true"]).train.async_save is True
     with pytest.raises(ConfigError, match="train.async_save = 'maybe' is not allowed: expected true or false"):
         load_config(None, ["train.async_save=maybe"])
+
+
+class DeviceTensor(torch.Tensor):
+    """Stands for a GPU tensor in a CPU test: memory that is not the host's to read a file into
+    (`.numpy()` and `np.asarray` are refused, as they are for a CUDA tensor)."""
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        if func in (torch.Tensor.numpy, torch.Tensor.__array__):
+            raise RuntimeError("a device tensor is not host memory")
+        return super().__torch_function__(func, types, args, kwargs or {})
+
+
+def test_pieces_reach_a_destination_that_is_not_host_memory(tmp_path):
+    """Every read path (the exact piece from its file, the same from a preloaded file, pieces
+    assembled under another layout, a cast on the way) fills a destination that cannot be read
+    into directly, as a GPU tensor; the meta device too."""
+    cuts = random.Random(3)
+    full = torch.randn(12, 8)
+    written = _layout_pieces(full, 0, tp=2, dp=3, cuts=cuts)
+    writers: dict[int, TensorWriter] = {}
+    for rank, box, flat, _ in written:
+        writer = writers.setdefault(rank, TensorWriter(tmp_path, f"rank{rank:05d}", hash_file=False))
+        writer.add("w", "weight", _region(full, box, flat), (12, 8), tuple(slice(a, b) for a, b in box), flat=flat)
+    write_index(tmp_path, [record for w in writers.values() for record in w.finish()[1]])
+
+    def device(n: int, dtype=torch.float32) -> torch.Tensor:
+        return torch.zeros(n, dtype=dtype).as_subclass(DeviceTensor)
+
+    for preload in (False, True):
+        for rank, box, flat, _ in written:  # the layout that wrote it: exact pieces, its own file
+            reader = TensorReader(tmp_path, prefer=f"rank{rank:05d}.bin")
+            if preload:
+                reader.preload(f"rank{rank:05d}.bin")
+            out = reader.read_flat("w", "weight", box, flat, out=device(flat[1] - flat[0]))
+            assert torch.equal(out.as_subclass(torch.Tensor), _region(full, box, flat)), (preload, rank)
+    reader = TensorReader(tmp_path)
+    for _, box, flat, _ in _layout_pieces(full, 0, tp=4, dp=2, cuts=cuts):  # another layout: assembled
+        out = reader.read_flat("w", "weight", box, flat, out=device(flat[1] - flat[0], torch.bfloat16))
+        assert torch.equal(out.as_subclass(torch.Tensor), _region(full, box, flat).bfloat16()), (box, flat)
+        on_meta = torch.empty(flat[1] - flat[0], device="meta")
+        assert reader.read_flat("w", "weight", box, flat, out=on_meta) is on_meta
+    _, box, flat, _ = written[0]
+    assert reader.read_flat("w", "weight", box, flat, out=torch.empty(flat[1] - flat[0], device="meta")).is_meta
