@@ -143,3 +143,14 @@ def structurally_intact_checkpoint(directory: Path, step: int) -> Path:
     layout = fmt.Layout(dp=1, tp=1, pp=1)
     fmt.write_manifest(directory, fmt.Manifest(kind="weights", step=step, model=model, layout=layout, files=files))
     return directory
+
+
+class DeviceTensor(torch.Tensor):
+    """Stands for a GPU tensor in a CPU test: memory that is not the host's to read a file into
+    (`.numpy()` and `np.asarray` are refused, as they are for a CUDA tensor)."""
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        if func in (torch.Tensor.numpy, torch.Tensor.__array__):
+            raise RuntimeError("a device tensor is not host memory")
+        return super().__torch_function__(func, types, args, kwargs or {})

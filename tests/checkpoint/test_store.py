@@ -18,6 +18,7 @@ from pangu.checkpoint.weights import write_weights
 from pangu.cli import main
 from pangu.config import ModelConfig
 from pangu.model import layout
+from tests.helpers import DeviceTensor
 
 WORDS, POSITIONS = layout.WORD_EMBEDDING_WEIGHT, layout.POSITION_EMBEDDING_WEIGHT
 
@@ -168,17 +169,6 @@ def test_async_save_is_a_checked_config_field():
     assert load_config(None, ["train.async_save=true"]).train.async_save is True
     with pytest.raises(ConfigError, match="train.async_save = 'maybe' is not allowed: expected true or false"):
         load_config(None, ["train.async_save=maybe"])
-
-
-class DeviceTensor(torch.Tensor):
-    """Stands for a GPU tensor in a CPU test: memory that is not the host's to read a file into
-    (`.numpy()` and `np.asarray` are refused, as they are for a CUDA tensor)."""
-
-    @classmethod
-    def __torch_function__(cls, func, types, args=(), kwargs=None):
-        if func in (torch.Tensor.numpy, torch.Tensor.__array__):
-            raise RuntimeError("a device tensor is not host memory")
-        return super().__torch_function__(func, types, args, kwargs or {})
 
 
 def test_pieces_reach_a_destination_that_is_not_host_memory(tmp_path):
