@@ -37,10 +37,20 @@ def write_weights(out_dir: str | Path, model: ModelConfig, named_tensors, tokeni
             raise
         write_index(tmp / "tensors", records)
         files = {"tensors/rank00000.bin": fmt.FileRecord(bytes=size), INDEX: fmt.file_entry(tmp / INDEX)}
+        fingerprint = None
         if tokenizer_path is not None:
-            write_synced(tmp / TOKENIZER_FILE, Path(tokenizer_path).read_bytes())
+            tokenizer = PanguTokenizer.from_file(tokenizer_path)  # a SentencePiece model of the PanGu scheme
+            write_synced(tmp / TOKENIZER_FILE, tokenizer.model_bytes)
             files[TOKENIZER_FILE] = fmt.file_entry(tmp / TOKENIZER_FILE)
-        manifest = fmt.Manifest(kind="weights", step=0, model=model, layout=fmt.Layout(dp=1, tp=1, pp=1), files=files)
+            fingerprint = tokenizer.fingerprint
+        manifest = fmt.Manifest(
+            kind="weights",
+            step=0,
+            model=model,
+            layout=fmt.Layout(dp=1, tp=1, pp=1),
+            tokenizer_fingerprint=fingerprint,
+            files=files,
+        )
         fmt.write_manifest(tmp, manifest)
         fmt.publish_new(tmp, out_dir)
     except BaseException:
