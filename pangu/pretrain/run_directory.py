@@ -140,7 +140,7 @@ def accept(directory: Path, config: Config, start_step: int) -> None:
             METRICS_FILE,
             aside,
         )
-    if not _carries(metrics, marker.run):
+    if not metrics.is_file() or not _carries(metrics, marker.run):
         lines = metrics.read_text(encoding="utf-8", errors="replace").splitlines() if metrics.is_file() else []
         if lines and _run_of(lines[0]) is not None:  # the identity an interrupted takeover gave it
             lines = lines[1:]

@@ -364,3 +364,32 @@ def test_a_users_directory_named_like_a_temporary_one_survives(tmp_path, capsys,
     assert main(argv) == 2
     assert "was not made by pangu" in one_line(capsys.readouterr().err, argv[0])
     assert (users / "precious.txt").read_text() == "mine" and not out.exists()
+
+
+@pytest.mark.slow
+def test_checkpoints_carry_the_tokenizer_the_run_started_with(tiny_corpus, tmp_path):
+    """Re-preparing the data under a running run (here its tokenizer.model is replaced after every
+    save) does not give the later checkpoints a foreign tokenizer."""
+    from tests.helpers import run_pretrain, tiny_overrides
+
+    corpus = tmp_path / "prepared"
+    shutil.copytree(tiny_corpus, corpus)
+    started_with = (corpus / "tokenizer.model").read_bytes()
+    reprepared_after_each_save = (
+        "from pathlib import Path\nfrom pangu.pretrain.trainer import Trainer\n"
+        "save = Trainer.save\n"
+        "def save_then_reprepare(self):\n"
+        "    path = save(self)\n"
+        f"    (Path(self.config.data.prepared_dir) / 'tokenizer.model').write_bytes(Path({str(RELEASE)!r}, 'vocab.model').read_bytes())\n"
+        "    return path\n"
+        "Trainer.save = save_then_reprepare\n"
+    )
+    out = tmp_path / "run"
+    settings = ["train.save_interval=2", "train.keep_checkpoints=3"]
+    result = run_pretrain(tiny_overrides(corpus, out, *settings), prelude=reprepared_after_each_save)
+    assert result.returncode == 0, result.stderr[-3000:]
+    saved = fmt.step_dirs(fmt.checkpoint_root(out))
+    assert [p.name for p in saved] == ["step_00000006", "step_00000004", "step_00000002"]
+    for checkpoint in saved:
+        assert (checkpoint / "tokenizer.model").read_bytes() == started_with, checkpoint.name
+        assert main(["checkpoint", "verify", str(checkpoint), "--quiet"]) == 0
