@@ -46,6 +46,7 @@ from pangu.config import Config
 from pangu.data.tokenizer import TOKENIZER_FILE
 from pangu.files import make_marked_tmp, write_synced
 from pangu.model import layout
+from pangu.optim import registry
 from pangu.parallel.tensor_parallel import seed_rng_streams
 from pangu.parallel.topology import Topology
 
@@ -449,14 +450,23 @@ def _read_rank_share(
     }
     if not weights_only:
         trainer = fmt.read_trainer_state(path, manifest)
-        if len(trainer.optimizer_scalars) != len(parts):
-            raise CorruptCheckpointError(
-                f"{path / fmt.TRAINER_FILE} is corrupt: it holds the scalars of {len(trainer.optimizer_scalars)} "
-                f"optimizer param groups, the optimizer has {len(parts)}"
-            )
+        _check_scalars(trainer, len(parts), config, path / fmt.TRAINER_FILE)
         outcome["trainer"] = dataclasses.asdict(trainer)
         outcome["rng"] = _read_rng(path, manifest, topology) if same_layout else None
     return outcome
+
+
+def _check_scalars(trainer: fmt.TrainerFile, groups: int, config: Config, file: Path) -> None:
+    """The optimizer scalars restore sets are those of this optimizer's param groups: its declared
+    scalar state and a group's step count, nothing else (no per-element state, no learning rate)."""
+    declared = set(registry.get(config.optim.name).scalar_state)
+    if len(trainer.optimizer_scalars) != groups:
+        problem = f"the scalars of {len(trainer.optimizer_scalars)} param groups, the optimizer has {groups}"
+    elif any(set(s.state) - declared or set(s.group) - {"step"} for s in trainer.optimizer_scalars):
+        problem = f"optimizer scalars other than {sorted(declared)} and a group's step"
+    else:
+        return
+    raise CorruptCheckpointError(f"{file} is corrupt: it holds {problem}")
 
 
 def _read_rng(path: Path, manifest: fmt.Manifest, topology: Topology) -> rng.RngStates | None:

@@ -163,8 +163,22 @@ def test_a_pickle_in_an_rng_file_runs_no_code_and_the_checkpoint_counts_as_damag
 
 @pytest.mark.parametrize(
     "change",
-    [{"step": "two"}, {"sampler": None}, {"optimizer_scalars": []}, {"loss_scaler": {"cur_scale": "big"}}],
-    ids=["step not a number", "no sampler", "scalars of no group", "a scalar not a number"],
+    [
+        {"step": "two"},
+        {"sampler": None},
+        {"optimizer_scalars": []},
+        {"loss_scaler": {"cur_scale": "big"}},
+        {"optimizer_scalars": [{"state": {"m": 0.0}, "group": {}}] * 2},
+        {"optimizer_scalars": [{"state": {}, "group": {"initial_lr": 5.0}}] * 2},
+    ],
+    ids=[
+        "step not a number",
+        "no sampler",
+        "scalars of no group",
+        "a scalar not a number",
+        "a scalar over per-element state",
+        "a learning rate",
+    ],
 )
 def test_a_damaged_trainer_state_falls_back_without_a_traceback(trained, change):
     def damaged_trainer(directory: Path, manifest: dict) -> None:
@@ -176,3 +190,23 @@ def test_a_damaged_trainer_state_falls_back_without_a_traceback(trained, change)
     with pytest.warns(UserWarning, match=r"trainer.json is corrupt.*falling back to step_00000002"):
         path, state = checkpoints.restore(trained.engine, trained.names, [damaged, trained.saved])
     assert path == trained.saved and state["step"] == 2
+
+
+def test_optimizer_state_is_made_and_restored_on_the_partitions_device():
+    """A fused optimizer on a GPU needs its step counts there: the state pangu creates before the
+    first step, and the scalars a checkpoint restores, live where the partition does (here the
+    meta device stands for a GPU)."""
+    from collections import defaultdict
+
+    from pangu.config import OptimConfig
+
+    flat = torch.empty(10, device="meta")
+    base = SimpleNamespace(param_groups=[{"params": [flat], "name": "decay"}], state=defaultdict(dict))
+    engine = SimpleNamespace(
+        optimizer=SimpleNamespace(optimizer=base, _lazy_init_hp_params_optimizer_state=lambda: None)
+    )
+    ds.link_optimizer_state(engine, OptimConfig(name="adamw"))
+    assert sorted(base.state[flat]) == ["exp_avg", "exp_avg_sq", "step"]
+    assert all(tensor.is_meta for tensor in base.state[flat].values())
+    ds.restore_optimizer_scalars(engine, [{"state": {"step": 3.0}, "group": {"step": 3}}])
+    assert base.state[flat]["step"].is_meta and base.param_groups[0]["step"] == 3
