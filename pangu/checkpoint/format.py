@@ -227,7 +227,7 @@ def read_manifest(path: Path, verify: bool = True) -> Manifest:
         version = raw.get("version", 1) if isinstance(raw, dict) else None
         if isinstance(version, int) and version > VERSION:
             raise CheckpointError(f"{path} is format {version}; this pangu reads formats 1 to {VERSION}: upgrade pangu")
-        manifest = from_dict(Manifest, raw, "", document=str(manifest_path))
+        manifest = from_dict(Manifest, raw, "", document=manifest_path.name)
         _check_manifest(manifest, Path(path))
     except (ValueError, RecursionError, UnsafePathError) as err:  # JSON, UTF-8 and ConfigError are ValueErrors
         raise CorruptCheckpointError(f"{manifest_path} is corrupt: {err}") from None

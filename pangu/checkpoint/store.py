@@ -126,7 +126,7 @@ class StoreFile:
 def parse_json(cls: type, data: bytes, path: Path):
     """A JSON document of a checkpoint as the typed `cls`; a damaged one is CorruptCheckpointError."""
     try:
-        return from_dict(cls, json.loads(data), "", document=str(path))
+        return from_dict(cls, json.loads(data), "", document=path.name)
     except (ValueError, RecursionError) as err:  # JSON, UTF-8 and ConfigError are ValueErrors
         raise CorruptCheckpointError(f"{path} is corrupt: {err}") from None
 
@@ -525,11 +525,14 @@ class TensorReader:
         self._staging = None
 
 
-def sha256_file(path: Path) -> str:
+def sha256_file(path: Path, progress=None) -> str:
+    """A file's sha256 (format 1); `progress(n)` is told of every block."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 22), b""):
             digest.update(block)
+            if progress is not None:
+                progress(len(block))
     return digest.hexdigest()
 
 

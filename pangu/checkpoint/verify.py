@@ -43,7 +43,7 @@ def scrub(path: str | Path, workers: int = 4, progress: Callable[[int, int], Non
     except CheckpointError as err:
         return [str(err)]
     problems: list[str] = []
-    pieces_by_file: dict[Path, list[Piece]] = defaultdict(list)
+    pieces_by_file: dict[Path, list[Piece]] | None = defaultdict(list)
     try:
         reader = fmt.tensor_reader(path, manifest)
         for piece in reader.pieces():
@@ -51,11 +51,15 @@ def scrub(path: str | Path, workers: int = 4, progress: Callable[[int, int], Non
         problems += _coverage(reader, fmt.declared_shapes(manifest.model))
     except CheckpointError as err:
         problems.append(str(err))
+        pieces_by_file = None  # the index is damaged (said): its files' bytes are not checked piece by piece
     total = sum(info.bytes for info in manifest.files.values())
     done = [0]
     lock = threading.Lock()
+    stopping = threading.Event()  # Ctrl-C: every worker stops at its next block
 
     def advance(n: int) -> None:
+        if stopping.is_set():
+            raise _Stopped
         with lock:
             done[0] += n
             if progress is not None:
@@ -68,9 +72,11 @@ def scrub(path: str | Path, workers: int = 4, progress: Callable[[int, int], Non
             good = file_checksum(file, algorithm, progress=advance) == getattr(info, algorithm)
             return [] if good else [f"{file} does not match its checksum"]
         if info.sha256:
-            digest = sha256_file(file)
-            advance(info.bytes)
+            digest = sha256_file(file, progress=advance)
             return [] if digest == info.sha256 else [f"{file} does not match its checksum"]
+        if pieces_by_file is None:
+            advance(info.bytes)
+            return []
         if file not in pieces_by_file:
             advance(info.bytes)
             return [f"{file} is not checked: the manifest lists no checksum for it, and no piece lies in it"]
@@ -87,11 +93,21 @@ def scrub(path: str | Path, workers: int = 4, progress: Callable[[int, int], Non
         return found
 
     damaged = set()
-    with ThreadPoolExecutor(max(1, workers)) as pool:
+    pool = ThreadPoolExecutor(max(1, workers))
+    try:
         for rel, found in zip(sorted(manifest.files), pool.map(check, sorted(manifest.files))):
             problems += found
             damaged |= {rel} if found else set()
+    except BaseException:
+        stopping.set()
+        raise
+    finally:
+        pool.shutdown(cancel_futures=True)  # no file waiting for a worker is started after an interruption
     return problems + _small_files(path, manifest, damaged)
+
+
+class _Stopped(Exception):
+    """Ends a worker's file at its next block once the scrub is interrupted."""
 
 
 def _small_files(path: Path, manifest: fmt.Manifest, damaged: set[str]) -> list[str]:

@@ -440,7 +440,7 @@ def _read_hf_json(cls: type, file: Path):
         raw = json.loads(file.read_bytes())
         if isinstance(raw, dict):
             raw = {key: value for key, value in raw.items() if key in {f.name for f in dataclasses.fields(cls)}}
-        return from_dict(cls, raw, "", document=str(file))
+        return from_dict(cls, raw, "", document=file.name)
     except (ValueError, RecursionError) as err:  # JSON, UTF-8 and ConfigError are ValueErrors
         raise CheckpointError(f"{file} cannot be read: {err}") from None
 

@@ -115,7 +115,7 @@ def read_marker(directory: Path) -> RunMarker | None:
     if not path.is_file():
         return None
     try:
-        return from_dict(RunMarker, json.loads(path.read_bytes()), "", document=str(path))
+        return from_dict(RunMarker, json.loads(path.read_bytes()), "", document=path.name)
     except (ValueError, RecursionError) as err:  # JSON, UTF-8 and ConfigError are ValueErrors
         raise ConfigError(
             f"{path} is damaged ({err}): whose run directory this is cannot be told; choose another train.output_dir"

@@ -202,3 +202,34 @@ def test_pieces_reach_a_destination_that_is_not_host_memory(tmp_path):
         assert reader.read_flat("w", "weight", box, flat, out=on_meta) is on_meta
     _, box, flat, _ = written[0]
     assert reader.read_flat("w", "weight", box, flat, out=torch.empty(flat[1] - flat[0], device="meta")).is_meta
+
+
+def test_ctrl_c_stops_verify_at_its_next_block(tmp_path, monkeypatch):
+    """verify checks files in worker threads: Ctrl-C stops each at its next block, and no file
+    waiting for a worker is started (the scrub of a large checkpoint does not run on to its end)."""
+    import os
+    import signal
+    import threading
+    import time
+
+    from pangu.checkpoint import verify
+
+    path, _ = _weights_checkpoint(tmp_path)
+    blocks = []
+
+    def slow_checksum(file, algorithm="xxh3", start=0, length=None, progress=None):
+        for _ in range(100):  # 1 s a piece, about 40 s for the checkpoint
+            time.sleep(0.01)
+            blocks.append(file)
+            progress(1)
+        return 0
+
+    monkeypatch.setattr(verify, "file_checksum", slow_checksum)
+    threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT)).start()
+    start = time.perf_counter()
+    with pytest.raises(KeyboardInterrupt):
+        verify.scrub(path, workers=2)
+    assert time.perf_counter() - start < 2.0
+    read = len(blocks)
+    time.sleep(0.2)
+    assert len(blocks) == read < 100  # nothing went on after the interruption
