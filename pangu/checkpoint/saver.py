@@ -69,10 +69,16 @@ class Checkpointer:
         prefetch, self._prefetch = self._prefetch, None
         return resume(candidates, engine, names, self.topology, self.config, prefetch) if candidates else None
 
+    def weights_source(self, source: str | Path) -> Path:
+        """The checkpoint train.init_from names, checked (its structure, and a model of this run's
+        shapes) before anything is built for it."""
+        path = fmt.resolve(source)
+        fmt.check_model_matches(fmt.check_structure(path), self.config.model, path)
+        return path
+
     def load_weights(self, source: str | Path, engine, names: dict[str, str]) -> Path:
         """Only the weights of any checkpoint (train.init_from), read where this rank owns them."""
-        path = fmt.resolve(source)
-        fmt.read_manifest(path)
+        path = self.weights_source(source)
         load_checkpoint(path, engine, names, self.topology, self.config, weights_only=True)
         return path
 

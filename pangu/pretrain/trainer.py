@@ -168,8 +168,10 @@ class Trainer:
         candidates = self._guard_resume(self.checkpoints.candidates)  # structure only: O(files)
         if candidates:  # this rank's share is read while the engine is built
             self.checkpoints.prefetch(candidates[0])
+        # train.init_from is checked now (its manifest, files and model), before the engine is built
+        init_from = self.checkpoints.weights_source(train.init_from) if train.init_from and not candidates else None
         # a run that resumes (or starts from train.init_from) draws no initial weights
-        self.engine, self.names = build_engine(config, self.topology, initialize=not (candidates or train.init_from))
+        self.engine, self.names = build_engine(config, self.topology, initialize=not (candidates or init_from))
         self.sampler = GlobalBatchSampler(
             len(self.train_data), train.global_batch_size, seed=train.seed, cache_dir=self.index_cache
         )
@@ -178,8 +180,8 @@ class Trainer:
         if candidates and not self._guard_resume(lambda: self._restore(candidates)):
             del self.engine  # it was built to receive the checkpoint: draw the initial weights now
             self.engine, self.names = build_engine(config, self.topology, initialize=True)
-        elif train.init_from:
-            self.checkpoints.load_weights(train.init_from, self.engine, self.names)
+        elif init_from:
+            self.checkpoints.load_weights(init_from, self.engine, self.names)
         if self.topology.rank == 0:  # the run is accepted: now its directory may change
             run_directory.accept(self.output_dir, config, self.step)
         self.spike_guard = SpikeGuard(train.spike_guard)

@@ -210,3 +210,25 @@ def test_optimizer_state_is_made_and_restored_on_the_partitions_device():
     assert all(tensor.is_meta for tensor in base.state[flat].values())
     ds.restore_optimizer_scalars(engine, [{"state": {"step": 3.0}, "group": {"step": 3}}])
     assert base.state[flat]["step"].is_meta and base.param_groups[0]["step"] == 3
+
+
+def test_init_from_is_checked_before_the_engine_is_built(trained, tmp_path):
+    """The trainer asks for train.init_from's checkpoint before it builds the engine: one of
+    another shape, or with a manifest of an impossible model, stops the run there."""
+    from pangu.checkpoint.store import CheckpointError, CorruptCheckpointError
+    from pangu.checkpoint.weights import write_weights
+    from pangu.config import ModelConfig
+    from pangu.model import layout
+
+    checkpoints = Checkpointer(tmp_path / "run", trained.config, trained.topology)
+    other = ModelConfig(num_layers=2, hidden_size=64, num_heads=2, vocab_size=300, seq_length=16)
+    source = write_weights(
+        tmp_path / "other", other, [(p.name, torch.zeros(p.shape)) for p in layout.parameters(other)]
+    )
+    with pytest.raises(CheckpointError, match="written for model.hidden_size = 64 but the config has 32"):
+        checkpoints.weights_source(source)
+    manifest = json.loads((source / "manifest.json").read_text())
+    (source / "manifest.json").write_text(json.dumps({**manifest, "model": {**manifest["model"], "num_heads": 0}}))
+    with pytest.raises(CorruptCheckpointError, match="model.num_heads = 0 is not allowed"):
+        checkpoints.weights_source(source)
+    assert checkpoints.weights_source(trained.whole) == trained.whole
