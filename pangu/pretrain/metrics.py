@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import time
 import uuid
 from pathlib import Path
@@ -15,6 +14,7 @@ import torch
 import torch.distributed as dist
 
 from pangu.config import Config
+from pangu.files import write_atomic
 from pangu.schema import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -104,9 +104,7 @@ class MetricsLogger:
                 for line in path.read_text(encoding="utf-8", errors="replace").splitlines()
                 if _step_of(line) <= step
             ]
-            tmp = path.with_name(".metrics.jsonl.tmp")
-            tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
-            os.replace(tmp, path)
+            write_atomic(path, "".join(line + "\n" for line in kept))
         self._jsonl = open(path, "a", encoding="utf-8")
         self._tensorboard = SummaryWriter(str(self.output_dir / "tensorboard"), purge_step=step + 1)
 
