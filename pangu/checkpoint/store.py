@@ -348,8 +348,8 @@ class TensorReader:
                 parts = relative_parts(self.directory, file)
             except UnsafePathError as err:
                 raise damaged(f"names a file that is not the checkpoint's: {err}") from None
-            if len(parts) != 1:
-                raise damaged(f"names {file!r}, which is not a file of {self.directory}")
+            if len(parts) != 1 or not file.endswith(".bin"):
+                raise damaged(f"names {file!r}, which is not a tensor file of {self.directory}")
             self._paths[file] = self.directory / file
         if file not in self._sizes:
             if self._listed:
