@@ -135,7 +135,7 @@ def worker(args) -> None:
         return engine.train_step(batches, tokens=len(batches) * dp * args.seq)
 
     timed("train_step", step, count_io=False)
-    state = {"step": 1, "sampler": {}, "tokenizer_fingerprint": None}
+    state = {"step": 1, "sampler": {"seed": 0, "consumed_samples": 0, "skipped_ranges": []}}
     sync = Checkpointer(out / "run", config, topology)
     async_config = load_config(None, [*overrides, "train.async_save=true"])
     background = Checkpointer(out / "run", async_config, topology)

@@ -96,6 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         if hasattr(signal, name):
             signal.signal(getattr(signal, name), _interrupted)
     log = logging.getLogger("pangu")
+    joined_before = _process_group() is not None
     try:
         return COMMANDS[args.command].run(args)
     except PanguError as err:
@@ -114,16 +115,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"pangu {args.command}: error: {err.strerror}{where}", file=sys.stderr)
         return 1
     finally:
-        _close_process_group()
+        # the process group the command joined ends with it: a process that exits with gloo
+        # groups open can abort in their threads' teardown ("terminate called without an active
+        # exception", exit status 1) after all its work is done
+        dist = _process_group()
+        if dist is not None and not joined_before:
+            dist.destroy_process_group()
 
 
-def _close_process_group() -> None:
-    """Ends the command's process group, if it joined one: a process that exits with gloo groups
-    still open can abort in their threads' teardown ("terminate called without an active
-    exception", exit status 1) after all its work is done."""
+def _process_group():
+    """torch.distributed if this process has joined a process group (torch is not imported here)."""
     dist = sys.modules.get("torch.distributed")
-    if dist is not None and dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+    return dist if dist is not None and dist.is_available() and dist.is_initialized() else None
 
 
 if __name__ == "__main__":

@@ -71,14 +71,23 @@ def write_json_atomic(path: str | Path, value: Any, indent: int | None = 1) -> N
     write_atomic(path, json.dumps(value, indent=indent, ensure_ascii=False) + "\n")
 
 
-def confined(root: str | Path, relative: str) -> Path:
-    """`root / relative` for a path read from an untrusted file, refused (UnsafePathError) unless
-    it stays inside `root`: no absolute path, no `..`, no symbolic link leading out."""
+def relative_parts(root: str | Path, relative: str) -> tuple[str, ...]:
+    """The parts of a path read from an untrusted file, refused (UnsafePathError) unless by its
+    name alone it stays inside `root`: no absolute path, no `..`. Reads nothing from the disk:
+    where many names are read at once, each is checked this way, and `confined` (which follows
+    symbolic links) where it is opened."""
     if not isinstance(relative, str) or not relative or "\x00" in relative:
         raise UnsafePathError(f"{relative!r} is not a relative file name")
     parts = Path(relative).parts
     if Path(relative).is_absolute() or relative.startswith(("/", "\\")) or ".." in parts or "\\" in relative:
         raise UnsafePathError(f"{relative!r} leads outside {root}")
+    return parts
+
+
+def confined(root: str | Path, relative: str) -> Path:
+    """`root / relative` for a path read from an untrusted file, refused (UnsafePathError) unless
+    it stays inside `root`: no absolute path, no `..`, no symbolic link leading out."""
+    parts = relative_parts(root, relative)
     root = Path(root)
     path = root.joinpath(*parts)
     real_root = root.resolve()

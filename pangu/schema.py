@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import math
 import re
 import types
@@ -36,19 +37,13 @@ def from_dict(cls: type, data: Any, where: str, document: str = "the config") ->
     of `data` inside `document` (the config, a task file)."""
     if not isinstance(data, dict):
         raise ConfigError(f"{where or document} must be a mapping, got {data!r}")
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
+    hints, names, required = _fields(cls)
     for key in data:
         if key not in names:
             raise ConfigError(
                 f"unknown key {_join(where, key)!r}.{did_you_mean(key, names)} "
                 f"Allowed keys of {where or document}: {', '.join(names)}"
             )
-    required = [
-        f.name
-        for f in dataclasses.fields(cls)
-        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-    ]
     missing = [name for name in required if name not in data]
     if missing:
         raise ConfigError(
@@ -62,6 +57,15 @@ def did_you_mean(key: Any, names: list[str]) -> str:
     """' Did you mean NAME?' for the name closest to a mistyped key, or ''."""
     close = difflib.get_close_matches(str(key), names, n=1)
     return f" Did you mean {close[0]!r}?" if close else ""
+
+
+@functools.cache
+def _fields(cls: type) -> tuple[dict[str, Any], list[str], list[str]]:
+    """(type hints, field names, required field names) of a dataclass: worked out once per class,
+    since documents with many records (a checkpoint's index) build the same class many times."""
+    fields = dataclasses.fields(cls)
+    required = [f.name for f in fields if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    return typing.get_type_hints(cls), [f.name for f in fields], required
 
 
 def _join(where: str, key: Any) -> str:
@@ -84,6 +88,8 @@ def _describe(hint: Any) -> str:
 
 
 def _coerce(hint: Any, value: Any, where: str) -> Any:
+    if hint is Any:  # a value kept as it was read (e.g. the run config a checkpoint records)
+        return value
     origin = typing.get_origin(hint)
     if dataclasses.is_dataclass(hint):
         return from_dict(hint, value, where)

@@ -127,3 +127,30 @@ def run_two_processes(worker: Callable[..., None], *arguments: object, timeout_s
             for process in context.processes:
                 process.kill()
             pytest.fail(f"{worker.__name__} did not finish within {timeout_s} s")
+
+
+def structurally_intact_checkpoint(directory: Path, step: int) -> Path:
+    """A checkpoint at `directory` whose structure start-up accepts (a valid manifest of a tiny model,
+    its one tensor file of the size the manifest lists) but that holds no pieces."""
+    from pangu.checkpoint import format as fmt
+    from pangu.config import ModelConfig
+
+    model = ModelConfig(num_layers=2, hidden_size=8, num_heads=2, vocab_size=128, seq_length=8)
+    size = fmt.declared_elements(model) * 4
+    (directory / "tensors").mkdir(parents=True)
+    (directory / "tensors" / "rank00000.bin").write_bytes(bytes(size))
+    files = {"tensors/rank00000.bin": fmt.FileRecord(bytes=size)}
+    layout = fmt.Layout(dp=1, tp=1, pp=1)
+    fmt.write_manifest(directory, fmt.Manifest(kind="weights", step=step, model=model, layout=layout, files=files))
+    return directory
+
+
+class DeviceTensor(torch.Tensor):
+    """Stands for a GPU tensor in a CPU test: memory that is not the host's to read a file into
+    (`.numpy()` and `np.asarray` are refused, as they are for a CUDA tensor)."""
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        if func in (torch.Tensor.numpy, torch.Tensor.__array__):
+            raise RuntimeError("a device tensor is not host memory")
+        return super().__torch_function__(func, types, args, kwargs or {})

@@ -11,7 +11,8 @@ parallel by every rank (format 2; format 1 is still read).
                                    optimizer state of its fragment of each parameter (store.py)
             tensors/index.json     every piece: parameter, state key, tensor-parallel box, flat
                                    range within it, file, offset, checksum (xxh3)
-            rng/rank{R}.pt         every RNG of every rank (exact resume on the same layout)
+            (rng/rank{R}.pt        older checkpoints only: RNG pickles, never read; dropout is
+                                   seeded by the step and the micro-batch, so resume needs none)
             trainer.json           step, sampler state, loss scaler, optimizer scalars
             tokenizer.model        so that a checkpoint is usable on its own
 
@@ -22,27 +23,50 @@ every file present with its size: O(files)); the rank that reads a piece checks 
 A weights-only checkpoint (imported or converted weights) has the same layout with kind
 "weights", one tensors/rank00000.bin and no rng/ or trainer.json. Format 1 (before parallel
 saves): tensors/pp{P}-tp{T}.{bin,json} with whole tensor-parallel slices and a sha256 per file.
+
+A checkpoint is untrusted input (one may be handed over to be continued): its manifest and index
+are read as typed records and checked before anything is built or allocated from them, every file
+they name stays inside the checkpoint, and nothing in it is unpickled.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import hashlib
 import json
 import re
 import shutil
 import warnings
 import zlib
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Literal
 
 from pangu.checkpoint.store import (
-    CHECKSUM,
+    INDEX_FILE,
     CheckpointError,
     CorruptCheckpointError,
+    TensorReader,
     checksum,
     file_checksum,
-    fsync_dir,
-    write_file_synced,
+    parse_json,
 )
 from pangu.config import ModelConfig
+from pangu.data.tokenizer import TOKENIZER_FILE
+from pangu.files import (
+    UnsafePathError,
+    confined,
+    fsync_dir,
+    make_marked_tmp,
+    relative_parts,
+    remove_marked_tmp,
+    unmark,
+    write_atomic,
+    write_synced,
+)
+from pangu.model import layout
+from pangu.schema import ConfigError, from_dict
 
 FORMAT = "pangu-checkpoint"
 VERSION = 2
@@ -56,6 +80,76 @@ SHAPE_FIELDS = (
     "seq_length",
     "scale_invariant",
 )
+TRAINER_FILE = "trainer.json"
+SMALLEST_ITEMSIZE = 2  # bytes of a stored element (float16, bfloat16): what bounds a manifest's model
+
+
+@dataclass(frozen=True)
+class FileRecord:
+    """A file of a checkpoint as its manifest lists it: its size and, for the small files (and in
+    format 1 for every file), a checksum of its bytes."""
+
+    bytes: int
+    xxh3: int | None = None
+    crc32: int | None = None
+    sha256: str | None = None  # format 1
+
+
+@dataclass(frozen=True)
+class Layout:
+    dp: int
+    tp: int
+    pp: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class Manifest:
+    """manifest.json: what a checkpoint is and every file it holds."""
+
+    format: Literal["pangu-checkpoint"] = FORMAT
+    version: int = 1  # format 1 wrote it too; only the first manifests lacked it
+    kind: Literal["training", "weights"]
+    step: int
+    model: ModelConfig
+    config: dict[str, Any] = field(default_factory=dict)  # the run's whole config, as that pangu wrote it
+    layout: Layout
+    tokenizer_fingerprint: str | None = None  # sha256 of the tokenizer the weights were trained with
+    pieces: int | None = None
+    bytes: int | None = None
+    upgraded_from: int | None = None
+    files: dict[str, FileRecord]
+
+    @property
+    def optimizer(self) -> str | None:
+        """optim.name of the run that wrote it (None for weights)."""
+        optim = self.config.get("optim")
+        return optim.get("name") if isinstance(optim, dict) else None
+
+
+@dataclass(frozen=True)
+class SamplerState:
+    seed: int
+    consumed_samples: int
+    skipped_ranges: list[tuple[int, int]]
+
+
+@dataclass(frozen=True)
+class OptimizerScalars:
+    """Per param group: state that is not per element, and what the group itself keeps."""
+
+    state: dict[str, float]
+    group: dict[str, bool | int | float]
+
+
+@dataclass(frozen=True)
+class TrainerFile:
+    """trainer.json: where the run was, and the optimizer's and loss scaler's scalars."""
+
+    step: int
+    sampler: SamplerState
+    optimizer_scalars: list[OptimizerScalars]
+    loss_scaler: dict[str, bool | int | float]
+    tokenizer_fingerprint: str | None = None
 
 
 def checkpoint_root(run_dir: str | Path) -> Path:
@@ -120,120 +214,208 @@ def intact_checkpoints(run_dir: str | Path) -> list[Path]:
     return intact
 
 
-def read_manifest(path: Path, verify: bool = True) -> dict:
-    """The manifest; with `verify`, after checking the checkpoint's structure (check_structure)."""
+def read_manifest(path: Path, verify: bool = True) -> Manifest:
+    """The manifest, read as the typed `Manifest` and checked as untrusted input (every file name
+    inside the checkpoint, the model valid and no larger than its tensor files can hold); with
+    `verify`, after checking the checkpoint's structure (every file present, its size as listed,
+    no symbolic link leading out: O(files), no byte read). A damaged one is CorruptCheckpointError."""
     manifest_path = Path(path) / "manifest.json"
     if not manifest_path.is_file():
         raise CorruptCheckpointError(f"{path} is not a complete pangu checkpoint: manifest.json is missing")
     try:
-        manifest = json.loads(manifest_path.read_bytes())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raw = json.loads(manifest_path.read_bytes())
+        version = raw.get("version", 1) if isinstance(raw, dict) else None
+        if isinstance(version, int) and version > VERSION:
+            raise CheckpointError(f"{path} is format {version}; this pangu reads formats 1 to {VERSION}: upgrade pangu")
+        manifest = from_dict(Manifest, raw, "", document=manifest_path.name)
+        _check_manifest(manifest, Path(path))
+    except (ValueError, RecursionError, UnsafePathError) as err:  # JSON, UTF-8 and ConfigError are ValueErrors
         raise CorruptCheckpointError(f"{manifest_path} is corrupt: {err}") from None
-    if not (
-        isinstance(manifest, dict)
-        and manifest.get("format") == FORMAT
-        and isinstance(manifest.get("files"), dict)
-        and isinstance(manifest.get("version", 1), int)
-        and _has_manifest_shape(manifest)
-    ):
-        raise CorruptCheckpointError(f"{manifest_path} is corrupt: it is not a pangu checkpoint manifest")
-    if manifest.get("version", 1) > VERSION:
-        raise CheckpointError(
-            f"{path} is format {manifest['version']}; this pangu reads formats 1 to {VERSION}: upgrade pangu"
-        )
     if verify:
-        for rel, info in manifest["files"].items():
-            file = Path(path) / rel
+        for rel, info in manifest.files.items():
+            file = _file(path, rel)
             if not file.is_file():
                 raise CorruptCheckpointError(f"checkpoint {path} is incomplete: {rel} is missing")
-            if file.stat().st_size != info["bytes"]:
+            if file.stat().st_size != info.bytes:
                 raise CorruptCheckpointError(
-                    f"checkpoint {path} is torn: {rel} has {file.stat().st_size} bytes, the manifest says {info['bytes']}"
+                    f"checkpoint {path} is torn: {rel} has {file.stat().st_size} bytes, the manifest says {info.bytes}"
                 )
     return manifest
 
 
-def _has_manifest_shape(manifest: dict) -> bool:
-    """Whether a manifest holds every field pangu reads, with its type."""
-    layout = manifest.get("layout")
-    return (
-        isinstance(manifest.get("kind"), str)
-        and isinstance(manifest.get("step"), int)
-        and isinstance(manifest.get("model"), dict)
-        and set(manifest["model"]) <= set(ModelConfig.__dataclass_fields__)
-        and isinstance(layout, dict)
-        and all(isinstance(layout.get(axis), int) for axis in ("dp", "tp", "pp"))
-        and all(isinstance(info, dict) and isinstance(info.get("bytes"), int) for info in manifest["files"].values())
-    )
+def _check_manifest(manifest: Manifest, path: Path) -> None:
+    """What the types cannot say (raises ConfigError or UnsafePathError, which the caller words)."""
+    if manifest.version < 1 or manifest.step < 0 or min(dataclasses.astuple(manifest.layout)) < 1:
+        raise ConfigError(f"version {manifest.version}, step {manifest.step} or layout {manifest.layout} is impossible")
+    for rel, info in manifest.files.items():
+        relative_parts(path, rel)  # names only here: each file is confined (links too) where it is opened
+        if info.bytes < 0:
+            raise ConfigError(f"{rel} has {info.bytes} bytes")
+    manifest.model.validate()  # as a config file's model section, before any network is built
+    elements = declared_elements(manifest.model)
+    tensor_bytes = sum(info.bytes for rel, info in manifest.files.items() if re.fullmatch(r"tensors/[^/]+\.bin", rel))
+    if elements * SMALLEST_ITEMSIZE > tensor_bytes:
+        raise ConfigError(
+            f"its model has {elements:,} parameter elements, more than its tensor files ({tensor_bytes:,} bytes) "
+            f"can hold"
+        )
 
 
-def check_structure(path: Path) -> dict:
+def declared_elements(model: ModelConfig) -> int:
+    """The elements of every parameter the model declares, from the declarations of its 2- and
+    3-layer versions (each further layer adds one more block): a manifest may name any number of
+    layers, and declaring them one by one would take memory in proportion."""
+    two, three = (sum(p.numel for p in layout.parameters(dataclasses.replace(model, num_layers=n))) for n in (2, 3))
+    return two + (model.num_layers - 2) * (three - two)
+
+
+def _file(path: Path, rel: str) -> Path:
+    """A file a manifest names, inside the checkpoint (a symbolic link leading out is damage)."""
+    try:
+        return confined(path, rel)
+    except UnsafePathError as err:
+        raise CorruptCheckpointError(f"checkpoint {path} is corrupt: {err}") from None
+
+
+def check_structure(path: Path) -> Manifest:
     """The manifest, after checking that every file it lists is there with its size (O(files),
-    no byte is read); returns the manifest."""
+    no byte is read)."""
     return read_manifest(path, verify=True)
 
 
-def read_checked(path: Path, rel: str, manifest: dict) -> bytes:
-    """A small file of a checkpoint, checked against the checksum (format 1: sha256) in its manifest."""
-    import hashlib
-
-    file = Path(path) / rel
+def read_checked(path: Path, rel: str, manifest: Manifest) -> bytes:
+    """A small file of a checkpoint, checked against the checksum (format 1: sha256) its manifest
+    lists for it."""
+    info = manifest.files.get(rel)
+    if info is None:
+        raise CorruptCheckpointError(f"checkpoint {path} is corrupt: its manifest does not list {rel}")
+    file = _file(path, rel)
     try:
         data = file.read_bytes()
     except FileNotFoundError:
         raise CorruptCheckpointError(f"checkpoint {path} is incomplete: {rel} is missing") from None
-    info = manifest["files"].get(rel, {})
+    if info.xxh3 is None and info.crc32 is None and info.sha256 is None:
+        raise CorruptCheckpointError(f"{file} is not checked: the manifest lists no checksum for it")
     if (
-        (CHECKSUM in info and checksum(data) != info[CHECKSUM])
-        or ("crc32" in info and zlib.crc32(data) != info["crc32"])
-        or (info.get("sha256") and hashlib.sha256(data).hexdigest() != info["sha256"])
+        (info.xxh3 is not None and checksum(data) != info.xxh3)
+        or (info.crc32 is not None and zlib.crc32(data) != info.crc32)
+        or (info.sha256 is not None and hashlib.sha256(data).hexdigest() != info.sha256)
     ):
         raise CorruptCheckpointError(f"{file} is corrupt: it does not match its checksum")
     return data
 
 
-def model_fields(model: ModelConfig) -> dict:
-    return dict(model.__dict__)
+def read_tokenizer(path: Path, manifest: Manifest) -> bytes | None:
+    """The tokenizer model a checkpoint carries (None if it carries none), checked against its
+    checksum and against the fingerprint of the tokenizer its weights were trained with."""
+    if TOKENIZER_FILE not in manifest.files:
+        return None
+    data = read_checked(path, TOKENIZER_FILE, manifest)
+    fingerprint = manifest.tokenizer_fingerprint
+    if fingerprint is not None and hashlib.sha256(data).hexdigest() != fingerprint:
+        raise CorruptCheckpointError(
+            f"{path / TOKENIZER_FILE} is not the tokenizer checkpoint {path} was trained with (its sha256 is not the "
+            f"manifest's tokenizer_fingerprint {fingerprint[:12]}...): use the tokenizer of the data it was trained on"
+        )
+    return data
 
 
-def check_model_matches(manifest: dict, model: ModelConfig, path: Path) -> None:
-    stored = ModelConfig(**manifest["model"])
-    for field in SHAPE_FIELDS:
-        if getattr(stored, field) != getattr(model, field):
+def read_trainer_state(path: Path, manifest: Manifest) -> TrainerFile:
+    """trainer.json of a training checkpoint, checked against its checksum and read as typed."""
+    return parse_json(TrainerFile, read_checked(path, TRAINER_FILE, manifest), path / TRAINER_FILE)
+
+
+def tensor_reader(path: Path, manifest: Manifest, prefer: str | None = None) -> TensorReader:
+    """A reader of a checkpoint's pieces (any layout), every piece checked against the files the
+    manifest lists and the shapes its model declares. `prefer`: see TensorReader."""
+    index_rel = f"tensors/{INDEX_FILE}"
+    return TensorReader(
+        path / "tensors",
+        prefer=prefer,
+        index=read_checked(path, index_rel, manifest) if index_rel in manifest.files else None,
+        sizes={
+            rel.removeprefix("tensors/"): info.bytes
+            for rel, info in manifest.files.items()
+            if rel.startswith("tensors/")
+        },
+        shapes=declared_shapes(manifest.model),
+    )
+
+
+def declared_shapes(model: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """{parameter: full shape} as the model declares them: what a checkpoint's pieces must be."""
+    return {name: spec.shape for name, spec in layout.parameter_table(model).items()}
+
+
+def check_model_matches(manifest: Manifest, model: ModelConfig, path: Path) -> None:
+    for name in SHAPE_FIELDS:
+        if getattr(manifest.model, name) != getattr(model, name):
             raise CheckpointError(
-                f"checkpoint {path} was written for model.{field} = "
-                f"{getattr(stored, field)!r} but the config has {getattr(model, field)!r}"
+                f"checkpoint {path} was written for model.{name} = "
+                f"{getattr(manifest.model, name)!r} but the config has {getattr(model, name)!r}"
             )
 
 
-def file_entry(path: Path) -> dict:
+def file_entry(path: Path) -> FileRecord:
     """A manifest's record of one written (small) file: its size and checksum."""
-    return {"bytes": path.stat().st_size, CHECKSUM: file_checksum(path)}
+    return FileRecord(bytes=path.stat().st_size, xxh3=file_checksum(path))
 
 
-def write_manifest(directory: Path, manifest: dict) -> None:
-    write_file_synced(
-        directory / "manifest.json", json.dumps({"format": FORMAT, "version": VERSION, **manifest}, indent=1).encode()
-    )
+def write_manifest(directory: Path, manifest: Manifest) -> None:
+    """Writes manifest.json (format 2) into a checkpoint directory being written (then published)."""
+    record = {key: value for key, value in dataclasses.asdict(manifest).items() if value is not None}
+    record.update(format=FORMAT, version=VERSION)
+    record["files"] = {rel: {k: v for k, v in info.items() if v is not None} for rel, info in record["files"].items()}
+    write_synced(directory / "manifest.json", json.dumps(record, indent=1).encode())
+
+
+def temporary_beside(out: Path) -> Path:
+    """The marked temporary directory (.tmp_<name> beside `out`) that `out` is written in before it
+    is published: one left by an interrupted attempt is replaced; a directory of that name pangu
+    did not make is refused, never removed."""
+    try:
+        return make_marked_tmp(out.with_name(f".tmp_{out.name}"))
+    except FileExistsError as err:
+        raise CheckpointError(str(err)) from None
+
+
+def discard(tmp: Path) -> None:
+    """Removes a temporary directory after a failure (only if it is pangu's, marked)."""
+    with contextlib.suppress(OSError):
+        remove_marked_tmp(tmp)
 
 
 def publish(tmp: Path, final: Path) -> None:
     """Moves a finished checkpoint directory into place (replacing one of the same name from an
     earlier attempt)."""
-    for sub in sorted({p for p in tmp.rglob("*") if p.is_dir()} | {tmp}, reverse=True):
-        fsync_dir(sub)
+    _sync_tree(tmp)
     if final.exists():
         shutil.rmtree(final)
     tmp.rename(final)
+    unmark(final)  # after the rename: a crash before it leaves a stray marker, never an unmarked leftover
     fsync_dir(final.parent)
 
 
+def publish_new(tmp: Path, out: Path) -> None:
+    """Moves a finished directory to `out`, a new output directory (one that appeared there
+    meanwhile is refused, never replaced)."""
+    _sync_tree(tmp)
+    if out.exists() or out.is_symlink():
+        raise CheckpointError(f"{out} appeared while it was being written: choose a new output directory")
+    tmp.rename(out)
+    unmark(out)
+    fsync_dir(out.parent)
+
+
+def _sync_tree(directory: Path) -> None:
+    """fsyncs every directory of a tree (its files are fsynced as they are written)."""
+    for sub in sorted({p for p in directory.rglob("*") if p.is_dir()} | {directory}, reverse=True):
+        fsync_dir(sub)
+
+
 def publish_latest(root: Path, name: str) -> None:
-    """Moves the `latest` pointer atomically (write a temporary file, fsync, rename)."""
-    tmp = root / ".latest.tmp"
-    write_file_synced(tmp, name.encode())
-    tmp.rename(root / "latest")
-    fsync_dir(root)
+    """Moves the `latest` pointer atomically."""
+    write_atomic(root / "latest", name)
 
 
 def prune(root: Path, keep: int, current: str | None = None) -> None:
@@ -247,8 +429,11 @@ def prune(root: Path, keep: int, current: str | None = None) -> None:
         for p in step_dirs(root)
         if (p / "manifest.json").is_file() and (newest_kept is None or int(p.name.removeprefix("step_")) <= newest_kept)
     ]
-    for old in complete[keep:] + list(root.glob(".tmp_step_*")):
+    for old in complete[keep:]:
         shutil.rmtree(old, ignore_errors=True)
+    for leftover in root.glob(".tmp_step_*"):
+        with contextlib.suppress(FileExistsError):  # not marked: not pangu's (or an older pangu's) to remove
+            remove_marked_tmp(leftover)
 
 
 def set_aside(run_dir: str | Path) -> Path:

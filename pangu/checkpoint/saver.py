@@ -69,22 +69,27 @@ class Checkpointer:
         prefetch, self._prefetch = self._prefetch, None
         return resume(candidates, engine, self.topology, self.config, prefetch) if candidates else None
 
+    def weights_source(self, source: str | Path) -> Path:
+        """The checkpoint train.init_from names, checked (its structure, and a model of this run's
+        shapes) before anything is built for it."""
+        path = fmt.resolve(source)
+        fmt.check_model_matches(fmt.check_structure(path), self.config.model, path)
+        return path
+
     def load_weights(self, source: str | Path, engine: Engine) -> Path:
         """Only the weights of any checkpoint (train.init_from), read where this rank owns them."""
-        path = fmt.resolve(source)
-        fmt.read_manifest(path)
+        path = self.weights_source(source)
         load_checkpoint(path, engine, self.topology, self.config, weights_only=True)
         return path
 
-    def save(self, step: int, engine: Engine, trainer_state: dict, tokenizer_path: Path | None) -> Path:
+    def save(self, step: int, engine: Engine, trainer_state: dict, tokenizer: bytes | None) -> Path:
         """Checkpoint `step`: written before returning, or (async_save) in the background. Returns
-        the checkpoint's directory (published on return, or when the background write is done)."""
+        the checkpoint's directory (published on return, or when the background write is done).
+        `tokenizer`: the model file the run trains with, which the checkpoint carries."""
         self.wait()
         start = time.perf_counter()
         if not self.async_save:
-            request = save_request(
-                self.run_dir, step, engine, self.topology, self.config, trainer_state, tokenizer_path
-            )
+            request = save_request(self.run_dir, step, engine, self.topology, self.config, trainer_state, tokenizer)
             path = write_checkpoint(request, self.group)
             self.last = {"blocked_s": time.perf_counter() - start, "async": False}
             return path
@@ -97,7 +102,7 @@ class Checkpointer:
             self.topology,
             self.config,
             trainer_state,
-            tokenizer_path,
+            tokenizer,
             snapshot=self._host_buffers(live, engine),
         )
         self._copied = threading.Event()

@@ -15,6 +15,13 @@ Two index layouts, both read by `TensorReader`:
 - format 2: `index.json` ({"pieces": [...]}) for every piece of every `rank{R}.bin` in the directory;
 - format 1 (read, and still written by `TensorWriter.close`): per store `NAME.json`
   ({"bin": "NAME.bin", "entries": [...]}) beside `NAME.bin`, whole boxes, checksums per file.
+
+An index is untrusted input: it is read through the typed records below, and every piece is
+checked before anything is allocated for it (its box inside its full shape, its flat range inside
+its box, its bytes inside its file, its full shape the one the model declares, its file a name in
+the directory, and in format 2 its checksum present). Pieces are read into host memory only:
+into the destination itself where that is plain CPU memory, else into the reader's one staging
+buffer (pinned for a GPU) and copied to the destination's device.
 """
 
 from __future__ import annotations
@@ -27,11 +34,15 @@ import os
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 import xxhash
 
-from pangu.schema import PanguError
+from pangu.checkpoint import boxes
+from pangu.checkpoint.boxes import Box
+from pangu.files import UnsafePathError, confined, relative_parts, write_synced
+from pangu.schema import PanguError, from_dict
 
 _DTYPES = {
     "float32": torch.float32,
@@ -76,13 +87,54 @@ class CorruptCheckpointError(CheckpointError):
     a run falls back to the previous checkpoint."""
 
 
-Box = tuple[tuple[int, int], ...]
+# ---------------------------------------------------------------------------------------------
+# The index as it is stored
+
+
+@dataclass(frozen=True)
+class PieceRecord:
+    """One piece as an index records it."""
+
+    name: str
+    key: str  # "weight" or an optimizer state name ("m", "s", "exp_avg", ...)
+    dtype: Literal["float32", "float16", "bfloat16", "int64", "int32"]
+    offset: int  # of its first byte in its file
+    full_shape: list[int]
+    index: list[tuple[int, int]]  # its box: [start, stop) in every dimension of the full tensor
+    flat: tuple[int, int] | None = None  # [start, stop) of the box's row-major elements (format 1: all)
+    file: str = ""  # format 2: its file in the directory (format 1: the store's `bin`)
+    xxh3: int | None = None  # format 2: a checksum of its bytes (format 1 has one per file)
+    crc32: int | None = None
+    copy: int = 0
+
+
+@dataclass(frozen=True)
+class IndexFile:
+    """tensors/index.json (format 2)."""
+
+    pieces: list[PieceRecord]
+
+
+@dataclass(frozen=True)
+class StoreFile:
+    """tensors/NAME.json beside NAME.bin (format 1)."""
+
+    bin: str
+    entries: list[PieceRecord]
+
+
+def parse_json(cls: type, data: bytes, path: Path):
+    """A JSON document of a checkpoint as the typed `cls`; a damaged one is CorruptCheckpointError."""
+    try:
+        return from_dict(cls, json.loads(data), "", document=path.name)
+    except (ValueError, RecursionError) as err:  # JSON, UTF-8 and ConfigError are ValueErrors
+        raise CorruptCheckpointError(f"{path} is corrupt: {err}") from None
 
 
 @dataclass(frozen=True)
 class Piece:
     name: str
-    key: str  # "weight" or an optimizer state name ("m", "s", "exp_avg", ...)
+    key: str
     dtype: str
     file: Path
     offset: int
@@ -100,11 +152,6 @@ class Piece:
     def nbytes(self) -> int:
         return self.numel * _DTYPES[self.dtype].itemsize
 
-    @property
-    def shape(self) -> tuple[int, ...]:
-        """The box's shape (a format-1 piece holds its whole box)."""
-        return tuple(stop - start for start, stop in self.box)
-
 
 def _record(name, key, dtype, offset, full_shape, box, flat, digest, copy) -> dict:
     return {
@@ -120,26 +167,20 @@ def _record(name, key, dtype, offset, full_shape, box, flat, digest, copy) -> di
     }
 
 
-def _piece(record: dict, file: Path) -> Piece:
-    box = tuple(tuple(r) for r in record["index"])
-    flat = tuple(record.get("flat") or (0, math.prod(b - a for a, b in box)))
-    return Piece(
-        record["name"],
-        record["key"],
-        record["dtype"],
-        file,
-        record["offset"],
-        tuple(record["full_shape"]),
-        box,
-        flat,
-        next(((algorithm, record[algorithm]) for algorithm in _HASHERS if record.get(algorithm) is not None), None),
-        record.get("copy", 0),
-    )
-
-
 def tensor_bytes(tensor: torch.Tensor):
     """A contiguous CPU tensor's bytes as a buffer (no copy; any dtype, bfloat16 included)."""
     return tensor.reshape(-1).view(torch.uint8).numpy()
+
+
+def _is_host_memory(tensor: torch.Tensor) -> bool:
+    """Whether a file can be read straight into `tensor`: plain, contiguous CPU memory (not a GPU
+    tensor, the meta device, a tensor subclass or one that records gradients)."""
+    return (
+        type(tensor) is torch.Tensor
+        and tensor.device.type == "cpu"
+        and tensor.is_contiguous()
+        and not tensor.requires_grad
+    )
 
 
 class TensorWriter:
@@ -198,7 +239,7 @@ class TensorWriter:
         """Flush to disk and write the format-1 NAME.json; returns {file name: {"bytes", "sha256"}}."""
         size, _ = self.finish()
         index_bytes = json.dumps({"bin": self.bin_path.name, "entries": self._entries}).encode()
-        write_file_synced(self.index_path, index_bytes)
+        write_synced(self.index_path, index_bytes)
         return {
             self.bin_path.name: {"bytes": size, "sha256": self._sha.hexdigest() if self._sha else None},
             self.index_path.name: {"bytes": len(index_bytes), "sha256": hashlib.sha256(index_bytes).hexdigest()},
@@ -208,88 +249,123 @@ class TensorWriter:
 def write_index(directory: Path, records: list[dict]) -> bytes:
     """Writes the format-2 index of a directory's pieces; returns its bytes."""
     data = json.dumps({"pieces": records}, separators=(",", ":")).encode()
-    write_file_synced(Path(directory) / INDEX_FILE, data)
+    write_synced(Path(directory) / INDEX_FILE, data)
     return data
-
-
-def flat_runs(shape: tuple[int, ...], start: int, stop: int):
-    """The elements [start, stop) of an array of `shape` in row-major order, as rectangles:
-    (first index, sizes, offset of the rectangle's first element from `start`). A flat range of
-    an n-dimensional box is at most 2n - 1 rectangles (a partial first row, whole rows, a partial
-    last row, recursively)."""
-    if start >= stop:
-        return
-    if len(shape) <= 1:
-        yield (start,), (stop - start,), 0
-        return
-    inner = math.prod(shape[1:])
-    row, offset = start // inner, 0
-    if start % inner:  # a partial first row
-        end = min(stop, (row + 1) * inner)
-        for first, sizes, at in flat_runs(shape[1:], start - row * inner, end - row * inner):
-            yield (row, *first), (1, *sizes), at
-        offset, row = end - start, row + 1
-        if end == stop:
-            return
-    last = stop // inner
-    if last > row:  # whole rows
-        yield (row,) + (0,) * (len(shape) - 1), (last - row, *shape[1:]), offset
-        offset += (last - row) * inner
-    if stop % inner:  # a partial last row
-        for first, sizes, at in flat_runs(shape[1:], 0, stop - last * inner):
-            yield (last, *first), (1, *sizes), offset + at
-
-
-def _rectangles(box: Box, flat: tuple[int, int]):
-    """(rectangle in full-tensor coordinates, offset in the run's data) of a flat range of a box."""
-    shape = tuple(b - a for a, b in box)
-    for first, sizes, at in flat_runs(shape, *flat):
-        yield tuple((a + f, a + f + n) for (a, _), f, n in zip(box, first, sizes)), at
-
-
-def _overlaps(a: Box, b: Box) -> bool:
-    return all(max(x0, y0) < min(x1, y1) for (x0, x1), (y0, y1) in zip(a, b))
 
 
 class TensorReader:
     """Reads any region of any stored tensor, or any fragment of any box, from the pieces in a
-    directory (format 2 or 1), checking the checksum of every piece it reads. `prefer`: a file
-    whose pieces are read where one matches a request exactly (a rank's own file on the layout
-    that wrote it). `index`: the format-2 index's bytes, when the caller has read (and checked)
-    them. `bytes_read` counts the tensor bytes read."""
+    directory (format 2 or 1), checking the checksum of every piece it reads.
 
-    def __init__(self, directory: Path, prefer: str | None = None, index: bytes | None = None):
+    `prefer`: a file whose pieces are read where one matches a request exactly (a rank's own file
+    on the layout that wrote it). `index`: the format-2 index's bytes, when the caller has read
+    (and checked) them. `sizes`: {file name: bytes} of the directory's files as the checkpoint's
+    manifest lists them (a piece in a file it does not list is damage; without `sizes` each file
+    is looked at once). `shapes`: {parameter: full shape} as the model declares them (every reader
+    of a checkpoint gives them; a piece of another shape, or of a parameter the model does not
+    declare, is damage). `bytes_read` counts the tensor bytes read."""
+
+    def __init__(
+        self,
+        directory: Path,
+        prefer: str | None = None,
+        index: bytes | None = None,
+        sizes: dict[str, int] | None = None,
+        shapes: dict[str, tuple[int, ...]] | None = None,
+    ):
         self.directory = Path(directory)
         self.prefer = prefer
         self.bytes_read = 0
         self.index_bytes = 0
+        self._listed = sizes is not None  # the manifest lists the files: no other file is the checkpoint's
+        self._sizes = dict(sizes or {})
+        self._shapes = shapes
         self._by_key: dict[tuple[str, str], list[Piece]] = {}
         self._keys: dict[str, set[str]] = {}
-        files: dict[str, Path] = {}  # one Path per file, not per piece
-        self._maps: dict[Path, object] = {}  # open files
+        self._paths: dict[str, Path] = {}  # one Path per file, not per piece
+        self._files: dict[Path, object] = {}  # open files
         self._preloaded: dict[Path, torch.Tensor] = {}  # whole files read ahead (preload)
         self._bad: dict[Piece, str] = {}  # pieces preload found torn or corrupt
-        if index is None and (self.directory / INDEX_FILE).is_file():
-            index = (self.directory / INDEX_FILE).read_bytes()
+        self._staging: torch.Tensor | None = None  # host memory pieces pass through on their way elsewhere
+        index_path = self.directory / INDEX_FILE
+        if index is None and index_path.is_file():
+            index = index_path.read_bytes()
         if index is not None:
             self.index_bytes += len(index)
             collecting = gc.isenabled()
             gc.disable()  # many small objects at once: no full collections of a training process's heap
             try:
-                for record in json.loads(index)["pieces"]:
-                    file = files.get(record["file"]) or files.setdefault(
-                        record["file"], self.directory / record["file"]
-                    )
-                    self._add(_piece(record, file))
+                for i, record in enumerate(parse_json(IndexFile, index, index_path).pieces):
+                    self._add(self._checked(record, record.file, index_path, i, needs_checksum=True))
             finally:
                 if collecting:
                     gc.enable()
         for store in sorted(self.directory.glob("*.json")):
-            if store.name == INDEX_FILE:
-                continue
-            meta = json.loads(store.read_text())
-            for record in meta["entries"]:
-                self._add(_piece(record, self.directory / meta["bin"]))
+            if store.name != INDEX_FILE:
+                meta = parse_json(StoreFile, store.read_bytes(), store)
+                for i, record in enumerate(meta.entries):
+                    self._add(self._checked(record, meta.bin, store, i, needs_checksum=False))
+
+    def _checked(self, record: PieceRecord, file: str, where: Path, i: int, needs_checksum: bool) -> Piece:
+        """The piece a record describes, after checking everything reading it relies on."""
+
+        def damaged(problem: str) -> CorruptCheckpointError:
+            return CorruptCheckpointError(f"{where} is corrupt: piece {i} ({record.name!r}, {record.key}) {problem}")
+
+        full_shape, box = tuple(record.full_shape), tuple(tuple(r) for r in record.index)
+        if len(box) != len(full_shape) or not all(0 <= a < b <= n for (a, b), n in zip(box, full_shape)):
+            raise damaged(f"has the box {record.index}, which does not lie in its full shape {record.full_shape}")
+        if self._shapes is not None and self._shapes.get(record.name) != full_shape:
+            declared = self._shapes.get(record.name)
+            raise damaged(
+                "is of a parameter the model does not declare"
+                if declared is None
+                else f"has the full shape {record.full_shape}, the model declares {list(declared)}"
+            )
+        box_numel = math.prod(b - a for a, b in box)
+        flat = tuple(record.flat) if record.flat is not None else (0, box_numel)
+        if not 0 <= flat[0] <= flat[1] <= box_numel:
+            raise damaged(f"has the flat range {list(flat)}, outside its box of {box_numel} elements")
+        digest = next(((name, getattr(record, name)) for name in _HASHERS if getattr(record, name) is not None), None)
+        if needs_checksum and digest is None:
+            raise damaged("has no checksum")
+        if record.offset < 0 or record.copy < 0:
+            raise damaged(f"has a negative offset ({record.offset}) or copy ({record.copy})")
+        end = record.offset + (flat[1] - flat[0]) * _DTYPES[record.dtype].itemsize
+        size = self._size_of(file, damaged)
+        if end > size:
+            raise damaged(f"ends at byte {end}, past the end of {file} ({size} bytes)")
+        path = self._paths[file]
+        return Piece(
+            record.name, record.key, record.dtype, path, record.offset, full_shape, box, flat, digest, record.copy
+        )
+
+    def _size_of(self, file: str, damaged) -> int:
+        """The size of a file of the directory a piece names: a plain file name (nothing leading
+        out), as the manifest lists it (or on the disk, without a manifest)."""
+        if file not in self._paths:
+            try:
+                parts = relative_parts(self.directory, file)
+            except UnsafePathError as err:
+                raise damaged(f"names a file that is not the checkpoint's: {err}") from None
+            if len(parts) != 1 or not file.endswith(".bin"):
+                raise damaged(f"names {file!r}, which is not a tensor file of {self.directory}")
+            self._paths[file] = self.directory / file
+        if file not in self._sizes:
+            if self._listed:
+                raise damaged(f"is in {file}, a file the checkpoint's manifest does not list")
+            try:
+                self._sizes[file] = self._path(self._paths[file]).stat().st_size
+            except FileNotFoundError:
+                raise damaged(f"is in {file}, which is missing") from None
+        return self._sizes[file]
+
+    def _path(self, path: Path) -> Path:
+        """A file of the directory, refused (as damage) if a symbolic link leads it out."""
+        try:
+            return confined(self.directory, path.name)
+        except UnsafePathError as err:
+            raise CorruptCheckpointError(f"{path} is not a file of the checkpoint: {err}") from None
 
     def _add(self, piece: Piece) -> None:
         self._by_key.setdefault((piece.name, piece.key), []).append(piece)
@@ -324,41 +400,44 @@ class TensorReader:
         self, name: str, key: str, box: Box, flat: tuple[int, int], out: torch.Tensor | None = None
     ) -> torch.Tensor:
         """The elements [start, stop) of the region `box` of the full tensor, in row-major order, as
-        a 1-D tensor (written into `out`, cast to its dtype, when given)."""
+        a 1-D tensor: `out` when given (1-D, of that many elements, of any dtype and on any device:
+        the elements are cast to its dtype and copied to its device)."""
         pieces = self._pieces(name, key, primary=False)
         box, flat = tuple(tuple(r) for r in box), tuple(flat)
+        count = flat[1] - flat[0]
+        if out is None:
+            out = torch.empty(count, dtype=_DTYPES[pieces[0].dtype])
+        elif out.dim() != 1 or out.numel() != count:
+            raise ValueError(f"{name!r} ({key}): {count} elements are read into a tensor of shape {tuple(out.shape)}")
         exact = [p for p in pieces if p.box == box and p.flat == flat]
         if exact:
             own = [p for p in exact if p.file.name == self.prefer]
-            piece = (own or [p for p in exact if p.copy == 0] or exact)[0]
-            if out is not None and out.dtype == _DTYPES[piece.dtype] and out.is_contiguous():
-                self._read_piece(piece, into=out)
-                return out
-            data = self._read_piece(piece)
-            return data if out is None else out.copy_(data.view(out.shape))
-        dtype = _DTYPES[pieces[0].dtype] if out is None else out.dtype
-        result = torch.empty(flat[1] - flat[0], dtype=dtype) if out is None else out
-        wanted = list(_rectangles(box, flat))
+            self._read_exact((own or [p for p in exact if p.copy == 0] or exact)[0], out)
+            return out
+        wanted = list(boxes.rectangles(box, flat))
         covered = 0
-        for piece in (p for p in pieces if p.copy == 0 and _overlaps(p.box, box)):
+        for piece in (p for p in pieces if p.copy == 0 and boxes.overlaps(p.box, box)):
             pairs = [
-                (r, at, q, pat) for r, at in wanted for q, pat in _rectangles(piece.box, piece.flat) if _overlaps(r, q)
+                (r, at, q, pat)
+                for r, at in wanted
+                for q, pat in boxes.rectangles(piece.box, piece.flat)
+                if boxes.overlaps(r, q)
             ]
             if not pairs:
                 continue
-            data = self._read_piece(piece)
+            data = self._host_bytes(piece, pinned=out.is_cuda).view(_DTYPES[piece.dtype])
             for r, at, q, pat in pairs:
                 both = tuple((max(a0, b0), min(a1, b1)) for (a0, a1), (b0, b1) in zip(r, q))
-                target = result[at : at + _numel(r)].view(_sizes(r))
-                source = data[pat : pat + _numel(q)].view(_sizes(q))
-                target[_local(both, r)] = source[_local(both, q)]
-                covered += _numel(both)
-        if covered != flat[1] - flat[0]:
+                target = out[at : at + boxes.numel(r)].view(boxes.sizes(r))
+                source = data[pat : pat + boxes.numel(q)].view(boxes.sizes(q))
+                target[boxes.local(both, r)] = source[boxes.local(both, q)]  # cast to out's dtype, copied to its device
+                covered += boxes.numel(both)
+        if covered != count:
             raise CheckpointError(
-                f"checkpoint pieces of {name!r} ({key}) cover {covered} of the {flat[1] - flat[0]} "
+                f"checkpoint pieces of {name!r} ({key}) cover {covered} of the {count} "
                 f"elements asked for: a shard file is missing"
             )
-        return result
+        return out
 
     def _pieces(self, name: str, key: str = "weight", primary: bool = True) -> list[Piece]:
         if (name, key) not in self._by_key:
@@ -374,9 +453,9 @@ class TensorReader:
         memory. A piece that fails its check raises when it is read, as it would have."""
         file = self.directory / file_name
         pieces = [p for p in self.pieces() if p.file == file]
-        size = max((p.offset + p.nbytes for p in pieces), default=0)
+        size = max((p.offset + p.nbytes for p in pieces), default=0)  # within the file: checked when indexed
         data = torch.empty(size, dtype=torch.uint8)
-        with open(file, "rb") as f:
+        with open(self._path(file), "rb") as f:
             got = f.readinto(data.numpy())
         for piece in pieces:
             if piece.offset + piece.nbytes > got:
@@ -394,71 +473,66 @@ class TensorReader:
             f"{piece.file} is corrupt: {piece.name!r} ({piece.key}) at byte {piece.offset} does not match its checksum"
         )
 
-    def _read_piece(self, piece: Piece, into: torch.Tensor | None = None) -> torch.Tensor:
-        """A piece's elements (1-D), read into `into` when given, after checking its checksum."""
+    def _read_exact(self, piece: Piece, out: torch.Tensor) -> None:
+        """A piece into `out`: straight from its file where `out` is host memory of the piece's
+        dtype, else through host memory (cast to out's dtype, copied to out's device)."""
+        dtype = _DTYPES[piece.dtype]
+        if piece.file not in self._preloaded and out.dtype == dtype and _is_host_memory(out):
+            self._read_into(piece, tensor_bytes(out))
+        else:
+            out.copy_(self._host_bytes(piece, pinned=out.is_cuda).view(dtype))
+
+    def _host_bytes(self, piece: Piece, pinned: bool = False) -> torch.Tensor:
+        """A piece's bytes (uint8) in host memory, checked: a view of its preloaded file, or of the
+        reader's staging buffer (valid until the next read; pinned where the piece goes to a GPU,
+        grown to the largest piece read)."""
         if piece in self._bad:
             raise CorruptCheckpointError(self._bad[piece])
-        if piece.file in self._preloaded:  # checked when it was read
-            data = self._preloaded[piece.file][piece.offset : piece.offset + piece.nbytes]
+        preloaded = self._preloaded.get(piece.file)
+        if preloaded is not None:  # checked when it was read
             self.bytes_read += piece.nbytes
-            if into is None:
-                return data.view(_DTYPES[piece.dtype])
-            into.view(-1).view(torch.uint8).copy_(data)
-            return into.view(-1)
-        handle = self._maps.get(piece.file)
+            return preloaded[piece.offset : piece.offset + piece.nbytes]
+        staging = self._staging
+        if staging is None or staging.numel() < piece.nbytes or (pinned and not staging.is_pinned()):
+            size = max(piece.nbytes, 0 if staging is None else staging.numel())
+            staging = self._staging = torch.empty(size, dtype=torch.uint8, pin_memory=pinned)
+        buffer = staging[: piece.nbytes]
+        self._read_into(piece, buffer.numpy())
+        return buffer
+
+    def _read_into(self, piece: Piece, buffer) -> None:
+        """Reads a piece's bytes into a host buffer (a numpy view) and checks its checksum."""
+        if piece in self._bad:
+            raise CorruptCheckpointError(self._bad[piece])
+        handle = self._files.get(piece.file)
         if handle is None:
-            if not piece.file.is_file():
+            path = self._path(piece.file)
+            if not path.is_file():
                 raise CorruptCheckpointError(f"{piece.file} is missing")
-            handle = self._maps[piece.file] = open(piece.file, "rb")
-        buffer = into.view(-1).view(torch.uint8) if into is not None else torch.empty(piece.nbytes, dtype=torch.uint8)
+            handle = self._files[piece.file] = open(path, "rb")
         handle.seek(piece.offset)
-        got = handle.readinto(buffer.numpy())
-        if got != piece.nbytes:
+        if handle.readinto(buffer) != piece.nbytes:
             raise CorruptCheckpointError(f"{piece.file} is truncated: {piece.name!r} ({piece.key}) ends past its end")
-        if piece.checksum is not None and _digest(piece.checksum[0], buffer.numpy()) != piece.checksum[1]:
+        if piece.checksum is not None and _digest(piece.checksum[0], buffer) != piece.checksum[1]:
             raise CorruptCheckpointError(self._corrupt(piece))
         self.bytes_read += piece.nbytes
-        return into.view(-1) if into is not None else buffer.view(_DTYPES[piece.dtype])
 
     def close(self) -> None:
-        for handle in self._maps.values():
+        for handle in self._files.values():
             handle.close()
-        self._maps.clear()
+        self._files.clear()
         self._preloaded.clear()
+        self._staging = None
 
 
-def _numel(box: Box) -> int:
-    return math.prod(b - a for a, b in box)
-
-
-def _sizes(box: Box) -> tuple[int, ...]:
-    return tuple(b - a for a, b in box)
-
-
-def _local(box: Box, within: Box) -> tuple[slice, ...]:
-    return tuple(slice(a - w, b - w) for (a, b), (w, _) in zip(box, within))
-
-
-def write_file_synced(path: Path, data: bytes) -> None:
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def sha256_file(path: Path) -> str:
+def sha256_file(path: Path, progress=None) -> str:
+    """A file's sha256 (format 1); `progress(n)` is told of every block."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 22), b""):
             digest.update(block)
+            if progress is not None:
+                progress(len(block))
     return digest.hexdigest()
 
 

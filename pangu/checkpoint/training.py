@@ -19,8 +19,8 @@ all-gather every optimizer step ends with.
 
 from __future__ import annotations
 
+import dataclasses
 import json
-import shutil
 import threading
 import time
 import traceback
@@ -38,11 +38,13 @@ from pangu.checkpoint.store import (
     CorruptCheckpointError,
     TensorReader,
     TensorWriter,
-    write_file_synced,
     write_index,
 )
 from pangu.config import Config
+from pangu.data.tokenizer import TOKENIZER_FILE
+from pangu.files import make_marked_tmp, write_synced
 from pangu.model import layout
+from pangu.optim import registry
 from pangu.parallel.engine import Engine
 from pangu.parallel.topology import Topology
 
@@ -131,10 +133,9 @@ class Prefetch:
     def _read(self, topology: Topology) -> None:
         try:
             manifest = fmt.read_manifest(self.path, verify=False)
-            same_layout = manifest["layout"] == {"dp": topology.dp, "tp": topology.tp, "pp": topology.pp}
-            own = f"{rank_file(topology.rank)}.bin" if same_layout else None
-            self._reader = _reader(self.path, manifest, own)
-            if own is not None and f"tensors/{own}" in manifest["files"]:
+            own = f"{rank_file(topology.rank)}.bin" if manifest.layout == _layout(topology) else None
+            self._reader = fmt.tensor_reader(self.path, manifest, prefer=own)
+            if own is not None and f"tensors/{own}" in manifest.files:
                 self._reader.preload(own)
         except BaseException as err:  # noqa: BLE001 - raised where the share is read
             self._error = err
@@ -146,10 +147,8 @@ class Prefetch:
         return self._reader
 
 
-def _reader(path: Path, manifest: dict, own: str | None) -> TensorReader:
-    index_rel = f"tensors/{INDEX_FILE}"
-    index = fmt.read_checked(path, index_rel, manifest) if index_rel in manifest["files"] else None
-    return TensorReader(path / "tensors", prefer=own, index=index)
+def _layout(topology: Topology) -> fmt.Layout:
+    return fmt.Layout(dp=topology.dp, tp=topology.tp, pp=topology.pp)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -166,7 +165,7 @@ class SaveRequest:
     rank: int
     world_size: int
     keep: int
-    finalize: dict = field(default_factory=dict)  # rank 0: trainer state, tokenizer, manifest fields
+    finalize: dict = field(default_factory=dict)  # rank 0: trainer state, tokenizer, manifest
 
     @property
     def final(self) -> Path:
@@ -184,11 +183,12 @@ def save_request(
     topology: Topology,
     config: Config,
     trainer_state: dict,
-    tokenizer_path: Path | None,
+    tokenizer: bytes | None,
     snapshot: list[dict[str, torch.Tensor]] | None = None,
 ) -> SaveRequest:
     """This rank's part of checkpoint `step`: its fragments of every parameter's weight and
-    optimizer state (views of the live buffers, or of `snapshot` for a background save)."""
+    optimizer state (views of the live buffers, or of `snapshot` for a background save).
+    `tokenizer`: the model file the run trains with (rank 0 writes it into the checkpoint)."""
     engine.create_optimizer_state()
     buffers = snapshot if snapshot is not None else engine.checkpoint_buffers()
     shapes = {p.name: p.shape for p in layout.parameters(config.model)}
@@ -218,15 +218,16 @@ def save_request(
                     )
                 )
             ),
-            "tokenizer_path": tokenizer_path,
-            "manifest": {
-                "kind": "training",
-                "step": step,
-                "model": fmt.model_fields(config.model),
-                "config": config.to_dict(),
-                "layout": {"dp": topology.dp, "tp": topology.tp, "pp": topology.pp},
-                "tokenizer_fingerprint": trainer_state.get("tokenizer_fingerprint"),
-            },
+            "tokenizer": tokenizer,
+            "manifest": fmt.Manifest(
+                kind="training",
+                step=step,
+                model=config.model,
+                config=config.to_dict(),
+                layout=_layout(topology),
+                tokenizer_fingerprint=trainer_state.get("tokenizer_fingerprint"),
+                files={},
+            ),
         }
     return request
 
@@ -251,7 +252,7 @@ def write_checkpoint(request: SaveRequest, group=None) -> Path:
         error = _broadcast(error, group)
     if error is not None:
         if request.rank == 0:
-            shutil.rmtree(tmp, ignore_errors=True)
+            fmt.discard(tmp)
         dist.barrier(group=group)
         previous = (root / "latest").read_text().strip() if (root / "latest").is_file() else "none"
         raise CheckpointError(
@@ -279,8 +280,8 @@ def _broadcast(value, group):
 
 
 def _make_tmp(tmp: Path) -> None:
-    shutil.rmtree(tmp, ignore_errors=True)
-    (tmp / "tensors").mkdir(parents=True)
+    make_marked_tmp(tmp)  # replacing a crashed attempt's
+    (tmp / "tensors").mkdir()
 
 
 def _write_rank_files(request: SaveRequest) -> tuple[dict, list[dict], str | None]:
@@ -297,7 +298,7 @@ def _write_rank_files(request: SaveRequest) -> tuple[dict, list[dict], str | Non
             index = tuple(slice(a, b) for a, b in piece_box)
             writer.add(piece_name, key, tensor, shape, index, flat=flat, copy=copy)
         size, written = writer.finish()
-        files[f"tensors/{name}.bin"] = {"bytes": size}
+        files[f"tensors/{name}.bin"] = fmt.FileRecord(bytes=size)
         records.extend(written)
 
     error = _attempt(write)
@@ -313,13 +314,14 @@ def _finalize(request: SaveRequest, gathered: list) -> None:
     records = [record for _, part, _ in gathered for record in part]
     write_index(tmp / "tensors", records)
     files[f"tensors/{INDEX_FILE}"] = fmt.file_entry(tmp / "tensors" / INDEX_FILE)
-    write_file_synced(tmp / "trainer.json", json.dumps(info["trainer"], indent=1).encode())
-    files["trainer.json"] = fmt.file_entry(tmp / "trainer.json")
-    if info["tokenizer_path"] is not None:
-        write_file_synced(tmp / "tokenizer.model", Path(info["tokenizer_path"]).read_bytes())
-        files["tokenizer.model"] = fmt.file_entry(tmp / "tokenizer.model")
-    total = sum(entry["bytes"] for entry in files.values())
-    fmt.write_manifest(tmp, {**info["manifest"], "pieces": len(records), "bytes": total, "files": files})
+    write_synced(tmp / fmt.TRAINER_FILE, json.dumps(info["trainer"], indent=1).encode())
+    files[fmt.TRAINER_FILE] = fmt.file_entry(tmp / fmt.TRAINER_FILE)
+    if info["tokenizer"] is not None:
+        write_synced(tmp / TOKENIZER_FILE, info["tokenizer"])
+        files[TOKENIZER_FILE] = fmt.file_entry(tmp / TOKENIZER_FILE)
+    total = sum(entry.bytes for entry in files.values())
+    manifest = dataclasses.replace(info["manifest"], pieces=len(records), bytes=total, files=files)
+    fmt.write_manifest(tmp, manifest)
     fmt.publish(tmp, final)
     fmt.publish_latest(request.root, final.name)
     fmt.prune(request.root, request.keep, current=final.name)
@@ -388,12 +390,12 @@ def _read_rank_share(
     trainer state, checking every checksum. No collective."""
     manifest = fmt.read_manifest(path, verify=False)
     fmt.check_model_matches(manifest, config.model, path)
-    same_layout = manifest["layout"] == {"dp": topology.dp, "tp": topology.tp, "pp": topology.pp}
+    same_layout = manifest.layout == _layout(topology)
     own = f"{rank_file(topology.rank)}.bin" if same_layout else None
     if prefetch is not None and prefetch.path == path:
         reader = prefetch.reader()
     else:
-        reader = _reader(path, manifest, own)
+        reader = fmt.tensor_reader(path, manifest, prefer=own)
     if not weights_only:  # state the checkpoint fills need not be zeroed first
         engine.create_optimizer_state(zeros=False)
     buffers = engine.checkpoint_buffers(weights_only)
@@ -406,7 +408,7 @@ def _read_rank_share(
                     raise CheckpointError(
                         f"checkpoint {path} has no {'weights' if key == 'weight' else 'optimizer state'} {key!r} "
                         f"for {name!r}: it was written with optim.name = "
-                        f"{manifest.get('config', {}).get('optim', {}).get('name')!r}, this run uses "
+                        f"{manifest.optimizer!r}, this run uses "
                         f"{config.optim.name!r}; resume with the same optimizer or start from its weights "
                         f"with train.init_from"
                     )
@@ -417,9 +419,24 @@ def _read_rank_share(
         reader.close()
     outcome = {
         "same_layout": same_layout,
-        "step": manifest["step"],
+        "step": manifest.step,
         "read": {"bytes": reader.bytes_read, "share_bytes": share, "index_bytes": reader.index_bytes},
     }
     if not weights_only:
-        outcome["trainer"] = json.loads(fmt.read_checked(path, "trainer.json", manifest))
+        trainer = fmt.read_trainer_state(path, manifest)
+        _check_scalars(trainer, len(engine.optimizer.param_groups), config, path / fmt.TRAINER_FILE)
+        outcome["trainer"] = dataclasses.asdict(trainer)
     return outcome
+
+
+def _check_scalars(trainer: fmt.TrainerFile, groups: int, config: Config, file: Path) -> None:
+    """The optimizer scalars restore sets are those of this optimizer's param groups: its declared
+    scalar state and a group's step count, nothing else (no per-element state, no learning rate)."""
+    declared = set(registry.get(config.optim.name).scalar_state)
+    if len(trainer.optimizer_scalars) != groups:
+        problem = f"the scalars of {len(trainer.optimizer_scalars)} param groups, the optimizer has {groups}"
+    elif any(set(s.state) - declared or set(s.group) - {"step"} for s in trainer.optimizer_scalars):
+        problem = f"optimizer scalars other than {sorted(declared)} and a group's step"
+    else:
+        return
+    raise CorruptCheckpointError(f"{file} is corrupt: it holds {problem}")

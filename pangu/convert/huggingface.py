@@ -62,18 +62,20 @@ import dataclasses
 import json
 import logging
 import os
-import shutil
+import re
 import struct
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from tqdm import tqdm
 
 from pangu.config import ModelConfig
-from pangu.convert.importer import check_dtype
+from pangu.convert.importer import DTYPES, check_dtype
+from pangu.files import UnsafePathError, confined, write_synced
 from pangu.model import layout
+from pangu.schema import from_dict
 
 if TYPE_CHECKING:  # torch is imported when needed: the CLI builds its parser from this module
     import torch
@@ -208,17 +210,17 @@ def export_hf(
     checkpoint's own; without either, the directory has no tokenizer). See the module docstring for
     the layout, vocabulary and activation choices.
     """
-    from pangu.checkpoint.format import read_manifest, resolve
-    from pangu.checkpoint.store import CheckpointError, TensorReader
+    from pangu.checkpoint import format as fmt
+    from pangu.checkpoint.store import CheckpointError
 
-    path = resolve(checkpoint)
+    path = fmt.resolve(checkpoint)
     out = Path(out)
     if out.exists():
         raise CheckpointError(f"{out} already exists: choose a new output directory")
     if shard_bytes < 1:
         raise ValueError(f"shard_bytes must be positive, got {shard_bytes}")
-    manifest = read_manifest(path)
-    model = ModelConfig(**manifest["model"])
+    manifest = fmt.read_manifest(path)
+    model = manifest.model
     if getattr(model, "scale_invariant", False):
         raise CheckpointError(f"{path} is a scale-invariant variant, which the GPTPangu port cannot represent")
     if model.activation not in ACTIVATION_TO_HF:
@@ -229,15 +231,17 @@ def export_hf(
             "'after', which the shipped modeling_pangu.py reads (the Hub port's code would not)",
             path,
         )
-    tokenizer_path = Path(tokenizer) if tokenizer is not None else path / "tokenizer.model"
-    eos_id, pad_id = EOS_ID, PAD_ID
-    if tokenizer is not None or tokenizer_path.is_file():
-        eos_id, pad_id = _check_tokenizer(tokenizer_path, model)
+    if tokenizer is not None:
+        tokenizer_name, tokenizer_bytes = str(tokenizer), _read_tokenizer_file(Path(tokenizer))
     else:
-        tokenizer_path = None
+        tokenizer_name, tokenizer_bytes = str(path / "tokenizer.model"), fmt.read_tokenizer(path, manifest)
+    eos_id, pad_id = EOS_ID, PAD_ID
+    if tokenizer_bytes is not None:
+        eos_id, pad_id = _check_tokenizer(tokenizer_bytes, tokenizer_name, model)
+    else:
         logger.warning("%s carries no tokenizer: the export has none (give one with --tokenizer)", path)
 
-    reader = TensorReader(path / "tensors")
+    reader = fmt.tensor_reader(path, manifest)
     names = hf_names(model.num_layers)
     declared = [p.name for p in layout.parameters(model)]
     unmapped = [name for name in declared if name not in names]
@@ -266,16 +270,14 @@ def export_hf(
     else:  # the dtype holding most of the bytes (an imported release: fp16 blocks, fp32 .npy embeddings)
         stored_bytes: dict[str, int] = {}
         for item in plan:
-            stored = _stored_dtype(reader, item.pangu_name)
+            stored = reader.dtype(item.pangu_name)
             stored_bytes[stored] = stored_bytes.get(stored, 0) + item.nbytes(stored)
         target = max(stored_bytes, key=stored_bytes.get)
     if target not in _SAFETENSORS_DTYPES:
         raise CheckpointError(f"cannot export tensors of dtype {target}")
 
     shards = _plan_shards(plan, target, shard_bytes)
-    tmp = out.with_name(f".tmp_{out.name}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    tmp = fmt.temporary_beside(out)
     try:
         weight_map: dict[str, str] = {}
         total = 0
@@ -287,7 +289,7 @@ def export_hf(
         progress.close()
         if len(shards) > 1:
             index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-            (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+            _write_json(tmp / INDEX_FILE, index)
         config = hf_config(model, vocab_rows=vocab_rows, torch_dtype=target, eos_id=eos_id, pad_id=pad_id)
         if vocab_rows != model.vocab_size:  # padded rows: the real vocabulary (masked by the shipped code)
             config["pangu_vocab_size"] = model.vocab_size
@@ -296,15 +298,17 @@ def export_hf(
             tmp / "generation_config.json", {"bos_token_id": eos_id, "eos_token_id": eos_id, "pad_token_id": pad_id}
         )
         for name in MODEL_CODE:
-            shutil.copyfile(HF_CODE / name, tmp / name)
-        if tokenizer_path is not None:
-            shutil.copyfile(tokenizer_path, tmp / TOKENIZER_FILE)
-            shutil.copyfile(HF_CODE / TOKENIZER_CODE, tmp / TOKENIZER_CODE)
+            write_synced(tmp / name, (HF_CODE / name).read_bytes())
+        if tokenizer_bytes is not None:
+            write_synced(tmp / TOKENIZER_FILE, tokenizer_bytes)
+            write_synced(tmp / TOKENIZER_CODE, (HF_CODE / TOKENIZER_CODE).read_bytes())
             _write_json(tmp / "tokenizer_config.json", tokenizer_config(model))
-        tmp.rename(out)
+        fmt.publish_new(tmp, out)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        fmt.discard(tmp)
         raise
+    finally:
+        reader.close()
     logger.info("exported %s to %s: %d tensors in %d file(s), %d bytes", path, out, len(plan), len(shards), total)
     return out
 
@@ -323,25 +327,27 @@ def tokenizer_config(model: ModelConfig) -> dict:
     }
 
 
-def _check_tokenizer(file: Path, model: ModelConfig) -> tuple[int, int]:
+def _read_tokenizer_file(file: Path) -> bytes:
+    """The bytes of a tokenizer model given on the command line."""
+    from pangu.data.tokenizer import PanguTokenizer
+
+    return PanguTokenizer.from_file(file).model_bytes  # a missing file: one line naming it
+
+
+def _check_tokenizer(model_bytes: bytes, name: str, model: ModelConfig) -> tuple[int, int]:
     """(eos, pad) ids of a tokenizer to ship, after checking that it is one the PanGu scheme uses
     and that its ids fit the model's vocabulary."""
     from pangu.checkpoint.store import CheckpointError
     from pangu.data.tokenizer import PanguTokenizer
 
-    tok = PanguTokenizer.from_file(file)
+    tok = PanguTokenizer(model_bytes, name)
     if tok.vocab_size > model.vocab_size:
-        raise CheckpointError(f"tokenizer {file} has {tok.vocab_size} pieces, the model only {model.vocab_size}")
+        raise CheckpointError(f"tokenizer {name} has {tok.vocab_size} pieces, the model only {model.vocab_size}")
     return tok.eod_id, tok.pad_id
 
 
 def _write_json(file: Path, value: dict) -> None:
-    file.write_text(json.dumps(value, indent=2, ensure_ascii=False) + "\n")
-
-
-def _stored_dtype(reader: TensorReader, name: str) -> str:
-    # TensorReader has no public dtype accessor; reading a region would read a whole piece.
-    return reader._pieces(name, "weight")[0].dtype
+    write_synced(file, (json.dumps(value, indent=2, ensure_ascii=False) + "\n").encode())
 
 
 def _plan_shards(plan: list[_Planned], dtype: str, shard_bytes: int) -> list[list[_Planned]]:
@@ -387,10 +393,6 @@ def _write_safetensors(file: Path, items: list[_Planned], dtype: str, reader: Te
                 raise CheckpointError(f"{item.pangu_name}: read shape {tuple(tensor.shape)}, expected {item.shape}")
             f.write(memoryview(tensor.view(torch.uint8).numpy()))
             del tensor
-            # TensorReader keeps every store memory-mapped, so the pages it has read stay in this
-            # process's resident set (clean, file-backed): dropping the maps keeps RSS at about one
-            # parameter instead of growing to the checkpoint's size.
-            reader._maps.clear()
             progress.update()
         f.flush()
         os.fsync(f.fileno())
@@ -401,16 +403,65 @@ def _write_safetensors(file: Path, items: list[_Planned], dtype: str, reader: Te
 # Import (the inverse), for round trips and for starting from a GPTPangu model
 
 
+@dataclass(frozen=True)
+class _HFConfig:
+    """The fields of a GPTPangu config.json that pangu reads (it may hold others)."""
+
+    model_type: str
+    num_layers: int
+    hidden_size: int
+    num_heads: int
+    vocab_size: int
+    max_position_embeddings: int
+    intermediate_size: int | None = None
+    activation_function: str = "gelu"
+    final_layernorm: str = "before"  # written by export_hf; the Hub port's configs lack it
+    resid_pdrop: float = 0.1
+    attn_pdrop: float | None = None
+    layer_norm_epsilon: float = 1e-5
+    initializer_range: float = 0.02
+    pangu_vocab_size: int | None = None  # written by export_hf(pad_vocab=True)
+
+
+@dataclass(frozen=True)
+class _HFIndex:
+    """model.safetensors.index.json: which file holds each tensor."""
+
+    weight_map: dict[str, str]
+    metadata: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+def _read_hf_json(cls: type, file: Path):
+    """A JSON file of a Hugging Face directory as the typed `cls` (keys pangu does not read are
+    left out); a damaged one is a CheckpointError naming the file."""
+    from pangu.checkpoint.store import CheckpointError
+
+    try:
+        raw = json.loads(file.read_bytes())
+        if isinstance(raw, dict):
+            raw = {key: value for key, value in raw.items() if key in {f.name for f in dataclasses.fields(cls)}}
+        return from_dict(cls, raw, "", document=file.name)
+    except (ValueError, RecursionError) as err:  # JSON, UTF-8 and ConfigError are ValueErrors
+        raise CheckpointError(f"{file} cannot be read: {err}") from None
+
+
 def _read_hf_tensors(src: Path) -> tuple[list[str], Callable[[str], torch.Tensor]]:
-    """(names, get(name) -> tensor) over model.safetensors or the shards of an index."""
-    from safetensors import safe_open
+    """(names, get(name) -> tensor) over model.safetensors or the shards of an index (every file
+    it names inside `src`)."""
+    from safetensors import SafetensorError, safe_open
 
     from pangu.checkpoint.store import CheckpointError
 
+    def opened(file_name: str):
+        try:
+            return safe_open(confined(src, file_name), framework="pt")
+        except (UnsafePathError, SafetensorError, OSError) as err:
+            raise CheckpointError(f"{src / file_name} cannot be read as safetensors: {err}") from None
+
     if (src / INDEX_FILE).is_file():
-        weight_map = json.loads((src / INDEX_FILE).read_text())["weight_map"]
+        weight_map = _read_hf_json(_HFIndex, src / INDEX_FILE).weight_map
     elif (src / SINGLE_FILE).is_file():
-        with safe_open(src / SINGLE_FILE, framework="pt") as f:
+        with opened(SINGLE_FILE) as f:
             weight_map = {name: SINGLE_FILE for name in f.keys()}
     else:
         raise CheckpointError(
@@ -419,8 +470,11 @@ def _read_hf_tensors(src: Path) -> tuple[list[str], Callable[[str], torch.Tensor
         )
 
     def get(name: str) -> torch.Tensor:
-        with safe_open(src / weight_map[name], framework="pt") as f:
-            return f.get_tensor(name)
+        with opened(weight_map[name]) as f:
+            try:
+                return f.get_tensor(name)
+            except SafetensorError as err:
+                raise CheckpointError(f"{src / weight_map[name]}: {name} cannot be read: {err}") from None
 
     return list(weight_map), get
 
@@ -444,6 +498,7 @@ def import_hf(
     """
     import torch
 
+    from pangu.checkpoint.format import declared_shapes
     from pangu.checkpoint.store import CheckpointError
     from pangu.checkpoint.weights import write_weights
 
@@ -451,39 +506,43 @@ def import_hf(
     config_path = src / "config.json"
     if not config_path.is_file():
         raise CheckpointError(f"{config_path} does not exist: is {src} a Hugging Face GPTPangu directory?")
-    config = json.loads(config_path.read_text())
-    if config.get("model_type") != "gpt_pangu":
-        raise CheckpointError(f"{config_path}: model_type {config.get('model_type')!r} is not 'gpt_pangu'")
-    activation = ACTIVATION_FROM_HF.get(config.get("activation_function", "gelu"))
+    config = _read_hf_json(_HFConfig, config_path)
+    if config.model_type != "gpt_pangu":
+        raise CheckpointError(f"{config_path}: model_type {config.model_type!r} is not 'gpt_pangu'")
+    activation = ACTIVATION_FROM_HF.get(config.activation_function)
     if activation is None:
         raise CheckpointError(
-            f"{config_path}: activation_function {config['activation_function']!r} is not one "
+            f"{config_path}: activation_function {config.activation_function!r} is not one "
             f"pangu has ({', '.join(ACTIVATION_FROM_HF)})"
         )
-    final_layernorm = config.get("final_layernorm", "before")
-    if final_layernorm not in ("before", "after"):
-        raise CheckpointError(f"{config_path}: final_layernorm {final_layernorm!r} is neither 'before' nor 'after'")
-    hidden = config["hidden_size"]
-    rows = config["vocab_size"]
+    if config.final_layernorm not in ("before", "after"):
+        raise CheckpointError(
+            f"{config_path}: final_layernorm {config.final_layernorm!r} is neither 'before' nor 'after'"
+        )
     model = ModelConfig(
-        num_layers=config["num_layers"],
-        hidden_size=hidden,
-        num_heads=config["num_heads"],
-        ffn_hidden_size=config.get("intermediate_size") or 4 * hidden,
-        vocab_size=vocab_size or config.get("pangu_vocab_size") or rows,
-        seq_length=config["max_position_embeddings"],
+        num_layers=config.num_layers,
+        hidden_size=config.hidden_size,
+        num_heads=config.num_heads,
+        ffn_hidden_size=config.intermediate_size or 4 * config.hidden_size,
+        vocab_size=vocab_size or config.pangu_vocab_size or config.vocab_size,
+        seq_length=config.max_position_embeddings,
         activation=activation,
-        final_layernorm=final_layernorm,
-        dropout=config.get("resid_pdrop", 0.1),
-        layernorm_eps=config.get("layer_norm_epsilon", 1e-5),
-        init_std=config.get("initializer_range", 0.02),
+        final_layernorm=config.final_layernorm,
+        dropout=config.resid_pdrop,
+        layernorm_eps=config.layer_norm_epsilon,
+        init_std=config.initializer_range,
     )
-    if config.get("attn_pdrop", model.dropout) != model.dropout:
-        model = dataclasses.replace(model, attention_dropout=config["attn_pdrop"])
+    if config.attn_pdrop is not None and config.attn_pdrop != model.dropout:
+        model = dataclasses.replace(model, attention_dropout=config.attn_pdrop)
     model.validate()
     check_dtype(dtype)
     target = getattr(torch, dtype) if dtype else None
     names, get = _read_hf_tensors(src)
+    stored_layers = {m[1] for name in names if (m := re.match(r"transformer\.h\.(\d+)\.", name))}
+    if len(stored_layers) != model.num_layers:  # before anything is built per layer
+        raise CheckpointError(
+            f"{config_path} says num_layers {model.num_layers}, the weights hold {len(stored_layers)} layers"
+        )
     pangu_of = {hf: pangu for pangu, hf in hf_names(model.num_layers).items()}
     unknown = [
         n for n in names if n not in pangu_of and n != LM_HEAD and not n.endswith(("attn.bias", "attn.masked_bias"))
@@ -493,6 +552,7 @@ def import_hf(
     missing = sorted(set(pangu_of) - set(names))
     if missing:
         raise CheckpointError(f"{src}: lacks {missing[:5]}")
+    declared = declared_shapes(model)
 
     def tensors() -> Iterator[tuple[str, torch.Tensor]]:
         for hf_name, pangu_name in pangu_of.items():
@@ -503,11 +563,18 @@ def import_hf(
                         f"{src}: lm_head.weight differs from transformer.wte.weight; pangu ties "
                         f"the head to the word embedding"
                     )
-                if tensor.shape[0] > model.padded_vocab_size:
+                if not model.vocab_size <= tensor.shape[0] <= model.padded_vocab_size:
                     raise CheckpointError(f"{src}: {tensor.shape[0]} embedding rows for vocab_size {model.vocab_size}")
                 padding = model.padded_vocab_size - tensor.shape[0]
                 if padding:
-                    tensor = torch.cat([tensor, tensor.new_zeros(padding, tensor.shape[1])])
+                    tensor = torch.cat([tensor, tensor.new_zeros(padding, *tensor.shape[1:])])
+            if tuple(tensor.shape) != declared[pangu_name]:
+                raise CheckpointError(
+                    f"{src}: {hf_name} has the shape {list(tensor.shape)}, the model of {config_path} needs "
+                    f"{list(declared[pangu_name])}"
+                )
+            if target is None and str(tensor.dtype).removeprefix("torch.") not in DTYPES:
+                raise CheckpointError(f"{src}: {hf_name} is {tensor.dtype}: give --dtype (one of {', '.join(DTYPES)})")
             yield pangu_name, tensor if target is None else tensor.to(target)
 
     tokenizer_path = (

@@ -85,12 +85,12 @@ def import_mindspore(
         if strategy is not None:
             raise ValueError(f"--strategy applies to a directory of checkpoint slices; {src} is a single file")
         if src.suffix == ".npz":
-            with np.load(src, mmap_mode="r") as arrays:
+            with np.load(src, mmap_mode="r", allow_pickle=False) as arrays:
                 shapes = {name: arrays[name].shape for name in arrays.files}
             named_arrays = read_npz(src)
 
             def read_word_embedding() -> np.ndarray:
-                with np.load(src) as arrays:
+                with np.load(src, allow_pickle=False) as arrays:
                     return arrays[_word_name(shapes)]
         else:
             shapes = read_mindspore_ckpt_shapes(src)

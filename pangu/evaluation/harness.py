@@ -242,7 +242,6 @@ def build_eval_engine(config, checkpoint_path, micro_batch_size: int | None = No
 
     from pangu.checkpoint import format as fmt
     from pangu.checkpoint.training import load_checkpoint
-    from pangu.config import ModelConfig
     from pangu.parallel.engine import build_engine
     from pangu.parallel.topology import init_distributed
 
@@ -253,7 +252,7 @@ def build_eval_engine(config, checkpoint_path, micro_batch_size: int | None = No
     mb = micro_batch_size or config.train.micro_batch_size
     config = dataclasses.replace(
         config,
-        model=ModelConfig(**manifest["model"]),
+        model=manifest.model,
         train=dataclasses.replace(config.train, micro_batch_size=mb, global_batch_size=mb * topology.dp),
     )
     config.validate()
@@ -263,10 +262,14 @@ def build_eval_engine(config, checkpoint_path, micro_batch_size: int | None = No
 
 
 def tokenizer_for(checkpoint_path, config):
-    """The tokenizer a checkpoint carries, else the one of config's prepared data."""
+    """The tokenizer a checkpoint carries (checked against the one it was trained with), else the
+    one of config's prepared data."""
     from pangu.checkpoint import format as fmt
     from pangu.data.prepare import load_tokenizer
     from pangu.data.tokenizer import TOKENIZER_FILE, PanguTokenizer
 
-    stored = fmt.resolve(checkpoint_path) / TOKENIZER_FILE
-    return PanguTokenizer.from_file(stored) if stored.is_file() else load_tokenizer(config.data.prepared_dir)
+    path = fmt.resolve(checkpoint_path)
+    carried = fmt.read_tokenizer(path, fmt.read_manifest(path))
+    if carried is None:
+        return load_tokenizer(config.data.prepared_dir)
+    return PanguTokenizer(carried, str(path / TOKENIZER_FILE))

@@ -30,7 +30,6 @@ from pangu.config import Config, SpikeGuardConfig
 from pangu.data.dataset import make_batch, read_samples
 from pangu.data.prepare import index_cache_dir, load_prepared, load_tokenizer
 from pangu.data.sampler import GlobalBatchSampler, micro_batches
-from pangu.data.tokenizer import TOKENIZER_FILE
 from pangu.evaluation.harness import evaluate_tasks
 from pangu.evaluation.tasks import load_task
 from pangu.model.sizes import flops_per_token, parameter_count
@@ -176,7 +175,9 @@ class Trainer:
             )
         # task files are read now, so that a missing one fails before any training
         self.eval_tasks = [load_task(spec, prepared_dir=config.data.prepared_dir) for spec in train.eval_tasks]
-        self.tokenizer = load_tokenizer(config.data.prepared_dir) if self.eval_tasks else None
+        # the tokenizer the run trains with, as it starts: every checkpoint carries these bytes, whatever
+        # the prepared directory holds when it is written
+        self.tokenizer = load_tokenizer(config.data.prepared_dir)
         if train.wandb.project and importlib.util.find_spec("wandb") is None:
             raise ConfigError(
                 f"train.wandb.project = {train.wandb.project!r} needs wandb: pip install 'pangu-lm[wandb]', "
@@ -193,8 +194,10 @@ class Trainer:
         candidates = self._guard_resume(self.checkpoints.candidates)  # structure only: O(files)
         if candidates:  # this rank's share is read while the engine is built
             self.checkpoints.prefetch(candidates[0])
+        # train.init_from is checked now (its manifest, files and model), before the engine is built
+        init_from = self.checkpoints.weights_source(train.init_from) if train.init_from and not candidates else None
         # a run that resumes (or starts from train.init_from) draws no initial weights
-        self.engine = build_engine(config, self.topology, initialize=not (candidates or train.init_from))
+        self.engine = build_engine(config, self.topology, initialize=not (candidates or init_from))
         self.sampler = GlobalBatchSampler(
             len(self.train_data), train.global_batch_size, seed=train.seed, cache_dir=self.index_cache
         )
@@ -203,10 +206,10 @@ class Trainer:
         if candidates and not self._guard_resume(lambda: self._restore(candidates)):
             del self.engine  # it was built to receive the checkpoint: draw the initial weights now
             self.engine = build_engine(config, self.topology, initialize=True)
-        elif train.init_from:
-            self.checkpoints.load_weights(train.init_from, self.engine)
+        elif init_from:
+            self.checkpoints.load_weights(init_from, self.engine)
         if self.topology.rank == 0:  # the run is accepted: now its directory may change
-            run_directory.write_config(self.output_dir, config)
+            run_directory.accept(self.output_dir, config, self.step)
         self.spike_guard = SpikeGuard(train.spike_guard)
         self.engine.create_optimizer_state()  # optimizer state exists from here on: measurable
         self.memory = self.engine.memory_report()
@@ -245,8 +248,8 @@ class Trainer:
         if self.topology.rank == 0:
             aside = checkpoint_format.set_aside(self.output_dir)
             metrics = self.output_dir / "metrics.jsonl"
-            if metrics.is_file():  # the new run rewrites it from step 0: the old curve goes with its checkpoints
-                shutil.copy2(metrics, aside / metrics.name)
+            if metrics.is_file():  # the new run writes it from step 0: the old curve goes with its checkpoints
+                shutil.move(metrics, aside / metrics.name)
             log.warning(
                 "train.restart: %s; the checkpoints (and metrics.jsonl) are moved to %s and training starts from "
                 "step 0",
@@ -329,7 +332,7 @@ class Trainer:
                 "sampler": self.sampler.state_dict(),
                 "tokenizer_fingerprint": self.meta["tokenizer"]["fingerprint"],
             },
-            Path(self.config.data.prepared_dir) / TOKENIZER_FILE,
+            self.tokenizer.model_bytes,
         )
 
     def run(self) -> dict:

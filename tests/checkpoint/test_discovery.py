@@ -11,17 +11,15 @@ import pytest
 
 from pangu.checkpoint import format as fmt
 from pangu.checkpoint.store import CheckpointError
-
-LAYOUT = {"dp": 1, "tp": 1, "pp": 1}
+from pangu.files import make_marked_tmp
+from tests.helpers import structurally_intact_checkpoint
 
 
 def make_run(tmp_path: Path, steps: list[int], latest: int | str | None) -> Path:
     """A run directory with structurally intact (empty) checkpoints at `steps`."""
     root = fmt.checkpoint_root(tmp_path)
     for step in steps:
-        directory = root / fmt.step_name(step)
-        directory.mkdir(parents=True)
-        fmt.write_manifest(directory, {"kind": "training", "step": step, "model": {}, "layout": LAYOUT, "files": {}})
+        structurally_intact_checkpoint(root / fmt.step_name(step), step)
     if latest is not None:
         (root / "latest").write_text(latest if isinstance(latest, str) else fmt.step_name(latest))
     return tmp_path
@@ -90,10 +88,11 @@ def test_checkpoints_that_are_all_damaged_are_an_error_not_a_fresh_start(tmp_pat
 def test_pruning_keeps_the_checkpoint_just_written_and_everything_newer(tmp_path):
     run = make_run(tmp_path, [2, 4, 6, 8, 10], latest=6)
     root = fmt.checkpoint_root(run)
-    (root / ".tmp_step_00000012").mkdir()  # a crashed save's leftovers
+    make_marked_tmp(root / ".tmp_step_00000012")  # a crashed save's leftovers
+    (root / ".tmp_step_00000014").mkdir()  # not marked: not pangu's (a user's, or an older pangu's)
     fmt.prune(root, keep=1, current="step_00000006")
     assert names(fmt.step_dirs(root)) == ["step_00000010", "step_00000008", "step_00000006"]
-    assert not (root / ".tmp_step_00000012").exists()
+    assert not (root / ".tmp_step_00000012").exists() and (root / ".tmp_step_00000014").is_dir()
     fmt.prune(root, keep=2, current="step_00000010")
     assert names(fmt.step_dirs(root)) == ["step_00000010", "step_00000008"]
 

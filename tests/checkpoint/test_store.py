@@ -12,8 +12,15 @@ import pytest
 import torch
 
 from pangu.checkpoint import format as fmt
-from pangu.checkpoint.store import CorruptCheckpointError, TensorReader, TensorWriter, flat_runs, write_index
+from pangu.checkpoint.boxes import flat_runs
+from pangu.checkpoint.store import CorruptCheckpointError, TensorReader, TensorWriter, write_index
+from pangu.checkpoint.weights import write_weights
 from pangu.cli import main
+from pangu.config import ModelConfig
+from pangu.model import layout
+from tests.helpers import DeviceTensor
+
+WORDS, POSITIONS = layout.WORD_EMBEDDING_WEIGHT, layout.POSITION_EMBEDDING_WEIGHT
 
 
 def test_flat_runs_are_rectangles_of_the_range_in_order():
@@ -78,13 +85,14 @@ def test_fragments_saved_under_one_layout_are_read_under_another(tmp_path, split
     assert torch.equal(out, _region(full, box, flat)) or (copy and out.isnan().all())
 
 
-def _weights_checkpoint(tmp_path):
-    from pangu.checkpoint.weights import write_weights
-    from pangu.config import ModelConfig
+TINY = ModelConfig(num_layers=2, hidden_size=32, num_heads=2, vocab_size=100, seq_length=8)
 
-    tensors = [("a", torch.randn(64, 32)), ("b", torch.randn(100))]
-    model = ModelConfig(num_layers=2, hidden_size=32, num_heads=2, vocab_size=100, seq_length=8)
-    return write_weights(tmp_path / "ckpt", model, tensors), dict(tensors)
+
+def _weights_checkpoint(tmp_path, model: ModelConfig = TINY):
+    """A weights-only checkpoint of `model` (random weights) and its tensors."""
+    generator = torch.Generator().manual_seed(0)
+    tensors = {spec.name: torch.randn(spec.shape, generator=generator) for spec in layout.parameters(model)}
+    return write_weights(tmp_path / "ckpt", model, tensors.items()), tensors
 
 
 def test_a_flipped_byte_is_found_by_the_reader_and_by_verify(tmp_path, capsys):
@@ -92,7 +100,7 @@ def test_a_flipped_byte_is_found_by_the_reader_and_by_verify(tmp_path, capsys):
     assert main(["checkpoint", "verify", str(path), "--quiet"]) == 0
     shard = path / "tensors" / "rank00000.bin"
     index = json.loads((path / "tensors" / "index.json").read_text())["pieces"]
-    offset = next(p["offset"] for p in index if p["name"] == "b") + 13
+    offset = next(p["offset"] for p in index if p["name"] == POSITIONS) + 13
     with open(shard, "r+b") as f:
         f.seek(offset)
         byte = f.read(1)
@@ -100,13 +108,13 @@ def test_a_flipped_byte_is_found_by_the_reader_and_by_verify(tmp_path, capsys):
         f.write(bytes([byte[0] ^ 0x10]))
     fmt.check_structure(path)  # sizes are right: start-up does not read bytes
     reader = TensorReader(path / "tensors")
-    assert torch.equal(reader.read("a"), tensors["a"])  # the other piece is intact
-    with pytest.raises(CorruptCheckpointError, match=r"rank00000.bin is corrupt: 'b' \(weight\).*checksum"):
-        reader.read("b")
+    assert torch.equal(reader.read(WORDS), tensors[WORDS])  # the other pieces are intact
+    with pytest.raises(CorruptCheckpointError, match=rf"rank00000.bin is corrupt: '{POSITIONS}' \(weight\).*checksum"):
+        reader.read(POSITIONS)
     capsys.readouterr()
     assert main(["checkpoint", "verify", str(path)]) == 1
     out, err = capsys.readouterr()
-    assert out.strip() == "corrupt" and "rank00000.bin is corrupt: 'b'" in err and "100.0%" in err
+    assert out.strip() == "corrupt" and f"rank00000.bin is corrupt: '{POSITIONS}'" in err and "100.0%" in err
 
     with open(shard, "r+b") as f:
         f.truncate(100)
@@ -116,17 +124,16 @@ def test_a_flipped_byte_is_found_by_the_reader_and_by_verify(tmp_path, capsys):
 
 
 def test_info_says_what_a_checkpoint_holds(tmp_path, capsys):
-    path, _ = _weights_checkpoint(tmp_path)
+    path, tensors = _weights_checkpoint(tmp_path)
     assert main(["checkpoint", "info", str(path), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["kind"] == "weights" and info["format"] == 2 and info["step"] == 0
-    assert info["parameters"] == 64 * 32 + 100 and info["state"] == ["weight"]
+    assert info["parameters"] == sum(t.numel() for t in tensors.values()) and info["state"] == ["weight"]
 
 
 def test_a_rank_draws_only_the_tiles_of_its_slice(monkeypatch):
     """Initial weights are drawn per fixed tile of the full tensor: every tensor-parallel slice
     equals the slice of the full draw, and a rank draws about its share of the tiles."""
-    from pangu.config import ModelConfig
     from pangu.model import init, layout
 
     monkeypatch.setattr(init, "TILE_COLUMNS", 16)
@@ -162,3 +169,67 @@ def test_async_save_is_a_checked_config_field():
     assert load_config(None, ["train.async_save=true"]).train.async_save is True
     with pytest.raises(ConfigError, match="train.async_save = 'maybe' is not allowed: expected true or false"):
         load_config(None, ["train.async_save=maybe"])
+
+
+def test_pieces_reach_a_destination_that_is_not_host_memory(tmp_path):
+    """Every read path (the exact piece from its file, the same from a preloaded file, pieces
+    assembled under another layout, a cast on the way) fills a destination that cannot be read
+    into directly, as a GPU tensor; the meta device too."""
+    cuts = random.Random(3)
+    full = torch.randn(12, 8)
+    written = _layout_pieces(full, 0, tp=2, dp=3, cuts=cuts)
+    writers: dict[int, TensorWriter] = {}
+    for rank, box, flat, _ in written:
+        writer = writers.setdefault(rank, TensorWriter(tmp_path, f"rank{rank:05d}", hash_file=False))
+        writer.add("w", "weight", _region(full, box, flat), (12, 8), tuple(slice(a, b) for a, b in box), flat=flat)
+    write_index(tmp_path, [record for w in writers.values() for record in w.finish()[1]])
+
+    def device(n: int, dtype=torch.float32) -> torch.Tensor:
+        return torch.zeros(n, dtype=dtype).as_subclass(DeviceTensor)
+
+    for preload in (False, True):
+        for rank, box, flat, _ in written:  # the layout that wrote it: exact pieces, its own file
+            reader = TensorReader(tmp_path, prefer=f"rank{rank:05d}.bin")
+            if preload:
+                reader.preload(f"rank{rank:05d}.bin")
+            out = reader.read_flat("w", "weight", box, flat, out=device(flat[1] - flat[0]))
+            assert torch.equal(out.as_subclass(torch.Tensor), _region(full, box, flat)), (preload, rank)
+    reader = TensorReader(tmp_path)
+    for _, box, flat, _ in _layout_pieces(full, 0, tp=4, dp=2, cuts=cuts):  # another layout: assembled
+        out = reader.read_flat("w", "weight", box, flat, out=device(flat[1] - flat[0], torch.bfloat16))
+        assert torch.equal(out.as_subclass(torch.Tensor), _region(full, box, flat).bfloat16()), (box, flat)
+        on_meta = torch.empty(flat[1] - flat[0], device="meta")
+        assert reader.read_flat("w", "weight", box, flat, out=on_meta) is on_meta
+    _, box, flat, _ = written[0]
+    assert reader.read_flat("w", "weight", box, flat, out=torch.empty(flat[1] - flat[0], device="meta")).is_meta
+
+
+def test_ctrl_c_stops_verify_at_its_next_block(tmp_path, monkeypatch):
+    """verify checks files in worker threads: Ctrl-C stops each at its next block, and no file
+    waiting for a worker is started (the scrub of a large checkpoint does not run on to its end)."""
+    import os
+    import signal
+    import threading
+    import time
+
+    from pangu.checkpoint import verify
+
+    path, _ = _weights_checkpoint(tmp_path)
+    blocks = []
+
+    def slow_checksum(file, algorithm="xxh3", start=0, length=None, progress=None):
+        for _ in range(100):  # 1 s a piece, about 40 s for the checkpoint
+            time.sleep(0.01)
+            blocks.append(file)
+            progress(1)
+        return 0
+
+    monkeypatch.setattr(verify, "file_checksum", slow_checksum)
+    threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT)).start()
+    start = time.perf_counter()
+    with pytest.raises(KeyboardInterrupt):
+        verify.scrub(path, workers=2)
+    assert time.perf_counter() - start < 2.0
+    read = len(blocks)
+    time.sleep(0.2)
+    assert len(blocks) == read < 100  # nothing went on after the interruption

@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from pangu.cli import build_parser, main
-from tests.helpers import subprocess_env
+from tests.helpers import structurally_intact_checkpoint, subprocess_env
 
 
 def test_set_takes_several_values_and_can_repeat():
@@ -139,11 +139,7 @@ def test_warnings_are_pangu_lines_without_python_s_source_line(tmp_path, capsys)
     """A warning a user should read (here: a lost `latest` pointer) is one `[pangu] warning:` line."""
     from pangu.checkpoint import format as fmt
 
-    step = fmt.checkpoint_root(tmp_path) / fmt.step_name(3)
-    step.mkdir(parents=True)
-    fmt.write_manifest(
-        step, {"kind": "weights", "step": 3, "model": {}, "layout": {"dp": 1, "tp": 1, "pp": 1}, "files": {}}
-    )
+    structurally_intact_checkpoint(fmt.checkpoint_root(tmp_path) / fmt.step_name(3), step=3)
     main(["checkpoint", "info", str(tmp_path)])
     err = capsys.readouterr().err
     assert "[pangu] warning: " in err and "latest is missing" in err

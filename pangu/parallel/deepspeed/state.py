@@ -135,7 +135,13 @@ def link_optimizer_state(engine, config: Config, zeros: bool = True) -> None:
     for keys, flat in zip(group_state_keys(engine, config), flat_partitions(engine)):
         if not base.state[flat]:
             state = {key: create(flat, dtype=torch.float32) for key in keys}
-            state.update({key: torch.tensor(value, dtype=torch.float32) for key, value in spec.scalar_state.items()})
+            # on the partition's device, as torch's fused optimizers need their step counts
+            state.update(
+                {
+                    key: torch.tensor(value, dtype=torch.float32, device=flat.device)
+                    for key, value in spec.scalar_state.items()
+                }
+            )
             base.state[flat] = state
     engine.optimizer._hp_optimizer_states_linked = False
     engine.optimizer._lazy_init_hp_params_optimizer_state()
@@ -161,7 +167,7 @@ def restore_optimizer_scalars(engine, scalars: list[dict]) -> None:
     base = base_optimizer(engine)
     for group, flat, values in zip(base.param_groups, flat_partitions(engine), scalars):
         for key, value in values["state"].items():
-            base.state[flat][key] = torch.tensor(value, dtype=torch.float32)
+            base.state[flat][key] = torch.tensor(value, dtype=torch.float32, device=flat.device)
         group.update(values["group"])
 
 

@@ -409,7 +409,10 @@ class TorchEngine(Engine):
             state = self._optimizer.state[local]
             if not state:
                 state.update({key: create(local, dtype=torch.float32) for key in self.state_keys_of_group(group)})
-                state.update({k: torch.tensor(v, dtype=torch.float32) for k, v in spec.scalar_state.items()})
+                # on the shard's device, as torch's fused optimizers need their step counts
+                state.update(
+                    {k: torch.tensor(v, dtype=torch.float32, device=local.device) for k, v in spec.scalar_state.items()}
+                )
 
     def after_load(self, optimizer_state):
         """The parameters are the fp32 master weights (FSDP gathers and casts them per step)."""
@@ -435,7 +438,9 @@ class TorchEngine(Engine):
             for local, g in zip(self._local, self._groups):
                 if g == index:
                     for key, value in values["state"].items():
-                        self._optimizer.state[local][key] = torch.tensor(value, dtype=torch.float32)
+                        self._optimizer.state[local][key] = torch.tensor(
+                            value, dtype=torch.float32, device=local.device
+                        )
             group.update(values["group"])
 
     def loss_scale_state(self):
