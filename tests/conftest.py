@@ -34,3 +34,12 @@ def straight_run(tiny_corpus, tmp_path_factory):
     result = run_pretrain(tiny_overrides(tiny_corpus, out))
     assert result.returncode == 0, result.stderr[-3000:]
     return out
+
+
+@pytest.fixture(scope="session")
+def layout_runs(tiny_corpus, tmp_path_factory) -> dict:
+    """Every run the layout tests compare (tests/parallel/layout_matrix.py), made once per session:
+    {case name: what the run recorded}. Other areas read it too (bytes per rank at (2, 2, 2))."""
+    from tests.parallel.layout_matrix import run_all
+
+    return run_all(tiny_corpus, tmp_path_factory.mktemp("layouts"))

@@ -80,12 +80,16 @@ def initialize_parameters(
     is drawn."""
     table = layout.parameter_table(config)
     for name, param in named_parameters:
-        spec = table[name]
-        box = spec.local_range(tp_rank, tp_size)
-        value = draw(spec, box, seed)
-        if name == layout.WORD_EMBEDDING_WEIGHT:  # padding rows: never looked up, masked out of the logits
-            value[max(0, config.vocab_size - box[0][0]) :] = 0.0
-        param.copy_(value)
+        param.copy_(initial_value(table[name], table[name].local_range(tp_rank, tp_size), config, seed))
+
+
+def initial_value(spec: layout.Parameter, box: tuple[tuple[int, int], ...], config: ModelConfig, seed: int):
+    """The region `box` of parameter `spec`'s initial value: `draw`, with the word embedding's
+    padding rows (never looked up, masked out of the logits) at zero."""
+    value = draw(spec, box, seed)
+    if spec.name == layout.WORD_EMBEDDING_WEIGHT:
+        value[max(0, config.vocab_size - box[0][0]) :] = 0.0
+    return value
 
 
 @torch.no_grad()

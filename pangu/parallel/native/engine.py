@@ -37,7 +37,7 @@ from torch.distributed.tensor import DTensor
 
 from pangu.config import Config
 from pangu.model import layout
-from pangu.model.init import draw, zero_parameters
+from pangu.model.init import initial_value, zero_parameters
 from pangu.model.pangu_alpha import DropoutSeeds, PanguStage, TransformerLayer
 from pangu.optim import registry
 from pangu.optim.registry import build_optimizer
@@ -143,7 +143,9 @@ class TorchEngine(Engine):
                 box = local_box(param, name, self.config.model)
                 self._boxes.append(box)
                 if initialize and local.numel():
-                    local.copy_(draw(table[name], box, self.config.train.seed).view(local.shape))
+                    local.copy_(
+                        initial_value(table[name], box, self.config.model, self.config.train.seed).view(local.shape)
+                    )
         if not initialize:
             zero_parameters(list(self._named_parameters()))
 
@@ -297,8 +299,7 @@ class TorchEngine(Engine):
         self._run(micro_batches, "train", tokens)
         loss = self._mean_loss()
         for local, param in zip(self._local, self._params):
-            grad = param.grad
-            local.grad = None if grad is None else (grad.to_local() if isinstance(grad, DTensor) else grad).detach()
+            local.grad = None if param.grad is None else _local_gradient(param)
         self._reduce_tied_gradients()
         if self.scaler is not None:
             self.scaler.unscale_(self._optimizer)
@@ -381,7 +382,7 @@ class TorchEngine(Engine):
     def checkpoint_buffers(self, weights_only=False):
         out = []
         for local, group in zip(self._local, self._groups):
-            tensors = {"weight": local.view(-1)}
+            tensors = {"weight": local.detach().view(-1)}
             if not weights_only:
                 state = self._optimizer.state[local]
                 tensors.update({key: state[key].view(-1) for key in self.state_keys_of_group(group)})
@@ -488,3 +489,15 @@ class TorchEngine(Engine):
                 if torch.is_tensor(v) and v.dim() > 0
             ),
         }
+
+
+def _local_gradient(param: torch.Tensor) -> torch.Tensor:
+    """The gradient of this rank's shard of `param`. DTensor leaves a gradient in whatever
+    placement autograd produced (e.g. partial sums, or the whole tensor where the parameter is
+    split): it is laid out as the parameter is first (FSDP2 has done so for its parameters)."""
+    grad = param.grad
+    if not isinstance(grad, DTensor):
+        return grad.detach()
+    if grad.placements != param.placements:
+        grad = grad.redistribute(param.device_mesh, param.placements)
+    return grad.to_local().detach()
