@@ -1,7 +1,7 @@
 """Training throughput of `pangu pretrain` against a plain PyTorch loop that shares none of its code.
 
-pangu's side is the trainer's own step (DeepSpeed PipelineEngine + ZeRO-1 at world size 1, the
-pangu model, the data pipeline's batches). The baseline is what a user would write instead
+pangu's side is the trainer's own step with each engine (`--engines`: the DeepSpeed engine, the
+torch engine; at world size 1), the pangu model, the data pipeline's batches. The baseline is what a user would write instead
 (`PlainLoop`): the same network written here with torch modules only (`nn.Linear`,
 `nn.Embedding`, `nn.LayerNorm`, `F.scaled_dot_product_attention`, `F.cross_entropy`), the same
 shapes, the same samples, gradient accumulation, clipping and learning-rate schedule, and the
@@ -198,6 +198,7 @@ def main() -> None:
     parser.add_argument("--steps-per-round", type=int, default=5)
     parser.add_argument("--compile", action="store_true", help="also run pangu with train.compile = true")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (default: torch's choice)")
+    parser.add_argument("--engines", default="deepspeed,torch", help="pangu's engines to time (parallel.engine)")
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     args = parser.parse_args()
     if args.threads:
@@ -223,21 +224,28 @@ def main() -> None:
         ]
         config = load_config(args.config, overrides)
         prepare(config, progress=False)
-        pangu_run = Trainer(config)
+        engines = args.engines.split(",")
+        trainers = {
+            f"pangu {engine} engine": Trainer(
+                load_config(
+                    args.config, [*overrides, f"train.output_dir={output_dir}/{engine}", f"parallel.engine={engine}"]
+                )
+            )
+            for engine in engines
+        }
+        pangu_run = next(iter(trainers.values()))
         # the baseline gets the samples of pangu's steps, read before timing starts
         steps = 2 + args.rounds * args.steps_per_round
         sampler = GlobalBatchSampler(len(pangu_run.train_data), config.train.global_batch_size, seed=config.train.seed)
         batches = [np.stack([pangu_run.train_data[int(i)] for i in sampler.next_global_batch()]) for _ in range(steps)]
         ids = {"pad_id": pangu_run.meta["pad_id"], "eod_id": pangu_run.meta["eod_id"]}
-        runs = {
-            "pangu pretrain": pangu_run,
-            "plain PyTorch loop": PlainLoop(config, lambda k: batches[k % steps], **ids),
-        }
+        runs = {**trainers, "plain PyTorch loop": PlainLoop(config, lambda k: batches[k % steps], **ids)}
         if args.compile:
-            compiled = load_config(
-                args.config, [*overrides, f"train.output_dir={output_dir}/compiled", "train.compile=true"]
-            )
-            runs["pangu train.compile"] = Trainer(compiled)
+            for engine in engines:
+                compiled = [f"train.output_dir={output_dir}/{engine}-compiled", f"parallel.engine={engine}"]
+                runs[f"pangu {engine} engine compiled"] = Trainer(
+                    load_config(args.config, [*overrides, *compiled, "train.compile=true"])
+                )
             runs["plain loop compiled"] = PlainLoop(config, lambda k: batches[k % steps], compile=True, **ids)
         for run in runs.values():  # warm-up: allocator, first-call costs, compilation
             for _ in range(2):
@@ -251,7 +259,7 @@ def main() -> None:
     flops, peak = flops_per_token(config.model), pangu_run.peak_flops
     print(
         f"{config.train.global_batch_size} x {config.model.seq_length} tokens per step, {torch.get_num_threads()} "
-        f"threads, {len(times['pangu pretrain'])} steps each, interleaved in blocks of {args.steps_per_round}"
+        f"threads, {args.rounds * args.steps_per_round} steps each, interleaved in blocks of {args.steps_per_round}"
     )
     medians = {name: statistics.median(t) for name, t in times.items()}
     for name, seconds in medians.items():
@@ -259,13 +267,10 @@ def main() -> None:
             f"{name:<24} {seconds * 1e3:8.1f} ms/step  {tokens / seconds:10,.0f} tok/s  "
             f"MFU {100 * tokens / seconds * flops / peak:5.1f}%  (of a measured {peak / 1e9:.0f} GFLOP/s)"
         )
-    for pangu_name, plain_name in (
-        ("pangu pretrain", "plain PyTorch loop"),
-        ("pangu train.compile", "plain loop compiled"),
-    ):
-        if pangu_name in medians:
-            ratio = medians[plain_name] / medians[pangu_name]
-            print(f"ratio {pangu_name} / {plain_name} (tokens/s, median): {ratio:.3f}")
+    for pangu_name in [name for name in medians if name.startswith("pangu")]:
+        plain_name = "plain loop compiled" if pangu_name.endswith("compiled") else "plain PyTorch loop"
+        ratio = medians[plain_name] / medians[pangu_name]
+        print(f"ratio {pangu_name} / {plain_name} (tokens/s, median): {ratio:.3f}")
 
 
 if __name__ == "__main__":

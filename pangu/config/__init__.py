@@ -225,9 +225,10 @@ class DataConfig:
 
 @dataclass
 class ParallelConfig:
-    # which engine runs the network (pangu/parallel/engine.py): DeepSpeed's pipeline engine with
-    # ZeRO-1 and megatron-core's TP layers, or torch's pipelining schedules, DTensor TP and FSDP2
-    engine: Literal["deepspeed", "torch"] = "deepspeed"
+    # which engine runs the network (pangu/parallel/engine.py): torch's pipelining schedules,
+    # DTensor TP (and sequence parallelism) and FSDP2, or DeepSpeed's pipeline engine (1F1B) with
+    # ZeRO-1 and megatron-core's TP layers (docs/architecture.md: how they compare)
+    engine: Literal["torch", "deepspeed"] = "torch"
     tp: int = 1  # tensor (op-level) parallel size
     pp: int = 1  # pipeline ranks; dp = world_size / (tp * pp)
     # the pipeline schedule (torch engine; deepspeed runs 1f1b): 1f1b, interleaved 1F1B, interleaved
