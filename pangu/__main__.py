@@ -1,3 +1,3 @@
-from pangu.cli import main
+from pangu.cli import entry
 
-raise SystemExit(main())
+entry()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 import warnings
@@ -97,6 +98,7 @@ def main(argv: list[str] | None = None) -> int:
             signal.signal(getattr(signal, name), _interrupted)
     log = logging.getLogger("pangu")
     joined_before = _process_group() is not None
+    _LEFT_PROCESS_GROUP.clear()
     try:
         return COMMANDS[args.command].run(args)
     except PanguError as err:
@@ -121,6 +123,26 @@ def main(argv: list[str] | None = None) -> int:
         dist = _process_group()
         if dist is not None and not joined_before:
             dist.destroy_process_group()
+            _LEFT_PROCESS_GROUP.append(True)
+
+
+_LEFT_PROCESS_GROUP: list[bool] = []  # the last command joined a process group and left it
+
+
+def entry(argv: list[str] | None = None) -> None:
+    """The `pangu` command: `main`, then the process ends with its exit status. A process whose
+    command used torch.distributed ends without the interpreter's teardown (`os._exit`, after
+    flushing what it wrote): gloo's worker threads can still hold tensors then, and destroying them
+    while the interpreter finalises aborts the process ("terminate called without an active
+    exception", pytorch/pytorch#190489), turning a command that finished into a failed worker that
+    torchrun restarts."""
+    code = main(argv)
+    if _LEFT_PROCESS_GROUP:
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
 
 
 def _process_group():

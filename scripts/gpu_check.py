@@ -59,7 +59,8 @@ class Row:
 
 COMPILED = ("train.compile=true",)
 EOD_RESET = ("data.eod_reset=true",)
-# Another engine (issue 21: parallel.engine) is one more line: its pangu row with the override.
+DEEPSPEED = ("parallel.engine=deepspeed",)  # "pangu" rows run the default engine, torch's
+# Another engine is one more line: its pangu row with the override.
 ROWS = (
     Row("matmul peak", "peak", timeout_s=60),
     Row("optimizer step", "optimizer", timeout_s=120),
@@ -69,6 +70,15 @@ ROWS = (
     Row("350m plain eager", "plain", "350m"),
     Row("2.6b pangu compiled", "pangu", "2.6b", COMPILED, baseline="2.6b plain compiled", timeout_s=240),
     Row("2.6b plain compiled", "plain", "2.6b", COMPILED, timeout_s=240),
+    Row("350m pangu deepspeed compiled", "pangu", "350m", COMPILED + DEEPSPEED, baseline="350m plain compiled"),
+    Row(
+        "2.6b pangu deepspeed compiled",
+        "pangu",
+        "2.6b",
+        COMPILED + DEEPSPEED,
+        baseline="2.6b plain compiled",
+        timeout_s=240,
+    ),
     Row(
         "350m pangu compiled eod_reset", "pangu", "350m", COMPILED + EOD_RESET, baseline="350m plain compiled eod_reset"
     ),
@@ -231,8 +241,9 @@ class Report:
 
     def write(self) -> None:
         self.data["elapsed s"] = round(time.monotonic() - self.started, 1)
-        write_json_atomic(self.out / "gpu_check.json", self.data)
+        # the table first: whoever reads the JSON finds the table at least as far along
         write_atomic(self.out / "gpu_check.md", render_markdown(self.data))
+        write_json_atomic(self.out / "gpu_check.json", self.data)
 
     def append_log(self, row: Row, status: str, stdout: str, stderr: str) -> None:
         with open(self.out / "gpu_check.log", "a", encoding="utf-8") as log:

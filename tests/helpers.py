@@ -80,7 +80,7 @@ def subprocess_env() -> dict[str, str]:
 
 def run_pretrain(args: list[str], prelude: str = "") -> subprocess.CompletedProcess:
     """`pangu pretrain` in a fresh process; `prelude` is Python run first (to inject a crash)."""
-    code = f"{prelude}\nimport sys\nfrom pangu.cli import main\nsys.exit(main(['pretrain', *sys.argv[1:]]))"
+    code = f"{prelude}\nimport sys\nfrom pangu.cli import entry\nentry(['pretrain', *sys.argv[1:]])"
     return subprocess.run(
         [sys.executable, "-c", code, *args], capture_output=True, text=True, env=subprocess_env(), timeout=300
     )

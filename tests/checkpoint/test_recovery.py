@@ -35,7 +35,7 @@ if os.environ.get("RANK") == "1" and os.environ.get("TORCHELASTIC_RESTART_COUNT"
 def test_a_killed_worker_is_restarted_and_the_run_finishes_by_itself(tiny_corpus, tmp_path):
     settings = ["model.dropout=0.0", "train.save_interval=2", "train.micro_batch_size=1"]
     plain = tmp_path / "pretrain.py"
-    plain.write_text("import sys\nfrom pangu.cli import main\nsys.exit(main(['pretrain', *sys.argv[1:]]))\n")
+    plain.write_text("import sys\nfrom pangu.cli import entry\nentry(['pretrain', *sys.argv[1:]])\n")
     reference = tmp_path / "reference"
     done = torchrun(plain, tiny_overrides(tiny_corpus, reference, *settings), 2)
     assert done.returncode == 0, done.stderr[-3000:]

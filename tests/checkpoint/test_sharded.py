@@ -21,7 +21,7 @@ SETTINGS = ("model.dropout=0.0", "train.micro_batch_size=1", "train.save_interva
 def pretrain(corpus: Path, out: Path, layout: tuple[int, int, int], *extra: str):
     dp, tp, pp = layout
     script = out.parent / "pretrain.py"
-    script.write_text("import sys\nfrom pangu.cli import main\nsys.exit(main(['pretrain', *sys.argv[1:]]))\n")
+    script.write_text("import sys\nfrom pangu.cli import entry\nentry(['pretrain', *sys.argv[1:]])\n")
     args = tiny_overrides(corpus, out, *SETTINGS, f"parallel.tp={tp}", f"parallel.pp={pp}", *extra)
     return torchrun(script, args, dp * tp * pp)
 

@@ -43,7 +43,7 @@ def test_ctrl_c_in_any_command_is_one_line(tmp_path):
         "import sys\nimport pangu.data.prepare as p\n"
         "def interrupted(*a, **k):\n    raise KeyboardInterrupt\n"
         "p.prepare = interrupted\n"
-        "from pangu.cli import main\nsys.exit(main(['prepare', '--config', 'tiny', '--set', "
+        "from pangu.cli import entry\nentry(['prepare', '--config', 'tiny', '--set', "
         f"'data.prepared_dir={tmp_path}/p']))"
     )
     done = subprocess.run(
@@ -67,7 +67,7 @@ def test_the_environment_refusing_is_one_line_and_a_bug_is_not_hidden(tmp_path, 
         "import errno, sys\nimport pangu.data.prepare as p\n"
         f"def fail(*a, **k):\n    raise {raised}\n"
         "p.prepare = fail\n"
-        "from pangu.cli import main\nsys.exit(main(['prepare', '--config', 'tiny', '--set', "
+        "from pangu.cli import entry\nentry(['prepare', '--config', 'tiny', '--set', "
         f"'data.prepared_dir={tmp_path}/p']))"
     )
     done = subprocess.run(
@@ -76,7 +76,7 @@ def test_the_environment_refusing_is_one_line_and_a_bug_is_not_hidden(tmp_path, 
     assert done.returncode == status and "Traceback" not in done.stderr
     assert done.stderr.strip().splitlines()[-1] == f"pangu prepare: {'error: ' if status == 1 else ''}{line}"
     verbose = subprocess.run(
-        [sys.executable, "-c", code.replace("main(['prepare'", "main(['-v', 'prepare'")],
+        [sys.executable, "-c", code.replace("entry(['prepare'", "entry(['-v', 'prepare'")],
         capture_output=True,
         text=True,
         env=subprocess_env(),

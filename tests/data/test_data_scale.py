@@ -223,13 +223,13 @@ def test_a_50_mb_line_keeps_memory_bounded_is_cut_and_shows_progress(tmp_path):
 _SLOW_PREPARE = """
 import sys, time
 import pangu.data.prepare as prepare_module
-from pangu.cli import main
+from pangu.cli import entry
 clean = prepare_module.clean_piece
 def slow_clean(piece):
     time.sleep(0.3)
     return clean(piece)
 prepare_module.clean_piece = slow_clean
-sys.exit(main(["prepare", "--config", sys.argv[1]]))
+entry(["prepare", "--config", sys.argv[1]])
 """
 
 

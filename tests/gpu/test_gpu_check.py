@@ -135,7 +135,7 @@ def test_every_row_runs_on_the_cpu(tmp_path):
     rows = rows_of(tmp_path)
     assert {name: row["status"] for name, row in rows.items()} == {name: "ok" for name in rows}
     pangu = [row for row in rows.values() if row["run"] == "pangu"]
-    assert len(pangu) == 5 and all(rows[row["baseline"]]["run"] == "plain" for row in pangu)
+    assert len(pangu) == 7 and all(rows[row["baseline"]]["run"] == "plain" for row in pangu)
     for row in pangu:
         ours, plain = row["result"], rows[row["baseline"]]["result"]
         assert ours["tokens/s"] > 0 and plain["tokens/s"] > 0 and len(ours["step seconds"]) == 2 + 5

@@ -15,10 +15,11 @@ import torch, torch.distributed.distributed_c10d as c10d
 from pangu.config import load_config
 from pangu.parallel.engine import build_engine
 from pangu.parallel.topology import init_distributed
-config = load_config(None, ["parallel.timeout_minutes=7", "model.vocab_size=300", "model.seq_length=16",
-                            "train.global_batch_size=2", "train.micro_batch_size=1"])
-topology = init_distributed(config.parallel)
-build_engine(config, topology)
+for engine in ("deepspeed", "torch"):
+    config = load_config(None, ["parallel.timeout_minutes=7", "model.vocab_size=300", "model.seq_length=16",
+                                "train.global_batch_size=2", "train.micro_batch_size=1", f"parallel.engine={engine}"])
+    topology = init_distributed(config.parallel)
+    build_engine(config, topology)
 groups = list(c10d._world.pg_map)
 timeouts = {str(pg._get_backend(torch.device("cpu")).options._timeout) for pg in groups}
 print(len(groups), sorted(timeouts), topology.host_group is not None)
@@ -26,8 +27,9 @@ print(len(groups), sorted(timeouts), topology.host_group is not None)
 
 
 def test_every_process_group_gets_the_configured_timeout():
-    """megatron-core's tensor/pipeline groups and DeepSpeed's data/pipe/model groups are created
-    with torch's default timeout unless told otherwise; parallel.timeout_minutes reaches all."""
+    """megatron-core's tensor/pipeline groups, DeepSpeed's data/pipe/model groups and the torch
+    engine's DeviceMesh are created with torch's default timeout unless told otherwise;
+    parallel.timeout_minutes reaches all."""
     result = subprocess.run(
         [sys.executable, "-c", GROUPS_PROBE], capture_output=True, text=True, env=subprocess_env(), timeout=300
     )
@@ -64,8 +66,9 @@ sockets = [sum(map(is_socket, os.listdir("/proc/self/fd")))]
 gathered = [None] * dist.get_world_size()
 dist.all_gather_object(gathered, sockets[0], group=topology.host_group)
 if dist.get_rank() == 0:
-    print("SOCKETS", max(gathered))
+    print("SOCKETS", max(gathered), flush=True)
 dist.destroy_process_group()
+os._exit(0)  # no interpreter teardown after gloo (see pangu.cli.entry)
 """
 
 

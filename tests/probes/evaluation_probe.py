@@ -8,7 +8,10 @@ command line; the layout comes from its --set parallel.tp/pp), so that the proce
 from __future__ import annotations
 
 import json
+import os
 import sys
+
+import torch.distributed as dist
 
 from pangu.cli import main
 
@@ -16,3 +19,8 @@ if __name__ == "__main__":
     for argument in sys.argv[1:]:
         if main(["evaluate", *json.loads(argument)]) != 0:
             sys.exit(1)
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)  # no interpreter teardown after gloo (see pangu.cli.entry)

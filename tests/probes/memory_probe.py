@@ -25,6 +25,7 @@ precisions. Recorded per case and rank (rank 0 writes RESULT.json):
 from __future__ import annotations
 
 import json
+import os
 import sys
 import weakref
 
@@ -224,7 +225,10 @@ def main() -> None:
         with open(result_file, "w") as f:
             json.dump(results, f)
     dist.barrier()
-    dist.destroy_process_group()  # gloo groups left open can abort the exit
+    dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)  # no interpreter teardown after gloo: it can abort the exit (see pangu.cli.entry)
 
 
 if __name__ == "__main__":

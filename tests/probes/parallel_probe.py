@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -129,7 +130,10 @@ def main() -> None:
         if dist.get_rank() == 0:  # written after every case: a failing case keeps the ones before
             result_file.write_text(json.dumps(results))
     dist.barrier()
-    dist.destroy_process_group()  # gloo groups left open can abort the exit
+    dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)  # no interpreter teardown after gloo: it can abort the exit (see pangu.cli.entry)
 
 
 if __name__ == "__main__":

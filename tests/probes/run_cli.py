@@ -10,6 +10,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository r
 for module in sys.argv[1].split(","):
     importlib.import_module(module)
 
-from pangu.cli import main  # noqa: E402  (after the plugins registered themselves)
+from pangu.cli import entry  # noqa: E402  (after the plugins registered themselves)
 
-sys.exit(main(sys.argv[2:]))
+entry(sys.argv[2:])

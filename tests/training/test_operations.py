@@ -261,7 +261,7 @@ def test_kill_9_of_a_rank_while_checkpointing(tiny_corpus, tmp_path):
     """Two data-parallel ranks; rank 0 is killed (SIGKILL) halfway through writing checkpoint 4.
     The restarted job resumes from checkpoint 2 and reaches the uninterrupted run's losses."""
     plain = tmp_path / "pretrain.py"
-    plain.write_text("import sys\nfrom pangu.cli import main\nsys.exit(main(['pretrain', *sys.argv[1:]]))\n")
+    plain.write_text("import sys\nfrom pangu.cli import entry\nentry(['pretrain', *sys.argv[1:]])\n")
     killer = tmp_path / "killed.py"
     killer.write_text(
         "import os, signal, sys\nimport torch.distributed as dist\n"
@@ -306,7 +306,7 @@ def test_a_second_run_on_the_same_directory_is_refused(tiny_corpus, tmp_path):
         "        time.sleep(600)\n"
         "    return step(self)\n"
         "Trainer.train_step = train_step\n"
-        "import sys\nfrom pangu.cli import main\nsys.exit(main(['pretrain', *sys.argv[1:]]))"
+        "import sys\nfrom pangu.cli import entry\nentry(['pretrain', *sys.argv[1:]])"
     )
     first = subprocess.Popen(
         [sys.executable, "-c", paused, *tiny_overrides(tiny_corpus, out)],
