@@ -365,6 +365,7 @@ class Trainer:
                 ", ".join(
                     f"{key.removesuffix('_bytes').replace('_', ' ')} {value / 2**20:.1f} MiB"
                     for key, value in self.memory.items()
+                    if value  # no separate master weights where the parameters are fp32
                 ),
             )
         record: dict = {}
