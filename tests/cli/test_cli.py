@@ -44,7 +44,7 @@ def test_ctrl_c_in_any_command_is_one_line(tmp_path):
         "def interrupted(*a, **k):\n    raise KeyboardInterrupt\n"
         "p.prepare = interrupted\n"
         "from pangu.cli import entry\nentry(['prepare', '--config', 'tiny', '--set', "
-        f"'data.prepared_dir={tmp_path}/p']))"
+        f"'data.prepared_dir={tmp_path}/p'])"
     )
     done = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, env=subprocess_env(), timeout=120
@@ -68,7 +68,7 @@ def test_the_environment_refusing_is_one_line_and_a_bug_is_not_hidden(tmp_path, 
         f"def fail(*a, **k):\n    raise {raised}\n"
         "p.prepare = fail\n"
         "from pangu.cli import entry\nentry(['prepare', '--config', 'tiny', '--set', "
-        f"'data.prepared_dir={tmp_path}/p']))"
+        f"'data.prepared_dir={tmp_path}/p'])"
     )
     done = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, env=subprocess_env(), timeout=120
