@@ -53,7 +53,7 @@ class SavedTensorMeter:
 
     def hold(self, tensor: torch.Tensor) -> _Held:
         held = _Held(tensor)
-        storage = tensor.untyped_storage()
+        storage = self.storage(tensor)
         ptr, nbytes = storage.data_ptr(), storage.nbytes()
         if ptr in self.excluded or nbytes == 0:
             return held
@@ -67,6 +67,10 @@ class SavedTensorMeter:
             entry[1] += 1
         weakref.finalize(held, self._release, ptr)
         return held
+
+    def storage(self, tensor: torch.Tensor):
+        """The storage whose bytes `tensor` holds."""
+        return tensor.untyped_storage()
 
     def _release(self, ptr: int) -> None:
         entry = self.refs[ptr]
