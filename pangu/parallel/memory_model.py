@@ -153,7 +153,7 @@ def _add(groups: dict[str, int], group: str, numel: int) -> None:
 
 
 @lru_cache(maxsize=256)
-def _pipeline_layers(model: ModelConfig, tp: int, scale_invariant_group: bool) -> tuple[PipeLayer, ...]:
+def model_pipeline_layers(model: ModelConfig, tp: int, scale_invariant_group: bool) -> tuple[PipeLayer, ...]:
     out = []
     for layer in model_layout.layers(model):
         groups: dict[str, int] = {}
@@ -167,7 +167,7 @@ def _pipeline_layers(model: ModelConfig, tp: int, scale_invariant_group: bool) -
 def pipeline_layers(config: Config, tp: int) -> tuple[PipeLayer, ...]:
     """The pipeline's layers (pangu.model.layout, as pangu.parallel.pipeline builds them), with
     the parameters each holds on one tensor-parallel rank, by optimizer group."""
-    return _pipeline_layers(config.model, tp, registry.get(config.optim.name).scale_invariant_group)
+    return model_pipeline_layers(config.model, tp, registry.get(config.optim.name).scale_invariant_group)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -224,6 +224,49 @@ class StageMemory:
         )
 
 
+@dataclass(frozen=True)
+class Profile:
+    """What the memory model reads from a config, hashable (the planner caches on it)."""
+
+    model: ModelConfig
+    precision: str
+    eod_reset: bool
+    partition: str
+    scale_invariant_group: bool  # the optimizer keeps the scale-invariant trunk apart
+    state_buffers: tuple[int, ...]  # fp32 state buffers per element of each group of GROUP_ORDER
+
+    @classmethod
+    def of(cls, config: Config) -> Profile:
+        return cls(
+            config.model,
+            config.train.precision,
+            config.data.eod_reset,
+            config.parallel.partition,
+            registry.get(config.optim.name).scale_invariant_group,
+            tuple(optimizer_buffers(config, group) for group in GROUP_ORDER),
+        )
+
+    def activation_bytes(
+        self, kind: str, micro_batch_size: int, tp: int, recompute: str, kernels: Kernels, sequence_parallel: bool
+    ) -> int:
+        """The torch engine's activation_bytes."""
+        return layer_activation_bytes(
+            self.model,
+            self.precision,
+            self.eod_reset,
+            kind,
+            micro_batch_size,
+            tp,
+            recompute,
+            kernels,
+            "torch",
+            sequence_parallel,
+        )
+
+    def stage_cut(self, tp: int, stages: int) -> tuple[int, ...]:
+        return model_stage_cut(self.model, self.partition, tp, stages)
+
+
 def dtype_bytes(precision: str) -> int:
     return 4 if precision == "fp32" else 2
 
@@ -254,11 +297,11 @@ def stage_memory(
 def stage_cut(config: Config, tp: int, stages: int) -> tuple[int, ...]:
     """pangu/parallel/stages.py's cut, computed once per model, partition, tp and stage count (the
     planner asks for it for every layout)."""
-    return _stage_cut(config.model, config.parallel.partition, tp, stages)
+    return model_stage_cut(config.model, config.parallel.partition, tp, stages)
 
 
 @lru_cache(maxsize=4096)
-def _stage_cut(model: ModelConfig, partition: str, tp: int, stages: int) -> tuple[int, ...]:
+def model_stage_cut(model: ModelConfig, partition: str, tp: int, stages: int) -> tuple[int, ...]:
     return tuple(stage_bounds(Config(model=model, parallel=ParallelConfig(partition=partition)), tp, stages))
 
 
@@ -366,7 +409,35 @@ def activation_bytes(
 ) -> int:
     """Bytes one micro-batch's forward through a layer of `kind` saves for backward on one
     tensor-parallel rank of `engine` (see the module docstring for the terms and their sources)."""
-    model, e = config.model, dtype_bytes(config.train.precision)
+    return layer_activation_bytes(
+        config.model,
+        config.train.precision,
+        config.data.eod_reset,
+        kind,
+        micro_batch_size,
+        tp,
+        recompute,
+        kernels,
+        engine,
+        sequence_parallel,
+    )
+
+
+@lru_cache(maxsize=65536)
+def layer_activation_bytes(
+    model: ModelConfig,
+    precision: str,
+    eod_reset: bool,
+    kind: str,
+    micro_batch_size: int,
+    tp: int,
+    recompute: str,
+    kernels: Kernels,
+    engine: str,
+    sequence_parallel: bool,
+) -> int:
+    """activation_bytes from the parts of the config it reads (cached: the planner asks often)."""
+    e = dtype_bytes(precision)
     s, b, h, f, a, t = (model.seq_length, micro_batch_size, model.hidden_size, model.ffn_size, model.num_heads, tp)
     T = s * b
     torch_engine = engine == "torch"
@@ -400,7 +471,7 @@ def activation_bytes(
         return e * T * h // cut
     flash = kernels.flash_attention
     if flash is None:  # PyTorch on CPU: the flash kernel only without dropout and mask
-        flash = not attention_dropout and not config.data.eod_reset
+        flash = not attention_dropout and not eod_reset
     heads = a // t
     core_qkv = 3 * e * T * h // t
     merged = e * T * h // t  # the attention output with the heads merged: the projection's input
@@ -424,7 +495,7 @@ def activation_bytes(
     activation = {"fast_gelu": 2, "gelu": 1}.get("relu" if model.scale_invariant else model.activation, 0)
     ffn = e * T * h + (activation + 1) * e * T * f // t
     total = 2 * ln + e * T * h + ffn + core + merged + 2 * mask * T * h // cut
-    if config.data.eod_reset and not torch_engine:
+    if eod_reset and not torch_engine:
         total += b * s * s  # the [b, s, s] bool attention mask travels with the layer's inputs
     if kind == "query_layer":
         total += e * T * h  # the query embedding feeds Q instead of the normalised hidden state
@@ -433,5 +504,11 @@ def activation_bytes(
 
 def estimate_memory(config: Config, layout: Layout, kernels: Kernels = Kernels()) -> MemoryEstimate:
     """Per-device bytes of the layout's most loaded pipeline rank."""
-    ranks = [stage_memory(config, layout, j, kernels) for j in range(layout.pp)]
+    if layout.engine == "torch":
+        from pangu.parallel.memory_torch import rank_memory  # it builds on this module
+
+        profile = Profile.of(config)
+        ranks = [rank_memory(profile, layout, j, kernels) for j in range(layout.pp)]
+    else:
+        ranks = [_deepspeed_stage_memory(config, layout, j, kernels) for j in range(layout.pp)]
     return max(ranks, key=lambda sm: (sm.peak, -sm.stage)).estimate()

@@ -49,20 +49,22 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from functools import lru_cache
 
-from pangu.config import Config, ParallelConfig
+from pangu.config import Config, ModelConfig
 from pangu.model import layout as model_layout
 from pangu.model.sizes import flops_per_token, forward_flops_per_token
+from pangu.optim import registry
 from pangu.parallel.memory_model import (
     Kernels,
     MemoryEstimate,
     dtype_bytes,
     estimate_memory,
-    pipeline_layers,
-    stage_cut,
+    model_pipeline_layers,
+    model_stage_cut,
 )
+from pangu.parallel.memory_torch import rank_stages
 from pangu.parallel.schedule_model import bubble_fraction, runs
-from pangu.parallel.stages import stages_of_rank
 from pangu.schema import ConfigError
 
 GiB = 2**30
@@ -227,27 +229,53 @@ class _Stage:
     root_numel: int
 
 
-def _stage_costs(config: Config, layout: Layout) -> list[_Stage]:
-    model = config.model
-    tp, stages = layout.tp, layout.pp * layout.virtual_stages
-    T = model.seq_length * layout.micro_batch_size
+def _stage_costs(config: Config, layout: Layout) -> tuple[_Stage, ...]:
+    return _costs(
+        config.model,
+        config.parallel.partition,
+        registry.get(config.optim.name).scale_invariant_group,
+        layout.tp,
+        layout.pp * layout.virtual_stages,
+        layout.micro_batch_size,
+        layout.recompute,
+    )
+
+
+@lru_cache(maxsize=64)
+def _flops(model: ModelConfig) -> tuple[tuple[float, ...], float]:
+    """(forward FLOPs per token of each declared layer, training FLOPs per token of the model)."""
+    return tuple(forward_flops_per_token(model, layer) for layer in model_layout.layers(model)), flops_per_token(model)
+
+
+@lru_cache(maxsize=4096)
+def _costs(
+    model: ModelConfig,
+    partition: str,
+    scale_invariant_group: bool,
+    tp: int,
+    stages: int,
+    micro_batch_size: int,
+    recompute: str,
+) -> tuple[_Stage, ...]:
+    T = model.seq_length * micro_batch_size
     declared = model_layout.layers(model)
-    sizes = pipeline_layers(config, tp)
-    bounds = stage_cut(config, tp, stages)
+    forward_flops = _flops(model)[0]
+    sizes = model_pipeline_layers(model, tp, scale_invariant_group)
+    bounds = model_stage_cut(model, partition, tp, stages)
     out = []
     for j in range(stages):
         forward = backward = 0.0
         collectives = numel = root = 0
         tied_seen = False
-        for layer, size in zip(declared[bounds[j] : bounds[j + 1]], sizes[bounds[j] : bounds[j + 1]]):
-            flops = forward_flops_per_token(model, layer) * T
+        for i in range(bounds[j], bounds[j + 1]):
+            layer, size, flops = declared[i], sizes[i], forward_flops[i] * T
             forward, backward = forward + flops, backward + 2 * flops
             if layer.kind in ("block", "query_layer", "stem"):
                 collectives += 4
-                if layout.recompute == "full":
+                if recompute == "full":
                     backward += flops
                     collectives += 2
-                elif layout.recompute == "selective" and layer.kind != "stem":
+                elif recompute == "selective" and layer.kind != "stem":
                     backward += 4 * model.seq_length * model.hidden_size * T
             elif layer.kind in ("word_embedding", "head"):
                 collectives += 1
@@ -257,7 +285,7 @@ def _stage_costs(config: Config, layout: Layout) -> list[_Stage]:
             numel += size.numel
             root += 0 if layer.kind in model_layout.TRANSFORMER_KINDS else size.numel
         out.append(_Stage(forward, backward, collectives, numel, root))
-    return out
+    return tuple(out)
 
 
 def estimate_step_time(config: Config, layout: Layout, hardware: Hardware) -> StepTime:
@@ -272,8 +300,7 @@ def estimate_step_time(config: Config, layout: Layout, hardware: Hardware) -> St
     hidden_bytes = e * T * model.hidden_size
     allreduce = _ring_allreduce(hidden_bytes, tp, tp_bw, hardware.latency)
     costs = _stage_costs(config, layout)
-    parallel = ParallelConfig(engine=layout.engine, pp=pp, schedule=layout.schedule, virtual_stages=v)
-    ranks = [[costs[j] for j in stages_of_rank(parallel, r)] for r in range(pp)]
+    ranks = [[costs[j] for j in rank_stages(layout.schedule, pp, v, r)] for r in range(pp)]
 
     def rank_time(held: list[_Stage]) -> tuple[float, float]:
         return (
@@ -302,7 +329,7 @@ def estimate_step_time(config: Config, layout: Layout, hardware: Hardware) -> St
         exposed, hidden = _zero1_time(config, layout, hardware, costs, dp_bw), 0.0
     total = stretch * (compute + tensor + p2p) + exposed
     tokens = config.train.global_batch_size * model.seq_length
-    mfu = tokens * flops_per_token(model) / (layout.gpus * hardware.tflops * 1e12 * total)
+    mfu = tokens * _flops(model)[1] / (layout.gpus * hardware.tflops * 1e12 * total)
     return StepTime(
         compute=stretch * compute,
         tensor_parallel=stretch * tensor,
@@ -320,10 +347,7 @@ def _tied_embedding(config: Config, layout: Layout, hardware: Hardware, shards: 
     """The all-reduce of the word embedding's gradient between its two copies (first and last
     stage) when different ranks hold them, each its 1/shards."""
     last = layout.pp * layout.virtual_stages - 1
-    parallel = ParallelConfig(
-        engine=layout.engine, pp=layout.pp, schedule=layout.schedule, virtual_stages=layout.virtual_stages
-    )
-    if layout.pp == 1 or last in stages_of_rank(parallel, 0):
+    if layout.pp == 1 or last in rank_stages(layout.schedule, layout.pp, layout.virtual_stages, 0):
         return 0.0
     word = config.model.padded_vocab_size * config.model.hidden_size // layout.tp
     return _ring_allreduce(4 * word / shards, 2, hardware.inter_node_bandwidth, hardware.latency)
@@ -375,18 +399,20 @@ def _divisors(n: int, limit: int) -> list[int]:
     return [d for d in range(1, min(n, limit) + 1) if n % d == 0]
 
 
+VIRTUAL_STAGES = (2, 4)  # stages per rank of the interleaved schedules: beyond, little bubble for more p2p and memory
+
+
 def _pipelines(config: Config, pp: int, micro_batches: int) -> list[tuple[str, str, int]]:
     """(engine, schedule, virtual stages) that can run `micro_batches` through `pp` ranks: DeepSpeed's
-    1F1B, and the torch engine's schedules (interleaved ones with every v of at least 2 whose
-    pp x v stages divide the layers evenly, and 2)."""
+    1F1B, and the torch engine's schedules (the interleaved ones with VIRTUAL_STAGES stages per
+    rank, ZBV with 2)."""
     out = [("deepspeed", "1f1b", 1)]
-    layers = config.model.num_layers
     if pp == 1:
         return out + [("torch", "1f1b", 1)]
     candidates = [("torch", "1f1b", 1), ("torch", "zbv", 2)]
-    for v in range(2, layers // pp + 1):
-        if v == 2 or layers % (pp * v) == 0:
-            candidates += [("torch", "interleaved_1f1b", v), ("torch", "zero_bubble", v)]
+    for v in VIRTUAL_STAGES:
+        candidates += [("torch", "interleaved_1f1b", v), ("torch", "zero_bubble", v)]
+    layers = config.model.num_layers
     for engine, schedule, v in candidates:
         if pp * v <= layers and runs(schedule, pp, v, micro_batches):
             out.append((engine, schedule, v))
@@ -399,14 +425,15 @@ def enumerate_layouts(
     """Every layout of `gpus` devices that pangu can run with this config's model and global batch:
     dp x tp x pp = gpus; tp divides the heads, the FFN size and the padded vocabulary; the
     pipeline's stages at most num_layers; dp x micro_batch_size x micro_batches =
-    train.global_batch_size; each engine's schedules (`_pipelines`); sequence parallelism on the
-    torch engine where tp > 1 divides the sequence."""
+    train.global_batch_size; each engine's schedules (`_pipelines`). The torch engine runs
+    sequence parallelism wherever tp > 1 divides the sequence: it moves the same bytes in the
+    same time (module docstring) and keeps less, so a layout without it never ranks first."""
     model, batch = config.model, config.train.global_batch_size
     layouts = []
     for tp in _divisors(gpus, model.num_heads):
         if model.num_heads % tp or model.ffn_size % tp or model.padded_vocab_size % tp:
             continue
-        sequence_parallel = (False, True) if tp > 1 and model.seq_length % tp == 0 else (False,)
+        sequence_parallel = tp > 1 and model.seq_length % tp == 0
         for pp in _divisors(gpus // tp, model.num_layers):
             dp = gpus // (tp * pp)
             if batch % dp:
@@ -416,33 +443,43 @@ def enumerate_layouts(
                 for engine, schedule, v in _pipelines(config, pp, m):
                     if engine not in engines:
                         continue
-                    for sp in sequence_parallel if engine == "torch" else (False,):
-                        for mode in recompute:
-                            layouts.append(Layout(dp, tp, pp, mode, mbs, m, engine, schedule, v, sp))
+                    sp = sequence_parallel and engine == "torch"
+                    for mode in recompute:
+                        layouts.append(Layout(dp, tp, pp, mode, mbs, m, engine, schedule, v, sp))
     return layouts
 
 
-def plan(config: Config, hardware: Hardware, kernels: Kernels = Kernels()) -> list[Layout]:
+def plan(config: Config, hardware: Hardware, kernels: Kernels = Kernels(), limit: int | None = None) -> list[Layout]:
     """The layouts of `hardware.gpus` devices that fit in their usable memory, fastest first
-    (ties: less memory), each with its memory and step-time estimate."""
+    (ties: less memory), each with its memory and step-time estimate; with `limit`, the fastest
+    `limit` of them. Memory is estimated in order of step time, so that a short list costs only
+    the layouts faster than its last."""
     if hardware.gpus < 1:
         raise ConfigError(f"--gpus = {hardware.gpus} is not allowed: expected >= 1")
-    fitting = []
-    for layout in enumerate_layouts(config, hardware.gpus):
-        memory = estimate_memory(config, layout, kernels)
-        if memory.peak > hardware.usable_memory:
-            continue
-        fitting.append(
-            dataclasses.replace(layout, memory=memory, step_time=estimate_step_time(config, layout, hardware))
-        )
-    fitting.sort(key=lambda lay: (round(lay.step_time.total, 9), lay.memory.peak, lay.tp, lay.pp, lay.engine))
-    return fitting
+    timed = [
+        dataclasses.replace(layout, step_time=estimate_step_time(config, layout, hardware))
+        for layout in enumerate_layouts(config, hardware.gpus)
+    ]
+    timed.sort(key=lambda lay: (round(lay.step_time.total, 9), lay.tp, lay.pp, lay.engine))
+    fitting: list[Layout] = []
+    start = 0
+    while start < len(timed) and (limit is None or len(fitting) < limit):
+        # the layouts as fast as the next one, the least memory first
+        end = start + 1
+        while end < len(timed) and round(timed[end].step_time.total, 9) == round(timed[start].step_time.total, 9):
+            end += 1
+        tied = [dataclasses.replace(lay, memory=estimate_memory(config, lay, kernels)) for lay in timed[start:end]]
+        tied.sort(key=lambda lay: lay.memory.peak)
+        fitting += [lay for lay in tied if lay.memory.peak <= hardware.usable_memory]
+        start = end
+    return fitting if limit is None else fitting[:limit]
 
 
 def smallest_memory(config: Config, gpus: int, kernels: Kernels = Kernels()) -> Layout | None:
-    """The layout needing the least memory (to say how far from fitting a plan is)."""
+    """The layout needing the least memory (to say how far from fitting a plan is): one with full
+    recomputation, which keeps less than the others at the same sizes."""
     best = None
-    for layout in enumerate_layouts(config, gpus):
+    for layout in enumerate_layouts(config, gpus, recompute=("full",)):
         memory = estimate_memory(config, layout, kernels)
         if best is None or memory.peak < best.memory.peak:
             best = dataclasses.replace(layout, memory=memory)

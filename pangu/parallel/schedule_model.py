@@ -161,23 +161,32 @@ def in_flight(
     parallel = ParallelConfig(engine="torch", pp=pp, schedule=schedule, virtual_stages=virtual)
     local = {stage: k for k, stage in enumerate(stages_of_rank(parallel, rank))}
     n = len(local)
-    counts = [0] * (3 * n)  # held, pending, done
-    moments = set()
-    for stage, kind, _ in rank_actions(schedule, pp, virtual, microbatches, rank):
+    held, pending, done = [0] * n, [0] * n, [0] * n
+    # `done` only grows: of the moments with the same held and pending counts the last exceeds
+    # or equals the others in every count
+    latest: dict[tuple[int, ...], tuple[int, ...]] = {}
+    actions = rank_actions(schedule, pp, virtual, microbatches, rank)
+    for position, (stage, kind, _) in enumerate(actions):
         k = local[stage]
         if kind == FORWARD:
-            counts[k] += 1
+            held[k] += 1
         elif kind == BACKWARD:
-            counts[k] -= 1
+            held[k] -= 1
         elif kind == INPUT_GRAD:
-            counts[n + k] += stage > 0
+            pending[k] += stage > 0
         else:
-            counts[k] -= 1
-            counts[n + k] -= stage > 0
-            counts[2 * n + k] += stage > 0
-        moments.add(tuple(counts))
-    maximal = [x for x in moments if not any(y != x and all(a <= b for a, b in zip(x, y)) for y in moments)]
-    return tuple(sorted((x[:n], x[n : 2 * n], x[2 * n :]) for x in maximal))
+            held[k] -= 1
+            pending[k] -= stage > 0
+            done[k] += stage > 0
+        # B and W only free, but for what W leaves: the moments after F and I, and the last
+        if kind in (FORWARD, INPUT_GRAD) or position == len(actions) - 1:
+            latest[tuple(held) + tuple(pending)] = tuple(done)
+    # most first: a moment can only be exceeded in every count by one listed before it
+    frontier: list[tuple[int, ...]] = []
+    for x in sorted((key + value for key, value in latest.items()), key=sum, reverse=True):
+        if not any(all(a <= b for a, b in zip(x, y)) for y in frontier):
+            frontier.append(x)
+    return tuple(sorted((x[:n], x[n : 2 * n], x[2 * n :]) for x in frontier))
 
 
 # ---------------------------------------------------------------------------------------------
