@@ -16,7 +16,8 @@ c = ceil(d0 / dp) per data-parallel rank (the last ranks own fewer, or none), pa
                       its reduce dtype), 4 d0 row, alive from a unit's first backward until the
                       reduce-scatter after its last; with one micro-batch and one stage per rank
                       each unit reduce-scatters as its backward ends (none kept). Without FSDP:
-                      param.grad, 4 d0 row
+                      param.grad, 4 d0 row. The vocabulary-parallel word embedding's gradient
+                      comes back from DTensor whole (tp times its rows) on a stage without the head
     optimizer_state   the optimizer's fp32 state over the rows rank d owns (unpadded)
     sharded_gradients the reduce-scatter's fp32 output, one flat buffer per unit: 4 c row
     reduce_buffers    the largest unit's reduce-scatter input (4 c dp row), for a moment
@@ -54,6 +55,7 @@ if TYPE_CHECKING:
     from pangu.parallel.planner import Layout
 
 ZERO_BUBBLE = ("zero_bubble", "zbv")
+ROOT_UNIT, WORD_EMBEDDING_UNIT = -1, -2  # FSDP units of a stage that are not transformer layers
 
 
 def torch_stage_memory(config: Config, layout: Layout, rank: int, kernels: Kernels, dp_rank: int = 0) -> StageMemory:
@@ -143,15 +145,23 @@ def _stage_parameters(
 ) -> tuple[tuple[int, int, int, int], ...]:
     """(optimizer group's index in GROUP_ORDER, rows, elements per row, FSDP unit) of every
     parameter of the stage of layers [first, last) on one tensor-parallel rank: the unit is the
-    layer's index for a transformer layer, -1 for the stage's other parameters. The tied word
-    embedding once."""
+    layer's index for a transformer layer, ROOT_UNIT for the stage's other parameters
+    (WORD_EMBEDDING_UNIT for the word embedding's where its DTensor gradient comes back whole).
+    The tied word embedding once."""
     out, tied_seen = [], False
-    for index, layer in enumerate(model_layout.layers(model)[first:last], start=first):
+    own = model_layout.layers(model)[first:last]
+    # the vocabulary-parallel embedding's gradient comes back whole unless the head, on the same
+    # stage, adds its part (split like the parameter) to it
+    embedding_unit = ROOT_UNIT if any(layer.kind == model_layout.HEAD for layer in own) else WORD_EMBEDDING_UNIT
+    for index, layer in enumerate(own, start=first):
         if layer.tied:
             if tied_seen:
                 continue
             tied_seen = True
-        unit = index if layer.kind in model_layout.TRANSFORMER_KINDS else -1
+        if layer.kind in model_layout.TRANSFORMER_KINDS:
+            unit = index
+        else:  # the stage's root unit
+            unit = embedding_unit if layer.kind == model_layout.WORD_EMBEDDING else ROOT_UNIT
         for param in layer.parameters:
             shape = param.local_shape(tp)
             group = group_of(decays=param.weight_decay, scale_invariant=param.scale_invariant and scale_invariant_group)
@@ -177,19 +187,21 @@ def _static(
         for group, rows, row, unit in layers:
             groups[group] += rows * row
             keys = profile.state_buffers[group]
+            whole = tp if unit == WORD_EMBEDDING_UNIT else 1  # rows of its (unsharded) gradient / rows
             if not sharded:  # the fp32 parameters are the master weights; param.grad
                 parameters += 4 * rows * row
-                gradients += 4 * rows * row
+                gradients += 4 * whole * rows * row
                 state += 4 * keys * rows * row
                 continue
             c = -(-rows // dp)
             own = min(c, max(0, rows - dp_rank * c))
             master += 4 * c * row
             parameters += e * c * dp * row
-            gradients += 4 * rows * row if accumulates else 0
+            gradients += 4 * whole * rows * row if accumulates else 0
             state += 4 * keys * own * row
             shards += 4 * c * row
-            units[unit] = units.get(unit, 0) + 4 * c * dp * row
+            root = unit if unit >= 0 else ROOT_UNIT
+            units[root] = units.get(root, 0) + 4 * c * dp * row
         largest_unit = max([largest_unit, *units.values()])
     group_numel = tuple((name, n) for name, n in zip(GROUP_ORDER, groups) if n)
     return StaticBytes(group_numel, parameters, gradients, master, state, shards, largest_unit)
@@ -202,7 +214,8 @@ def _static(
 class MicroBatchBytes(NamedTuple):
     """What one micro-batch costs a stage, by how long torch keeps it."""
 
-    held: int  # from its forward to its backward (B, or W after I)
+    forward: int  # what autograd saves during its forward
+    held: int  # from its forward to its backward (B, or W after I): that, its output, the loss
     pending: int  # the zero-bubble intermediate gradients, from I to W
     kept: int  # zero bubble: what its W leaves of the graph, until the step ends
     recomputed: int  # full recomputation: the most a backward adds for the layer it recomputes
@@ -234,10 +247,9 @@ def _micro_batch_bytes(
 
     saved = [saves(layer.kind, recompute) for layer in own]
     total = sum(saved)
-    if any(layer.kind in model_layout.TRANSFORMER_KINDS for layer in own) and profile.eod_reset:
-        total += micro_batch_size * model.seq_length**2  # the [b, 1, s, s] document mask, built once per stage
     if index > 0 and (e == 4 or recompute == "full"):
         total -= e * T * h // cut  # the first layer keeps the received input itself
+    forward = total
     vocab = model.padded_vocab_size // tp if tp > 1 else model.vocab_size  # what the loss's log-softmax spans
     loss = 0
     if last:  # the logits, and the loss: log-softmax, clamped labels, mask
@@ -258,8 +270,8 @@ def _micro_batch_bytes(
                 if i == 0 and index > 0:
                     whole -= kept_input
                 recomputed = max(recomputed, whole - sum(saved[i:]) - loss)
-    if not zero_bubble:
-        return MicroBatchBytes(total, 0, 0, recomputed)
+    if not zero_bubble or index == 0:  # the first stage's weight action runs its whole backward
+        return MicroBatchBytes(forward, total, 0, 0, recomputed)
     pending = sum(_zero_bubble_grads(profile, kernels, tp, sp, micro_batch_size, layer.kind) for layer in own)
     kept = sum(_kept_after_weights(profile, kernels, tp, sp, micro_batch_size, recompute, layer.kind) for layer in own)
     transformer = [layer.kind for layer in own if layer.kind in model_layout.TRANSFORMER_KINDS]
@@ -271,7 +283,7 @@ def _micro_batch_bytes(
         kept -= activation * e * T * model.ffn_size // tp + mask * T * h // cut
     if last:  # the loss's log-softmax lies on no parameter's path
         kept += 4 * T * vocab
-    return MicroBatchBytes(total, pending, kept, recomputed)
+    return MicroBatchBytes(forward, total, pending, kept, recomputed)
 
 
 def _zero_bubble_grads(profile: Profile, kernels: Kernels, tp: int, sp: bool, micro_batch_size: int, kind: str) -> int:

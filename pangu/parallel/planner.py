@@ -443,7 +443,9 @@ def enumerate_layouts(
                 for engine, schedule, v in _pipelines(config, pp, m):
                     if engine not in engines:
                         continue
-                    sp = sequence_parallel and engine == "torch"
+                    # the zero-bubble schedules cannot split a sequence-parallel stage's backward
+                    # (torch 2.13 detaches its output, a view, in place)
+                    sp = sequence_parallel and engine == "torch" and schedule not in ("zero_bubble", "zbv")
                     for mode in recompute:
                         layouts.append(Layout(dp, tp, pp, mode, mbs, m, engine, schedule, v, sp))
     return layouts
