@@ -158,7 +158,7 @@ def run(args) -> int:
         print(
             f"{i:>2} {layout.engine:<9} {layout.dp:>4} {layout.tp:>3} {layout.pp:>3} {_schedule(layout):<18} "
             f"{'on' if layout.sequence_parallel else '-':>3} {layout.recompute:>9} {layout.micro_batch_size:>3} "
-            f"{layout.micro_batches:>4} | {_gib(mem.parameters):>6} {_gib(mem.gradients + mem.model_gradients):>6} "
+            f"{layout.micro_batches:>4} | {_gib(mem.parameters):>6} {_gib(mem.gradients):>6} "
             f"{_gib(mem.master_weights):>6} {_gib(mem.optimizer_state):>6} "
             f"{_gib(max(mem.activations, mem.reduce_buffers + mem.sharded_gradients)):>6} {_gib(mem.peak):>6} | "
             f"{t.total:>7.3f} {t.bubble_fraction:>6.1%} {t.tensor_parallel:>6.3f} {t.data_parallel:>6.3f} {t.mfu:>5.1%}"

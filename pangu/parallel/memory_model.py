@@ -13,8 +13,8 @@ DeepSpeedZeroOptimizer for fp32 / fp16), for pipeline stage j:
                       ZeRO-1 partitions only the optimizer side), 4 bytes per element;
                       fp32 / fp16: param.grad in the model dtype (DeepSpeedZeroOptimizer stage 1
                       accumulates into param.grad and reduces at the boundary)
-    model_gradients   bf16 only: the bf16 param.grad autograd writes before BF16_Optimizer adds
-                      it into the fp32 buffer; zeroed, not freed, until zero_grad after the step
+                      (bf16 with immediate_grad_update: each parameter's bf16 gradient is added
+                      into the buffer as backward produces it, and freed)
     master_weights    the fp32 master partition, padded group size / dp x 4 bytes (ZeRO-1;
                       DeepSpeed makes it even when training in fp32)
     optimizer_state   S3 (m, s) and AdamW (exp_avg, exp_avg_sq): 2 fp32 buffers of the
@@ -29,7 +29,7 @@ DeepSpeedZeroOptimizer for fp32 / fp16), for pipeline stage j:
                       fp32 / fp16: DeepSpeedZeroOptimizer's 5e8-element ipg bucket plus the
                       reduced partition, in the model dtype
 
-    peak = parameters + gradients + model_gradients + master_weights + optimizer_state
+    peak = parameters + gradients + master_weights + optimizer_state
            + max(activations, reduce_buffers + sharded_gradients)     (sharded_gradients: torch)
 
 Activations of one transformer layer, one micro-batch of b sequences of s tokens (T = s b), h
@@ -113,7 +113,6 @@ class MemoryEstimate:
     stage: int
     parameters: int
     gradients: int
-    model_gradients: int
     master_weights: int
     optimizer_state: int
     activations: int
@@ -122,7 +121,7 @@ class MemoryEstimate:
 
     @property
     def static(self) -> int:
-        return self.parameters + self.gradients + self.model_gradients + self.master_weights + self.optimizer_state
+        return self.parameters + self.gradients + self.master_weights + self.optimizer_state
 
     @property
     def peak(self) -> int:
@@ -184,7 +183,6 @@ class StageMemory:
     group_numel: tuple[tuple[str, int], ...]  # elements per optimizer group (unpadded)
     parameters: int
     gradients: int
-    model_gradients: int
     master_weights: int
     optimizer_state: int
     activations_per_micro_batch: int  # saved for backward by one micro-batch's forward (the first stage held)
@@ -204,7 +202,6 @@ class StageMemory:
         return (
             self.parameters
             + self.gradients
-            + self.model_gradients
             + self.master_weights
             + self.optimizer_state
             + max(self.activations, self.reduce_buffers + self.sharded_gradients)
@@ -215,7 +212,6 @@ class StageMemory:
             self.stage,
             self.parameters,
             self.gradients,
-            self.model_gradients,
             self.master_weights,
             self.optimizer_state,
             self.activations,
@@ -328,10 +324,8 @@ def _deepspeed_stage_memory(config: Config, layout: Layout, stage: int, kernels:
     parameters = numel * e
     if precision == "bf16":
         gradients = 4 * sum(padded)  # BF16_Optimizer.fp32_groups_gradients_flat
-        model_gradients = 2 * numel  # bf16 param.grad
     else:
         gradients = e * numel  # param.grad (DeepSpeedZeroOptimizer stage 1)
-        model_gradients = 0
     master = 4 * sum(p // dp for p in padded)
     optimizer_state = sum(4 * optimizer_buffers(config, g) * (p // dp) for (g, _), p in zip(group_numel, padded))
     if precision == "bf16":
@@ -364,7 +358,6 @@ def _deepspeed_stage_memory(config: Config, layout: Layout, stage: int, kernels:
         group_numel,
         parameters,
         gradients,
-        model_gradients,
         master,
         optimizer_state,
         per_mb,

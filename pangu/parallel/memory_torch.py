@@ -106,7 +106,6 @@ def rank_memory(profile: Profile, layout: Layout, rank: int, kernels: Kernels, d
         group_numel=static.group_numel,
         parameters=static.parameters,
         gradients=static.gradients,
-        model_gradients=0,
         master_weights=static.master_weights,
         optimizer_state=static.optimizer_state,
         activations_per_micro_batch=per_stage[0].held,

@@ -32,13 +32,10 @@ storage once):
 
 from __future__ import annotations
 
-import contextlib
 import json
 import sys
-import weakref
 
 import torch
-import torch.utils.checkpoint as torch_checkpoint
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 
@@ -61,55 +58,10 @@ def storage_bytes(tensors) -> int:
 
 
 class LocalMeter(SavedTensorMeter):
-    """The saved-tensor meter, counting a DTensor by its local part (what holds the memory), and
-    what torch's non-reentrant checkpoint recomputes in backward: its recomputation stores the
-    tensors in the checkpoint's frame, out of sight of the saved-tensor hooks."""
+    """The saved-tensor meter, counting a DTensor by its local part (what holds the memory)."""
 
     def storage(self, tensor: torch.Tensor):
         return _local(tensor).untyped_storage()
-
-    def checkpoint_wrapper(self, original):
-        """torch's non-reentrant checkpoint keeps its inputs for the recomputation until the
-        layer's backward has run: count them until their gradient has been computed."""
-
-        def checkpoint(function, *args, **kwargs):
-            outputs = original(function, *args, **kwargs)
-            if torch.is_grad_enabled():
-                for arg in args:
-                    if torch.is_tensor(arg) and arg.requires_grad:
-                        held = [self.hold(arg)]
-                        arg.register_hook(lambda grad, held=held: held.clear())
-            return outputs
-
-        return checkpoint
-
-    @contextlib.contextmanager
-    def recomputation(self):
-        """Counts each recomputed tensor while it lives (until the backward node that needs it
-        has run)."""
-        original = torch_checkpoint._recomputation_hook
-        meter, alive = self, {}
-
-        class MeteredRecomputation(original):
-            def __init__(self, *args, **kwargs):
-                super().__init__(*args, **kwargs)
-                pack = self.pack_hook
-
-                def metered(x):
-                    out = pack(x)
-                    held = meter.hold(out)
-                    held.tensor = None  # counted, not kept: `out` lives as long as torch keeps it
-                    alive[id(out)] = held
-                    weakref.finalize(out, alive.pop, id(out), None)
-                    return out
-
-                self.pack_hook = metered
-
-        torch_checkpoint._recomputation_hook = MeteredRecomputation
-        try:
-            yield
-        finally:
-            torch_checkpoint._recomputation_hook = original
 
 
 def fsdp_params(engine) -> list:
