@@ -1,5 +1,6 @@
-"""`pangu plan --config CFG --gpus N --gpu-memory 80GiB`: rank the (dp, tp, pp, recompute,
-micro-batch) layouts that fit N devices (pangu/parallel/planner.py; no torch import)."""
+"""`pangu plan --config CFG --gpus N --gpu-memory 80GiB`: rank the layouts (engine, dp x tp x pp,
+pipeline schedule, recomputation, micro-batch size) that fit N devices
+(pangu/parallel/planner.py; no torch import)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import json
 import sys
 
 from pangu.commands.common import add_config_arguments, byte_size, number, positive_float, positive_int
-from pangu.config import Config, load_config
+from pangu.config import load_config
 from pangu.model.sizes import parameter_count
 from pangu.parallel.planner import (
     GiB,
@@ -16,6 +17,7 @@ from pangu.parallel.planner import (
     Layout,
     enumerate_layouts,
     estimate_memory,
+    estimate_step_time,
     plan,
     smallest_memory,
 )
@@ -24,7 +26,7 @@ from pangu.schema import ConfigError
 
 def add_parser(commands) -> None:
     parser = commands.add_parser(
-        "plan", help="rank the (dp, tp, pp, recompute, micro-batch) layouts that fit N devices"
+        "plan", help="rank the layouts (engine, dp x tp x pp, schedule, recompute, micro-batch) that fit N devices"
     )
     add_config_arguments(parser)
     parser.add_argument("--gpus", type=positive_int, required=True, help="number of devices")
@@ -66,22 +68,17 @@ def add_parser(commands) -> None:
         "--no-flash", action="store_true", help="assume an attention kernel that saves the s x s probabilities"
     )
     parser.add_argument("--top", type=positive_int, default=5, help="how many layouts to print (default 5)")
-    parser.add_argument("--json", action="store_true", help="print a machine-readable list instead")
+    parser.add_argument("--json", action="store_true", help="print every fitting layout, machine-readable, instead")
 
 
 def _gib(nbytes: float) -> str:
     return f"{nbytes / GiB:.1f}"
 
 
-def _reference_layout(config: Config, gpus: int) -> Layout | None:
-    """The config's own layout (parallel.* and train.micro_batch_size) at this device count."""
-    tp, pp, mbs = config.parallel.tp, config.parallel.pp, config.train.micro_batch_size
-    if gpus % (tp * pp):
-        return None
-    dp = gpus // (tp * pp)
-    if config.train.global_batch_size % (dp * mbs):
-        return None
-    return Layout(dp, tp, pp, config.parallel.recompute, mbs, config.train.global_batch_size // (dp * mbs))
+def _schedule(layout: Layout) -> str:
+    if layout.pp == 1:
+        return "-"
+    return layout.schedule + (f" x{layout.virtual_stages}" if layout.virtual_stages > 1 else "")
 
 
 def run(args) -> int:
@@ -100,7 +97,7 @@ def run(args) -> int:
         memory_margin=args.memory_margin,
     )
     kernels = Kernels(flash_attention=not args.no_flash)
-    layouts = plan(config, hardware, kernels)
+    layouts = plan(config, hardware, kernels, limit=None if args.json else args.top)
     params = parameter_count(config.model)
     if args.json:
         print(
@@ -141,43 +138,41 @@ def run(args) -> int:
         else:
             print(
                 f"none of the {total} layouts fits: the smallest needs {_gib(best.memory.peak)} GiB per device "
-                f"(dp={best.dp} tp={best.tp} pp={best.pp} recompute={best.recompute} "
-                f"mbs={best.micro_batch_size})",
+                f"({best.describe()})",
                 file=sys.stderr,
             )
         return 1
-    print(f"{len(layouts)} of {total} layouts fit; fastest first (memory in GiB on the most loaded device):")
+    print(
+        f"{total} layouts (engine, dp x tp x pp, schedule, recomputation, micro-batch size); the fastest "
+        f"{len(layouts)} that fit, memory in GiB on the most loaded device:"
+    )
     header = (
-        f"{'#':>2} {'dp':>4} {'tp':>3} {'pp':>3} {'recompute':>9} {'mbs':>3} {'m':>4} | {'params':>6} "
-        f"{'grads':>6} {'master':>6} {'optim':>6} {'activ':>6} {'peak':>6} | {'step s':>7} {'bubble':>6} "
-        f"{'tp s':>6} {'dp s':>6} {'MFU':>5}"
+        f"{'#':>2} {'engine':<9} {'dp':>4} {'tp':>3} {'pp':>3} {'schedule':<18} {'sp':>3} {'recompute':>9} "
+        f"{'mbs':>3} {'m':>4} | {'params':>6} {'grads':>6} {'master':>6} {'optim':>6} {'activ':>6} {'peak':>6} | "
+        f"{'step s':>7} {'bubble':>6} {'tp s':>6} {'dp s':>6} {'MFU':>5}"
     )
     print(header)
     print("-" * len(header))
-    for i, layout in enumerate(layouts[: args.top], 1):
+    for i, layout in enumerate(layouts, 1):
         mem, t = layout.memory, layout.step_time
         print(
-            f"{i:>2} {layout.dp:>4} {layout.tp:>3} {layout.pp:>3} {layout.recompute:>9} "
-            f"{layout.micro_batch_size:>3} {layout.micro_batches:>4} | {_gib(mem.parameters):>6} "
-            f"{_gib(mem.gradients + mem.model_gradients):>6} {_gib(mem.master_weights):>6} "
-            f"{_gib(mem.optimizer_state):>6} {_gib(max(mem.activations, mem.reduce_buffers)):>6} "
-            f"{_gib(mem.peak):>6} | {t.total:>7.3f} {t.bubble_fraction:>6.1%} {t.tensor_parallel:>6.3f} "
-            f"{t.data_parallel:>6.3f} {t.mfu:>5.1%}"
+            f"{i:>2} {layout.engine:<9} {layout.dp:>4} {layout.tp:>3} {layout.pp:>3} {_schedule(layout):<18} "
+            f"{'on' if layout.sequence_parallel else '-':>3} {layout.recompute:>9} {layout.micro_batch_size:>3} "
+            f"{layout.micro_batches:>4} | {_gib(mem.parameters):>6} {_gib(mem.gradients):>6} "
+            f"{_gib(mem.master_weights):>6} {_gib(mem.optimizer_state):>6} "
+            f"{_gib(max(mem.activations, mem.reduce_buffers + mem.sharded_gradients)):>6} {_gib(mem.peak):>6} | "
+            f"{t.total:>7.3f} {t.bubble_fraction:>6.1%} {t.tensor_parallel:>6.3f} {t.data_parallel:>6.3f} {t.mfu:>5.1%}"
         )
-    reference = _reference_layout(config, args.gpus)
+    reference = Layout.of_config(config, args.gpus)
     if reference is not None:
-        ranked = [i for i, lay in enumerate(layouts, 1) if lay == reference]
         memory = estimate_memory(config, reference, kernels)
-        where = (
-            f"ranked {ranked[0]}"
-            if ranked
-            else (f"does not fit: {_gib(memory.peak)} GiB" if memory.peak > hardware.usable_memory else "")
-        )
+        seconds = estimate_step_time(config, reference, hardware).total
+        fits = "fits" if memory.peak <= hardware.usable_memory else "does not fit"
         print(
-            f"the config's own layout (dp={reference.dp} tp={reference.tp} pp={reference.pp} "
-            f"recompute={reference.recompute} mbs={reference.micro_batch_size}): {where}"
+            f"the config's own layout ({reference.describe()}): {_gib(memory.peak)} GiB ({fits}), "
+            f"{seconds:.3f} s/step, {seconds / layouts[0].step_time.total:.2f}x #1's"
         )
     print("\nto train with one of them:")
-    for i, layout in enumerate(layouts[: args.top], 1):
+    for i, layout in enumerate(layouts, 1):
         print(f"  #{i}: {layout.set_args()}")
     return 0

@@ -59,32 +59,34 @@ def _partition_uniform(num_items: int, num_parts: int) -> list[int]:
 
 def _partition_balanced(weights: list[int], num_parts: int) -> list[int]:
     """deepspeed.runtime.utils.partition_balanced, the same dynamic programme and tie-breaking
-    (it minimises max - min of the parts' weights)."""
+    (it minimises max - min of the parts' weights). Only the states the answer can come from are
+    computed (the first i items in j parts, j <= i <= n - num_parts + j; a split after k >= j - 1
+    items), which leaves the choice at each of them unchanged."""
     n, m = len(weights), num_parts
     if n <= m:
         return _partition_uniform(n, m)
     inf = math.inf
-    dp_max = [[inf] * (m + 1) for _ in range(n + 1)]
-    dp_min = [[inf] * (m + 1) for _ in range(n + 1)]
-    dp_cost = [[inf] * (m + 1) for _ in range(n + 1)]
-    position = [[0] * (m + 1) for _ in range(n + 1)]
     prefix = [0.0] * (n + 1)
     for i, w in enumerate(weights):
         prefix[i + 1] = prefix[i] + float(w)
-    dp_max[0][0] = 0.0
-    dp_cost[0][0] = 0.0
-    for i in range(1, n + 1):
-        for j in range(1, min(i, m) + 1):
-            best_cost, best_max, best_min, best_k = dp_cost[i][j], dp_max[i][j], dp_min[i][j], position[i][j]
-            prev_max, prev_min = [row[j - 1] for row in dp_max], [row[j - 1] for row in dp_min]
-            for k in range(i):
-                part = prefix[i] - prefix[k]
+    # column j: the best split of the first i items into j parts (max, min of the parts, where j - 1 ends)
+    col_max, col_min = [inf] * (n + 1), [inf] * (n + 1)
+    col_max[0] = 0.0  # (and min inf: DeepSpeed leaves it so)
+    position = [[0] * (m + 1) for _ in range(n + 1)]
+    for j in range(1, m + 1):
+        prev_max, prev_min = col_max, col_min
+        col_max, col_min = [inf] * (n + 1), [inf] * (n + 1)
+        for i in range(j, n - m + j + 1):
+            best_cost, best_max, best_min, best_k = inf, inf, inf, 0
+            total = prefix[i]
+            for k in range(j - 1, i):
+                part = total - prefix[k]
                 max_sum = prev_max[k] if prev_max[k] > part else part
                 min_sum = prev_min[k] if prev_min[k] < part else part
                 cost = max_sum - min_sum
                 if best_cost >= cost:
                     best_cost, best_max, best_min, best_k = cost, max_sum, min_sum, k
-            dp_cost[i][j], dp_max[i][j], dp_min[i][j], position[i][j] = best_cost, best_max, best_min, best_k
+            col_max[i], col_min[i], position[i][j] = best_max, best_min, best_k
     parts = [n]
     for j in reversed(range(1, m + 1)):
         parts.append(position[parts[-1]][j])

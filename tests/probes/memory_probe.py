@@ -11,9 +11,9 @@ precisions. Recorded per case and rank (rank 0 writes RESULT.json):
 
 - `report`: the engine's memory_report (what a run logs);
 - `tensors`: bytes of the real allocations: the parameters, DeepSpeed's flat parameter buffer,
-  the gradients where they live (BF16_Optimizer's fp32 buffer and the bf16 param.grad; for
-  fp32/fp16 the param.grad), measured at the gradient reduction of a real step, the fp32 master
-  partitions and the optimizer state (tensors with at least one dimension);
+  the gradients where they live (BF16_Optimizer's fp32 buffer; for fp32/fp16 the param.grad),
+  measured at the gradient reduction of a real step, the fp32 master partitions and the
+  optimizer state (tensors with at least one dimension);
 - `saved_forward`: bytes autograd saves during one forward of one micro-batch through this
   rank's stage (torch.autograd.graph.saved_tensors_hooks; each storage counted once; parameter
   storages excluded; the inputs recomputation keeps are counted too, since torch's checkpoint
@@ -24,12 +24,14 @@ precisions. Recorded per case and rank (rank 0 writes RESULT.json):
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
 import weakref
 
 import torch
+import torch.utils.checkpoint as torch_checkpoint
 
 
 class _Held:
@@ -43,7 +45,10 @@ class _Held:
 
 
 class SavedTensorMeter:
-    """Bytes of the storages autograd holds for backward, each storage once, alive and peak."""
+    """Bytes of the storages autograd holds for backward, each storage once, alive and peak,
+    with what torch's non-reentrant checkpoint (pangu's recomputation, both engines) keeps: its
+    inputs, and what it recomputes in backward (stored in the checkpoint's frame, out of sight
+    of the saved-tensor hooks)."""
 
     def __init__(self, excluded: set[int]):
         self.excluded = excluded
@@ -54,7 +59,7 @@ class SavedTensorMeter:
 
     def hold(self, tensor: torch.Tensor) -> _Held:
         held = _Held(tensor)
-        storage = tensor.untyped_storage()
+        storage = self.storage(tensor)
         ptr, nbytes = storage.data_ptr(), storage.nbytes()
         if ptr in self.excluded or nbytes == 0:
             return held
@@ -69,6 +74,10 @@ class SavedTensorMeter:
         weakref.finalize(held, self._release, ptr)
         return held
 
+    def storage(self, tensor: torch.Tensor):
+        """The storage whose bytes `tensor` holds."""
+        return tensor.untyped_storage()
+
     def _release(self, ptr: int) -> None:
         entry = self.refs[ptr]
         entry[1] -= 1
@@ -80,20 +89,47 @@ class SavedTensorMeter:
         return torch.autograd.graph.saved_tensors_hooks(self.hold, lambda held: held.tensor)
 
     def checkpoint_wrapper(self, original):
-        """torch's checkpoint keeps its inputs for the recomputation, not through autograd's saved
-        tensors: count them, alive until the backward of the node that made its output has run."""
+        """torch's non-reentrant checkpoint keeps its inputs for the recomputation until the
+        layer's backward has run: count them until their gradient has been computed."""
 
         def checkpoint(function, *args, **kwargs):
             outputs = original(function, *args, **kwargs)
             if torch.is_grad_enabled():
-                outs = outputs if isinstance(outputs, tuple) else (outputs,)
-                node = next((o.grad_fn for o in outs if torch.is_tensor(o) and o.grad_fn is not None), None)
-                if node is not None:
-                    node.metadata["memory_probe"] = [self.hold(a) for a in args if torch.is_tensor(a)]
-                    node.register_hook(lambda *_: node.metadata.clear())
+                for arg in args:
+                    if torch.is_tensor(arg) and arg.requires_grad:
+                        held = [self.hold(arg)]
+                        arg.register_hook(lambda grad, held=held: held.clear())
             return outputs
 
         return checkpoint
+
+    @contextlib.contextmanager
+    def recomputation(self):
+        """Counts each recomputed tensor while it lives (until the backward node that needs it
+        has run)."""
+        original = torch_checkpoint._recomputation_hook
+        meter, alive = self, {}
+
+        class MeteredRecomputation(original):
+            def __init__(self, *args, **kwargs):
+                super().__init__(*args, **kwargs)
+                pack = self.pack_hook
+
+                def metered(x):
+                    out = pack(x)
+                    held = meter.hold(out)
+                    held.tensor = None  # counted, not kept: `out` lives as long as torch keeps it
+                    alive[id(out)] = held
+                    weakref.finalize(out, alive.pop, id(out), None)
+                    return out
+
+                self.pack_hook = metered
+
+        torch_checkpoint._recomputation_hook = MeteredRecomputation
+        try:
+            yield
+        finally:
+            torch_checkpoint._recomputation_hook = original
 
 
 def _bytes(tensors) -> int:
@@ -170,17 +206,16 @@ def measure_case(config) -> dict:
         at_reduce: dict[str, int] = {}
 
         def reduce_grads(self, *args, **kwargs):
-            grads = [p.grad for p in params if p.grad is not None]
             buffers = getattr(ds_optimizer, "fp32_groups_gradients_flat", None)
-            if buffers is not None:  # BF16_Optimizer: the fp32 buffer, and the bf16 param.grad
-                at_reduce.update(gradients=_bytes(buffers), model_gradients=_bytes(grads))
+            if buffers is not None:  # BF16_Optimizer: the fp32 buffer (bf16 gradients are added in as they come)
+                at_reduce.update(gradients=_bytes(buffers))
             else:
-                at_reduce.update(gradients=_bytes(grads), model_gradients=0)
+                at_reduce.update(gradients=_bytes(p.grad for p in params if p.grad is not None))
             return original_reduce(self, *args, **kwargs)
 
         PipelineEngine._INSTRUCTION_MAP[schedule.ReduceGrads] = reduce_grads
         batches = synthetic_micro_batches(config, micro_batches_per_step(config, topology), seed=2)
-        with meter.hooks():
+        with meter.hooks(), meter.recomputation():
             engine.train_batch(iter(batches))
         saved_peak = meter.peak
     finally:
