@@ -458,22 +458,22 @@ class Trainer:
         if not found:
             return False
         what = f"silent data corruption at step {step}: {found.describe()}"
-        rolls_back = config.action == "rollback"
-        action = "rollback" if rolls_back else ("stop" if found.disagreements else "held")
-        logger.log_raw(
-            {"step": step, "event": "sdc", "action": action}
-            | {"violations": found.violations, "disagreements": found.disagreements}
-        )
-        if action == "held":
+        said = {"violations": found.violations, "disagreements": found.disagreements}
+        if config.action == "skip":
+            action = "stop" if found.disagreements else "held"
+            logger.log_raw({"step": step, "event": "sdc", "action": action, **said})
+            if action == "stop":
+                logger.log(record)  # the step was taken
+                raise TrainingError(
+                    f"{what}. Replicas that disagree cannot be skipped: stopping (train.sdc_check.action = "
+                    "'rollback' restores the last checkpoint instead)"
+                )
             if self.topology.rank == 0:
                 log.warning("%s; those coordinates were not applied and their m and s restart from zero", what)
             return False
-        if action == "stop":
-            raise TrainingError(
-                f"{what}. Replicas that disagree cannot be skipped: stopping (train.sdc_check.action = "
-                "'rollback' restores the last checkpoint instead)"
-            )
         if check.rollbacks >= config.max_rollbacks:
+            logger.log_raw({"step": step, "event": "sdc", "action": "stop", **said})
+            logger.log(record)
             raise TrainingError(
                 f"{what}, after {check.rollbacks} rollbacks (train.sdc_check.max_rollbacks = "
                 f"{config.max_rollbacks}): stopping"
@@ -483,7 +483,11 @@ class Trainer:
         logger.log(record)
         checkpoint, _ = self._roll_back(logger, skip_data=False)  # the data is not to blame: replayed
         check.rollbacks += 1
-        logger.event(self.step, "rollback", sdc_step=step, checkpoint=checkpoint, rollbacks=check.rollbacks)
+        # logged at the checkpoint's step, which the steps after it (and what they logged) now follow
+        logger.log_raw(
+            {"step": self.step, "event": "rollback", "sdc_step": step, "checkpoint": checkpoint}
+            | {"rollbacks": check.rollbacks, **said}
+        )
         return True
 
 
