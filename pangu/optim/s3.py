@@ -97,17 +97,21 @@ class UpdateBound:
     fp32 rounding can add a little (docs/sdc.md measures how much), so a coordinate above the limit
     was computed from corrupted state (a flipped bit in m or s) or by faulty arithmetic. Such
     coordinates are not applied: theta keeps its value, and m and s restart from zero there (their
-    corrupted values would break the bound again at every step). `records` collects one
-    `BoundRecord` per tensor stepped; `take` hands them over (and forgets them)."""
+    corrupted values would break the bound again at every step). Each step leaves one
+    `BoundRecord` per tensor it updated (a tensor stepped again before `take` keeps its latest);
+    `take` hands them over and forgets them."""
 
     def __init__(self, tolerance: float) -> None:
         if not tolerance >= 0:
             raise ValueError(f"UpdateBound: tolerance must be >= 0, got {tolerance}")
         self.limit = 1.0 + tolerance
-        self.records: list[BoundRecord] = []
+        self._records: dict[int, BoundRecord] = {}  # by id of the tensor stepped
+
+    def add(self, record: BoundRecord) -> None:
+        self._records[id(record.param)] = record
 
     def take(self) -> list[BoundRecord]:
-        records, self.records = self.records, []
+        records, self._records = list(self._records.values()), {}
         return records
 
 
@@ -326,7 +330,8 @@ def _hold_over_bound(
     ratios = torch._foreach_div(numerators, denominators)
     largest = torch.stack(torch._foreach_norm(ratios, math.inf)).nan_to_num(nan=math.inf)
     records = {i: BoundRecord(param, largest[i]) for i, param in enumerate(params) if param.numel()}
-    bound.records.extend(records.values())
+    for record in records.values():
+        bound.add(record)
     held = []
     if bool((largest <= bound.limit).all()):
         return held
@@ -433,7 +438,7 @@ def s3_update_(
         seen = update(*tensors, hyperparameters_on[param.device], bound is not None)
         if bound is not None:
             largest, worst, over = seen
-            bound.records.append(BoundRecord(param, largest, worst, over))
+            bound.add(BoundRecord(param, largest, worst, over))
 
 
 # --------------------------------------------------------------------------------------------
