@@ -23,8 +23,8 @@ fp16 parameters are updated in fp32 and written back.
 
 The bound is also a check (train.sdc_check, docs/sdc.md): with an `UpdateBound` set on the
 optimizer, every path computes each tensor's largest |n| / (b + eps) in the same step (inside the
-fused kernel where the step is fused) and leaves the coordinates above the bound as they were
-(theta kept, m and s restarted from zero), recording where they were.
+fused kernel where the step is fused) and holds the coordinates above the bound (theta kept, m
+and s restarted from zero, the coordinate marked for whoever names it).
 """
 
 from __future__ import annotations
@@ -82,24 +82,26 @@ def cube_root(x: Tensor) -> Tensor:
 
 @dataclass
 class BoundRecord:
-    """What one step saw in one tensor it updated under an `UpdateBound` (0-d tensors, on the
-    tensor's device, so that the step never waits for them)."""
+    """What one step saw in one tensor it updated under an `UpdateBound`."""
 
     param: Tensor  # the tensor stepped: a parameter, its local shard, or ZeRO's flat partition
-    largest: Tensor  # fp32: the largest |n| / (b + eps) of its coordinates (inf where nan)
-    worst: Tensor | None = None  # int64: the flat index of that coordinate (None: within the bound)
-    over: Tensor | None = None  # int64: how many coordinates were above the bound (and left as they were)
+    # 0-d fp32 on the tensor's device (the step never waits for it): the largest |n| / (b + eps) of
+    # its coordinates; nan when one was nan
+    largest: Tensor
+    s: Tensor  # its second moment, where -0.0 marks the coordinates the step held (`held_coordinates`)
 
 
 class UpdateBound:
     """Checks, inside the step, that every coordinate's |n| / (b + eps) (its update before decay,
     in units of lr) is at most `limit` = 1 + tolerance. Exact arithmetic keeps it <= 1 (Hölder);
-    fp32 rounding can add a little (docs/sdc.md measures how much), so a coordinate above the limit
-    was computed from corrupted state (a flipped bit in m or s) or by faulty arithmetic. Such
-    coordinates are not applied: theta keeps its value, and m and s restart from zero there (their
-    corrupted values would break the bound again at every step). Each step leaves one
-    `BoundRecord` per tensor it updated (a tensor stepped again before `take` keeps its latest);
-    `take` hands them over and forgets them."""
+    fp32 rounding adds at most a few ulps (docs/sdc.md), so a coordinate above the limit (or nan)
+    was computed from corrupted state (a flipped bit in m or s) or by faulty arithmetic. Such a
+    coordinate is held: theta keeps its value, and m and s restart from zero there (their corrupted
+    values would break the bound again at every step). s restarts from -0.0, the same zero to the
+    update, whose sign marks the coordinate until the next step: the step itself only reduces each
+    tensor to its largest ratio, and the rare step that held something is looked into afterwards
+    (`held_coordinates`). Each step leaves one `BoundRecord` per tensor it updated (a tensor stepped
+    again before `take` keeps its latest); `take` hands them over and forgets them."""
 
     def __init__(self, tolerance: float) -> None:
         if not tolerance >= 0:
@@ -113,6 +115,14 @@ class UpdateBound:
     def take(self) -> list[BoundRecord]:
         records, self._records = list(self._records.values()), {}
         return records
+
+
+def held_coordinates(record: BoundRecord) -> Tensor:
+    """The flat indices of the coordinates the record's step held (read before the next step).
+    s is never -0.0 otherwise: it starts at +0.0 and only ever adds (1 - beta)(|g|^p - s), which is
+    +0.0 when both are zero."""
+    s = record.s.reshape(-1)
+    return torch.nonzero((s == 0) & torch.signbit(s)).flatten()
 
 
 # --------------------------------------------------------------------------------------------
@@ -129,7 +139,7 @@ def _update_tensor(
     abs_pow: Callable[[Tensor, Tensor], Tensor],
     root: Callable[[Tensor, Tensor], Tensor],
     checked: bool,
-) -> tuple[Tensor, Tensor, Tensor] | None:
+) -> Tensor | None:
     """The docs/reference.md formulas for one tensor, in fp32.
 
     maximize and nesterov are numbers rather than branches so that torch.compile builds one
@@ -137,8 +147,8 @@ def _update_tensor(
     beta with Nesterov and 1 without, which turns n into m and b into s^(1/p) exactly.
 
     checked: the UpdateBound check in the same pass (`limit` is its bound): coordinates above it
-    keep theta and restart m and s from zero; returns (largest ratio, its flat index, how many
-    were above). The coordinates within it get exactly the unchecked update.
+    are held (see UpdateBound); returns the largest ratio. The coordinates within it get exactly
+    the unchecked update.
     """
     lr, beta, p, eps, weight_decay, grad_sign, lookahead, limit = hyperparameters.unbind()
     g = grad.float() * grad_sign
@@ -150,21 +160,20 @@ def _update_tensor(
     s_new = s + (1 - beta) * (g_pow - s)
     n = lookahead * m_new + (1 - lookahead) * g
     b = root(lookahead * s_new + (1 - lookahead) * g_pow, p)
+    direction = n / (b + eps)  # each coordinate in [-1, 1]: the check reads it without dividing again
     theta = param.float()
     stepped = theta - lr * weight_decay * theta
-    stepped = stepped - lr * n / (b + eps)
+    stepped = stepped - lr * direction
     if not checked:
         m.copy_(m_new)
         s.copy_(s_new)
         param.copy_(stepped)
         return None
-    ratio = n.abs() / (b + eps)
-    ratio = torch.where(torch.isnan(ratio), math.inf, ratio)
-    over = ratio > limit
-    m.copy_(torch.where(over, 0.0, m_new))
-    s.copy_(torch.where(over, 0.0, s_new))
-    param.copy_(torch.where(over, theta, stepped))
-    return ratio.amax(), ratio.argmax(), over.sum()
+    within = direction.abs() <= limit  # False for nan
+    m.copy_(torch.where(within, m_new, 0.0))
+    s.copy_(torch.where(within, s_new, -0.0))
+    param.copy_(torch.where(within, stepped, theta))
+    return direction.abs().amax()
 
 
 def _square(g: Tensor, p: Tensor) -> Tensor:
@@ -206,7 +215,7 @@ def _update_tensor_any_p(param: Tensor, grad: Tensor, m: Tensor, s: Tensor, hype
     return _update_tensor(param, grad, m, s, hyperparameters, abs_pow=_abs_pow, root=_root_p, checked=checked)
 
 
-_TensorUpdate = Callable[[Tensor, Tensor, Tensor, Tensor, Tensor, bool], tuple[Tensor, Tensor, Tensor] | None]
+_TensorUpdate = Callable[[Tensor, Tensor, Tensor, Tensor, Tensor, bool], Tensor | None]
 _compiled_updates: dict[_TensorUpdate, _TensorUpdate] = {}
 
 
@@ -323,26 +332,27 @@ def _hold_over_bound(
     bound: UpdateBound,
 ) -> list[tuple[int, Tensor, Tensor]]:
     """The UpdateBound check of the foreach path, before any parameter moves: records each
-    tensor's largest |n| / (b + eps) (two more passes: the ratios and their largest magnitude)
-    and, in the rare step where one is above the bound, restarts m and s from zero there and
-    returns (tensor index, those coordinates, their theta) for the step to put theta back. Deciding
-    that costs one wait for the device (free on the CPU, where foreach is the default path)."""
-    ratios = torch._foreach_div(numerators, denominators)
-    largest = torch.stack(torch._foreach_norm(ratios, math.inf)).nan_to_num(nan=math.inf)
-    records = {i: BoundRecord(param, largest[i]) for i, param in enumerate(params) if param.numel()}
-    for record in records.values():
-        bound.add(record)
+    tensor's largest |n| / (b + eps) (three more passes: the ratios, their magnitudes in place, the
+    largest) and, in the rare step where one is above the bound, restarts m and s from zero there
+    and returns (tensor index, those coordinates, their theta) for the step to put theta back.
+    Deciding that costs one wait for the device (free on the CPU, where foreach is the default)."""
+    stepped = [i for i, param in enumerate(params) if param.numel()]  # the largest of nothing is undefined
+    if not stepped:
+        return []
+    ratios = torch._foreach_div([numerators[i] for i in stepped], [denominators[i] for i in stepped])
+    torch._foreach_abs_(ratios)  # (torch's inf-norm would do both in one pass, but ~15x slower on the CPU)
+    largest = torch.stack(torch._foreach_max(ratios))
+    for k, i in enumerate(stepped):
+        bound.add(BoundRecord(params[i], largest[k], ss[i]))
     held = []
     if bool((largest <= bound.limit).all()):
         return held
-    for i, record in records.items():
-        if largest[i] <= bound.limit:
+    for k, i in enumerate(stepped):
+        if largest[k] <= bound.limit:
             continue
-        magnitude = ratios[i].abs().nan_to_num(nan=math.inf)
-        over = magnitude > bound.limit
-        record.worst, record.over = magnitude.argmax(), over.sum()
+        over = ~(ratios[k] <= bound.limit)
         ms[i][over] = 0.0
-        ss[i][over] = 0.0
+        ss[i][over] = -0.0
         held.append((i, over, params[i][over].float()))
     return held
 
@@ -435,10 +445,9 @@ def s3_update_(
         tensors = (param, grad, m, s)
         flat = all(t.is_contiguous() for t in tensors)
         tensors = tuple((t.view(-1) if flat else t).detach() for t in tensors)
-        seen = update(*tensors, hyperparameters_on[param.device], bound is not None)
+        largest = update(*tensors, hyperparameters_on[param.device], bound is not None)
         if bound is not None:
-            largest, worst, over = seen
-            bound.add(BoundRecord(param, largest, worst, over))
+            bound.add(BoundRecord(param, largest, s))
 
 
 # --------------------------------------------------------------------------------------------

@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 
 from pangu.config import SdcCheckConfig
-from pangu.optim.s3 import BoundRecord, UpdateBound
+from pangu.optim.s3 import BoundRecord, UpdateBound, held_coordinates
 from pangu.parallel.engine import Engine, Fragment, Replicas
 from pangu.parallel.topology import Topology, device
 
@@ -47,7 +47,8 @@ class Findings:
         """The findings in one line, for the warning or the error the trainer prints."""
         said = [
             f"the S3 update of {v['parameter']} at element {v['element']} on rank {v['rank']} ({v['host']}) was "
-            f"{v['ratio']:.3g} x lr, above its bound of 1 ({v['coordinates']} coordinate(s) of that tensor above it)"
+            f"above its bound of lr ({v['coordinates']} coordinate(s) of that tensor; the largest: "
+            f"{v['ratio']:.3g} x lr)"
             for v in self.violations
         ]
         said += [
@@ -121,33 +122,35 @@ class SdcCheck:
         records = self.bound.take()
         largest = torch.full((1,), -math.inf, device=device())  # a rank without S3 tensors, or a skipped step
         if records:
-            largest = torch.stack([r.largest for r in records]).max().reshape(1).to(largest)
+            largest = torch.stack([r.largest for r in records]).max().reshape(1).nan_to_num(nan=math.inf).to(largest)
         dist.all_reduce(largest, op=dist.ReduceOp.MAX)
         ratio = float(largest)
         if ratio <= self.bound.limit:
             return (None if ratio == -math.inf else ratio), []
-        mine = [self._name(r) for r in records if r.over is not None and int(r.over) > 0]
+        mine = [self._name(r) for r in records if not r.largest <= self.bound.limit]
         gathered: list[list[dict]] = [[] for _ in range(self.topology.world_size)]
         dist.all_gather_object(gathered, mine, group=self.topology.host_group)
         return ratio, [v for rank in gathered for v in rank]
 
     def _name(self, record: BoundRecord) -> dict:
-        """A violation in terms a user reads: the parameter and element of the worst coordinate."""
+        """A violation in terms a user reads: the parameter and element of the first coordinate
+        held, and how many were."""
         buffers = self.engine.checkpoint_buffers(weights_only=True)
         buffer = next(i for i, b in enumerate(buffers) if b["weight"].data_ptr() == record.param.data_ptr())
-        worst = int(record.worst)
+        held = held_coordinates(record)
+        first = int(held[0])
         parameter, element = f"(padding of buffer {buffer})", []  # ZeRO's alignment padding belongs to none
         for fragment in self.engine.fragments():
-            if fragment.buffer == buffer and fragment.start <= worst < fragment.start + fragment.numel:
-                parameter, element = fragment.name, element_of(fragment, worst - fragment.start)
+            if fragment.buffer == buffer and fragment.start <= first < fragment.start + fragment.numel:
+                parameter, element = fragment.name, element_of(fragment, first - fragment.start)
                 break
         return {
             "parameter": parameter,
             "element": element,
             "rank": self.topology.rank,
             "host": self.hosts[self.topology.rank],
-            "ratio": float(record.largest),
-            "coordinates": int(record.over),
+            "ratio": float(record.largest.nan_to_num(nan=math.inf)),
+            "coordinates": len(held),
         }
 
     # -- fingerprints -----------------------------------------------------------------------

@@ -64,7 +64,8 @@ def test_findings_say_what_where_and_on_which_rank() -> None:
     violation = {"parameter": "p.weight", "element": [3, 4], "rank": 5, "host": "n7", "ratio": 2e30, "coordinates": 1}
     disagreement = {"parameter": "ln.bias", "ranks": [2], "hosts": ["n3"], "replicas": [0, 2, 4], "majority": True}
     said = Findings(1.0, [violation], [disagreement]).describe()
-    assert "p.weight at element [3, 4] on rank 5 (n7) was 2e+30 x lr" in said
+    assert "p.weight at element [3, 4] on rank 5 (n7) was above its bound of lr (1 coordinate(s)" in said
+    assert "the largest: 2e+30 x lr" in said
     assert "ln.bias differs on rank 2 (n3) from the other replicas (ranks 0, 2, 4)" in said
     assert not Findings(0.7) and Findings(0.7, [violation])
 
