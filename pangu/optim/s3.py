@@ -313,44 +313,52 @@ def _s3_foreach(
         numerator = ms
         denominator = _foreach_root(ss, p, in_place=False)
     torch._foreach_add_(denominator, eps)
-    held = [] if bound is None else _hold_over_bound(params, ms, ss, numerator, denominator, bound)
+    # the direction n / (b + eps), each coordinate in [-1, 1], in the numerator's memory when it is a
+    # temporary (a fresh buffer costs a page fault per 4 KiB on the CPU, more than the pass itself)
+    if nesterov:
+        torch._foreach_div_(numerator, denominator)
+        directions = numerator
+    else:
+        directions = torch._foreach_div(ms, denominator)
+    rate = -lr
+    held = []
+    if bound is not None:
+        held = _hold_over_bound(params, ms, ss, directions, bound)
+        rate = lr  # the check leaves the directions negated
     params32 = fp32_working_copies(params)
     if weight_decay != 0:
         torch._foreach_mul_(params32, 1 - lr * weight_decay)
-    torch._foreach_addcdiv_(params32, numerator, denominator, value=-lr)
+    torch._foreach_add_(params32, directions, alpha=rate)
     for index, over, theta in held:
         params32[index][over] = theta
     write_back(params, params32)
 
 
 def _hold_over_bound(
-    params: Sequence[Tensor],
-    ms: list[Tensor],
-    ss: list[Tensor],
-    numerators: list[Tensor],
-    denominators: list[Tensor],
-    bound: UpdateBound,
+    params: Sequence[Tensor], ms: list[Tensor], ss: list[Tensor], directions: list[Tensor], bound: UpdateBound
 ) -> list[tuple[int, Tensor, Tensor]]:
     """The UpdateBound check of the foreach path, before any parameter moves: records each
-    tensor's largest |n| / (b + eps) (three more passes: the ratios, their magnitudes in place, the
-    largest) and, in the rare step where one is above the bound, restarts m and s from zero there
-    and returns (tensor index, those coordinates, their theta) for the step to put theta back.
-    Deciding that costs one wait for the device (free on the CPU, where foreach is the default)."""
+    tensor's largest |n| / (b + eps), as the larger of its largest direction and its largest
+    negated one (three passes, in place: max, negation, max; the directions are left negated),
+    and, in the rare step where one is above the bound, restarts m and s from zero there and
+    returns (tensor index, those coordinates, their theta) for the step to put theta back. Deciding
+    that costs one wait for the device (free on the CPU, where foreach is the default path)."""
     stepped = [i for i, param in enumerate(params) if param.numel()]  # the largest of nothing is undefined
     if not stepped:
+        torch._foreach_neg_(directions)
         return []
-    ratios = torch._foreach_div([numerators[i] for i in stepped], [denominators[i] for i in stepped])
-    torch._foreach_abs_(ratios)  # (torch's inf-norm would do both in one pass, but ~15x slower on the CPU)
-    largest = torch.stack(torch._foreach_max(ratios))
+    largest_up = torch.stack(torch._foreach_max([directions[i] for i in stepped]))
+    torch._foreach_neg_(directions)
+    largest = torch.maximum(largest_up, torch.stack(torch._foreach_max([directions[i] for i in stepped])))
     for k, i in enumerate(stepped):
         bound.add(BoundRecord(params[i], largest[k], ss[i]))
     held = []
-    if bool((largest <= bound.limit).all()):
+    if bool((largest <= bound.limit).all()):  # False for nan
         return held
     for k, i in enumerate(stepped):
         if largest[k] <= bound.limit:
             continue
-        over = ~(ratios[k] <= bound.limit)
+        over = ~(directions[i].abs() <= bound.limit)
         ms[i][over] = 0.0
         ss[i][over] = -0.0
         held.append((i, over, params[i][over].float()))
