@@ -137,13 +137,18 @@ class SdcCheck:
         held, and how many were."""
         buffers = self.engine.checkpoint_buffers(weights_only=True)
         buffer = next(i for i, b in enumerate(buffers) if b["weight"].data_ptr() == record.param.data_ptr())
+        fragments = [f for f in self.engine.fragments() if f.buffer == buffer]
         held = held_coordinates(record)
-        first = int(held[0])
-        parameter, element = f"(padding of buffer {buffer})", []  # ZeRO's alignment padding belongs to none
-        for fragment in self.engine.fragments():
-            if fragment.buffer == buffer and fragment.start <= first < fragment.start + fragment.numel:
-                parameter, element = fragment.name, element_of(fragment, first - fragment.start)
-                break
+        # without a mark (a kernel that lost the sign of -0.0) the tensor is all that can be named
+        names = sorted({f.name for f in fragments})
+        parameter = names[0] if len(names) == 1 else f"one of the {len(names)} parameters of buffer {buffer}"
+        element: list[int] = []
+        if len(held):
+            parameter = f"(padding of buffer {buffer})"  # ZeRO's alignment padding belongs to no parameter
+            for fragment in fragments:
+                if fragment.start <= int(held[0]) < fragment.start + fragment.numel:
+                    parameter, element = fragment.name, element_of(fragment, int(held[0]) - fragment.start)
+                    break
         return {
             "parameter": parameter,
             "element": element,

@@ -6,12 +6,16 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
+import torch.distributed as dist
 
+from pangu.config import SdcCheckConfig
+from pangu.optim.s3 import BoundRecord
 from pangu.parallel.engine import Fragment
-from pangu.parallel.sdc import Findings, checksum, element_of, odd_ones_out
+from pangu.parallel.sdc import Findings, SdcCheck, checksum, element_of, odd_ones_out
 from tests.helpers import PROBES, losses, stored_tensors, tiny_overrides, torchrun
 
 PROBE = PROBES / "sdc_probe.py"
@@ -68,6 +72,46 @@ def test_findings_say_what_where_and_on_which_rank() -> None:
     assert "the largest: 2e+30 x lr" in said
     assert "ln.bias differs on rank 2 (n3) from the other replicas (ranks 0, 2, 4)" in said
     assert not Findings(0.7) and Findings(0.7, [violation])
+
+
+@pytest.mark.parametrize(
+    "held, parameter, element",
+    [
+        ([5, 6], "a.weight", [1, 1]),
+        ([10], "b.bias", [4]),
+        ([17], "(padding of buffer 0)", []),
+        ([], "one of the 2 parameters of buffer 0", []),  # no mark: a kernel that lost -0.0's sign
+    ],
+)
+def test_a_held_coordinate_is_named_in_the_parameter_it_belongs_to(single_process, held, parameter, element):
+    """A flat ZeRO-1 partition as the DeepSpeed engine describes it: a [2, 4] weight's elements
+    0..8, then elements 2..8 of an [8] bias, then alignment padding."""
+    flat, s = torch.zeros(20), torch.ones(20)
+    s[held] = -0.0
+    fragments = [Fragment("a.weight", ((0, 2), (0, 4)), (0, 8), 0, 0), Fragment("b.bias", ((0, 8),), (2, 8), 0, 8)]
+    engine = SimpleNamespace(
+        optimizer=SimpleNamespace(),
+        fragments=lambda: fragments,
+        checkpoint_buffers=lambda weights_only: [{"weight": flat}],
+    )
+    topology = SimpleNamespace(rank=0, world_size=1, host_group=dist.group.WORLD)
+    check = SdcCheck(SdcCheckConfig(), engine, topology, bounded=True)
+    check.bound.add(BoundRecord(flat, torch.tensor(float("nan")), s))
+    found = check.after_step(fingerprint=False)
+    assert found.update_ratio == float("inf")  # nan counts as the largest
+    (violation,) = found.violations
+    assert (violation["parameter"], violation["element"], violation["coordinates"]) == (parameter, element, len(held))
+
+
+def test_a_step_within_the_bound_finds_nothing(single_process):
+    engine = SimpleNamespace(optimizer=SimpleNamespace())
+    topology = SimpleNamespace(rank=0, world_size=1, host_group=dist.group.WORLD)
+    check = SdcCheck(SdcCheckConfig(), engine, topology, bounded=True)
+    assert check.after_step(fingerprint=False).update_ratio is None  # nothing stepped (a skipped step)
+    for largest in (0.3, 0.7):
+        check.bound.add(BoundRecord(torch.zeros(3), torch.tensor(largest), torch.ones(3)))
+    found = check.after_step(fingerprint=False)
+    assert found.update_ratio == pytest.approx(0.7) and not found
 
 
 # ---------------------------------------------------------------------------------------------
