@@ -424,6 +424,7 @@ class Trainer:
         return last.name, skipped
 
     def _spike_rollback(self, logger: MetricsLogger) -> None:
+        """train.spike_guard's rollback: to the last checkpoint, skipping the data seen since it."""
         guard = self.spike_guard
         if guard.rollbacks >= guard.config.max_rollbacks:
             raise TrainingError(
