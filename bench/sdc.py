@@ -1,14 +1,15 @@
 """What train.sdc_check costs per training step, against the same step without it, measured in the
 same run (docs/sdc.md).
 
-    python bench/sdc.py [--config configs/tiny.yaml] [--rounds 8] [--steps-per-round 5] [--set k=v ...]
+    python bench/sdc.py [--config configs/tiny.yaml] [--steps 40] [--repeats 50] [--set k=v ...]
 
 Two trainers in one process, of the same config but for train.sdc_check.enabled, train on the
-same batches, their steps interleaved in blocks (A B A B ...) so that both see the same machine
+same batches, their steps alternating (A B B A A B ...) so that neighbours see the same machine
 load; a checked step is the trainer's step followed by the check's verdict
-(`SdcCheck.after_step`, as `pangu pretrain` runs it). The medians of their step times give a
-ratio. A 1% difference is within the noise of that comparison on a shared machine, so the check's
-parts are also timed on their own, many times each, and set against the median unchecked step:
+(`SdcCheck.after_step`, as `pangu pretrain` runs it). The median ratio of neighbouring steps is
+printed. A 1% difference is within the noise of that comparison on a shared machine, so the
+check's parts are also timed on their own, alternating with their baselines (the cost of the
+bound is the median of paired differences), and set against the median unchecked step:
 
 - in the optimizer step: S3 over fp32 tensors of the sizes of this rank's flat ZeRO-1
   partitions (what the optimizer steps under the DeepSpeed engine), with and without an
@@ -30,18 +31,27 @@ from collections.abc import Callable
 import torch
 
 
-def median_ms(functions: dict[str, Callable[[], object]], repeats: int, warmup: int = 3) -> dict[str, float]:
-    """Median ms of each function, called in turn (A B C A B C ...) so that all see the same load."""
+def timings(functions: dict, repeats: int, warmup: int = 3) -> dict[object, list[float]]:
+    """Milliseconds of `repeats` calls of each function, called in turn (A B C, then C B A, ...) so
+    that neighbours in time see the same load and neither order is favoured."""
     for function in functions.values():
         for _ in range(warmup):  # includes torch.compile's first call
             function()
-    times: dict[str, list[float]] = {name: [] for name in functions}
+    times: dict[object, list[float]] = {name: [] for name in functions}
+    order = list(functions)
     for _ in range(repeats):
-        for name, function in functions.items():
+        for name in order:
             start = time.perf_counter()
-            function()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) * 1e3 for name, t in times.items()}
+            functions[name]()
+            times[name].append((time.perf_counter() - start) * 1e3)
+        order.reverse()
+    return times
+
+
+def paired_difference(times: dict[object, list[float]], a: object, b: object) -> float:
+    """The median over rounds of a's time minus b's in the same round: slow changes of the
+    machine's load cancel, where a difference of medians keeps them."""
+    return statistics.median(x - y for x, y in zip(times[a], times[b], strict=True))
 
 
 def optimizer_steps(sizes: list[int], options, lr: float) -> dict[str, Callable[[], None]]:
@@ -69,8 +79,7 @@ def optimizer_steps(sizes: list[int], options, lr: float) -> dict[str, Callable[
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="configs/tiny.yaml")
-    parser.add_argument("--rounds", type=int, default=8)
-    parser.add_argument("--steps-per-round", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=40, help="training steps of each trainer")
     parser.add_argument("--repeats", type=int, default=50, help="timings of each part on its own")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (default: torch's choice)")
     parser.add_argument("--set", dest="overrides", action="append", default=[])
@@ -108,17 +117,8 @@ def main() -> None:
             checked.sdc.after_step(fingerprint=False)
 
         steps = {"unchecked": trainers["unchecked"].train_step, "checked": checked_step}
-        for step in steps.values():  # warm-up: allocator, first-call costs
-            for _ in range(2):
-                step()
-        times: dict[str, list[float]] = {name: [] for name in steps}
-        for _ in range(args.rounds):
-            for name, step in steps.items():
-                for _ in range(args.steps_per_round):
-                    start = time.perf_counter()
-                    step()
-                    times[name].append(time.perf_counter() - start)
-        step_ms = {name: statistics.median(t) * 1e3 for name, t in times.items()}
+        step_times = timings(steps, args.steps, warmup=2)
+        step_ms = {name: statistics.median(t) for name, t in step_times.items()}
 
         engine = checked.engine
         sizes = [buffer["weight"].numel() for buffer in engine.checkpoint_buffers(weights_only=True)]
@@ -129,29 +129,31 @@ def main() -> None:
             "verdict": lambda: checked.sdc.after_step(fingerprint=False),
             "fingerprint": lambda: [checksum(w) for w in weights],
         }
-        part_ms = median_ms(parts, args.repeats)
-        optimizer_ms = {key: ms for key, ms in part_ms.items() if isinstance(key, tuple)}
+        part_times = timings(parts, args.repeats)
+        part_ms = {name: statistics.median(t) for name, t in part_times.items()}
+        bound_ms = {path: paired_difference(part_times, (path, True), (path, False)) for path in ("foreach", "fused")}
         verdict_ms, fingerprint_ms = part_ms["verdict"], part_ms["fingerprint"]
 
     interval = config.train.sdc_check.fingerprint_interval
     path = "fused" if fused(optim) else "foreach"
     base = step_ms["unchecked"]
-    in_step = optimizer_ms[(path, True)] - optimizer_ms[(path, False)]
-    per_step = in_step + verdict_ms + (fingerprint_ms / interval if interval else 0.0)
+    per_step = bound_ms[path] + verdict_ms + (fingerprint_ms / interval if interval else 0.0)
     print(
         f"{config.train.global_batch_size} x {config.model.seq_length} tokens per step, {sum(sizes):,} optimizer "
         f"elements in {len(sizes)} flat partitions, {torch.get_num_threads()} threads"
     )
-    print(f"training step, median of {len(times['checked'])} each (interleaved in blocks of {args.steps_per_round}):")
+    print(f"training step, {args.steps} each, alternating:")
     for name, ms in step_ms.items():
-        print(f"  {name:<10} {ms:9.2f} ms")
-    print(f"  ratio checked / unchecked: {step_ms['checked'] / base:.4f}")
-    print(f"the parts, median of {args.repeats} each (interleaved):")
-    for (kind, bounded), ms in optimizer_ms.items():
-        print(f"  S3 step {kind:<7} {'with' if bounded else 'without'} the bound: {ms:8.3f} ms")
+        print(f"  {name:<10} {ms:9.2f} ms (median)")
+    ratio = statistics.median(c / u for c, u in zip(step_times["checked"], step_times["unchecked"], strict=True))
+    print(f"  ratio checked / unchecked (median of neighbouring pairs): {ratio:.4f}")
+    print(f"the parts, {args.repeats} each, alternating:")
     for kind in ("foreach", "fused"):
-        extra = optimizer_ms[(kind, True)] - optimizer_ms[(kind, False)]
-        print(f"  the bound in the {kind} step: {extra:+.3f} ms ({100 * extra / base:+.2f}% of a step)")
+        without, with_bound = part_ms[(kind, False)], part_ms[(kind, True)]
+        print(
+            f"  S3 step, {kind:<7}: {without:8.3f} ms without the bound, {with_bound:8.3f} ms with it (medians); "
+            f"the bound: {bound_ms[kind]:+.3f} ms ({100 * bound_ms[kind] / base:+.2f}% of a step)"
+        )
     print(f"  the verdict (all-reduce of the largest ratio): {verdict_ms:.3f} ms ({100 * verdict_ms / base:.2f}%)")
     print(
         f"  a fingerprint of {sum(w.numel() for w in weights):,} weights: {fingerprint_ms:.3f} ms, every {interval} "
