@@ -165,6 +165,10 @@ class SdcCheck:
         mine = []
         for replicas in self.engine.replicas():
             mine += self._disagreements(replicas)
+        found = torch.tensor([len(mine)], device=device())
+        dist.all_reduce(found, op=dist.ReduceOp.MAX)
+        if not found.item():  # the usual case: one integer, not every rank's list
+            return []
         gathered: list[list[dict]] = [[] for _ in range(self.topology.world_size)]
         dist.all_gather_object(gathered, mine, group=self.topology.host_group)
         return [d for rank in gathered for d in rank]
