@@ -72,8 +72,8 @@ def checksum(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def odd_ones_out(values: list[int]) -> tuple[list[int], bool]:
-    """The positions whose value differs from the majority's, and whether there is a majority
-    (without one, every position that does not hold the most common value; with two values, both)."""
+    """The positions whose value differs from a strict majority's, and whether there is one
+    (without, every position: which values are right cannot be told; two that differ: both)."""
     counts = Counter(values).most_common()
     if len(counts) == 1:
         return [], True
@@ -99,7 +99,7 @@ class SdcCheck:
 
     def __init__(self, config: SdcCheckConfig, engine: Engine, topology: Topology, bounded: bool):
         """bounded: the optimizer checks the bound (S3, or sgd_si's S3 groups)."""
-        self.config, self.engine, self.topology = config, engine, topology
+        self.engine, self.topology = engine, topology
         self.bound = None
         if bounded:
             self.bound = engine.optimizer.update_bound = UpdateBound(config.tolerance)
