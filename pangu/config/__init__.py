@@ -298,6 +298,39 @@ class SpikeGuardConfig:
 
 
 @dataclass
+class SdcCheckConfig:
+    """Silent-data-corruption checks (docs/sdc.md). Inside every S3 step, each tensor shard's
+    largest |update| / lr (before decay) against S3's bound of 1: a coordinate above it was
+    computed from corrupted state or by faulty arithmetic, and is named (parameter, element, rank,
+    step). Every `fingerprint_interval` steps and before every checkpoint, the ranks that hold
+    weights identically compare checksums of them, and a disagreement names the rank."""
+
+    enabled: bool = True
+    # a coordinate above the bound: "skip" leaves it as it was (its m and s restart from zero) while
+    # the rest of the step applies; "rollback" restores the last checkpoint and replays its batches.
+    # Replicas that disagree roll back under "rollback" and stop the run under "skip"
+    action: Literal["skip", "rollback"] = "skip"
+    tolerance: float = 1e-4  # the bound is 1 + tolerance (fp32 rounding comes within ~1e-6 of 1)
+    fingerprint_interval: int = 100  # steps; 0: no fingerprints
+    max_rollbacks: int = 3
+
+    def validate(self) -> None:
+        _require(
+            1e-5 <= self.tolerance <= 1.0,
+            "train.sdc_check.tolerance",
+            self.tolerance,
+            "in [1e-5, 1] (fp32 rounding comes within ~1e-6 of the bound: a smaller tolerance would flag sound steps)",
+        )
+        _require(
+            self.fingerprint_interval >= 0,
+            "train.sdc_check.fingerprint_interval",
+            self.fingerprint_interval,
+            ">= 0 (0: no fingerprints)",
+        )
+        _require(self.max_rollbacks >= 0, "train.sdc_check.max_rollbacks", self.max_rollbacks, ">= 0")
+
+
+@dataclass
 class TrainConfig:
     steps: int = 100  # the length of the run: the LR schedule is laid out over it
     stop_at: int = 0  # > 0: checkpoint and exit cleanly after this step, as if preempted
@@ -327,10 +360,12 @@ class TrainConfig:
     loss_scale_window: int = 1000
     min_loss_scale: float = 1.0
     spike_guard: SpikeGuardConfig = field(default_factory=SpikeGuardConfig)
+    sdc_check: SdcCheckConfig = field(default_factory=SdcCheckConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
     def validate(self) -> None:
         self.spike_guard.validate()
+        self.sdc_check.validate()
         _require(self.steps >= 1, "train.steps", self.steps, ">= 1")
         _require(
             0 <= self.stop_at <= self.steps,
@@ -370,6 +405,13 @@ class TrainConfig:
                 "train.save_interval",
                 self.save_interval,
                 "> 0 with train.spike_guard.enabled (a rollback needs recent checkpoints)",
+            )
+        if self.sdc_check.enabled and self.sdc_check.action == "rollback":
+            _require(
+                self.save_interval > 0,
+                "train.save_interval",
+                self.save_interval,
+                "> 0 with train.sdc_check.action = 'rollback' (a rollback needs recent checkpoints)",
             )
 
 

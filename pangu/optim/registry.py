@@ -7,7 +7,8 @@ pangu needs to know about it.
     checkpoint  which per-element state tensors it keeps per group (`state_keys`) and which
                 per-group scalars (`scalar_state`), so its state is saved under any layout
     planner     how many fp32 buffers per element it keeps (the length of `state_keys`)
-    trainer     what to log after each step (`metrics`)
+    trainer     what to log after each step (`metrics`), whether its updates can be checked
+                against a bound (`bounded_update`, train.sdc_check)
 
 Adding an optimizer is its options (an `OptimizerOptions` subclass) and `register(OptimizerSpec(...))`,
 plus its tests (see docs/architecture.md).
@@ -39,6 +40,10 @@ def _no_check(config: Config) -> None:
     return None
 
 
+def _unbounded(optim: OptimConfig) -> bool:
+    return False
+
+
 @dataclass(frozen=True)
 class OptimizerSpec:
     name: str
@@ -54,6 +59,9 @@ class OptimizerSpec:
     scalar_state: Mapping[str, float] = field(default_factory=dict)
     metrics: Callable[[torch.optim.Optimizer], dict[str, float]] = _no_metrics
     check: Callable[[Config], None] = _no_check
+    # its optimizer bounds every update coordinate by lr and checks the bound in its step when given
+    # an `update_bound` (pangu/optim/s3.py: UpdateBound; train.sdc_check)
+    bounded_update: Callable[[OptimConfig], bool] = _unbounded
 
 
 _SPECS: dict[str, OptimizerSpec] = {}
@@ -267,7 +275,9 @@ def _sgd_si_check(config: Config) -> None:
         )
 
 
-register(OptimizerSpec("s3", _build_s3, lambda optim, group: S3_STATE, options=S3Options))
+register(
+    OptimizerSpec("s3", _build_s3, lambda optim, group: S3_STATE, options=S3Options, bounded_update=lambda optim: True)
+)
 register(
     OptimizerSpec(
         "adamw", _build_adamw, lambda optim, group: ADAMW_STATE, options=AdamWOptions, scalar_state={"step": 0.0}
@@ -282,5 +292,6 @@ register(
         scale_invariant_group=True,
         metrics=_sgd_si_metrics,
         check=_sgd_si_check,
+        bounded_update=lambda optim: optim.options.si_other == "s3",  # the trunk's SGD has no bound
     )
 )

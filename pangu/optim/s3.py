@@ -20,11 +20,18 @@ Three ways to run the same update, chosen per parameter group:
 
 The state is two fp32 buffers per parameter ("m", "s") whatever the parameter dtype; bf16 and
 fp16 parameters are updated in fp32 and written back.
+
+The bound is also a check (train.sdc_check, docs/sdc.md): with an `UpdateBound` set on the
+optimizer, every path computes each tensor's largest |n| / (b + eps) in the same step (inside the
+fused kernel where the step is fused) and holds the coordinates above the bound (theta kept, m
+and s restarted from zero, the coordinate marked for whoever names it).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from itertools import chain
 from typing import Any
 
@@ -69,6 +76,56 @@ def cube_root(x: Tensor) -> Tensor:
 
 
 # --------------------------------------------------------------------------------------------
+# The update bound as a check (train.sdc_check)
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class BoundRecord:
+    """What one step saw in one tensor it updated under an `UpdateBound`."""
+
+    param: Tensor  # the tensor stepped: a parameter, its local shard, or ZeRO's flat partition
+    # 0-d fp32 on the tensor's device (the step never waits for it): the largest |n| / (b + eps) of
+    # its coordinates; nan when one was nan
+    largest: Tensor
+    s: Tensor  # its second moment, where -0.0 marks the coordinates the step held (`held_coordinates`)
+
+
+class UpdateBound:
+    """Checks, inside the step, that every coordinate's |n| / (b + eps) (its update before decay,
+    in units of lr) is at most `limit` = 1 + tolerance. Exact arithmetic keeps it <= 1 (Hölder);
+    fp32 rounding adds at most a few ulps (docs/sdc.md), so a coordinate above the limit (or nan)
+    was computed from corrupted state (a flipped bit in m or s) or by faulty arithmetic. Such a
+    coordinate is held: theta keeps its value, and m and s restart from zero there (their corrupted
+    values would break the bound again at every step). s restarts from -0.0, the same zero to the
+    update, whose sign marks the coordinate until the next step: the step itself only reduces each
+    tensor to its largest ratio, and the rare step that held something is looked into afterwards
+    (`held_coordinates`). Each step leaves one `BoundRecord` per tensor it updated (a tensor stepped
+    again before `take` keeps its latest); `take` hands them over and forgets them."""
+
+    def __init__(self, tolerance: float) -> None:
+        if not tolerance >= 0:
+            raise ValueError(f"UpdateBound: tolerance must be >= 0, got {tolerance}")
+        self.limit = 1.0 + tolerance
+        self._records: dict[int, BoundRecord] = {}  # by id of the tensor stepped
+
+    def add(self, record: BoundRecord) -> None:
+        self._records[id(record.param)] = record
+
+    def take(self) -> list[BoundRecord]:
+        records, self._records = list(self._records.values()), {}
+        return records
+
+
+def held_coordinates(record: BoundRecord) -> Tensor:
+    """The flat indices of the coordinates the record's step held (read before the next step).
+    s is never -0.0 otherwise: it starts at +0.0 and only ever adds (1 - beta)(|g|^p - s), which is
+    +0.0 when both are zero."""
+    s = record.s.reshape(-1)
+    return torch.nonzero((s == 0) & torch.signbit(s)).flatten()
+
+
+# --------------------------------------------------------------------------------------------
 # Single-tensor update: run eagerly by the single-tensor path, compiled by the fused path
 # --------------------------------------------------------------------------------------------
 
@@ -81,26 +138,42 @@ def _update_tensor(
     hyperparameters: Tensor,
     abs_pow: Callable[[Tensor, Tensor], Tensor],
     root: Callable[[Tensor, Tensor], Tensor],
-) -> None:
+    checked: bool,
+) -> Tensor | None:
     """The docs/reference.md formulas for one tensor, in fp32.
 
     maximize and nesterov are numbers rather than branches so that torch.compile builds one
     kernel for every combination: grad_sign is -1 to maximize, +1 otherwise, and lookahead is
     beta with Nesterov and 1 without, which turns n into m and b into s^(1/p) exactly.
+
+    checked: the UpdateBound check in the same pass (`limit` is its bound): coordinates above it
+    are held (see UpdateBound); returns the largest ratio. The coordinates within it get exactly
+    the unchecked update.
     """
-    lr, beta, p, eps, weight_decay, grad_sign, lookahead = hyperparameters.unbind()
+    lr, beta, p, eps, weight_decay, grad_sign, lookahead, limit = hyperparameters.unbind()
     g = grad.float() * grad_sign
     g_pow = abs_pow(g, p)
-    m_new = beta * m + (1 - beta) * g
-    s_new = beta * s + (1 - beta) * g_pow
+    # the moving averages as m + (1 - beta)(g - m), like the foreach path's lerp: a constant gradient
+    # is then their exact fixed point (beta * m + (1 - beta) * g drifts from it by up to ~2^-24 / (1 - beta),
+    # which the update bound's check would have to tolerate)
+    m_new = m + (1 - beta) * (g - m)
+    s_new = s + (1 - beta) * (g_pow - s)
     n = lookahead * m_new + (1 - lookahead) * g
     b = root(lookahead * s_new + (1 - lookahead) * g_pow, p)
+    direction = n / (b + eps)  # each coordinate in [-1, 1]: the check reads it without dividing again
     theta = param.float()
-    theta = theta - lr * weight_decay * theta
-    theta = theta - lr * n / (b + eps)
-    m.copy_(m_new)
-    s.copy_(s_new)
-    param.copy_(theta)
+    stepped = theta - lr * weight_decay * theta
+    stepped = stepped - lr * direction
+    if not checked:
+        m.copy_(m_new)
+        s.copy_(s_new)
+        param.copy_(stepped)
+        return None
+    within = direction.abs() <= limit  # False for nan
+    m.copy_(torch.where(within, m_new, 0.0))
+    s.copy_(torch.where(within, s_new, -0.0))
+    param.copy_(torch.where(within, stepped, theta))
+    return direction.abs().amax()
 
 
 def _square(g: Tensor, p: Tensor) -> Tensor:
@@ -128,20 +201,21 @@ def _root_p(x: Tensor, p: Tensor) -> Tensor:
 
 
 # One top-level function per special case of p. torch.compile keeps its cache per function, so
-# each case compiles once per dtype (shapes are dynamic, hyperparameters are tensor values).
-def _update_tensor_p2(param: Tensor, grad: Tensor, m: Tensor, s: Tensor, hyperparameters: Tensor) -> None:
-    _update_tensor(param, grad, m, s, hyperparameters, abs_pow=_square, root=_sqrt)
+# each case compiles once per dtype and per value of `checked` (shapes are dynamic,
+# hyperparameters are tensor values).
+def _update_tensor_p2(param: Tensor, grad: Tensor, m: Tensor, s: Tensor, hyperparameters: Tensor, checked: bool):
+    return _update_tensor(param, grad, m, s, hyperparameters, abs_pow=_square, root=_sqrt, checked=checked)
 
 
-def _update_tensor_p3(param: Tensor, grad: Tensor, m: Tensor, s: Tensor, hyperparameters: Tensor) -> None:
-    _update_tensor(param, grad, m, s, hyperparameters, abs_pow=_abs_cube, root=_cube_root)
+def _update_tensor_p3(param: Tensor, grad: Tensor, m: Tensor, s: Tensor, hyperparameters: Tensor, checked: bool):
+    return _update_tensor(param, grad, m, s, hyperparameters, abs_pow=_abs_cube, root=_cube_root, checked=checked)
 
 
-def _update_tensor_any_p(param: Tensor, grad: Tensor, m: Tensor, s: Tensor, hyperparameters: Tensor) -> None:
-    _update_tensor(param, grad, m, s, hyperparameters, abs_pow=_abs_pow, root=_root_p)
+def _update_tensor_any_p(param: Tensor, grad: Tensor, m: Tensor, s: Tensor, hyperparameters: Tensor, checked: bool):
+    return _update_tensor(param, grad, m, s, hyperparameters, abs_pow=_abs_pow, root=_root_p, checked=checked)
 
 
-_TensorUpdate = Callable[[Tensor, Tensor, Tensor, Tensor, Tensor], None]
+_TensorUpdate = Callable[[Tensor, Tensor, Tensor, Tensor, Tensor, bool], Tensor | None]
 _compiled_updates: dict[_TensorUpdate, _TensorUpdate] = {}
 
 
@@ -222,6 +296,7 @@ def _s3_foreach(
     eps: float,
     weight_decay: float,
     maximize: bool,
+    bound: UpdateBound | None,
 ) -> None:
     # .float() returns fp32 gradients themselves: every op below on grads32 is out of place.
     grads32 = [g.float() for g in grads]
@@ -238,11 +313,50 @@ def _s3_foreach(
         numerator = ms
         denominator = _foreach_root(ss, p, in_place=False)
     torch._foreach_add_(denominator, eps)
+    # the direction n / (b + eps), each coordinate in [-1, 1], in the numerator's memory when it is a
+    # temporary (a fresh buffer costs a page fault per 4 KiB on the CPU, more than the pass itself)
+    if nesterov:
+        torch._foreach_div_(numerator, denominator)
+        directions = numerator
+    else:
+        directions = torch._foreach_div(ms, denominator)
+    held = [] if bound is None else _hold_over_bound(params, ms, ss, directions, bound)
     params32 = fp32_working_copies(params)
     if weight_decay != 0:
         torch._foreach_mul_(params32, 1 - lr * weight_decay)
-    torch._foreach_addcdiv_(params32, numerator, denominator, value=-lr)
+    torch._foreach_add_(params32, directions, alpha=-lr)
+    for index, over, theta in held:
+        params32[index][over] = theta
     write_back(params, params32)
+
+
+def _hold_over_bound(
+    params: Sequence[Tensor], ms: list[Tensor], ss: list[Tensor], directions: list[Tensor], bound: UpdateBound
+) -> list[tuple[int, Tensor, Tensor]]:
+    """The UpdateBound check of the foreach path, before any parameter moves: records each
+    tensor's largest |n| / (b + eps) (one more pass: the smallest and largest direction) and, in
+    the rare step where one is above the bound, restarts m and s from zero there and returns
+    (tensor index, those coordinates, their theta) for the step to put theta back. Deciding that
+    costs one wait for the device (free on the CPU, where foreach is the default path)."""
+    # one tensor at a time: foreach has no smallest, and torch's inf-norm is ~15x slower on the CPU
+    stepped = [i for i, param in enumerate(params) if param.numel()]  # the largest of nothing is undefined
+    if not stepped:
+        return []
+    smallest, biggest = (torch.stack(ends) for ends in zip(*(torch.aminmax(directions[i]) for i in stepped)))
+    largest = torch.maximum(-smallest, biggest)  # nan stays nan
+    for k, i in enumerate(stepped):
+        bound.add(BoundRecord(params[i], largest[k], ss[i]))
+    held = []
+    if bool((largest <= bound.limit).all()):  # False for nan
+        return held
+    for k, i in enumerate(stepped):
+        if largest[k] <= bound.limit:
+            continue
+        over = ~(directions[i].abs() <= bound.limit)
+        ms[i][over] = 0.0
+        ss[i][over] = -0.0
+        held.append((i, over, params[i][over].float()))
+    return held
 
 
 # --------------------------------------------------------------------------------------------
@@ -279,10 +393,12 @@ def s3_update_(
     maximize: bool,
     fused: bool = False,
     foreach: bool | None = None,
+    bound: UpdateBound | None = None,
 ) -> None:
     """One S3 step, in place on params and their fp32 state buffers ms and ss.
 
     foreach=None picks the foreach path when every tensor is on one device and fused is off.
+    bound: check every coordinate against it (see UpdateBound) in the same step.
     """
     if fused and foreach:
         raise ValueError("S3: choose at most one of fused=True and foreach=True")
@@ -303,6 +419,7 @@ def s3_update_(
             eps=eps,
             weight_decay=weight_decay,
             maximize=maximize,
+            bound=bound,
         )
         return
     update = _tensor_update_for(p, fused)
@@ -316,9 +433,12 @@ def s3_update_(
         weight_decay,
         -1.0 if maximize else 1.0,
         beta if nesterov else 1.0,
+        math.inf if bound is None else bound.limit,
     ]  # the order _update_tensor unpacks
     hyperparameters_on: dict[torch.device, Tensor] = {}
     for param, grad, m, s in zip(params, grads, ms, ss, strict=True):
+        if bound is not None and not param.numel():
+            continue  # nothing to update, and no largest ratio to record
         if param.device not in hyperparameters_on:
             hyperparameters_on[param.device] = torch.tensor(hyperparameters, device=param.device)
         # torch.compile makes one graph serve every parameter only if it gets 1-D plain
@@ -327,7 +447,9 @@ def s3_update_(
         tensors = (param, grad, m, s)
         flat = all(t.is_contiguous() for t in tensors)
         tensors = tuple((t.view(-1) if flat else t).detach() for t in tensors)
-        update(*tensors, hyperparameters_on[param.device])
+        largest = update(*tensors, hyperparameters_on[param.device], bound is not None)
+        if bound is not None:
+            bound.add(BoundRecord(param, largest, s))
 
 
 # --------------------------------------------------------------------------------------------
@@ -403,6 +525,7 @@ class S3(torch.optim.Optimizer):
             fused=fused,
         )
         super().__init__(params, defaults)
+        self.update_bound: UpdateBound | None = None  # train.sdc_check sets it
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         group = {**self.defaults, **param_group}  # what the group will hold, checked first
@@ -433,6 +556,7 @@ class S3(torch.optim.Optimizer):
                 maximize=group["maximize"],
                 fused=group["fused"],
                 foreach=group["foreach"],
+                bound=self.update_bound,
             )
         return loss
 

@@ -30,6 +30,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from pangu.optim.s3 import (
+    UpdateBound,
     check_s3_hyperparameters,
     fp32_working_copies,
     params_with_fp32_state,
@@ -96,6 +97,9 @@ class ScaleInvariantSGD(torch.optim.Optimizer):
         self.norm_group = norm_group
         self._clip_events: Tensor | None = None
         self._last_norms: tuple[Tensor, Tensor, Tensor] | None = None  # ratio, ||x||, ||g||
+        # train.sdc_check sets it: the S3 groups' updates are checked against their bound (SGD's
+        # and AdamW's steps have none)
+        self.update_bound: UpdateBound | None = None
         defaults = dict(
             lr=lr,
             weight_decay=weight_decay,
@@ -192,6 +196,7 @@ class ScaleInvariantSGD(torch.optim.Optimizer):
             weight_decay=group["weight_decay"],
             maximize=False,
             fused=self.fused,
+            bound=self.update_bound,
         )
 
     def _step_adamw(self, group: dict[str, Any]) -> None:

@@ -25,6 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 
 from pangu.config import Config
 from pangu.model.pangu_alpha import DropoutSeeds
@@ -91,6 +92,15 @@ class Fragment:
 
     def view(self, buffers: list[dict[str, torch.Tensor]], key: str) -> torch.Tensor:
         return buffers[self.buffer][key].narrow(0, self.start, self.numel)
+
+
+@dataclass
+class Replicas:
+    """Weights this rank holds bit for bit like every other rank of `group` (train.sdc_check
+    compares their checksums): each of those ranks lists the same names, in the same order."""
+
+    group: dist.ProcessGroup
+    named: list[tuple[str, torch.Tensor]]  # canonical name, the tensor as this rank holds it
 
 
 class Engine(ABC):
@@ -189,6 +199,11 @@ class Engine(ABC):
     def before_optimizer_step(self, hook: Callable[[], None]) -> None:
         """Runs `hook()` at the start of every optimizer step: the one place where the master
         weights and the optimizer state change (a background checkpoint copy waits there)."""
+
+    @abstractmethod
+    def replicas(self) -> list[Replicas]:
+        """The weights this rank holds identically with other ranks, one entry per group of such
+        ranks (none at all when no weight has a replica)."""
 
     @abstractmethod
     def memory_report(self) -> dict[str, int]:

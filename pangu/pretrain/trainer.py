@@ -36,6 +36,7 @@ from pangu.model.sizes import flops_per_token, parameter_count
 from pangu.optim import registry
 from pangu.optim.schedules import lr_factor
 from pangu.parallel.engine import Engine, MicroBatch, build_engine, micro_batches_per_step
+from pangu.parallel.sdc import SdcCheck
 from pangu.parallel.topology import Topology, device, init_distributed
 from pangu.pretrain import run_directory
 from pangu.pretrain.metrics import MetricsLogger, peak_memory_bytes, total_peak_flops
@@ -212,6 +213,10 @@ class Trainer:
             run_directory.accept(self.output_dir, config, self.step)
         self.spike_guard = SpikeGuard(train.spike_guard)
         self.engine.create_optimizer_state()  # optimizer state exists from here on: measurable
+        self.sdc = None
+        if train.sdc_check.enabled:
+            bounded = registry.get(config.optim.name).bounded_update(config.optim)
+            self.sdc = SdcCheck(train.sdc_check, self.engine, self.topology, bounded)
         self.memory = self.engine.memory_report()
         self.batches = Batches(self.train_data, config, self.topology, self.meta, self.engine)
         self.valid_batches = Batches(valid_data, config, self.topology, self.meta, self.engine)
@@ -372,9 +377,11 @@ class Trainer:
         while self.step < stop:
             record = self.train_step()
             step = self.step
+            if self.sdc is not None and self._check_sdc(record, logger):
+                continue
             if self.spike_guard.observe(record["loss"]):
                 logger.log(record)
-                self._roll_back(logger)
+                self._spike_rollback(logger)
                 continue
             eval_due = (train.eval_interval and step % train.eval_interval == 0) or step == train.steps
             if eval_due:
@@ -398,32 +405,92 @@ class Trainer:
         dist.barrier()
         return record
 
-    def _roll_back(self, logger: MetricsLogger) -> None:
-        """Reloads the last checkpoint and skips the samples seen since it (recorded in the sampler
-        state, so the skip survives later resumes)."""
-        guard = self.spike_guard
+    def _roll_back(self, logger: MetricsLogger, skip_data: bool) -> tuple[str, list[int] | None]:
+        """Reloads the last checkpoint and, with `skip_data`, skips the samples seen since it
+        (recorded in the sampler state, so the skip survives later resumes); without, its batches
+        are replayed. Returns the checkpoint's name and the skipped range."""
         self.checkpoints.wait()
         candidates = self.checkpoints.candidates()
-        if guard.rollbacks >= guard.config.max_rollbacks or not candidates:
+        if not candidates:
+            raise TrainingError(
+                f"step {self.step} needs a rollback and there is no checkpoint to roll back to: stopping"
+            )
+        seen_until = self.sampler.consumed_samples
+        last = self._restore(candidates)
+        logger.restart_at(self.step)  # the steps since the checkpoint are redone: logged once, anew
+        if not skip_data:
+            return last.name, None
+        skipped = [self.sampler.consumed_samples, seen_until]
+        self.sampler.skip(*skipped)
+        return last.name, skipped
+
+    def _spike_rollback(self, logger: MetricsLogger) -> None:
+        """train.spike_guard's rollback: to the last checkpoint, skipping the data seen since it."""
+        guard = self.spike_guard
+        if guard.rollbacks >= guard.config.max_rollbacks:
             raise TrainingError(
                 f"the loss spiked at step {self.step} (above {guard.config.factor} x the running "
                 f"median for {guard.config.consecutive} steps) after {guard.rollbacks} rollbacks "
                 f"(train.spike_guard.max_rollbacks = {guard.config.max_rollbacks}): stopping"
             )
-        spiked_at, seen_until = self.step, self.sampler.consumed_samples
-        last = self._restore(candidates)
-        logger.restart_at(self.step)  # the steps since the checkpoint are redone: logged once, anew
-        skipped = [self.sampler.consumed_samples, seen_until]
-        self.sampler.skip(*skipped)
+        spiked_at = self.step
+        checkpoint, skipped = self._roll_back(logger, skip_data=True)
         guard.rolled_back()
         logger.event(
             self.step,
             "rollback",
             spike_step=spiked_at,
-            checkpoint=last.name,
+            checkpoint=checkpoint,
             skipped_samples=skipped,
             rollbacks=guard.rollbacks,
         )
+
+    def _check_sdc(self, record: dict, logger: MetricsLogger) -> bool:
+        """train.sdc_check after a step (docs/sdc.md): the update bound's verdict (its largest
+        |update| / lr goes into the record as update_ratio) and, when due (every
+        fingerprint_interval steps and before every scheduled checkpoint), the replicas'. A finding
+        is logged and acted on as train.sdc_check.action says; True when the run rolled back."""
+        train, step = self.config.train, self.step
+        config, check = train.sdc_check, self.sdc
+        interval = config.fingerprint_interval
+        saves = (train.save_interval and step % train.save_interval == 0) or step == (train.stop_at or train.steps)
+        found = check.after_step(fingerprint=interval > 0 and (step % interval == 0 or saves))
+        if found.update_ratio is not None:
+            record["update_ratio"] = found.update_ratio
+        if not found:
+            return False
+        what = f"silent data corruption at step {step}: {found.describe()}"
+        said = {"violations": found.violations, "disagreements": found.disagreements}
+        if config.action == "skip":
+            action = "stop" if found.disagreements else "held"
+            logger.log_raw({"step": step, "event": "sdc", "action": action, **said})
+            if action == "stop":
+                logger.log(record)  # the step was taken
+                raise TrainingError(
+                    f"{what}. Replicas that disagree cannot be skipped: stopping (train.sdc_check.action = "
+                    "'rollback' restores the last checkpoint instead)"
+                )
+            if self.topology.rank == 0:
+                log.warning("%s; those coordinates were not applied and their m and s restart from zero", what)
+            return False
+        if check.rollbacks >= config.max_rollbacks:
+            logger.log_raw({"step": step, "event": "sdc", "action": "stop", **said})
+            logger.log(record)
+            raise TrainingError(
+                f"{what}, after {check.rollbacks} rollbacks (train.sdc_check.max_rollbacks = "
+                f"{config.max_rollbacks}): stopping"
+            )
+        if self.topology.rank == 0:
+            log.warning("%s; rolling back to the last checkpoint", what)
+        logger.log(record)
+        checkpoint, _ = self._roll_back(logger, skip_data=False)  # the data is not to blame: replayed
+        check.rollbacks += 1
+        # logged at the checkpoint's step, which the steps after it (and what they logged) now follow
+        logger.log_raw(
+            {"step": self.step, "event": "rollback", "sdc_step": step, "checkpoint": checkpoint}
+            | {"rollbacks": check.rollbacks, **said}
+        )
+        return True
 
 
 class TrainingError(PanguError, RuntimeError):

@@ -111,6 +111,10 @@ def test_defaults_are_valid():
         ("optim.p=0.5", "optim.p"),
         ("parallel.timeout_minutes=0", "parallel.timeout_minutes"),
         ("optim.lr=1e999", "optim.lr"),
+        ("train.sdc_check.tolerance=1e-7", "train.sdc_check.tolerance"),
+        ("train.sdc_check.tolerance=0", "train.sdc_check.tolerance"),
+        ("train.sdc_check.fingerprint_interval=-1", "train.sdc_check.fingerprint_interval"),
+        ("train.sdc_check.max_rollbacks=-1", "train.sdc_check.max_rollbacks"),
     ],
 )
 def test_every_number_is_checked_against_its_domain(override, field):
@@ -128,3 +132,16 @@ def test_a_config_that_is_not_utf8_is_one_clear_error(tmp_path):
 def test_a_directory_given_as_the_config_is_named_as_such(tmp_path):
     with pytest.raises(ConfigError, match="is a directory, not a config file"):
         load_config(tmp_path)
+
+
+def test_sdc_check_settings():
+    config = load_config(
+        None, ["train.sdc_check.action=rollback", "train.save_interval=50", "train.sdc_check.tolerance=1e-3"]
+    )
+    assert config.train.sdc_check.action == "rollback" and config.train.sdc_check.tolerance == 1e-3
+    assert Config().train.sdc_check.enabled  # on by default: docs/sdc.md measures its cost
+    with pytest.raises(ConfigError, match="train.sdc_check.action = 'retry' is not allowed: expected one of"):
+        load_config(None, ["train.sdc_check.action=retry"])
+    with pytest.raises(ConfigError, match=r"train.save_interval = 0 is not allowed: expected > 0 with train.sdc_check"):
+        load_config(None, ["train.sdc_check.action=rollback"])
+    load_config(None, ["train.sdc_check.action=rollback", "train.sdc_check.enabled=false"])  # off: nothing to roll back

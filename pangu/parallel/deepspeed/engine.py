@@ -14,6 +14,7 @@ import warnings
 import deepspeed
 import torch
 import torch.distributed as dist
+from megatron.core import parallel_state
 
 from pangu.config import Config
 from pangu.model import layout
@@ -23,7 +24,7 @@ from pangu.optim.registry import build_optimizer
 from pangu.parallel.deepspeed import state
 from pangu.parallel.deepspeed.megatron import gather_vocab, init_parallel_state, layer_factory
 from pangu.parallel.deepspeed.pipeline import StagePipeline
-from pangu.parallel.engine import Engine, MicroBatch, StepResult, micro_batches_per_step
+from pangu.parallel.engine import Engine, MicroBatch, Replicas, StepResult, micro_batches_per_step
 from pangu.parallel.topology import Topology, prints_to_debug_log
 
 
@@ -217,6 +218,19 @@ class DeepSpeedEngine(Engine):
 
     def before_optimizer_step(self, hook):
         state.before_optimizer_step(self.engine, hook)
+
+    def replicas(self):
+        """The model's weights, which every data-parallel rank holds after the all-gather that ends
+        each step, and those not split by tensor parallelism, which every tp rank holds."""
+        table = layout.parameter_table(self.config.model)
+        named = [(name.partition(".")[2], p.detach()) for name, p in self.engine.module.named_parameters()]
+        out = []
+        if self.topology.dp > 1:
+            out.append(Replicas(parallel_state.get_data_parallel_group(), named))
+        if self.topology.tp > 1:
+            unsplit = [(name, p) for name, p in named if table[name].split_dim is None]
+            out.append(Replicas(parallel_state.get_tensor_model_parallel_group(), unsplit))
+        return out
 
     def memory_report(self):
         return state.memory_report(self.engine)

@@ -41,7 +41,7 @@ from pangu.model.init import initial_value, zero_parameters
 from pangu.model.pangu_alpha import DropoutSeeds, PanguStage, TransformerLayer
 from pangu.optim import registry
 from pangu.optim.registry import build_optimizer
-from pangu.parallel.engine import Engine, Fragment, MicroBatch, StepResult, micro_batches_per_step
+from pangu.parallel.engine import Engine, Fragment, MicroBatch, Replicas, StepResult, micro_batches_per_step
 from pangu.parallel.native.layers import DTensorLayers, local_box, parallelize
 from pangu.parallel.stages import num_stages, stage_bounds, stages_of_rank
 from pangu.parallel.topology import Topology, device
@@ -462,6 +462,19 @@ class TorchEngine(Engine):
 
     def before_optimizer_step(self, hook):
         self._hooks.append(hook)
+
+    def replicas(self):
+        """The shards of the parameters tensor parallelism does not split: every tp rank holds them
+        (FSDP2's shards over dp are disjoint)."""
+        if self.topology.tp == 1:
+            return []
+        table = layout.parameter_table(self.config.model)
+        unsplit = [
+            (name, local)
+            for name, local in zip(self._names, self._local)
+            if table[name].split_dim is None and local.numel()
+        ]
+        return [Replicas(self.mesh["tp"].get_group(), unsplit)]
 
     def memory_report(self):
         """Bytes this rank holds: the compute copy of its stages' parameters (gathered over dp
