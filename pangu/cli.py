@@ -1,7 +1,7 @@
 """The `pangu` command: prepare | pretrain | evaluate | generate | convert | plot | plan | checkpoint.
 Each verb lives in pangu/commands/; this module builds the parser and turns the errors a user can
 cause into one line on stderr (exit status 2; an interruption 130, the environment refusing a
-file operation 1). With -v the traceback follows, for a bug report."""
+file operation, or the job's ranks failing to meet, 1). With -v the traceback follows, for a bug report."""
 
 from __future__ import annotations
 
@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     except PanguError as err:
         log.debug("the traceback, for a bug report:", exc_info=True)
         print(f"pangu {args.command}: error: {err}", file=sys.stderr)
-        return 2
+        return err.exit_status
     except KeyboardInterrupt as err:  # a second Ctrl-C, or one in a command without a graceful stop
         log.debug("the traceback, for a bug report:", exc_info=True)
         print(f"pangu {args.command}: interrupted" + (f" ({err})" if str(err) else ""), file=sys.stderr)

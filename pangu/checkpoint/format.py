@@ -26,6 +26,7 @@ saves): tensors/pp{P}-tp{T}.{bin,json} with whole tensor-parallel slices and a s
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import shutil
@@ -46,16 +47,13 @@ from pangu.config import ModelConfig
 
 FORMAT = "pangu-checkpoint"
 VERSION = 2
-# Model fields that decide the shapes of the parameters: a checkpoint must agree on all of them.
-SHAPE_FIELDS = (
-    "num_layers",
-    "hidden_size",
-    "num_heads",
-    "ffn_size",
-    "padded_vocab_size",
-    "seq_length",
-    "scale_invariant",
-)
+# Model fields that change only how a network trains, not the function it computes once trained:
+# dropout is off whenever a network is evaluated, and init_std only draws the initial weights,
+# which a checkpoint replaces. Every other ModelConfig field (the shapes, the activation, the
+# final LayerNorm's place, its epsilon, the vocabulary the logits keep, a field added later)
+# changes the function, so a checkpoint and the config it is resumed, continued or evaluated with
+# must agree on it (check_model_matches).
+TRAINING_ONLY_FIELDS = ("dropout", "attention_dropout", "init_std")
 
 
 def checkpoint_root(run_dir: str | Path) -> Path:
@@ -196,14 +194,24 @@ def model_fields(model: ModelConfig) -> dict:
     return dict(model.__dict__)
 
 
+def model_mismatch(stored: ModelConfig, given: ModelConfig, given_name: str = "the config") -> str | None:
+    """Why `given` computes another function than `stored`: every field (but TRAINING_ONLY_FIELDS)
+    that differs, stored and given; None when they agree."""
+    changed = []
+    for field in dataclasses.fields(ModelConfig):
+        name = field.name
+        if name in TRAINING_ONLY_FIELDS or getattr(stored, name) == getattr(given, name):
+            continue
+        if name == "ffn_hidden_size" and stored.ffn_size == given.ffn_size:
+            continue  # 0 means 4 x hidden_size: one width written two ways
+        changed.append(f"model.{name} = {getattr(stored, name)!r} but {given_name} has {getattr(given, name)!r}")
+    return "; ".join(changed) + " (the network would compute another function)" if changed else None
+
+
 def check_model_matches(manifest: dict, model: ModelConfig, path: Path) -> None:
-    stored = ModelConfig(**manifest["model"])
-    for field in SHAPE_FIELDS:
-        if getattr(stored, field) != getattr(model, field):
-            raise CheckpointError(
-                f"checkpoint {path} was written for model.{field} = "
-                f"{getattr(stored, field)!r} but the config has {getattr(model, field)!r}"
-            )
+    why = model_mismatch(ModelConfig(**manifest["model"]), model)
+    if why is not None:
+        raise CheckpointError(f"checkpoint {path} was written for {why}")
 
 
 def file_entry(path: Path) -> dict:
