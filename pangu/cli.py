@@ -7,11 +7,14 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 import warnings
+from pathlib import Path
 
 from pangu.commands import COMMANDS
+from pangu.files import write_atomic
 from pangu.schema import PanguError
 
 # What third-party code prints or warns at every run that says nothing to a pangu user; shown
@@ -100,8 +103,9 @@ def main(argv: list[str] | None = None) -> int:
         return COMMANDS[args.command].run(args)
     except PanguError as err:
         log.debug("the traceback, for a bug report:", exc_info=True)
-        print(f"pangu {args.command}: error: {err}", file=sys.stderr)
-        return err.exit_status
+        line = f"pangu {args.command}: error: {err}"
+        print(line, file=sys.stderr)
+        return _exit_status(err, line)
     except KeyboardInterrupt as err:  # a second Ctrl-C, or one in a command without a graceful stop
         log.debug("the traceback, for a bug report:", exc_info=True)
         print(f"pangu {args.command}: interrupted" + (f" ({err})" if str(err) else ""), file=sys.stderr)
@@ -115,6 +119,23 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     finally:
         _close_process_group()
+
+
+def _exit_status(err: PanguError, line: str) -> int:
+    """err.exit_status. But a torchrun worker of pangu's launchers that fails on a user's error
+    (status 2: a bad value, a damaged file) would fail the same way after every restart torchrun
+    makes of a group with a failed worker: where the launcher asks for it (PANGU_USER_ERROR_DIR,
+    set by launch/torchrun.sh and launch/slurm.sbatch), the worker leaves its line there and exits
+    0, so that torchrun ends instead of restarting; the launcher then exits 2 with the line."""
+    errors = os.environ.get("PANGU_USER_ERROR_DIR")
+    if err.exit_status != 2 or not errors or "TORCHELASTIC_RUN_ID" not in os.environ:
+        return err.exit_status
+    try:
+        Path(errors).mkdir(parents=True, exist_ok=True)
+        write_atomic(Path(errors) / f"rank{int(os.environ.get('RANK', '0')):05d}", (line + "\n").encode())
+    except OSError:
+        return err.exit_status
+    return 0
 
 
 def _close_process_group() -> None:

@@ -51,6 +51,7 @@ class _Job:
     store: dist.Store  # every rank's, under the prefix "pangu"
     address: str  # where the store is, for messages
     timeout: datetime.timedelta
+    timeout_key: str  # the config key that set it, for messages
 
 
 # What this process counted; every rank counts alike, since collectives are entered in one order
@@ -58,12 +59,15 @@ class _Job:
 _joins = [0]  # rendezvous taken part in
 _entered: dict[str, int] = {}  # per group name: watched collectives and meetings entered
 _meetings: dict[str, int] = {}  # per group name: meetings entered
+_timeout: dict = {}  # of the job joined last: its collectives' timeout and the config key that set it
 
 
-def join(backend: str, timeout: datetime.timedelta, stop=None) -> None:
+def join(backend: str, timeout: datetime.timedelta, stop=None, timeout_key: str = "parallel.timeout_minutes") -> None:
     """Joins the job the environment describes (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT, as
-    torchrun sets them) and makes the default process group. `stop`: a StopRequest whose signal
-    ends the wait (KeyboardInterrupt); without one, the command's own handlers do."""
+    torchrun sets them) and makes the default process group, whose collectives time out after
+    `timeout` (set by config key `timeout_key`). `stop`: a StopRequest whose signal ends the wait
+    (KeyboardInterrupt); without one, the command's own handlers do."""
+    _timeout.update(value=timeout, key=timeout_key)
     rank, world = int(os.environ["RANK"]), int(os.environ.get("WORLD_SIZE", "1"))
     if "MASTER_ADDR" not in os.environ or "MASTER_PORT" not in os.environ:
         raise ConfigError(
@@ -72,7 +76,7 @@ def join(backend: str, timeout: datetime.timedelta, stop=None) -> None:
         )
     host, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
     address = f"{host}:{port}"
-    wait = _Wait(f"the rendezvous at {address}", timeout, stop, logging.INFO)
+    wait = _Wait(rank, f"the rendezvous at {address}", _Job(None, address, timeout, timeout_key), stop, logging.INFO)
     agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"  # torchrun's agent holds the store
     if rank == 0 and not agent:
         try:
@@ -86,7 +90,7 @@ def join(backend: str, timeout: datetime.timedelta, stop=None) -> None:
     else:
         holder = "torchrun" if agent else "rank 0"
         while not _listening(host, port):
-            wait.tick(lambda: f"rank {rank}: waiting for the job's store at {address} (held by {holder})")
+            wait.tick(lambda: f"waiting for the job's store at {address} (held by {holder})")
         store = dist.TCPStore(host, port, world, is_master=False, timeout=timeout)
     store.set_timeout(timeout)
     shared = dist.PrefixStore("pangu/rendezvous", store)
@@ -132,7 +136,7 @@ def meet(where: str, group: dist.ProcessGroup | None = None) -> None:
     arrived = job.store.add(key, 1)
     _meetings[name] = _meetings.get(name, 0) + 1
     target = _meetings[name] * len(ranks)
-    wait = _Wait(where, job.timeout, None, logging.DEBUG)
+    wait = _Wait(dist.get_rank(), where, job, None, logging.DEBUG)
     while arrived < target:
         wait.tick(lambda: f"waiting for {_names(_behind(job, name, count, ranks))} at {where}")
         arrived = job.store.add(key, 0)
@@ -141,10 +145,10 @@ def meet(where: str, group: dist.ProcessGroup | None = None) -> None:
 class _Wait:
     """A Python loop waiting for other ranks: each `tick` sleeps a little (a signal's handler runs
     meanwhile), ends the wait when `stop` was asked, says now and then whom it waits for, and
-    raises a JobError saying so after `timeout`."""
+    raises a JobError saying so after the job's timeout."""
 
-    def __init__(self, where: str, timeout: datetime.timedelta, stop, level: int):
-        self.where, self.timeout, self.stop, self.level = where, timeout, stop, level
+    def __init__(self, rank: int, where: str, job: _Job, stop, level: int):
+        self.rank, self.where, self.job, self.stop, self.level = rank, where, job, stop, level
         self.start = time.monotonic()
         self.next_report = self.start + REPORT_AFTER_S
         self.delay = 0.001
@@ -153,13 +157,13 @@ class _Wait:
         if self.stop is not None and self.stop.requested:
             raise KeyboardInterrupt(f"{self.stop.signal_name} at {self.where}, before any work")
         now = time.monotonic()
-        if now - self.start >= self.timeout.total_seconds():
+        if now - self.start >= self.job.timeout.total_seconds():
             raise JobError(
-                f"gave up {waiting_for()} after parallel.timeout_minutes = {self.timeout.total_seconds() / 60:g}: "
-                f"are they running, and can they reach this one? Look at their logs, then start the job again"
+                f"rank {self.rank} gave up {waiting_for()} after {_limit(self.job)}: is every rank running, and can "
+                f"it reach this one? Look at the other ranks' logs, then start the job again"
             )
         if now >= self.next_report:
-            log.log(self.level, "%s (%.0f s)", waiting_for(), now - self.start)
+            log.log(self.level, "rank %d: %s (%.0f s)", self.rank, waiting_for(), now - self.start)
             self.next_report = now + REPORT_EVERY_S
         time.sleep(self.delay)
         self.delay = min(self.delay * 2, MAX_POLL_S)
@@ -169,7 +173,12 @@ def _job() -> _Job:
     """The store every rank of the default group shares (whoever made the group), its address and timeout."""
     store = dist.PrefixStore("pangu", c10d._get_default_store())
     where = f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}" if "MASTER_PORT" in os.environ else "here"
-    return _Job(store, where, c10d.default_pg_timeout)
+    timeout = _timeout.get("value", c10d.default_pg_timeout)
+    return _Job(store, where, timeout, _timeout.get("key", "parallel.timeout_minutes"))
+
+
+def _limit(job: _Job) -> str:
+    return f"{job.timeout_key} = {job.timeout.total_seconds() / 60:g}"
 
 
 def _enter(where: str, group: dist.ProcessGroup | None) -> tuple[_Job, str, int]:
@@ -210,7 +219,7 @@ def _who_failed(job: _Job, name: str, count: int, where: str, group, err: Runtim
     late = "Timed out" in str(err)
     return (
         f"{_names(behind)} {'did not reach' if late else 'went away before'} {where}"
-        + (f" within parallel.timeout_minutes = {job.timeout.total_seconds() / 60:g}" if late else "")
+        + (f" within {_limit(job)}" if late else "")
         + f": look at {'its' if len(behind) == 1 else 'their'} log (a crash, a hang, a lost node), then start the "
         f"job again"
     )
