@@ -414,7 +414,7 @@ class Trainer:
                     "stops",
                     stopped,
                     self.step,
-                    "the tasks are" if results else "nothing of it is",
+                    "its tasks are" if results else "it is",
                 )
         return results
 
