@@ -371,6 +371,16 @@ class Trainer:
                 ),
             )
         record: dict = {}
+        if self.stop_request.agreed(self.topology.host_group, "the stop agreement before the first step"):
+            # a signal during start-up (which can take minutes: a large checkpoint to read): nothing
+            # was trained since the last checkpoint, so there is nothing to save
+            signal_name = self.stop_request.signal_name or "on another rank"
+            logger.event(self.step, "preempted", signal=signal_name, before_first_step=True)
+            if self.topology.rank == 0:
+                log.warning(
+                    "%s during start-up: the run stops before its first step, with nothing to save", signal_name
+                )
+            stop = self.step
         while self.step < stop:
             record = self.train_step()
             step = self.step
@@ -391,7 +401,7 @@ class Trainer:
                 logger.event(step, "preempted", signal=self.stop_request.signal_name or "on another rank")
                 break
         else:
-            if stop < train.steps:
+            if stop == train.stop_at < train.steps:
                 logger.event(self.step, "stopped", reason=f"train.stop_at = {train.stop_at}")
         self.checkpoints.wait()  # a background save in flight is published before the run ends
         logger.finish()

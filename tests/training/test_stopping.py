@@ -83,6 +83,29 @@ def test_sigterm_during_task_scoring_stops_before_the_next_call(tiny_corpus, tmp
     assert latest_checkpoint(out).name == "step_00000003"
 
 
+def test_sigterm_during_start_up_stops_before_the_first_step_with_nothing_to_save(straight_run, tiny_corpus, tmp_path):
+    """A resuming run gets SIGTERM while it reads its checkpoint: it stops before training a step,
+    and writes no checkpoint (nothing changed since the one it read)."""
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(straight_run, out)
+    prelude = (
+        "import os, signal\nfrom pangu.checkpoint.saver import Checkpointer\n"
+        "restore = Checkpointer.restore\n"
+        "def signalled(self, *args, **kwargs):\n"
+        "    os.kill(os.getpid(), signal.SIGTERM)\n"
+        "    return restore(self, *args, **kwargs)\n"
+        "Checkpointer.restore = signalled\n"
+    )
+    result = run_pretrain(tiny_overrides(tiny_corpus, out, "train.steps=9"), prelude)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "SIGTERM during start-up: the run stops before its first step, with nothing to save" in result.stderr
+    assert max(r["step"] for r in records(out) if "loss" in r) == 6
+    assert [r for r in records(out) if r.get("event") == "preempted"][-1]["before_first_step"] is True
+    assert latest_checkpoint(out).name == "step_00000006"
+
+
 @pytest.mark.distributed
 def test_a_rank_that_stops_answering_is_named(tiny_corpus, tmp_path):
     """Rank 1 hangs after step 2 (before the stop agreement every step ends with): rank 0 ends
@@ -109,3 +132,37 @@ def test_a_rank_that_stops_answering_is_named(tiny_corpus, tmp_path):
     )
     assert any(line.startswith(named) for line in result.stderr.splitlines()), result.stderr[-3000:]
     assert "Timed out waiting" not in result.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# The launchers: a user's error is not retried
+
+
+@pytest.mark.distributed
+def test_a_users_error_under_launch_torchrun_ends_at_once(tmp_path):
+    """Every worker fails on a bad value (a prepared directory that does not exist: exit status
+    2). torchrun would restart the workers MAX_RESTARTS times, each failing alike; launch/torchrun.sh
+    ends after the first attempt, with status 2 and pangu's line last."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.helpers import REPO, subprocess_env
+
+    env = dict(subprocess_env(), NPROC_PER_NODE="2", MAX_RESTARTS="3")
+    env["PATH"] = f"{Path(sys.executable).parent}:{os.environ['PATH']}"
+    settings = ["--set", f"data.prepared_dir={tmp_path / 'nowhere'}", "--set", f"train.output_dir={tmp_path / 'run'}"]
+    done = subprocess.run(
+        [str(REPO / "launch" / "torchrun.sh"), "--config", "tiny", *settings],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+    assert done.returncode == 2, done.stderr[-3000:]
+    workers = [line for line in done.stderr.splitlines() if line.startswith("pangu pretrain: error:")]
+    assert len(workers) == 2 and "holds no prepared data" in workers[0]  # one attempt of two workers
+    assert (
+        done.stderr.strip().splitlines()[-1]
+        == f"launch/torchrun.sh: not restarted, a user's error (2 ranks): {workers[0]}"
+    )
