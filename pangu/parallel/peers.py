@@ -76,7 +76,7 @@ def join(backend: str, timeout: datetime.timedelta, stop=None, timeout_key: str 
         )
     host, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
     address = f"{host}:{port}"
-    wait = _Wait(rank, f"the rendezvous at {address}", _Job(None, address, timeout, timeout_key), stop, logging.INFO)
+    wait = _Wait(rank, f"the rendezvous at {address}", (timeout.total_seconds(), timeout_key), stop, logging.INFO)
     agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"  # torchrun's agent holds the store
     if rank == 0 and not agent:
         try:
@@ -136,7 +136,7 @@ def meet(where: str, group: dist.ProcessGroup | None = None) -> None:
     arrived = job.store.add(key, 1)
     _meetings[name] = _meetings.get(name, 0) + 1
     target = _meetings[name] * len(ranks)
-    wait = _Wait(dist.get_rank(), where, job, None, logging.DEBUG)
+    wait = _Wait(dist.get_rank(), where, (job.timeout.total_seconds(), job.timeout_key), None, logging.DEBUG)
     while arrived < target:
         wait.tick(lambda: f"waiting for {_names(_behind(job, name, count, ranks))} at {where}")
         arrived = job.store.add(key, 0)
@@ -145,10 +145,10 @@ def meet(where: str, group: dist.ProcessGroup | None = None) -> None:
 class _Wait:
     """A Python loop waiting for other ranks: each `tick` sleeps a little (a signal's handler runs
     meanwhile), ends the wait when `stop` was asked, says now and then whom it waits for, and
-    raises a JobError saying so after the job's timeout."""
+    raises a JobError saying so after `limit` (seconds, and the config key that set them)."""
 
-    def __init__(self, rank: int, where: str, job: _Job, stop, level: int):
-        self.rank, self.where, self.job, self.stop, self.level = rank, where, job, stop, level
+    def __init__(self, rank: int, where: str, limit: tuple[float, str], stop, level: int):
+        self.rank, self.where, self.limit, self.stop, self.level = rank, where, limit, stop, level
         self.start = time.monotonic()
         self.next_report = self.start + REPORT_AFTER_S
         self.delay = 0.001
@@ -157,10 +157,11 @@ class _Wait:
         if self.stop is not None and self.stop.requested:
             raise KeyboardInterrupt(f"{self.stop.signal_name} at {self.where}, before any work")
         now = time.monotonic()
-        if now - self.start >= self.job.timeout.total_seconds():
+        seconds, key = self.limit
+        if now - self.start >= seconds:
             raise JobError(
-                f"rank {self.rank} gave up {waiting_for()} after {_limit(self.job)}: is every rank running, and can "
-                f"it reach this one? Look at the other ranks' logs, then start the job again"
+                f"rank {self.rank} gave up {waiting_for()} after {key} = {seconds / 60:g}: is every rank running, and "
+                f"can it reach this one? Look at the other ranks' logs, then start the job again"
             )
         if now >= self.next_report:
             log.log(self.level, "rank %d: %s (%.0f s)", self.rank, waiting_for(), now - self.start)
@@ -175,10 +176,6 @@ def _job() -> _Job:
     where = f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}" if "MASTER_PORT" in os.environ else "here"
     timeout = _timeout.get("value", c10d.default_pg_timeout)
     return _Job(store, where, timeout, _timeout.get("key", "parallel.timeout_minutes"))
-
-
-def _limit(job: _Job) -> str:
-    return f"{job.timeout_key} = {job.timeout.total_seconds() / 60:g}"
 
 
 def _enter(where: str, group: dist.ProcessGroup | None) -> tuple[_Job, str, int]:
@@ -219,7 +216,7 @@ def _who_failed(job: _Job, name: str, count: int, where: str, group, err: Runtim
     late = "Timed out" in str(err)
     return (
         f"{_names(behind)} {'did not reach' if late else 'went away before'} {where}"
-        + (f" within {_limit(job)}" if late else "")
+        + (f" within {job.timeout_key} = {job.timeout.total_seconds() / 60:g}" if late else "")
         + f": look at {'its' if len(behind) == 1 else 'their'} log (a crash, a hang, a lost node), then start the "
         f"job again"
     )

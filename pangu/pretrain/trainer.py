@@ -25,7 +25,7 @@ import torch.distributed as dist
 from pangu.checkpoint import format as checkpoint_format
 from pangu.checkpoint.belonging import TrainedWith, UsedWith
 from pangu.checkpoint.saver import Checkpointer
-from pangu.checkpoint.store import CheckpointError
+from pangu.checkpoint.store import CheckpointError, CorruptCheckpointError
 from pangu.config import Config, SpikeGuardConfig
 from pangu.data.dataset import make_batch, read_samples
 from pangu.data.prepare import index_cache_dir, load_prepared, load_tokenizer
@@ -178,7 +178,7 @@ class Trainer:
         self.checkpoints = Checkpointer(self.output_dir, config, self.topology)
         candidates = self._guard_resume(self._resumable)  # structure and what they belong to: O(files)
         if train.init_from and not candidates:
-            self._on_rank_0(lambda: self._check_belongs(train.init_from, resume=False))
+            self._on_rank_0(lambda: self._check_belongs([train.init_from], resume=False))
         if candidates:  # this rank's share is read while the engine is built
             self.checkpoints.prefetch(candidates[0])
         # a run that resumes (or starts from train.init_from) draws no initial weights
@@ -226,17 +226,24 @@ class Trainer:
         newest belongs to this config and data (pangu/checkpoint/belonging.py)."""
         candidates = self.checkpoints.candidates()
         if candidates:
-            self._on_rank_0(lambda: self._check_belongs(candidates[0], resume=True))
+            self._on_rank_0(lambda: self._check_belongs(candidates, resume=True))
         return candidates
 
-    def _check_belongs(self, checkpoint: str | Path, resume: bool) -> None:
+    def _check_belongs(self, checkpoints: list, resume: bool) -> None:
         """A checkpoint to resume (or, not `resume`, train.init_from) must compute the config's
-        function and know the data's tokenizer; a resume must also be on the corpus it counts in."""
-        trained = TrainedWith.read(checkpoint)
-        trained.check_config(self.config.model)
-        trained.check_tokenizer(self.data)
-        if resume:
-            trained.check_corpus(self.data)
+        function and know the data's tokenizer; a resume must also be on the corpus it counts in.
+        The first of `checkpoints` that can be read is checked (a damaged one is the loader's to
+        pass over, with a warning naming the file)."""
+        for checkpoint in checkpoints:
+            try:
+                trained = TrainedWith.read(checkpoint)
+            except CorruptCheckpointError:
+                continue
+            trained.check_config(self.config.model)
+            trained.check_tokenizer(self.data)
+            if resume:
+                trained.check_corpus(self.data)
+            return
 
     def _guard_resume(self, action):
         """`action()`; when the run's checkpoints cannot be used (CheckpointError), stops with the
