@@ -10,6 +10,8 @@
 # RDZV_ID (a name shared by the nodes of one job), MAX_RESTARTS (default 3: when a worker fails,
 # torchrun stops the worker group and starts it again, up to this many times; the run resumes
 # from its newest intact checkpoint by itself). dp = world size / (parallel.tp x parallel.pp).
+# A user's error (a bad value, a damaged file: pangu's exit status 2) is not retried: the job ends
+# at once with pangu's line and exit status 2.
 set -euo pipefail
 NNODES=${NNODES:-1}
 if [ -z "${NPROC_PER_NODE:-}" ]; then
@@ -26,5 +28,32 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 # stay there and the new workers connect to dead peers (pytorch/pytorch#167288). With this, rank 0
 # of each attempt hosts a fresh store.
 export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-1}
-exec torchrun --nnodes "$NNODES" --nproc-per-node "$NPROC_PER_NODE" "${rendezvous[@]}" \
-  --max-restarts "${MAX_RESTARTS:-3}" -m pangu pretrain "$@"
+# torchrun restarts a worker group whenever a worker fails, and a user's error fails again every
+# time. So a worker that fails on one writes its line into this directory and exits 0 (pangu/cli.py),
+# torchrun ends, and this script ends with status 2 and the line.
+PANGU_USER_ERROR_DIR=$(mktemp -d "${TMPDIR:-/tmp}/pangu-user-error.XXXXXX")
+export PANGU_USER_ERROR_DIR
+trap 'rm -rf "$PANGU_USER_ERROR_DIR"' EXIT
+
+# torchrun runs in the background so that this shell, which waits for it, can pass on the signals
+# sent to it (SIGTERM from a scheduler, SIGUSR1 before a time limit). Ctrl-C reaches torchrun and
+# its workers from the terminal; this shell only outlives it, to report how the job ended.
+torchrun_pid=
+forward() { [ -n "$torchrun_pid" ] && kill -s "$1" "$torchrun_pid" 2>/dev/null; }
+trap 'forward TERM' TERM
+trap 'forward USR1' USR1
+trap ':' INT
+torchrun --nnodes "$NNODES" --nproc-per-node "$NPROC_PER_NODE" "${rendezvous[@]}" \
+  --max-restarts "${MAX_RESTARTS:-3}" -m pangu pretrain "$@" &
+torchrun_pid=$!
+status=0
+# `wait` returns early (status > 128) when a trapped signal arrives: wait again until torchrun exits.
+while kill -0 "$torchrun_pid" 2>/dev/null; do
+  wait "$torchrun_pid" && status=0 || status=$?
+done
+errors=("$PANGU_USER_ERROR_DIR"/rank*)
+if [ -e "${errors[0]}" ]; then
+  echo "launch/torchrun.sh: not restarted, a user's error ($(ls "$PANGU_USER_ERROR_DIR" | wc -l) ranks): $(cat "${errors[0]}")" >&2
+  exit 2
+fi
+exit "$status"

@@ -1,7 +1,7 @@
 """The `pangu` command: prepare | pretrain | evaluate | generate | convert | plot | plan | checkpoint.
 Each verb lives in pangu/commands/; this module builds the parser and turns the errors a user can
 cause into one line on stderr (exit status 2; an interruption 130, the environment refusing a
-file operation 1). With -v the traceback follows, for a bug report."""
+file operation, or the job's ranks failing to meet, 1). With -v the traceback follows, for a bug report."""
 
 from __future__ import annotations
 
@@ -11,8 +11,10 @@ import os
 import signal
 import sys
 import warnings
+from pathlib import Path
 
 from pangu.commands import COMMANDS
+from pangu.files import write_atomic
 from pangu.schema import PanguError
 
 # What third-party code prints or warns at every run that says nothing to a pangu user; shown
@@ -103,8 +105,9 @@ def main(argv: list[str] | None = None) -> int:
         return COMMANDS[args.command].run(args)
     except PanguError as err:
         log.debug("the traceback, for a bug report:", exc_info=True)
-        print(f"pangu {args.command}: error: {err}", file=sys.stderr)
-        return 2
+        line = f"pangu {args.command}: error: {err}"
+        print(line, file=sys.stderr)
+        return _exit_status(err, line)
     except KeyboardInterrupt as err:  # a second Ctrl-C, or one in a command without a graceful stop
         log.debug("the traceback, for a bug report:", exc_info=True)
         print(f"pangu {args.command}: interrupted" + (f" ({err})" if str(err) else ""), file=sys.stderr)
@@ -143,6 +146,23 @@ def entry(argv: list[str] | None = None) -> None:
         sys.stderr.flush()
         os._exit(code)
     sys.exit(code)
+
+
+def _exit_status(err: PanguError, line: str) -> int:
+    """err.exit_status. But a torchrun worker of pangu's launchers that fails on a user's error
+    (status 2: a bad value, a damaged file) would fail the same way after every restart torchrun
+    makes of a group with a failed worker: where the launcher asks for it (PANGU_USER_ERROR_DIR,
+    set by launch/torchrun.sh and launch/slurm.sbatch), the worker leaves its line there and exits
+    0, so that torchrun ends instead of restarting; the launcher then exits 2 with the line."""
+    errors = os.environ.get("PANGU_USER_ERROR_DIR")
+    if err.exit_status != 2 or not errors or "TORCHELASTIC_RUN_ID" not in os.environ:
+        return err.exit_status
+    try:
+        Path(errors).mkdir(parents=True, exist_ok=True)
+        write_atomic(Path(errors) / f"rank{int(os.environ.get('RANK', '0')):05d}", (line + "\n").encode())
+    except OSError:
+        return err.exit_status
+    return 0
 
 
 def _process_group():

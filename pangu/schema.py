@@ -19,7 +19,10 @@ import yaml
 
 class PanguError(Exception):
     """A condition a user can cause (bad input, a damaged file, a full disk): the command prints
-    its message, which names what is wrong and what to do, as one line, without a traceback."""
+    its message, which names what is wrong and what to do, as one line, without a traceback, and
+    exits with `exit_status` (2; a subclass for a failure a retry can cure says otherwise)."""
+
+    exit_status = 2
 
 
 class ConfigError(PanguError, ValueError):

@@ -70,16 +70,6 @@ from pangu.schema import ConfigError, from_dict
 
 FORMAT = "pangu-checkpoint"
 VERSION = 2
-# Model fields that decide the shapes of the parameters: a checkpoint must agree on all of them.
-SHAPE_FIELDS = (
-    "num_layers",
-    "hidden_size",
-    "num_heads",
-    "ffn_size",
-    "padded_vocab_size",
-    "seq_length",
-    "scale_invariant",
-)
 TRAINER_FILE = "trainer.json"
 SMALLEST_ITEMSIZE = 2  # bytes of a stored element (float16, bfloat16): what bounds a manifest's model
 
@@ -150,6 +140,16 @@ class TrainerFile:
     optimizer_scalars: list[OptimizerScalars]
     loss_scaler: dict[str, bool | int | float]
     tokenizer_fingerprint: str | None = None
+    corpus_fingerprint: str | None = None  # of the corpus the sampler's position counts samples of
+
+
+# Model fields that change only how a network trains, not the function it computes once trained:
+# dropout is off whenever a network is evaluated, and init_std only draws the initial weights,
+# which a checkpoint replaces. Every other ModelConfig field (the shapes, the activation, the
+# final LayerNorm's place, its epsilon, the vocabulary the logits keep, a field added later)
+# changes the function, so a checkpoint and the config it is resumed, continued or evaluated with
+# must agree on it (check_model_matches).
+TRAINING_ONLY_FIELDS = ("dropout", "attention_dropout", "init_std")
 
 
 def checkpoint_root(run_dir: str | Path) -> Path:
@@ -347,13 +347,24 @@ def declared_shapes(model: ModelConfig) -> dict[str, tuple[int, ...]]:
     return {name: spec.shape for name, spec in layout.parameter_table(model).items()}
 
 
+def model_mismatch(stored: ModelConfig, given: ModelConfig, given_name: str = "the config") -> str | None:
+    """Why `given` computes another function than `stored`: every field (but TRAINING_ONLY_FIELDS)
+    that differs, stored and given; None when they agree."""
+    changed = []
+    for declared in dataclasses.fields(ModelConfig):
+        name = declared.name
+        if name in TRAINING_ONLY_FIELDS or getattr(stored, name) == getattr(given, name):
+            continue
+        if name == "ffn_hidden_size" and stored.ffn_size == given.ffn_size:
+            continue  # 0 means 4 x hidden_size: one width written two ways
+        changed.append(f"model.{name} = {getattr(stored, name)!r} but {given_name} has {getattr(given, name)!r}")
+    return "; ".join(changed) + " (the network would compute another function)" if changed else None
+
+
 def check_model_matches(manifest: Manifest, model: ModelConfig, path: Path) -> None:
-    for name in SHAPE_FIELDS:
-        if getattr(manifest.model, name) != getattr(model, name):
-            raise CheckpointError(
-                f"checkpoint {path} was written for model.{name} = "
-                f"{getattr(manifest.model, name)!r} but the config has {getattr(model, name)!r}"
-            )
+    why = model_mismatch(manifest.model, model)
+    if why is not None:
+        raise CheckpointError(f"checkpoint {path} was written for {why}")
 
 
 def file_entry(path: Path) -> FileRecord:

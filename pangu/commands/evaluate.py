@@ -57,10 +57,14 @@ def run(args) -> int:
     if args.task:
         return _tasks(args)
     import pangu
+    from pangu.checkpoint.belonging import TrainedWith, UsedWith
     from pangu.evaluation.perplexity import unigram_perplexity, validation_perplexity
 
     config = load_config(args.config, args.overrides)
-    model, _ = pangu.load(args.checkpoint)
+    trained = TrainedWith.read(args.checkpoint)
+    trained.check_config(config.model)
+    trained.check_tokenizer(UsedWith.prepared(config.data.prepared_dir))
+    model, _ = pangu.load(trained.checkpoint)
     result = validation_perplexity(model, config, max_samples=args.max_samples)
     if args.baseline:
         result["unigram_ppl"] = unigram_perplexity(config, model.config.seq_length)
@@ -72,22 +76,26 @@ def run(args) -> int:
 def _tasks(args) -> int:
     """The tasks of --task, in one process or on every rank through the engine; rank 0 prints
     the results as JSON."""
+    from pangu.checkpoint.belonging import TrainedWith
     from pangu.evaluation.harness import build_eval_engine, evaluate_tasks, tokenizer_for
     from pangu.evaluation.tasks import load_task
+    from pangu.parallel import peers
+    from pangu.parallel.stop import StopRequest
 
     config = load_config(args.config, args.overrides)
     use_engine = args.engine or int(os.environ.get("WORLD_SIZE", "1")) > 1
     tasks = [load_task(spec, prepared_dir=config.data.prepared_dir) for spec in args.task]
+    trained = TrainedWith.read(args.checkpoint)
+    trained.check_config(config.model)
+    tokenizer = tokenizer_for(trained, config)
     if use_engine:
-        engine, config, topology = build_eval_engine(config, args.checkpoint, args.batch_size)
+        StopRequest()  # signals are noted, and every rank stops scoring at the same call (EngineScorer)
+        engine, config, topology = build_eval_engine(config, trained.checkpoint, args.batch_size)
         target, rank, layout = engine, topology.rank, topology.layout
-        tokenizer = tokenizer_for(args.checkpoint, config)
     else:
         import pangu
 
-        target, tokenizer = pangu.load(args.checkpoint)
-        if tokenizer is None:
-            tokenizer = tokenizer_for(args.checkpoint, config)
+        target, _ = pangu.load(trained.checkpoint)
         topology, rank, layout = None, 0, "(dp, tp, pp) = (1, 1, 1)"
     log = logging.getLogger("pangu.evaluate").info if rank == 0 else None
     results = evaluate_tasks(
@@ -122,5 +130,6 @@ def _tasks(args) -> int:
     if use_engine:
         import torch.distributed as dist
 
-        dist.barrier()
+        with peers.watched("the end of the evaluation", topology.host_group):
+            dist.barrier(group=topology.host_group)
     return 0

@@ -19,13 +19,19 @@ def add_parser(commands) -> None:
 
 def run(args) -> int:
     import pangu
+    from pangu.checkpoint.belonging import TrainedWith, UsedWith
+    from pangu.data.tokenizer import TOKENIZER_FILE, PanguTokenizer
     from pangu.evaluation.inference import generate_ids
 
-    model, tokenizer = pangu.load(args.checkpoint)
-    if tokenizer is None:
+    trained = TrainedWith.read(args.checkpoint)
+    carried = trained.checkpoint / TOKENIZER_FILE
+    if not carried.is_file():
         raise ConfigError(
             f"{args.checkpoint} carries no tokenizer (an imported weight file?): import it with --tokenizer"
         )
+    tokenizer = PanguTokenizer.from_file(carried)
+    trained.check_tokenizer(UsedWith.of_tokenizer(tokenizer, f"the tokenizer {trained.checkpoint} carries"))
+    model, _ = pangu.load(trained.checkpoint)
     ids = generate_ids(
         model,
         tokenizer.encode(args.prompt),

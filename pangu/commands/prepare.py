@@ -19,20 +19,30 @@ def add_parser(commands) -> None:
 
 
 class GlooGroup:
-    """The ranks of this torchrun job, over gloo (CPU only: prepare needs no accelerator)."""
+    """The ranks of this torchrun job, over gloo (CPU only: prepare needs no accelerator). They meet
+    as training's ranks do (pangu.parallel.peers): a rank that waits for others (at the start, or
+    for a slower rank at the end of a phase) says whom it waits for, a signal ends the wait at
+    once, and the absent are named after data.timeout_minutes."""
 
     def __init__(self, timeout_minutes: float) -> None:
         import datetime
 
         import torch.distributed as dist
 
-        self._dist = dist
-        dist.init_process_group("gloo", timeout=datetime.timedelta(minutes=timeout_minutes))
+        from pangu.parallel import peers
+
+        self._dist, self._peers = dist, peers
+        peers.join("gloo", datetime.timedelta(minutes=timeout_minutes), timeout_key="data.timeout_minutes")
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+        self._phases = 0
 
     def gather(self, value):
+        self._phases += 1
+        where = f"step {self._phases} of prepare's exchanges"
+        self._peers.meet(where)
         values = [None] * self.world_size
-        self._dist.all_gather_object(values, value)
+        with self._peers.watched(where):
+            self._dist.all_gather_object(values, value)
         return values
 
     def close(self) -> None:

@@ -22,6 +22,7 @@ on first use, no `.idx` is read, and the blend index and the epoch permutation c
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import re
 from dataclasses import dataclass
@@ -121,6 +122,24 @@ class Meta:
     sources: list[SourceMeta]
     pieces: int
     totals: Totals
+
+
+def corpus_fingerprint(meta: Meta) -> str:
+    """What identifies the corpus a prepared directory holds, for a run that resumes on it: the
+    tokenizer, and each source's blend weight and every shard with its documents and tokens (the
+    samples a run draws are a function of these). Not the input files' paths or times: the same
+    corpus prepared again, elsewhere or from copied files, is the same corpus."""
+    content = {
+        "tokenizer": meta.tokenizer.fingerprint,
+        "sources": [
+            {
+                "weight": s.weight,
+                **{split: [dataclasses.astuple(e) for e in s.splits()[split].shards] for split in SPLITS},
+            }
+            for s in meta.sources
+        ],
+    }
+    return hashlib.sha256(json.dumps(content, sort_keys=True).encode("utf-8")).hexdigest()
 
 
 def foreign_entries(prepared_dir: Path) -> list[str]:

@@ -20,8 +20,10 @@ import collections
 import hashlib
 import io
 import logging
+import multiprocessing
 import os
 import re
+import signal
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Literal
@@ -178,28 +180,42 @@ class PanguTokenizer:
         # training text and left to byte fallback.
         free_pieces = vocab_size - 3 - len(SPECIAL_PIECES) - NUM_BYTE_PIECES
         sentences = _restrict_alphabet(sentences, max_characters=free_pieces // 2)
-        model = io.BytesIO()
-        try:
-            spm.SentencePieceTrainer.train(
-                sentence_iterator=iter(sentences),
-                model_writer=model,
-                vocab_size=vocab_size,
-                model_type=algorithm,
-                user_defined_symbols=list(SPECIAL_PIECES),
-                byte_fallback=True,
-                normalization_rule_name="nmt_nfkc",
-                max_sentence_length=_MAX_TRAINER_LINE_BYTES,
-                num_threads=num_threads,
-                minloglevel=2,
-            )
-        except RuntimeError as err:
-            raise DataError(
-                f"training a {algorithm} tokenizer with data.tokenizer.vocab_size = {vocab_size} "
-                f"failed: {err}. A vocabulary too large for the corpus is the usual cause: "
-                f"lower data.tokenizer.vocab_size"
-            ) from None
-        write_atomic(out_path, model.getvalue())
-        return PanguTokenizer(model.getvalue(), str(out_path))
+        options = dict(
+            vocab_size=vocab_size,
+            model_type=algorithm,
+            user_defined_symbols=list(SPECIAL_PIECES),
+            byte_fallback=True,
+            normalization_rule_name="nmt_nfkc",
+            max_sentence_length=_MAX_TRAINER_LINE_BYTES,
+            num_threads=num_threads,
+            minloglevel=2,
+        )
+        # SentencePiece trains in C++ for minutes on a large sample, deaf to signals: it runs in a
+        # process of its own, which this one waits for where Ctrl-C and SIGTERM are heard (and
+        # ends, leaving the pool, when they come)
+        with multiprocessing.get_context("spawn").Pool(1, initializer=_leave_ctrl_c_to_the_parent) as pool:
+            try:
+                model = pool.apply(_train_sentencepiece, (sentences, options))
+            except RuntimeError as err:
+                raise DataError(
+                    f"training a {algorithm} tokenizer with data.tokenizer.vocab_size = {vocab_size} "
+                    f"failed: {err}. A vocabulary too large for the corpus is the usual cause: "
+                    f"lower data.tokenizer.vocab_size"
+                ) from None
+        write_atomic(out_path, model)
+        return PanguTokenizer(model, str(out_path))
+
+
+def _train_sentencepiece(sentences: list[str], options: dict) -> bytes:
+    """(In the trainer's process) the serialized model SentencePiece trains on `sentences`."""
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(sentences), model_writer=model, **options)
+    return model.getvalue()
+
+
+def _leave_ctrl_c_to_the_parent() -> None:
+    # Ctrl-C reaches the whole process group: the parent ends the trainer (a traceback here says nothing)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def check_trainable_vocab_size(vocab_size: int) -> None:

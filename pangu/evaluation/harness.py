@@ -74,6 +74,7 @@ def evaluate_tasks(
         from pangu.data.prepare import load_tokenizer
 
         tokenizer = load_tokenizer(config.data.prepared_dir)
+    _check_vocabulary(model_or_engine, tokenizer, config)
     scorer = make_scorer(model_or_engine, tokenizer=tokenizer, config=config, topology=topology, batch_size=batch_size)
     prepared_dir = config.data.prepared_dir if config is not None else None
     loaded = [t if isinstance(t, Task) else load_task(t, prepared_dir=prepared_dir) for t in tasks]
@@ -105,6 +106,20 @@ def evaluate_tasks(
         if log is not None:
             log(f"{name}: {summary_line(result)}")
     return results
+
+
+def _check_vocabulary(model_or_engine, tokenizer, config) -> None:
+    """A tokenizer of another vocabulary size than the network's cannot be its own (its ids would
+    mean other pieces): refused (checkpoint/belonging.py), for a model or an engine."""
+    from pangu.checkpoint.belonging import TrainedWith, UsedWith
+    from pangu.parallel.engine import Engine
+
+    if isinstance(model_or_engine, Engine):
+        model = config.model
+    else:
+        model = getattr(model_or_engine, "config", None)  # a PanguAlpha; a Scorer has none
+    if model is not None:
+        TrainedWith("the model", model).check_tokenizer(UsedWith.of_tokenizer(tokenizer, "the tokenizer given"))
 
 
 def span_score(losses: np.ndarray, start: int, end: int, reduce: str) -> float:
@@ -261,15 +276,21 @@ def build_eval_engine(config, checkpoint_path, micro_batch_size: int | None = No
     return engine, config, topology
 
 
-def tokenizer_for(checkpoint_path, config):
-    """The tokenizer a checkpoint carries (checked against the one it was trained with), else the
-    one of config's prepared data."""
+def tokenizer_for(trained, config):
+    """The tokenizer a checkpoint carries (checked against the one it was trained with), else the one
+    of config's prepared data, once found to be the one its network was trained with (`trained`: the
+    checkpoint's belonging.TrainedWith)."""
     from pangu.checkpoint import format as fmt
+    from pangu.checkpoint.belonging import UsedWith
     from pangu.data.prepare import load_tokenizer
     from pangu.data.tokenizer import TOKENIZER_FILE, PanguTokenizer
 
-    path = fmt.resolve(checkpoint_path)
+    path = trained.checkpoint
     carried = fmt.read_tokenizer(path, fmt.read_manifest(path))
-    if carried is None:
-        return load_tokenizer(config.data.prepared_dir)
-    return PanguTokenizer(carried, str(path / TOKENIZER_FILE))
+    if carried is not None:
+        tokenizer, name = PanguTokenizer(carried, str(path / TOKENIZER_FILE)), f"the tokenizer {path} carries"
+    else:
+        prepared_dir = config.data.prepared_dir
+        tokenizer, name = load_tokenizer(prepared_dir), f"the tokenizer of data.prepared_dir = {prepared_dir!r}"
+    trained.check_tokenizer(UsedWith.of_tokenizer(tokenizer, name))
+    return tokenizer

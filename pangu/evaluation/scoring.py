@@ -27,7 +27,9 @@ from tqdm import tqdm
 
 from pangu.data.dataset import check_token_ids, make_batch
 from pangu.evaluation.inference import cached_logits, current_document, generate, token_losses
+from pangu.parallel import peers
 from pangu.parallel.engine import Engine, MicroBatch
+from pangu.parallel.stop import StopRequest
 
 StopFn = Callable[[list[int]], bool]
 MICRO_BATCHES_PER_CALL = 64  # per data-parallel rank and eval_batch call: bounds the kept outputs
@@ -104,7 +106,9 @@ class ModelScorer(Scorer):
 
 class EngineScorer(Scorer):
     """Scores through the training engine (see the module docstring). Every rank of the job must
-    call the same methods with the same rows; rank 0 gets the full results, the other ranks None."""
+    call the same methods with the same rows; rank 0 gets the full results, the other ranks None. When
+    the process has a StopRequest (training, `pangu evaluate` on the engine), the ranks agree before
+    each engine call whether a signal asked to stop (then Stopped, on every rank at once)."""
 
     def __init__(self, engine: Engine, config, topology, *, pad_id: int, eod_id: int):
         self.engine, self.config, self.topology = engine, config, topology
@@ -131,9 +135,12 @@ class EngineScorer(Scorer):
         groups += [[] for _ in range(-len(groups) % topo.dp)]  # every dp rank runs as many micro-batches
         mine: dict[int, np.ndarray] = {}
         calls = range(0, len(groups), per_call)
-        for first in tqdm(
-            calls, desc="scoring", unit="call", leave=False, disable=None if dist.get_rank() == 0 else True
+        stop = StopRequest.current()
+        for n, first in enumerate(
+            tqdm(calls, desc="scoring", unit="call", leave=False, disable=None if dist.get_rank() == 0 else True)
         ):
+            if stop is not None:
+                stop.check(topo.host_group, f"task scoring (call {n + 1} of {len(calls)})")
             call = groups[first : first + per_call]
             local = call[topo.dp_rank :: topo.dp]
             outputs = self.engine.token_losses([self._micro_batch(rows, indices) for indices in local])
@@ -158,7 +165,13 @@ class EngineScorer(Scorer):
             return self.engine.logits(MicroBatch.from_batch(batch).inputs)[0, -1].float().cpu()
 
         mine: dict[int, np.ndarray] = {}
-        for i in range(self.topology.dp_rank, len(prompts), self.topology.dp):
+        request = StopRequest.current()
+        for first in range(0, len(prompts), self.topology.dp):  # a round: one prompt per data-parallel rank
+            if request is not None:
+                request.check(self.topology.host_group, f"generation (prompt {first + 1} of {len(prompts)})")
+            i = first + self.topology.dp_rank
+            if i >= len(prompts):
+                continue
             prompt = current_document(prompts[i], self.eod_id) if self.eod_reset else list(prompts[i])
             out = generate(
                 logits_of,
@@ -180,7 +193,8 @@ def _gather_rows(mine: dict[int, np.ndarray], count: int, topology) -> list[np.n
     other ranks, which have nothing to do with the results."""
     rank = dist.get_rank()
     gathered: list[dict | None] | None = [None] * dist.get_world_size() if rank == 0 else None
-    dist.gather_object(mine, gathered, dst=0, group=topology.host_group)
+    with peers.watched("gathering the scores on rank 0", topology.host_group):
+        dist.gather_object(mine, gathered, dst=0, group=topology.host_group)
     if rank != 0:
         return None
     merged: dict[int, np.ndarray] = {}

@@ -29,6 +29,7 @@ import torch.distributed as dist
 
 from pangu.config import Config
 from pangu.model.pangu_alpha import DropoutSeeds
+from pangu.parallel.schedule_model import runs
 from pangu.parallel.topology import Topology
 from pangu.schema import ConfigError
 
@@ -218,7 +219,20 @@ def micro_batches_per_step(config: Config, topology: Topology) -> int:
             f"train.global_batch_size = {config.train.global_batch_size} is not allowed: expected a "
             f"multiple of train.micro_batch_size x dp = {config.train.micro_batch_size} x {topology.dp}"
         )
-    return config.train.global_batch_size // per_step
+    micro_batches = config.train.global_batch_size // per_step
+    parallel = config.parallel
+    if (
+        parallel.engine == "torch"
+        and parallel.pp > 1
+        and not runs(parallel.schedule, parallel.pp, parallel.virtual_stages, micro_batches)
+    ):
+        raise ConfigError(
+            f"parallel.schedule = {parallel.schedule!r} at pp = {parallel.pp} cannot run {micro_batches} micro-batches "
+            f"per step (train.global_batch_size / (train.micro_batch_size x dp)): 1f1b needs at least pp, the "
+            "interleaved schedules a multiple of their rounds (max(1, micro-batches // pp)); raise "
+            "train.global_batch_size or lower train.micro_batch_size"
+        )
+    return micro_batches
 
 
 def build_engine(config: Config, topology: Topology, initialize: bool = True) -> Engine:

@@ -21,6 +21,8 @@ import torch.distributed as dist
 import torch.distributed.distributed_c10d as c10d
 
 from pangu.config import ParallelConfig
+from pangu.parallel import peers
+from pangu.parallel.stop import StopRequest
 from pangu.schema import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -128,8 +130,8 @@ def _init_process_group(timeout: datetime.timedelta) -> None:
         dist.init_process_group(
             backend(), init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1, timeout=timeout
         )
-    else:
-        dist.init_process_group(backend(), timeout=timeout)
+    else:  # launched: meet the other ranks in a loop that says whom it waits for and honours signals
+        peers.join(backend(), timeout, StopRequest.current())
 
 
 def free_port() -> int:

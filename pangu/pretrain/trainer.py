@@ -12,7 +12,6 @@ import importlib.util
 import logging
 import math
 import shutil
-import signal
 import statistics
 import time
 from collections import deque
@@ -24,8 +23,9 @@ import torch
 import torch.distributed as dist
 
 from pangu.checkpoint import format as checkpoint_format
+from pangu.checkpoint.belonging import TrainedWith, UsedWith
 from pangu.checkpoint.saver import Checkpointer
-from pangu.checkpoint.store import CheckpointError
+from pangu.checkpoint.store import CheckpointError, CorruptCheckpointError
 from pangu.config import Config, SpikeGuardConfig
 from pangu.data.dataset import make_batch, read_samples
 from pangu.data.prepare import index_cache_dir, load_prepared, load_tokenizer
@@ -35,14 +35,17 @@ from pangu.evaluation.tasks import load_task
 from pangu.model.sizes import flops_per_token, parameter_count
 from pangu.optim import registry
 from pangu.optim.schedules import lr_factor
+from pangu.parallel import peers
 from pangu.parallel.engine import Engine, MicroBatch, build_engine, micro_batches_per_step
 from pangu.parallel.sdc import SdcCheck
+from pangu.parallel.stop import Stopped, StopRequest
 from pangu.parallel.topology import Topology, device, init_distributed
 from pangu.pretrain import run_directory
 from pangu.pretrain.metrics import MetricsLogger, peak_memory_bytes, total_peak_flops
 from pangu.schema import ConfigError, PanguError
 
 log = logging.getLogger(__name__)
+PROGRESS_EVERY_S = 10.0  # how often a long validation says how far it is
 
 
 class Batches:
@@ -86,7 +89,8 @@ class Batches:
         tokens = 0
         if self.counts_tokens:
             counted = torch.tensor([sum(int(batch["loss_mask"].sum()) for batch in batches)], dtype=torch.int64)
-            dist.all_reduce(counted, group=self.topology.data_parallel_host_group)
+            with peers.watched("the count of a batch's tokens", self.topology.data_parallel_host_group):
+                dist.all_reduce(counted, group=self.topology.data_parallel_host_group)
             tokens = int(counted.item())
         return [MicroBatch.from_batch(batch) for batch in batches], tokens
 
@@ -103,34 +107,6 @@ class Batches:
                 make_batch(samples, pad_id=self.pad_id, eod_id=self.eod_id, eod_reset=self.config.data.eod_reset)
             )
         return out
-
-
-class StopRequest:
-    """SIGUSR1 (Slurm's preemption warning), SIGTERM or SIGINT (Ctrl-C) asks the run to finish its
-    step, checkpoint and stop; a second SIGINT stops at once (KeyboardInterrupt, which the command
-    reports in one line).
-
-    Ranks receive the signal at different moments, so after every step the flag is all-reduced
-    (MAX): all ranks stop after the same step."""
-
-    SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)
-
-    def __init__(self):
-        self.signal_name: str | None = None
-        for sig in self.SIGNALS:
-            signal.signal(sig, self._receive)
-
-    def _receive(self, signum, _frame) -> None:
-        if signum == signal.SIGINT and self.signal_name == "SIGINT":
-            raise KeyboardInterrupt
-        self.signal_name = signal.Signals(signum).name
-        if signum == signal.SIGINT:
-            log.warning("Ctrl-C: the run checkpoints after this step and stops (Ctrl-C again to stop at once)")
-
-    def agreed(self) -> bool:
-        flag = torch.tensor([0 if self.signal_name is None else 1], device=device())
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
 
 
 def learning_rate(config: Config, step: int) -> float:
@@ -163,6 +139,16 @@ class Trainer:
         self.train_data, self.meta = load_prepared(config.data.prepared_dir, "train", config.model.seq_length)
         self.index_cache = index_cache_dir(config.data.prepared_dir, config.parallel.timeout_minutes)  # built once
         valid_data, _ = load_prepared(config.data.prepared_dir, "valid", config.model.seq_length)
+        one_pass = validation_batches(train, len(valid_data))
+        if one_pass < train.eval_batches and self.topology.rank == 0:
+            log.warning(
+                "train.eval_batches = %d is more than one pass over the %d validation samples: validation takes %d "
+                "global batches of %d",
+                train.eval_batches,
+                len(valid_data),
+                one_pass,
+                train.global_batch_size,
+            )
         if self.meta["vocab_size"] != config.model.vocab_size:
             raise ConfigError(
                 f"model.vocab_size = {config.model.vocab_size} does not match the tokenizer of "
@@ -179,6 +165,7 @@ class Trainer:
         # the tokenizer the run trains with, as it starts: every checkpoint carries these bytes, whatever
         # the prepared directory holds when it is written
         self.tokenizer = load_tokenizer(config.data.prepared_dir)
+        self.data = UsedWith.prepared(config.data.prepared_dir)
         if train.wandb.project and importlib.util.find_spec("wandb") is None:
             raise ConfigError(
                 f"train.wandb.project = {train.wandb.project!r} needs wandb: pip install 'pangu-lm[wandb]', "
@@ -190,9 +177,11 @@ class Trainer:
                 f"train.output_dir = {train.output_dir!r} is inside data.prepared_dir = {config.data.prepared_dir!r}, "
                 "which `pangu prepare` replaces as a whole: choose a run directory outside it"
             )
-        self._lock = self._claim_output_dir()
+        self._lock = self._on_rank_0(lambda: run_directory.claim(self.output_dir))
         self.checkpoints = Checkpointer(self.output_dir, config, self.topology)
-        candidates = self._guard_resume(self.checkpoints.candidates)  # structure only: O(files)
+        candidates = self._guard_resume(self._resumable)  # structure and what they belong to: O(files)
+        if train.init_from and not candidates:
+            self._on_rank_0(lambda: self._check_belongs([train.init_from], resume=False))
         if candidates:  # this rank's share is read while the engine is built
             self.checkpoints.prefetch(candidates[0])
         # train.init_from is checked now (its manifest, files and model), before the engine is built
@@ -224,19 +213,46 @@ class Trainer:
         self.model_flops = flops_per_token(config.model)
         self.peak_flops = total_peak_flops(train.peak_flops, device(), self.topology.host_group)
 
-    def _claim_output_dir(self):
-        """Rank 0 takes the output directory's lock; every rank learns whether it could."""
-        lock, error = None, None
+    def _on_rank_0(self, action):
+        """`action()` on rank 0 (taking the output directory's lock, a check that reads files once for
+        every rank); a PanguError it raises is raised on every rank. Returns its result (None on the
+        other ranks)."""
+        result, error = None, None
         if self.topology.rank == 0:
             try:
-                lock = run_directory.claim(self.output_dir)
-            except ConfigError as err:
-                error = str(err)
+                result = action()
+            except PanguError as err:
+                error = err
         box = [error]
-        dist.broadcast_object_list(box, src=0, group=self.topology.host_group)
+        with peers.watched("start-up (rank 0's checks)", self.topology.host_group):
+            dist.broadcast_object_list(box, src=0, group=self.topology.host_group)
         if box[0] is not None:
-            raise ConfigError(box[0])
-        return lock
+            raise box[0]
+        return result
+
+    def _resumable(self) -> list[Path]:
+        """The run's structurally intact checkpoints, newest first, once rank 0 has found that the
+        newest belongs to this config and data (pangu/checkpoint/belonging.py)."""
+        candidates = self.checkpoints.candidates()
+        if candidates:
+            self._on_rank_0(lambda: self._check_belongs(candidates, resume=True))
+        return candidates
+
+    def _check_belongs(self, checkpoints: list, resume: bool) -> None:
+        """A checkpoint to resume (or, not `resume`, train.init_from) must compute the config's
+        function and know the data's tokenizer; a resume must also be on the corpus it counts in.
+        The first of `checkpoints` that can be read is checked (a damaged one is the loader's to
+        pass over, with a warning naming the file)."""
+        for checkpoint in checkpoints:
+            try:
+                trained = TrainedWith.read(checkpoint)
+            except CorruptCheckpointError:
+                continue
+            trained.check_config(self.config.model)
+            trained.check_tokenizer(self.data)
+            if resume:
+                trained.check_corpus(self.data)
+            return
 
     def _guard_resume(self, action):
         """`action()`; when the run's checkpoints cannot be used (CheckpointError), stops with the
@@ -261,7 +277,8 @@ class Trainer:
                 reason,
                 aside,
             )
-        dist.barrier(group=self.topology.host_group)
+        with peers.watched("setting the checkpoints aside (train.restart)", self.topology.host_group):
+            dist.barrier(group=self.topology.host_group)
         return None
 
     def _restore(self, candidates: list[Path]) -> Path:
@@ -269,11 +286,6 @@ class Trainer:
         weights, optimizer, RNGs, step and data position."""
         path, state = self.checkpoints.restore(self.engine, candidates)
         self.resumed_from, self.resume_read = path, state["read"]
-        if state.get("tokenizer_fingerprint") != self.meta["tokenizer"]["fingerprint"]:
-            raise CheckpointError(
-                f"checkpoint {path} was trained with another tokenizer than the one of "
-                f"{self.config.data.prepared_dir}: resume with the data it was trained on"
-            )
         self.step = state["step"]
         self.sampler = GlobalBatchSampler.from_state_dict(
             state["sampler"], len(self.train_data), self.config.train.global_batch_size, cache_dir=self.index_cache
@@ -335,7 +347,8 @@ class Trainer:
             {
                 "step": self.step,
                 "sampler": self.sampler.state_dict(),
-                "tokenizer_fingerprint": self.meta["tokenizer"]["fingerprint"],
+                "tokenizer_fingerprint": self.data.tokenizer,
+                "corpus_fingerprint": self.data.corpus,  # what the sampler's position counts in
             },
             self.tokenizer.model_bytes,
         )
@@ -346,7 +359,8 @@ class Trainer:
         stop = train.stop_at or train.steps
         logger = MetricsLogger(self.output_dir, train.steps, self.step, self.topology.rank == 0, self.config)
         memory = [None] * self.topology.world_size
-        dist.all_gather_object(memory, (self.memory, self.resume_read), group=self.topology.host_group)
+        with peers.watched("start-up (gathering the memory report)", self.topology.host_group):
+            dist.all_gather_object(memory, (self.memory, self.resume_read), group=self.topology.host_group)
         if self.resumed_from is not None:
             read = [r for _, r in memory]  # per rank: tensor bytes read, its own share, index bytes, seconds
             logger.event(
@@ -374,6 +388,16 @@ class Trainer:
                 ),
             )
         record: dict = {}
+        if self.stop_request.agreed(self.topology.host_group, "the stop agreement before the first step"):
+            # a signal during start-up (which can take minutes: a large checkpoint to read): nothing
+            # was trained since the last checkpoint, so there is nothing to save
+            signal_name = self.stop_request.signal_name or "on another rank"
+            logger.event(self.step, "preempted", signal=signal_name, before_first_step=True)
+            if self.topology.rank == 0:
+                log.warning(
+                    "%s during start-up: the run stops before its first step, with nothing to save", signal_name
+                )
+            stop = self.step
         while self.step < stop:
             record = self.train_step()
             step = self.step
@@ -385,12 +409,10 @@ class Trainer:
                 continue
             eval_due = (train.eval_interval and step % train.eval_interval == 0) or step == train.steps
             if eval_due:
-                record["val_loss"] = validation_loss(self.engine, self.valid_batches, train)
-                record["val_ppl"] = math.exp(min(record["val_loss"], 50.0))
-                record.update(self.evaluate_tasks())
+                record.update(self.validate())
             if eval_due or step % train.log_interval == 0 or step == stop:
                 logger.log(record)
-            preempted = self.stop_request.agreed()
+            preempted = self.stop_request.agreed(self.topology.host_group, f"the stop agreement after step {step}")
             if (train.save_interval and step % train.save_interval == 0) or step == stop or preempted:
                 path = self.save()
                 logger.event(step, "checkpoint", path=str(path), **self.checkpoints.last)
@@ -398,12 +420,32 @@ class Trainer:
                 logger.event(step, "preempted", signal=self.stop_request.signal_name or "on another rank")
                 break
         else:
-            if stop < train.steps:
+            if stop == train.stop_at < train.steps:
                 logger.event(self.step, "stopped", reason=f"train.stop_at = {train.stop_at}")
         self.checkpoints.wait()  # a background save in flight is published before the run ends
         logger.finish()
-        dist.barrier()
+        with peers.watched("the end of the run", self.topology.host_group):
+            dist.barrier(group=self.topology.host_group)
         return record
+
+    def validate(self) -> dict:
+        """val_loss, val_ppl and the train.eval_tasks' results; when a signal asks every rank to stop
+        meanwhile, what was not done is left out (and said), and the run goes on to checkpoint."""
+        results: dict = {}
+        try:
+            loss = validation_loss(self.engine, self.valid_batches, self.config.train, self.stop_request)
+            results.update(val_loss=loss, val_ppl=math.exp(min(loss, 50.0)))
+            results.update(self.evaluate_tasks())
+        except Stopped as stopped:
+            if self.topology.rank == 0:
+                log.warning(
+                    "%s: the validation of step %d is cut short (%s not logged); the step is checkpointed and the run "
+                    "stops",
+                    stopped,
+                    self.step,
+                    "its tasks are" if results else "it is",
+                )
+        return results
 
     def _roll_back(self, logger: MetricsLogger, skip_data: bool) -> tuple[str, list[int] | None]:
         """Reloads the last checkpoint and, with `skip_data`, skips the samples seen since it
@@ -528,11 +570,28 @@ def pretrain(config: Config) -> dict:
     return Trainer(config).run()
 
 
-def validation_loss(engine: Engine, batches: Batches, train) -> float:
-    """Mean token loss over the first `train.eval_batches` global batches of the validation set."""
-    total = 0.0
+def validation_batches(train, samples: int) -> int:
+    """train.eval_batches, but at most one pass over a validation set of `samples` samples."""
+    return min(train.eval_batches, -(-samples // train.global_batch_size))
+
+
+def validation_loss(engine: Engine, batches: Batches, train, stop: StopRequest | None = None) -> float:
+    """Mean token loss over the first `train.eval_batches` global batches of the validation set, at
+    most one pass over it (the last batch wraps around to the set's start to fill up). With `stop`,
+    the ranks agree before each batch whether to go on (Stopped when a signal asked to stop). Rank 0
+    says how far it is every PROGRESS_EVERY_S."""
     size = train.global_batch_size
-    for k in range(train.eval_batches):
+    count = validation_batches(train, len(batches.dataset))
+    total = 0.0
+    started = last = time.monotonic()
+    for k in range(count):
+        if stop is not None:
+            stop.check(batches.topology.host_group, f"validation (batch {k + 1} of {count})")
         ids = (np.arange(k * size, (k + 1) * size) % len(batches.dataset)).astype(np.int64)
         total += engine.evaluate(*batches.for_step(ids))
-    return total / train.eval_batches
+        now = time.monotonic()
+        if batches.topology.rank == 0 and now - last >= PROGRESS_EVERY_S and k + 1 < count:
+            left = (now - started) / (k + 1) * (count - k - 1)
+            log.info("validation: batch %d of %d, %.0f s left", k + 1, count, left)
+            last = now
+    return total / count

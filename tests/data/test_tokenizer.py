@@ -103,3 +103,59 @@ def test_text_never_ends_in_half_a_character(tmp_path, review_lines):
         assert "\ufffd" not in decoded and text.startswith(decoded), (end, decoded)
     assert trained.decode(ids) == text
     assert {trained.decode(ids[:end]) for end in range(len(ids) + 1)} >= {"好", "好龘", "好龘𠀋", "好龘𠀋é"}
+
+
+# A tokenizer training that SentencePiece spends a while on (~10 s here): 200k lines of words
+# drawn from a random lexicon, already segmented (presegment bypassed), a large vocabulary.
+# SIGTERM comes 2 s after SentencePiece started (its alphabet is restricted just before).
+INTERRUPTED_TRAINING = """
+import os, random, signal, sys, threading, time
+import multiprocessing
+import pangu.data.tokenizer as tokenizer
+tokenizer.presegment = lambda text: text
+restrict = tokenizer._restrict_alphabet
+def restrict_then_signal(*args, **kwargs):
+    restricted = restrict(*args, **kwargs)
+    def later():
+        time.sleep(2)
+        print(f"signal {time.monotonic()}", file=sys.stderr, flush=True)
+        os.kill(os.getpid(), signal.SIGTERM)
+    threading.Thread(target=later, daemon=True).start()
+    return restricted
+tokenizer._restrict_alphabet = restrict_then_signal
+signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+rng = random.Random(0)
+characters = [chr(0x4E00 + i) for i in range(3000)]
+words = ["".join(rng.choices(characters, k=rng.randint(2, 4))) for _ in range(50000)]
+lines = [" ".join(rng.choices(words, k=30)) for _ in range(200000)]
+try:
+    tokenizer.PanguTokenizer.train(lines, sys.argv[1], 60000, "bpe", num_threads=1)
+    print("trained", file=sys.stderr)
+except KeyboardInterrupt:
+    print(f"interrupted {time.monotonic()}", file=sys.stderr)
+    print(f"processes left: {len(multiprocessing.active_children())}", file=sys.stderr)
+"""
+
+
+@pytest.mark.slow
+def test_ctrl_c_or_sigterm_ends_a_long_tokenizer_training_at_once(tmp_path):
+    """SentencePiece trains in C++, deaf to signals, for minutes on a real sample: it runs in a
+    process of its own, so the signal ends the training within a second, leaving no process and
+    no model file."""
+    import subprocess
+    import sys
+
+    from tests.helpers import subprocess_env
+
+    out = tmp_path / "tokenizer.model"
+    done = subprocess.run(
+        [sys.executable, "-c", INTERRUPTED_TRAINING, str(out)],
+        capture_output=True,
+        text=True,
+        env=subprocess_env(),
+        timeout=300,
+    )
+    times = dict(line.split() for line in done.stderr.splitlines() if line.startswith(("signal ", "interrupted ")))
+    assert "trained" not in done.stderr and set(times) == {"signal", "interrupted"}, done.stderr[-2000:]
+    assert float(times["interrupted"]) - float(times["signal"]) < 1.5
+    assert "processes left: 0" in done.stderr and not out.exists()

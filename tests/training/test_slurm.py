@@ -146,3 +146,17 @@ def test_requeues_after_failures_are_capped(cluster, tiny_corpus, tmp_path):
     text = job_output(out, job)
     assert runs[-1]["JobState"] == "FAILED", text[-5000:]
     assert f"job {job}, run 2," in text and "requeued after 1 failures" in text and "giving up" in text, text[-5000:]
+
+
+def test_a_users_error_ends_the_job_at_once(cluster, tmp_path):
+    """A bad value (a prepared directory that does not exist) fails on every rank with exit
+    status 2: no worker is restarted, the job is not requeued, it ends FAILED with pangu's line
+    last in its output."""
+    out = tmp_path / "user-error"
+    job = submit(cluster, tmp_path / "nowhere", out)
+    runs = wait_until_ended(cluster, job, out)
+    text = job_output(out, job)
+    assert [run["JobState"] for run in runs] == ["FAILED"], text[-5000:]
+    assert text.count("pangu pretrain: error:") == 4 + 1, text[-5000:]  # 2 nodes x 2 workers, once; the last line
+    assert "not restarted or requeued, a user's error" in text and "requeueing" not in text
+    assert text.strip().splitlines()[-1].startswith("pangu pretrain: error:") and "holds no prepared data" in text

@@ -29,10 +29,13 @@ from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
 from torch.distributed.pipelining import (
     PipelineStage,
     Schedule1F1B,
+    ScheduleGPipe,
     ScheduleInterleaved1F1B,
     ScheduleInterleavedZeroBubble,
+    ScheduleLoopedBFS,
     ScheduleZBVZeroBubble,
 )
+from torch.distributed.pipelining.schedules import PipelineScheduleSingle
 from torch.distributed.tensor import DTensor
 
 from pangu.config import Config
@@ -240,7 +243,12 @@ class TorchEngine(Engine):
         key = (n, mode)
         if key not in self._schedules:
             kind = SCHEDULES[self.config.parallel.schedule]
-            stages = self.pipeline_stages[0] if kind is Schedule1F1B else self.pipeline_stages
+            if mode != "train" and kind is not ScheduleZBVZeroBubble:
+                # without backwards, schedules of the same stage placement run the same forwards;
+                # GPipe's and looped BFS's take any number of micro-batches (evaluation's last batch,
+                # a short task), where 1F1B needs one per stage and the interleaved ones whole rounds
+                kind = ScheduleGPipe if kind is Schedule1F1B else ScheduleLoopedBFS
+            stages = self.pipeline_stages[0] if issubclass(kind, PipelineScheduleSingle) else self.pipeline_stages
             self._schedules[key] = kind(stages, n_microbatches=n, loss_fn=self._loss, scale_grads=False)
         return self._schedules[key]
 
