@@ -9,6 +9,7 @@ import dataclasses
 import json
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -39,7 +40,7 @@ OTHER_VALUES = {
 
 def test_every_model_field_but_the_training_only_ones_must_match():
     stored = ModelConfig(num_layers=3, hidden_size=64, vocab_size=600, seq_length=32)
-    manifest = {"model": dataclasses.asdict(stored)}
+    manifest = SimpleNamespace(model=stored)  # what check_model_matches reads of a Manifest
     assert set(OTHER_VALUES) == {f.name for f in dataclasses.fields(ModelConfig)}
     for name, value in OTHER_VALUES.items():
         given = dataclasses.replace(stored, **{name: value})
