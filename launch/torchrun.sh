@@ -29,8 +29,8 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 # of each attempt hosts a fresh store.
 export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-1}
 # torchrun restarts a worker group whenever a worker fails, and a user's error fails again every
-# time. So a worker that fails on one writes its line into this directory and exits 0 (pangu/cli.py),
-# torchrun ends, and this script ends with status 2 and the line.
+# time. So a worker that fails on one writes its line into this directory and holds (pangu/cli.py);
+# this script, watching it, stops torchrun and ends with status 2 and the line.
 PANGU_USER_ERROR_DIR=$(mktemp -d "${TMPDIR:-/tmp}/pangu-user-error.XXXXXX")
 export PANGU_USER_ERROR_DIR
 trap 'rm -rf "$PANGU_USER_ERROR_DIR"' EXIT
@@ -46,11 +46,18 @@ trap ':' INT
 torchrun --nnodes "$NNODES" --nproc-per-node "$NPROC_PER_NODE" "${rendezvous[@]}" \
   --max-restarts "${MAX_RESTARTS:-3}" -m pangu pretrain "$@" &
 torchrun_pid=$!
-status=0
-# `wait` returns early (status > 128) when a trapped signal arrives: wait again until torchrun exits.
+# Wait for torchrun (a trapped signal ends `wait` early: the loop goes on); a user's error reported
+# in $PANGU_USER_ERROR_DIR stops it, a few seconds later so that the other ranks' lines are in.
+stopping=
 while kill -0 "$torchrun_pid" 2>/dev/null; do
-  wait "$torchrun_pid" && status=0 || status=$?
+  if [ -z "$stopping" ] && compgen -G "$PANGU_USER_ERROR_DIR/rank*" > /dev/null; then
+    sleep 3
+    stopping=1
+    kill -s TERM "$torchrun_pid" 2>/dev/null
+  fi
+  sleep 1 & wait $!
 done
+wait "$torchrun_pid" && status=0 || status=$?
 errors=("$PANGU_USER_ERROR_DIR"/rank*)
 if [ -e "${errors[0]}" ]; then
   echo "launch/torchrun.sh: not restarted, a user's error ($(ls "$PANGU_USER_ERROR_DIR" | wc -l) ranks): $(cat "${errors[0]}")" >&2

@@ -6,10 +6,12 @@ file operation, or the job's ranks failing to meet, 1). With -v the traceback fo
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import signal
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -148,12 +150,16 @@ def entry(argv: list[str] | None = None) -> None:
     sys.exit(code)
 
 
+USER_ERROR_HOLD_S = 60.0  # how long a launched worker waits for its launcher to end the job
+
+
 def _exit_status(err: PanguError, line: str) -> int:
-    """err.exit_status. But a torchrun worker of pangu's launchers that fails on a user's error
-    (status 2: a bad value, a damaged file) would fail the same way after every restart torchrun
-    makes of a group with a failed worker: where the launcher asks for it (PANGU_USER_ERROR_DIR,
-    set by launch/torchrun.sh and launch/slurm.sbatch), the worker leaves its line there and exits
-    0, so that torchrun ends instead of restarting; the launcher then exits 2 with the line."""
+    """err.exit_status. But torchrun restarts a worker group whenever a worker fails, and a user's
+    error (status 2: a bad value, a damaged file) fails the same way every time: where the launcher
+    asks for it (PANGU_USER_ERROR_DIR, set by launch/torchrun.sh and launch/slurm.sbatch), the worker
+    leaves its line there and holds until the launcher, which watches the directory, ends the job
+    (so no worker of it ever fails, and no peer loses the store it still needs); a worker not ended
+    within USER_ERROR_HOLD_S exits with the status."""
     errors = os.environ.get("PANGU_USER_ERROR_DIR")
     if err.exit_status != 2 or not errors or "TORCHELASTIC_RUN_ID" not in os.environ:
         return err.exit_status
@@ -162,7 +168,11 @@ def _exit_status(err: PanguError, line: str) -> int:
         write_atomic(Path(errors) / f"rank{int(os.environ.get('RANK', '0')):05d}", (line + "\n").encode())
     except OSError:
         return err.exit_status
-    return 0
+    for name in ("SIGTERM", "SIGINT", "SIGUSR1"):  # training's graceful handlers would only set a flag
+        signal.signal(getattr(signal, name), _interrupted)
+    with contextlib.suppress(KeyboardInterrupt):
+        time.sleep(USER_ERROR_HOLD_S)
+    return err.exit_status
 
 
 def _process_group():

@@ -165,7 +165,8 @@ def test_generate_refuses_a_tokenizer_its_model_was_not_trained_with(straight_ru
     swapped = _copy_checkpoint(straight_run, tmp_path / "swapped")
     shutil.copyfile(foreign_tokenizer_corpus / "tokenizer.model", swapped / "tokenizer.model")
     manifest = json.loads((swapped / "manifest.json").read_text())
-    manifest["files"]["tokenizer.model"] = fmt.file_entry(swapped / "tokenizer.model")
+    record = fmt.file_entry(swapped / "tokenizer.model")
+    manifest["files"]["tokenizer.model"] = {"bytes": record.bytes, "xxh3": record.xxh3}
     (swapped / "manifest.json").write_text(json.dumps(manifest))
     assert main(["generate", "--checkpoint", str(swapped), "--prompt", "中国", "--max-new-tokens", "3"]) == 2
 

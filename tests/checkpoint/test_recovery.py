@@ -65,7 +65,9 @@ def test_a_killed_worker_is_restarted_and_the_run_finishes_by_itself(tiny_corpus
         os.killpg(job.pid, signal.SIGKILL)
         pytest.fail(f"the restarted job did not finish:\n{job.communicate()[1][-4000:]}")
     assert job.returncode == 0, stderr[-4000:]
-    assert "failed (exitcode: -9) local_rank: 1" in stderr, stderr[-4000:]  # torchrun saw it die
+    # torchrun saw it die, or rank 0 saw it go away first and failed naming it
+    died = "failed (exitcode: -9) local_rank: 1" in stderr or "rank 1 went away" in stderr
+    assert died and "resumed" in stderr, stderr[-4000:]
     events = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [e["step"] for e in events if e.get("event") == "resumed"] == [2]
     assert losses(out) == losses(reference)

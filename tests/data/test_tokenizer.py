@@ -105,7 +105,7 @@ def test_text_never_ends_in_half_a_character(tmp_path, review_lines):
     assert {trained.decode(ids[:end]) for end in range(len(ids) + 1)} >= {"好", "好龘", "好龘𠀋", "好龘𠀋é"}
 
 
-# A tokenizer training that SentencePiece spends a while on (~10 s here): 200k lines of words
+# A tokenizer training that SentencePiece spends a while on (~10 s here): 600k lines of words
 # drawn from a random lexicon, already segmented (presegment bypassed), a large vocabulary.
 # SIGTERM comes 2 s after SentencePiece started (its alphabet is restricted just before).
 INTERRUPTED_TRAINING = """
@@ -127,7 +127,7 @@ signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt
 rng = random.Random(0)
 characters = [chr(0x4E00 + i) for i in range(3000)]
 words = ["".join(rng.choices(characters, k=rng.randint(2, 4))) for _ in range(50000)]
-lines = [" ".join(rng.choices(words, k=30)) for _ in range(200000)]
+lines = [" ".join(rng.choices(words, k=30)) for _ in range(600000)]
 try:
     tokenizer.PanguTokenizer.train(lines, sys.argv[1], 60000, "bpe", num_threads=1)
     print("trained", file=sys.stderr)

@@ -146,6 +146,7 @@ def test_deepspeed_dp3_names_a_corrupted_state_and_the_rank_whose_weights_differ
         tiny_corpus,
         tmp_path / "run",
         "train.micro_batch_size=1",
+        "parallel.engine=deepspeed",
         "train.global_batch_size=6",
         "train.sdc_check.fingerprint_interval=2",
     )

@@ -157,6 +157,8 @@ def test_a_users_error_ends_the_job_at_once(cluster, tmp_path):
     runs = wait_until_ended(cluster, job, out)
     text = job_output(out, job)
     assert [run["JobState"] for run in runs] == ["FAILED"], text[-5000:]
-    assert text.count("pangu pretrain: error:") == 4 + 1, text[-5000:]  # 2 nodes x 2 workers, once; the last line
+    # each worker's line at most once (none restarted; the job is stopped a few seconds after the
+    # first), and the job's last line
+    assert 2 <= text.count("pangu pretrain: error:") <= 4 + 1, text[-5000:]
     assert "not restarted or requeued, a user's error" in text and "requeueing" not in text
     assert text.strip().splitlines()[-1].startswith("pangu pretrain: error:") and "holds no prepared data" in text
