@@ -219,8 +219,13 @@ def micro_batches_per_step(config: Config, topology: Topology) -> int:
             f"train.global_batch_size = {config.train.global_batch_size} is not allowed: expected a "
             f"multiple of train.micro_batch_size x dp = {config.train.micro_batch_size} x {topology.dp}"
         )
-    micro_batches = config.train.global_batch_size // per_step
-    parallel = config.parallel
+    return config.train.global_batch_size // per_step
+
+
+def check_schedule_runs(config: Config, topology: Topology) -> None:
+    """Refuses a training step whose micro-batches the torch engine's schedule cannot run (torch's
+    schedules check it only when built; evaluation runs forward-only schedules, which take any)."""
+    parallel, micro_batches = config.parallel, micro_batches_per_step(config, topology)
     if (
         parallel.engine == "torch"
         and parallel.pp > 1
@@ -232,7 +237,6 @@ def micro_batches_per_step(config: Config, topology: Topology) -> int:
             "interleaved schedules a multiple of their rounds (max(1, micro-batches // pp)); raise "
             "train.global_batch_size or lower train.micro_batch_size"
         )
-    return micro_batches
 
 
 def build_engine(config: Config, topology: Topology, initialize: bool = True) -> Engine:

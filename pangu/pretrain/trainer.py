@@ -36,7 +36,7 @@ from pangu.model.sizes import flops_per_token, parameter_count
 from pangu.optim import registry
 from pangu.optim.schedules import lr_factor
 from pangu.parallel import peers
-from pangu.parallel.engine import Engine, MicroBatch, build_engine, micro_batches_per_step
+from pangu.parallel.engine import Engine, MicroBatch, build_engine, check_schedule_runs, micro_batches_per_step
 from pangu.parallel.sdc import SdcCheck
 from pangu.parallel.stop import Stopped, StopRequest
 from pangu.parallel.topology import Topology, device, init_distributed
@@ -135,6 +135,7 @@ class Trainer:
         self.stop_request = StopRequest()  # before anything slow, so that an early signal is kept
         train = config.train
         self.topology = init_distributed(config.parallel)
+        check_schedule_runs(config, self.topology)
         torch.manual_seed(train.seed)  # nothing in training draws from it (dropout: DropoutSeeds)
         self.train_data, self.meta = load_prepared(config.data.prepared_dir, "train", config.model.seq_length)
         self.index_cache = index_cache_dir(config.data.prepared_dir, config.parallel.timeout_minutes)  # built once

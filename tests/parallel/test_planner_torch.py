@@ -18,6 +18,7 @@ from pangu.parallel.memory_model import Kernels, Profile, stage_memory
 from pangu.parallel.memory_torch import _micro_batch_bytes
 from pangu.parallel.planner import GiB, Hardware, Layout
 from pangu.parallel.schedule_model import bubble_fraction, rank_actions, replay, runs
+from pangu.schema import ConfigError
 from tests.helpers import PROBES, REPO
 
 WORLD = 4
@@ -304,3 +305,31 @@ def test_interleaving_shrinks_the_bubble_and_zero_bubble_more():
     fractions = [t.bubble_fraction for t in bubbles]
     assert fractions == sorted(fractions, reverse=True) and fractions[0] == pytest.approx(7 / 71)
     assert schedule_model.bubble_fraction("zero_bubble", 8, 2, 64) == pytest.approx(7 / (3 * 2 * 64 + 7))
+
+
+@pytest.mark.parametrize(
+    "schedule, virtual, micro_batches, fits",
+    [("1f1b", 1, 1, False), ("1f1b", 1, 2, True), ("interleaved_1f1b", 2, 5, False), ("interleaved_1f1b", 2, 6, True)],
+)
+def test_a_training_step_the_schedule_cannot_run_is_refused_before_any_work(schedule, virtual, micro_batches, fits):
+    """torch's schedules check their micro-batch count only when built, mid-way into a run: the
+    trainer asks the planner's replica of them first (pp = 2, dp = 1)."""
+    from types import SimpleNamespace
+
+    from pangu.parallel.engine import check_schedule_runs
+
+    config = load_config(
+        "tiny",
+        [
+            "parallel.pp=2",
+            f"parallel.schedule={schedule}",
+            f"parallel.virtual_stages={virtual}",
+            "train.micro_batch_size=1",
+            f"train.global_batch_size={micro_batches}",
+        ],
+    )
+    if fits:
+        check_schedule_runs(config, SimpleNamespace(dp=1))
+    else:
+        with pytest.raises(ConfigError, match=f"cannot run {micro_batches} micro-batches per step"):
+            check_schedule_runs(config, SimpleNamespace(dp=1))
