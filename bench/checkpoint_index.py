@@ -22,12 +22,12 @@ from pathlib import Path
 from pangu.checkpoint.format import declared_shapes
 from pangu.checkpoint.store import TensorReader
 from pangu.config import load_config
-from pangu.model import layout
+from pangu.model import declaration
 
 
 def index_records(model, dp: int, tp: int, pp: int) -> tuple[list[dict], dict[str, int]]:
     """Piece records as every rank of the layout writes them, and each rank file's size."""
-    params = layout.parameters(model)
+    params = declaration.parameters(model)
     stages = [params[i * len(params) // pp : (i + 1) * len(params) // pp] for i in range(pp)]
     records, sizes = [], {}
     for stage, stage_params in enumerate(stages):

@@ -65,7 +65,7 @@ from pangu.files import (
     write_atomic,
     write_synced,
 )
-from pangu.model import layout
+from pangu.model import declaration
 from pangu.schema import ConfigError, from_dict
 
 FORMAT = "pangu-checkpoint"
@@ -265,7 +265,9 @@ def declared_elements(model: ModelConfig) -> int:
     """The elements of every parameter the model declares, from the declarations of its 2- and
     3-layer versions (each further layer adds one more block): a manifest may name any number of
     layers, and declaring them one by one would take memory in proportion."""
-    two, three = (sum(p.numel for p in layout.parameters(dataclasses.replace(model, num_layers=n))) for n in (2, 3))
+    two, three = (
+        sum(p.numel for p in declaration.parameters(dataclasses.replace(model, num_layers=n))) for n in (2, 3)
+    )
     return two + (model.num_layers - 2) * (three - two)
 
 
@@ -344,7 +346,7 @@ def tensor_reader(path: Path, manifest: Manifest, prefer: str | None = None) -> 
 
 def declared_shapes(model: ModelConfig) -> dict[str, tuple[int, ...]]:
     """{parameter: full shape} as the model declares them: what a checkpoint's pieces must be."""
-    return {name: spec.shape for name, spec in layout.parameter_table(model).items()}
+    return {name: spec.shape for name, spec in declaration.parameter_table(model).items()}
 
 
 def model_mismatch(stored: ModelConfig, given: ModelConfig, given_name: str = "the config") -> str | None:

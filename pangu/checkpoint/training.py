@@ -43,7 +43,7 @@ from pangu.checkpoint.store import (
 from pangu.config import Config
 from pangu.data.tokenizer import TOKENIZER_FILE
 from pangu.files import make_marked_tmp, write_synced
-from pangu.model import layout
+from pangu.model import declaration
 from pangu.optim import registry
 from pangu.parallel.engine import Engine
 from pangu.parallel.topology import Topology
@@ -191,7 +191,7 @@ def save_request(
     `tokenizer`: the model file the run trains with (rank 0 writes it into the checkpoint)."""
     engine.create_optimizer_state()
     buffers = snapshot if snapshot is not None else engine.checkpoint_buffers()
-    shapes = {p.name: p.shape for p in layout.parameters(config.model)}
+    shapes = {p.name: p.shape for p in declaration.parameters(config.model)}
     pieces = []
     for fragment in engine.fragments():
         for key in buffers[fragment.buffer]:

@@ -74,7 +74,7 @@ from tqdm import tqdm
 from pangu.config import ModelConfig
 from pangu.convert.importer import DTYPES, check_dtype
 from pangu.files import UnsafePathError, confined, write_synced
-from pangu.model import layout
+from pangu.model import declaration
 from pangu.schema import from_dict
 
 if TYPE_CHECKING:  # torch is imported when needed: the CLI builds its parser from this module
@@ -115,13 +115,13 @@ _LAYER_NAMES = {  # pangu sub-name in a block -> the port's
     "mlp.dense_4h_to_h.weight": "mlp.c_proj.weight",
     "mlp.dense_4h_to_h.bias": "mlp.c_proj.bias",
 }
-WORD = layout.WORD_EMBEDDING_WEIGHT
+WORD = declaration.WORD_EMBEDDING_WEIGHT
 _TOP_NAMES = {  # pangu name outside the blocks -> the port's
     WORD: "transformer.wte.weight",
-    layout.POSITION_EMBEDDING_WEIGHT: "transformer.wpe.weight",
-    layout.QUERY_EMBEDDING_WEIGHT: "transformer.wqe.weight",
-    f"{layout.FINAL_LAYERNORM}.weight": "transformer.ln_f.weight",
-    f"{layout.FINAL_LAYERNORM}.bias": "transformer.ln_f.bias",
+    declaration.POSITION_EMBEDDING_WEIGHT: "transformer.wpe.weight",
+    declaration.QUERY_EMBEDDING_WEIGHT: "transformer.wqe.weight",
+    f"{declaration.FINAL_LAYERNORM}.weight": "transformer.ln_f.weight",
+    f"{declaration.FINAL_LAYERNORM}.bias": "transformer.ln_f.bias",
 }
 LM_HEAD = "lm_head.weight"
 
@@ -130,9 +130,13 @@ def hf_names(num_layers: int) -> dict[str, str]:
     """pangu canonical name -> GPTPangu name, for a model of `num_layers` (counting the query layer)."""
     names = dict(_TOP_NAMES)
     for i in range(num_layers - 1):
-        names.update({f"{layout.block_name(i)}.{sub}": f"transformer.h.{i}.{hf}" for sub, hf in _LAYER_NAMES.items()})
+        names.update(
+            {f"{declaration.block_name(i)}.{sub}": f"transformer.h.{i}.{hf}" for sub, hf in _LAYER_NAMES.items()}
+        )
     query = num_layers - 1
-    names.update({f"{layout.QUERY_LAYER}.{sub}": f"transformer.h.{query}.{hf}" for sub, hf in _LAYER_NAMES.items()})
+    names.update(
+        {f"{declaration.QUERY_LAYER}.{sub}": f"transformer.h.{query}.{hf}" for sub, hf in _LAYER_NAMES.items()}
+    )
     return names
 
 
@@ -243,7 +247,7 @@ def export_hf(
 
     reader = fmt.tensor_reader(path, manifest)
     names = hf_names(model.num_layers)
-    declared = [p.name for p in layout.parameters(model)]
+    declared = [p.name for p in declaration.parameters(model)]
     unmapped = [name for name in declared if name not in names]
     if unmapped:
         raise CheckpointError(f"{path}: parameters the GPTPangu port has no place for: {unmapped[:5]}")

@@ -27,7 +27,7 @@ from tqdm import tqdm
 from pangu.config import ModelConfig
 from pangu.convert.mindspore.ckpt import read_mindspore_ckpt, read_mindspore_ckpt_shapes, read_one_tensor
 from pangu.convert.mindspore.names import MINDSPORE_WORD_EMBEDDINGS, infer_model_shape, to_pangu_names
-from pangu.model import layout
+from pangu.model import declaration
 from pangu.schema import ConfigError
 
 if TYPE_CHECKING:  # torch is imported when needed: the CLI builds its parser from this module
@@ -122,7 +122,7 @@ def import_mindspore(
         )
     torch_dtype = getattr(torch, dtype) if dtype else None
     tensors = ((name, _to_torch(array, torch_dtype)) for name, array in to_pangu_names(named_arrays, model=model))
-    progress = tqdm(tensors, total=len(layout.parameters(model)), desc="importing", unit="tensor", disable=None)
+    progress = tqdm(tensors, total=len(declaration.parameters(model)), desc="importing", unit="tensor", disable=None)
     return write_weights(out, model, progress, Path(tokenizer) if tokenizer else None)
 
 

@@ -8,7 +8,7 @@ layers a pipeline stage builds, and no rank draws a full tensor it holds a slice
 depend only on the full shape: TILE_COLUMNS columns (a divisor of every tensor-parallel slice of
 the PanGu-α sizes, so slices cut no tile) and about TILE_ELEMENTS elements. A resumed run skips
 drawing altogether (`zero_parameters`): the checkpoint overwrites every weight. The rule of each
-parameter (the original PanGu-α initialisation) is declared in layout.py.
+parameter (the original PanGu-α initialisation) is declared in declaration.py.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from collections.abc import Iterable
 import torch
 
 from pangu.config import ModelConfig
-from pangu.model import layout
+from pangu.model import declaration
 
 TILE_COLUMNS = 1024
 TILE_ELEMENTS = 1 << 20
@@ -36,20 +36,20 @@ def tile_shape(rows: int, columns: int) -> tuple[int, int]:
     return max(1, min(rows, TILE_ELEMENTS // width)), width
 
 
-def _draw_tile(tile: torch.Tensor, spec: layout.Parameter, generator: torch.Generator) -> None:
-    if spec.init == layout.NORMAL:
+def _draw_tile(tile: torch.Tensor, spec: declaration.Parameter, generator: torch.Generator) -> None:
+    if spec.init == declaration.NORMAL:
         tile.normal_(0.0, spec.std, generator=generator)
     else:  # truncated at two standard deviations, as MindSpore's TruncatedNormal
         std = spec.std
         torch.nn.init.trunc_normal_(tile, 0.0, std, -2 * std, 2 * std, generator=generator)
 
 
-def draw(spec: layout.Parameter, box: tuple[tuple[int, int], ...], seed: int) -> torch.Tensor:
+def draw(spec: declaration.Parameter, box: tuple[tuple[int, int], ...], seed: int) -> torch.Tensor:
     """The region `box` ([start, stop) per dimension) of parameter `spec`'s initial value (fp32)."""
     shape = tuple(stop - start for start, stop in box)
-    if spec.init == layout.ONES:
+    if spec.init == declaration.ONES:
         return torch.ones(shape)
-    if spec.init == layout.ZEROS:
+    if spec.init == declaration.ZEROS:
         return torch.zeros(shape)
     if len(spec.shape) > 2:
         raise ValueError(f"{spec.name}: initialisation of {len(spec.shape)}-dimensional tensors is not declared")
@@ -78,16 +78,16 @@ def initialize_parameters(
 ) -> None:
     """Initialise every parameter (canonical names) of this tensor-parallel rank: only its slice
     is drawn."""
-    table = layout.parameter_table(config)
+    table = declaration.parameter_table(config)
     for name, param in named_parameters:
         param.copy_(initial_value(table[name], table[name].local_range(tp_rank, tp_size), config, seed))
 
 
-def initial_value(spec: layout.Parameter, box: tuple[tuple[int, int], ...], config: ModelConfig, seed: int):
+def initial_value(spec: declaration.Parameter, box: tuple[tuple[int, int], ...], config: ModelConfig, seed: int):
     """The region `box` of parameter `spec`'s initial value: `draw`, with the word embedding's
     padding rows (never looked up, masked out of the logits) at zero."""
     value = draw(spec, box, seed)
-    if spec.name == layout.WORD_EMBEDDING_WEIGHT:
+    if spec.name == declaration.WORD_EMBEDDING_WEIGHT:
         value[max(0, config.vocab_size - box[0][0]) :] = 0.0
     return value
 

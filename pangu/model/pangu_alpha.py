@@ -31,7 +31,7 @@ tiny (1e-30, only guarding all-zero rows) or invariance fails at small scales.
 The layers that tensor parallelism splits (Q/K/V and FFN-up column-parallel, attention-output
 and FFN-down row-parallel, the vocabulary-parallel word embedding) come from a `LayerFactory`
 (factory.py): plain torch layers by default, megatron-core's under pangu.parallel. The order of
-the layers and every parameter's name and shape are declared in layout.py; the modules here are
+the layers and every parameter's name and shape are declared in declaration.py; the modules here are
 built in that order by `PanguStage`, which every engine uses for its pipeline stages (any cut of
 the declared layers) and of which `PanguAlpha`, the whole network, is the one-stage case.
 """
@@ -46,7 +46,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from pangu.config import ModelConfig
-from pangu.model import layout
+from pangu.model import declaration
 from pangu.model.factory import PLAIN, LayerFactory, mix_seed
 
 
@@ -147,7 +147,7 @@ class DropoutSeeds:
     """Where dropout draws its masks in training: one seed per (run seed, step, micro-batch, layer).
 
     A micro-batch is named by its place in the global batch (samples [c x micro_batch_size, ...)),
-    which no layout changes, and a layer by its index in the declaration (layout.py); so every
+    which no layout changes, and a layer by its index in the declaration (declaration.py); so every
     layer of every pipeline stage draws masks of its own, and a sample gets the same masks under
     any (dp, pp) (and any tp, but for the attention probabilities, which are split over heads).
     Nothing about it needs saving: a resumed run derives the same seeds. Each stage runs the
@@ -299,14 +299,14 @@ class Stem(nn.Module):
 
 
 def trunk_layer(kind: str, config: ModelConfig, layers: LayerFactory, selective_recompute: bool) -> nn.Module:
-    """The module of a trunk layer of `kind` (see layout.py)."""
-    if kind == layout.BLOCK:
+    """The module of a trunk layer of `kind` (see declaration.py)."""
+    if kind == declaration.BLOCK:
         return TransformerLayer(config, layers, selective_recompute)
-    if kind == layout.QUERY:
+    if kind == declaration.QUERY:
         return QueryLayer(config, layers, selective_recompute)
-    if kind == layout.FINAL_NORM:
+    if kind == declaration.FINAL_NORM:
         return FinalLayerNorm(config)
-    if kind == layout.STEM_LAYER:
+    if kind == declaration.STEM_LAYER:
         return Stem(config, layers)
     raise ValueError(f"{kind!r} is not a trunk layer")
 
@@ -316,7 +316,7 @@ def trunk_layer(kind: str, config: ModelConfig, layers: LayerFactory, selective_
 
 
 class PanguStage(nn.Module):
-    """Layers [first, last) of the declaration (layout.layers) as one module: the whole network,
+    """Layers [first, last) of the declaration (declaration.layers) as one module: the whole network,
     or one pipeline stage of it. Every engine builds its stages with this class, so the network
     is assembled in one place for every stage cut; parameter names are the canonical names of
     checkpoints (a last stage that holds the head but not the word embedding has its own copy of
@@ -344,7 +344,7 @@ class PanguStage(nn.Module):
         dropout_seeds: DropoutSeeds | None = None,
     ):
         super().__init__()
-        declared = layout.layers(config)
+        declared = declaration.layers(config)
         last = len(declared) if last is None else last
         self.config = config
         self.layers = layers
@@ -355,23 +355,23 @@ class PanguStage(nn.Module):
         self.is_first = first == 0
         self.is_last = last == len(declared)
         self.embedding = nn.Module()
-        if layout.WORD_EMBEDDING in self.kinds or layout.HEAD in self.kinds:
+        if declaration.WORD_EMBEDDING in self.kinds or declaration.HEAD in self.kinds:
             self.embedding.word_embeddings = layers.vocab_embedding(config.padded_vocab_size, config.hidden_size)
-        if layout.POSITION_EMBEDDING in self.kinds:
+        if declaration.POSITION_EMBEDDING in self.kinds:
             self.embedding.position_embeddings = layers.make(nn.Embedding, config.seq_length, config.hidden_size)
         self.trunk: list[tuple[int, nn.Module]] = []  # (layer index, module): registered under canonical names
         for index, layer in enumerate(declared[first:last], start=first):
-            if layer.kind not in layout.TRUNK_KINDS:
+            if layer.kind not in declaration.TRUNK_KINDS:
                 continue
             module = trunk_layer(layer.kind, config, layers, recompute == "selective")
-            if layer.kind == layout.BLOCK:
-                if layout.BLOCKS not in self._modules:  # registered in the declared order
+            if layer.kind == declaration.BLOCK:
+                if declaration.BLOCKS not in self._modules:  # registered in the declared order
                     self.blocks = nn.ModuleDict()
-                self.blocks[layer.module.removeprefix(layout.BLOCKS + ".")] = module
+                self.blocks[layer.module.removeprefix(declaration.BLOCKS + ".")] = module
             else:
                 self.add_module(layer.module, module)
             self.trunk.append((index, module))
-        self.uses_attention = any(kind in layout.TRANSFORMER_KINDS for kind in self.kinds)
+        self.uses_attention = any(kind in declaration.TRANSFORMER_KINDS for kind in self.kinds)
 
     def forward(self, *inputs: torch.Tensor):
         first, position_ids, *document_ids = inputs
@@ -396,10 +396,10 @@ class PanguStage(nn.Module):
     def run(self, x, position_ids, mask, kv_cache: list[list] | None = None) -> torch.Tensor:
         """This stage's layers on `x` (token ids on a first stage, hidden states otherwise)."""
         index = self.first
-        if layout.WORD_EMBEDDING in self.kinds:
+        if declaration.WORD_EMBEDDING in self.kinds:
             x = self.embedding.word_embeddings(x)
             index += 1
-        if layout.POSITION_EMBEDDING in self.kinds:
+        if declaration.POSITION_EMBEDDING in self.kinds:
             self._seed(index, self.config.dropout)
             x = x + self.embedding.position_embeddings(position_ids)
             x = F.dropout(x, self.config.dropout, training=self.training)

@@ -1,6 +1,6 @@
 """Split a model's parameters into optimizer groups: with and without weight decay, and the
 scale-invariant trunk (for ScaleInvariantSGD). Which parameters decay and which form the trunk
-is the model's to say (pangu.model.layout declares it for PanGu-α); this module only groups."""
+is the model's to say (pangu.model.declaration declares it for PanGu-α); this module only groups."""
 
 from __future__ import annotations
 

@@ -80,7 +80,7 @@ class Fragment:
     element `start`. `copy` > 0 marks a replica that checkpoints store but readers skip (the
     head's copy of the tied embedding; a tensor-parallel-replicated parameter on tp rank > 0)."""
 
-    name: str  # canonical (pangu/model/layout.py)
+    name: str  # canonical (pangu/model/declaration.py)
     box: tuple[tuple[int, int], ...]
     flat: tuple[int, int]
     buffer: int

@@ -3,7 +3,7 @@ either engine (`Layout.engine`), from the config alone (no torch). This module h
 engines share (the layers and their parameters, what a micro-batch's forward saves for backward)
 and the DeepSpeed engine's terms; pangu/parallel/memory_torch.py the torch engine's.
 
-The DeepSpeed engine (PipelineEngine + ZeRO stage 1, the layers of pangu.model.layout, the
+The DeepSpeed engine (PipelineEngine + ZeRO stage 1, the layers of pangu.model.declaration, the
 optimizers' declared state, BF16_Optimizer for bf16 with fp32 gradient accumulation,
 DeepSpeedZeroOptimizer for fp32 / fp16), for pipeline stage j:
 
@@ -72,7 +72,7 @@ from functools import lru_cache
 from typing import TYPE_CHECKING
 
 from pangu.config import Config, ModelConfig, ParallelConfig
-from pangu.model import layout as model_layout
+from pangu.model import declaration
 from pangu.optim import registry
 from pangu.optim.param_groups import GROUP_ORDER, group_of
 from pangu.parallel.stages import stage_bounds
@@ -137,7 +137,7 @@ class MemoryEstimate:
 
 @dataclass(frozen=True)
 class PipeLayer:
-    kind: str  # a layer kind of pangu.model.layout
+    kind: str  # a layer kind of pangu.model.declaration
     groups: tuple[tuple[str, int], ...]  # (optimizer group, elements on one tp rank)
     tied: bool = False
 
@@ -154,7 +154,7 @@ def _add(groups: dict[str, int], group: str, numel: int) -> None:
 @lru_cache(maxsize=256)
 def model_pipeline_layers(model: ModelConfig, tp: int, scale_invariant_group: bool) -> tuple[PipeLayer, ...]:
     out = []
-    for layer in model_layout.layers(model):
+    for layer in declaration.layers(model):
         groups: dict[str, int] = {}
         for param in layer.parameters:
             group = group_of(decays=param.weight_decay, scale_invariant=param.scale_invariant and scale_invariant_group)
@@ -164,7 +164,7 @@ def model_pipeline_layers(model: ModelConfig, tp: int, scale_invariant_group: bo
 
 
 def pipeline_layers(config: Config, tp: int) -> tuple[PipeLayer, ...]:
-    """The pipeline's layers (pangu.model.layout, as pangu.parallel.pipeline builds them), with
+    """The pipeline's layers (pangu.model.declaration, as pangu.parallel.pipeline builds them), with
     the parameters each holds on one tensor-parallel rank, by optimizer group."""
     return model_pipeline_layers(config.model, tp, registry.get(config.optim.name).scale_invariant_group)
 

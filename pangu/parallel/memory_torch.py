@@ -45,7 +45,7 @@ from functools import lru_cache
 from typing import TYPE_CHECKING, NamedTuple
 
 from pangu.config import Config, ModelConfig, ParallelConfig
-from pangu.model import layout as model_layout
+from pangu.model import declaration
 from pangu.optim.param_groups import GROUP_ORDER, group_of
 from pangu.parallel.memory_model import Kernels, Profile, StageMemory, dtype_bytes
 from pangu.parallel.schedule_model import in_flight
@@ -101,7 +101,7 @@ def rank_memory(profile: Profile, layout: Layout, rank: int, kernels: Kernels, d
     return StageMemory(
         stage=rank,
         layers=tuple(
-            layer.kind for index in indices for layer in model_layout.layers(model)[bounds[index] : bounds[index + 1]]
+            layer.kind for index in indices for layer in declaration.layers(model)[bounds[index] : bounds[index + 1]]
         ),
         group_numel=static.group_numel,
         parameters=static.parameters,
@@ -148,19 +148,19 @@ def _stage_parameters(
     (WORD_EMBEDDING_UNIT for the word embedding's where its DTensor gradient comes back whole).
     The tied word embedding once."""
     out, tied_seen = [], False
-    own = model_layout.layers(model)[first:last]
+    own = declaration.layers(model)[first:last]
     # the vocabulary-parallel embedding's gradient comes back whole unless the head, on the same
     # stage, adds its part (split like the parameter) to it
-    embedding_unit = ROOT_UNIT if any(layer.kind == model_layout.HEAD for layer in own) else WORD_EMBEDDING_UNIT
+    embedding_unit = ROOT_UNIT if any(layer.kind == declaration.HEAD for layer in own) else WORD_EMBEDDING_UNIT
     for index, layer in enumerate(own, start=first):
         if layer.tied:
             if tied_seen:
                 continue
             tied_seen = True
-        if layer.kind in model_layout.TRANSFORMER_KINDS:
+        if layer.kind in declaration.TRANSFORMER_KINDS:
             unit = index
         else:  # the stage's root unit
-            unit = embedding_unit if layer.kind == model_layout.WORD_EMBEDDING else ROOT_UNIT
+            unit = embedding_unit if layer.kind == declaration.WORD_EMBEDDING else ROOT_UNIT
         for param in layer.parameters:
             shape = param.local_shape(tp)
             group = group_of(decays=param.weight_decay, scale_invariant=param.scale_invariant and scale_invariant_group)
@@ -236,7 +236,7 @@ def _micro_batch_bytes(
     model, e = profile.model, dtype_bytes(profile.precision)
     T, h = model.seq_length * micro_batch_size, model.hidden_size
     cut = tp if sp else 1
-    layers = model_layout.layers(model)
+    layers = declaration.layers(model)
     bounds = profile.stage_cut(tp, stages)
     own = layers[bounds[index] : bounds[index + 1]]
     last = bounds[index + 1] == len(layers)
@@ -264,7 +264,7 @@ def _micro_batch_bytes(
         # the first layer's input is the received buffer)
         kept_input = e * T * h // cut
         for i, layer in enumerate(own):
-            if layer.kind in model_layout.TRANSFORMER_KINDS:
+            if layer.kind in declaration.TRANSFORMER_KINDS:
                 whole = saves(layer.kind, "none") + (0 if e == 4 else kept_input)
                 if i == 0 and index > 0:
                     whole -= kept_input
@@ -273,8 +273,8 @@ def _micro_batch_bytes(
         return MicroBatchBytes(forward, total, 0, 0, recomputed)
     pending = sum(_zero_bubble_grads(profile, kernels, tp, sp, micro_batch_size, layer.kind) for layer in own)
     kept = sum(_kept_after_weights(profile, kernels, tp, sp, micro_batch_size, recompute, layer.kind) for layer in own)
-    transformer = [layer.kind for layer in own if layer.kind in model_layout.TRANSFORMER_KINDS]
-    if transformer and transformer[-1] == model_layout.BLOCK and recompute != "full":
+    transformer = [layer.kind for layer in own if layer.kind in declaration.TRANSFORMER_KINDS]
+    if transformer and transformer[-1] == declaration.BLOCK and recompute != "full":
         # the stage's last block: its output's own nodes (the last dropout, and with them one of
         # the activation's saved tensors) are freed when the output is detached
         activation = 0 if model.scale_invariant or model.activation == "relu" else 1
@@ -304,16 +304,16 @@ def _zero_bubble_grads(profile: Profile, kernels: Kernels, tp: int, sp: bool, mi
         model.seq_length,
     )
     norm = 0 if model.scale_invariant else 4 * T * h // (t if sp else 1)
-    if kind == model_layout.HEAD:
+    if kind == declaration.HEAD:
         return e * T * model.padded_vocab_size // t
-    if kind == model_layout.FINAL_NORM:
+    if kind == declaration.FINAL_NORM:
         return norm
-    if kind == model_layout.STEM_LAYER:
+    if kind == declaration.STEM_LAYER:
         return norm + e * T * (f // t + h)
-    if kind not in model_layout.TRANSFORMER_KINDS:
+    if kind not in declaration.TRANSFORMER_KINDS:
         return 0  # the embeddings: on the first stage, whose whole backward runs in its weight action
     grads = 2 * norm + e * T * (3 * h // t + h + f // t + h)
-    if kind == model_layout.QUERY:
+    if kind == declaration.QUERY:
         flash = _flash(profile, kernels)
         scores = e * T * h // t if flash else (kernels.attention_math_bytes or e) * a // t * s * T
         grads += scores - e * T * h // t
@@ -335,7 +335,7 @@ def _kept_after_weights(
     The query layer's Q comes from the query embedding: its path runs through the attention's
     first matmul (q and k freed) or, with a flash kernel or selective recomputation, through the
     whole core."""
-    if kind not in model_layout.TRANSFORMER_KINDS or recompute == "full":
+    if kind not in declaration.TRANSFORMER_KINDS or recompute == "full":
         return 0
     model, e, t = profile.model, dtype_bytes(profile.precision), tp
     T, h, f = model.seq_length * micro_batch_size, model.hidden_size, model.ffn_size
@@ -344,9 +344,9 @@ def _kept_after_weights(
     ln = (4 * T * h + 8 * T) // cut + (8 * h if e != 4 and not model.scale_invariant else 0)
     activation = {"fast_gelu": 2, "gelu": 1}.get("relu" if model.scale_invariant else model.activation, 0)
     dropout = 2 * (kernels.dropout_mask_bytes or e) * T * h // cut if model.dropout > 0 else 0
-    query = e * T * h if kind == model_layout.QUERY else 0
+    query = e * T * h if kind == declaration.QUERY else 0
     core = whole - (2 * ln + 2 * e * T * h + e * T * h // t + (activation + 1) * e * T * f // t + dropout + query)
-    if kind == model_layout.QUERY:
+    if kind == declaration.QUERY:
         math_bytes = kernels.attention_math_bytes or e
         core = 0 if _flash(profile, kernels) or recompute == "selective" else core - 2 * math_bytes * T * h // t
     return core + activation * e * T * f // t + dropout + (2 * ln if model.scale_invariant else 0)

@@ -52,7 +52,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 
 from pangu.config import Config, ModelConfig
-from pangu.model import layout as model_layout
+from pangu.model import declaration
 from pangu.model.sizes import flops_per_token, forward_flops_per_token
 from pangu.optim import registry
 from pangu.parallel.memory_model import (
@@ -244,7 +244,7 @@ def _stage_costs(config: Config, layout: Layout) -> tuple[_Stage, ...]:
 @lru_cache(maxsize=64)
 def _flops(model: ModelConfig) -> tuple[tuple[float, ...], float]:
     """(forward FLOPs per token of each declared layer, training FLOPs per token of the model)."""
-    return tuple(forward_flops_per_token(model, layer) for layer in model_layout.layers(model)), flops_per_token(model)
+    return tuple(forward_flops_per_token(model, layer) for layer in declaration.layers(model)), flops_per_token(model)
 
 
 @lru_cache(maxsize=4096)
@@ -258,7 +258,7 @@ def _costs(
     recompute: str,
 ) -> tuple[_Stage, ...]:
     T = model.seq_length * micro_batch_size
-    declared = model_layout.layers(model)
+    declared = declaration.layers(model)
     forward_flops = _flops(model)[0]
     sizes = model_pipeline_layers(model, tp, scale_invariant_group)
     bounds = model_stage_cut(model, partition, tp, stages)
@@ -283,7 +283,7 @@ def _costs(
                 continue
             tied_seen = tied_seen or size.tied
             numel += size.numel
-            root += 0 if layer.kind in model_layout.TRANSFORMER_KINDS else size.numel
+            root += 0 if layer.kind in declaration.TRANSFORMER_KINDS else size.numel
         out.append(_Stage(forward, backward, collectives, numel, root))
     return tuple(out)
 

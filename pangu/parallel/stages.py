@@ -1,7 +1,7 @@
 """Where the network is cut into pipeline stages, and which stages a rank holds: one answer for
 both engines and the planner (pure Python: `pangu plan` reads it without torch).
 
-The declared layers (pangu/model/layout.py) are cut into pp x virtual_stages contiguous stages
+The declared layers (pangu/model/declaration.py) are cut into pp x virtual_stages contiguous stages
 the way DeepSpeed's PipelineModule partitions a layer list, so both engines and every checkpoint
 see the same cut: `parallel.partition = "parameters"` balances each stage's parameters (on one
 tensor-parallel rank), "uniform" the transformer layers. With virtual stages a rank holds several
@@ -15,7 +15,7 @@ import math
 from functools import lru_cache
 
 from pangu.config import Config, ParallelConfig
-from pangu.model import layout
+from pangu.model import declaration
 
 
 def num_stages(parallel: ParallelConfig) -> int:
@@ -32,11 +32,11 @@ def stages_of_rank(parallel: ParallelConfig, pp_rank: int) -> list[int]:
 
 def stage_bounds(config: Config, tp: int, stages: int) -> list[int]:
     """Layer indices where each of `stages` stages starts (stages + 1 numbers)."""
-    layers = layout.layers(config.model)
+    layers = declaration.layers(config.model)
     if config.parallel.partition == "parameters":
         weights = tuple(sum(math.prod(p.local_shape(tp)) for p in layer.parameters) for layer in layers)
     else:  # the transformer layers, one each
-        weights = tuple(int(layer.kind in layout.TRANSFORMER_KINDS) for layer in layers)
+        weights = tuple(int(layer.kind in declaration.TRANSFORMER_KINDS) for layer in layers)
     return list(_cached_partition(weights, stages))
 
 

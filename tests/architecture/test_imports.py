@@ -112,7 +112,7 @@ def test_the_fast_paths_import_no_torch():
     """`pangu --help`, the planner, the network's declaration, sizes and the optimizer registry."""
     code = (
         "import sys\n"
-        "import pangu.cli, pangu.model.layout, pangu.model.sizes, pangu.optim.registry, pangu.parallel.planner\n"
+        "import pangu.cli, pangu.model.declaration, pangu.model.sizes, pangu.optim.registry, pangu.parallel.planner\n"
         "pangu.cli.build_parser()\n"
         "heavy = [m for m in ('torch', 'deepspeed', 'megatron') if m in sys.modules]\n"
         "assert not heavy, heavy\n"

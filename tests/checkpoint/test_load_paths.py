@@ -220,12 +220,12 @@ def test_init_from_is_checked_before_the_engine_is_built(trained, tmp_path):
     from pangu.checkpoint.store import CheckpointError, CorruptCheckpointError
     from pangu.checkpoint.weights import write_weights
     from pangu.config import ModelConfig
-    from pangu.model import layout
+    from pangu.model import declaration
 
     checkpoints = Checkpointer(tmp_path / "run", trained.config, trained.topology)
     other = ModelConfig(num_layers=2, hidden_size=64, num_heads=2, vocab_size=300, seq_length=16)
     source = write_weights(
-        tmp_path / "other", other, [(p.name, torch.zeros(p.shape)) for p in layout.parameters(other)]
+        tmp_path / "other", other, [(p.name, torch.zeros(p.shape)) for p in declaration.parameters(other)]
     )
     with pytest.raises(CheckpointError, match="written for model.hidden_size = 64 but the config has 32"):
         checkpoints.weights_source(source)

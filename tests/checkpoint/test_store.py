@@ -17,10 +17,10 @@ from pangu.checkpoint.store import CorruptCheckpointError, TensorReader, TensorW
 from pangu.checkpoint.weights import write_weights
 from pangu.cli import main
 from pangu.config import ModelConfig
-from pangu.model import layout
+from pangu.model import declaration
 from tests.helpers import DeviceTensor
 
-WORDS, POSITIONS = layout.WORD_EMBEDDING_WEIGHT, layout.POSITION_EMBEDDING_WEIGHT
+WORDS, POSITIONS = declaration.WORD_EMBEDDING_WEIGHT, declaration.POSITION_EMBEDDING_WEIGHT
 
 
 def test_flat_runs_are_rectangles_of_the_range_in_order():
@@ -91,7 +91,7 @@ TINY = ModelConfig(num_layers=2, hidden_size=32, num_heads=2, vocab_size=100, se
 def _weights_checkpoint(tmp_path, model: ModelConfig = TINY):
     """A weights-only checkpoint of `model` (random weights) and its tensors."""
     generator = torch.Generator().manual_seed(0)
-    tensors = {spec.name: torch.randn(spec.shape, generator=generator) for spec in layout.parameters(model)}
+    tensors = {spec.name: torch.randn(spec.shape, generator=generator) for spec in declaration.parameters(model)}
     return write_weights(tmp_path / "ckpt", model, tensors.items()), tensors
 
 
@@ -134,7 +134,7 @@ def test_info_says_what_a_checkpoint_holds(tmp_path, capsys):
 def test_a_rank_draws_only_the_tiles_of_its_slice(monkeypatch):
     """Initial weights are drawn per fixed tile of the full tensor: every tensor-parallel slice
     equals the slice of the full draw, and a rank draws about its share of the tiles."""
-    from pangu.model import init, layout
+    from pangu.model import declaration, init
 
     monkeypatch.setattr(init, "TILE_COLUMNS", 16)
     monkeypatch.setattr(init, "TILE_ELEMENTS", 16 * 8)
@@ -142,11 +142,11 @@ def test_a_rank_draws_only_the_tiles_of_its_slice(monkeypatch):
     generator_for = init.generator_for
     monkeypatch.setattr(init, "generator_for", lambda seed, name: drawn.append(name) or generator_for(seed, name))
     config = ModelConfig(num_layers=2, hidden_size=64, num_heads=4, vocab_size=500, seq_length=16)
-    table = layout.parameter_table(config)
+    table = declaration.parameter_table(config)
     for name in (
         "blocks.0.mlp.dense_h_to_4h.weight",
         "blocks.0.mlp.dense_4h_to_h.weight",
-        layout.POSITION_EMBEDDING_WEIGHT,
+        declaration.POSITION_EMBEDDING_WEIGHT,
     ):
         spec = table[name]
         drawn.clear()

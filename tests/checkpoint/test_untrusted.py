@@ -22,7 +22,7 @@ from pangu.checkpoint.store import CheckpointError, CorruptCheckpointError
 from pangu.checkpoint.weights import write_weights
 from pangu.cli import main
 from pangu.config import ModelConfig
-from pangu.model import layout
+from pangu.model import declaration
 from tests.helpers import RELEASE
 
 FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "checkpoint_v1"  # format 1, with a 300-piece tokenizer
@@ -32,7 +32,7 @@ MODEL = ModelConfig(num_layers=2, hidden_size=32, num_heads=2, vocab_size=300, s
 def weights_checkpoint(directory: Path) -> Path:
     """A weights-only checkpoint of MODEL (random weights) carrying the fixture's tokenizer."""
     generator = torch.Generator().manual_seed(0)
-    tensors = [(p.name, torch.randn(p.shape, generator=generator)) for p in layout.parameters(MODEL)]
+    tensors = [(p.name, torch.randn(p.shape, generator=generator)) for p in declaration.parameters(MODEL)]
     return write_weights(directory, MODEL, tensors, tokenizer_path=FIXTURE / "tokenizer.model")
 
 
@@ -190,7 +190,7 @@ def test_no_file_a_manifest_names_leads_out_of_the_checkpoint(checkpoint, capsys
     "file", ["../ckpt/tensors/rank00000.bin", "/etc/passwd", "sub/rank00000.bin", "index.json"], ids=str
 )
 def test_no_file_an_index_names_leads_out_of_the_tensors(checkpoint, file):
-    edit_index(checkpoint, lambda index: first_piece(layout.POSITION_EMBEDDING_WEIGHT)(index).update(file=file))
+    edit_index(checkpoint, lambda index: first_piece(declaration.POSITION_EMBEDDING_WEIGHT)(index).update(file=file))
     with pytest.raises(CorruptCheckpointError, match=r"index.json is corrupt: piece \d+ "):
         pangu.load(checkpoint)
 

@@ -25,7 +25,7 @@ from pangu.convert import huggingface as hf_module
 from pangu.convert.huggingface import export_hf, hf_names, import_hf
 from pangu.convert.importer import import_mindspore
 from pangu.convert.mindspore.ckpt import write_mindspore_ckpt
-from pangu.model import layout
+from pangu.model import declaration
 from tests.helpers import RELEASE
 from tests.model.numpy_pangu import random_ms_params
 
@@ -144,7 +144,7 @@ def test_export_layout_config_and_port_forward(tmp_path):
     assert config["torch_dtype"] == "float32"
     tensors = _hf_tensors(out)
     assert set(tensors) == set(hf_names(LAYERS).values()) | {"lm_head.weight"}
-    assert set(hf_names(LAYERS)) == {p.name for p in layout.parameters(ModelConfig(num_layers=LAYERS))}
+    assert set(hf_names(LAYERS)) == {p.name for p in declaration.parameters(ModelConfig(num_layers=LAYERS))}
     assert "transformer.h.2.attn.q_proj.weight" in tensors and "transformer.h.3.ln_1.weight" not in tensors
     assert tensors["transformer.wte.weight"].shape == (40000, HIDDEN)  # unpadded, as the port's config says
     assert tensors["transformer.h.0.mlp.c_fc.weight"].shape == (FFN, HIDDEN)  # nn.Linear [out, in]

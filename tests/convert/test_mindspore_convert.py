@@ -21,7 +21,7 @@ from pangu.convert.mindspore.strategy import (
     slice_of_rank,
     write_parallel_strategy,
 )
-from pangu.model import layout
+from pangu.model import declaration
 from tests.helpers import RELEASE
 from tests.model.numpy_pangu import (
     causal_attention_mask,
@@ -496,7 +496,7 @@ def test_name_mapping_renames_transposes_and_pads(scheme: str) -> None:
 
 @pytest.mark.parametrize("final_layernorm", ["before", "after"])
 def test_name_mapping_gives_exactly_the_declared_parameters(final_layernorm: str) -> None:
-    """pangu/model/layout.py declares the network: the mapped names and shapes are its parameters."""
+    """pangu/model/declaration.py declares the network: the mapped names and shapes are its parameters."""
     model = ModelConfig(
         num_layers=3,
         hidden_size=16,
@@ -508,7 +508,7 @@ def test_name_mapping_gives_exactly_the_declared_parameters(final_layernorm: str
     )
     ms = random_ms_params(**TINY, rng=np.random.default_rng(0))
     pangu = {name: array.shape for name, array in to_pangu_names(ms.items(), model=model)}
-    assert pangu == {p.name: p.shape for p in layout.parameters(model)}
+    assert pangu == {p.name: p.shape for p in declaration.parameters(model)}
     assert {stored_shape(name, model) for name in ms if BLOCK_NAME.fullmatch(name)} >= {(16, 64), (64, 16), (64,)}
     with pytest.raises(ValueError, match=r"gives [\w.]+ shape \(\d+, 16\), expected \(\d+, 32\)"):
         list(to_pangu_names(ms.items(), model=dataclasses.replace(model, hidden_size=32)))

@@ -145,16 +145,16 @@ def test_kv_cache_generation_equals_full_forward_greedy(single_process):
     ids=["before", "after", "scale_invariant"],
 )
 def test_the_model_and_its_stages_build_exactly_the_declared_parameters(single_process, overrides):
-    """pangu/model/layout.py is the one declaration: the single-process model registers its
+    """pangu/model/declaration.py is the one declaration: the single-process model registers its
     parameters under the declared names, shapes and order, and every stage cut (what both
     engines build) holds each declared parameter once under the same names, the last stage a
     copy of the tied word embedding for the head."""
-    from pangu.model import layout
+    from pangu.model import declaration
     from pangu.model.pangu_alpha import PanguStage
     from pangu.parallel.stages import stage_bounds
 
     config = _tiny(num_layers=5, **overrides)
-    declared = [(p.name, p.shape) for p in layout.parameters(config)]
+    declared = [(p.name, p.shape) for p in declaration.parameters(config)]
     assert [(n, tuple(p.shape)) for n, p in PanguAlpha(config).named_parameters()] == declared
     full = dataclasses.replace(load_config(None, []), model=config)
     for stages in (2, 3, 5):
@@ -164,7 +164,7 @@ def test_the_model_and_its_stages_build_exactly_the_declared_parameters(single_p
             for first, last in zip(bounds, bounds[1:])
             for n, p in PanguStage(config, first=first, last=last).named_parameters()
         ]
-        head_copy = [(layout.WORD_EMBEDDING_WEIGHT, dict(declared)[layout.WORD_EMBEDDING_WEIGHT])]
+        head_copy = [(declaration.WORD_EMBEDDING_WEIGHT, dict(declared)[declaration.WORD_EMBEDDING_WEIGHT])]
         assert sorted(built) == sorted(declared + head_copy), stages
 
 
@@ -210,11 +210,11 @@ def _documents_batch(config, batch=2, seed=0):
 def test_dropout_is_seeded_per_layer_and_micro_batch_not_per_stage(single_process):
     """With DropoutSeeds, a network cut into two stages draws exactly the masks of the uncut
     network (each layer seeds itself by its index): stage 1 does not repeat stage 0's masks."""
-    from pangu.model import layout
+    from pangu.model import declaration
     from pangu.model.pangu_alpha import DropoutSeeds
 
     config = _tiny(num_layers=4, dropout=0.2)
-    cut = len(layout.layers(config)) // 2
+    cut = len(declaration.layers(config)) // 2
     inputs = _documents_batch(config)
     outputs = []
     for bounds in [[(0, None)], [(0, cut), (cut, None)]]:

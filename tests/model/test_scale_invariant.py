@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from pangu.config import ModelConfig, load_config
-from pangu.model import layout
+from pangu.model import declaration
 from pangu.model.init import initialize_parameters
 from pangu.model.pangu_alpha import PanguAlpha
 from pangu.model.sizes import parameter_count
@@ -32,7 +32,7 @@ def si_model(seed: int = 0) -> PanguAlpha:
     return model.double().eval()
 
 
-TRUNK = [p.name for p in layout.parameters(CONFIG) if p.scale_invariant]
+TRUNK = [p.name for p in declaration.parameters(CONFIG) if p.scale_invariant]
 
 
 def trunk(model) -> list[torch.nn.Parameter]:
@@ -55,7 +55,7 @@ def test_structure(single_process):
     assert "stem.mlp.dense_h_to_4h.weight" in names
     assert not any(n.endswith(("attention.dense.bias", "mlp.dense_4h_to_h.bias")) for n in names)
     assert not any("layernorm" in n for n in names)  # non-affine LayerNorms
-    assert layout.QUERY_EMBEDDING_WEIGHT not in TRUNK and layout.WORD_EMBEDDING_WEIGHT not in TRUNK
+    assert declaration.QUERY_EMBEDDING_WEIGHT not in TRUNK and declaration.WORD_EMBEDDING_WEIGHT not in TRUNK
     assert "stem.mlp.dense_h_to_4h.weight" in TRUNK and "query_layer.attention.query.bias" in TRUNK
     padding = (CONFIG.padded_vocab_size - CONFIG.vocab_size) * CONFIG.hidden_size
     assert sum(p.numel() for p in model.parameters()) - padding == parameter_count(CONFIG)

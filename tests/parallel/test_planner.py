@@ -14,7 +14,7 @@ import sys
 import pytest
 
 from pangu.config import load_config
-from pangu.model import layout
+from pangu.model import declaration
 from pangu.model.sizes import flops_per_token, forward_flops_per_token, parameter_count
 from pangu.optim.param_groups import GROUP_ORDER
 from pangu.parallel import memory_model, planner, stages
@@ -152,7 +152,7 @@ def test_pipeline_layers_hold_the_whole_model(path, scale_invariant):
     layers = memory_model.pipeline_layers(config, 1)
     padding = (model.padded_vocab_size - model.vocab_size) * model.hidden_size
     assert sum(layer.numel for layer in layers if layer.kind != "head") - padding == parameter_count(model)
-    forward = sum(forward_flops_per_token(model, layer) for layer in layout.layers(model))
+    forward = sum(forward_flops_per_token(model, layer) for layer in declaration.layers(model))
     assert 3 * forward == flops_per_token(model)
 
 

@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 
 from pangu.config import ParallelConfig, load_config
-from pangu.model import layout
+from pangu.model import declaration
 from pangu.model.pangu_alpha import TransformerLayer
 from pangu.parallel.topology import init_distributed
 from pangu.pretrain.trainer import Trainer
@@ -94,7 +94,7 @@ def run_case(case: dict) -> dict:
         )
     for hook in hooks:
         hook.remove()
-    table = layout.parameter_table(trainer.config.model)
+    table = declaration.parameter_table(trainer.config.model)
     replicated_differ = [
         name
         for stage in trainer.engine.stages

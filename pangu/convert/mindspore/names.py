@@ -1,7 +1,7 @@
 """MindSpore PanGu-α parameter names and layouts <-> pangu's canonical ones.
 
 The MindSpore side is a table (the names the 2021 release and mindformers use are facts of those
-formats); the pangu side is read from the network's declaration, pangu/model/layout.py: its
+formats); the pangu side is read from the network's declaration, pangu/model/declaration.py: its
 canonical names, which parameters a model of a given size has, and their shapes. A MindSpore
 name maps to a pangu name and whether the stored matrix is [in, out] (transposed to torch's
 [out, in]); `to_pangu_names` applies the map to a stream of arrays, `stored_shape` gives the
@@ -19,12 +19,12 @@ from typing import TypedDict
 import numpy as np
 
 from pangu.config import ModelConfig
-from pangu.model import layout
+from pangu.model import declaration
 
 logger = logging.getLogger(__name__)
 
 # Sub-names inside a block (and the query layer): MindSpore name -> (pangu name under
-# layout.block_name(i) or layout.QUERY_LAYER, whether the stored matrix is [in, out] and must be
+# declaration.block_name(i) or declaration.QUERY_LAYER, whether the stored matrix is [in, out] and must be
 # transposed to torch's [out, in]). dense1/2/3 are already stored [out, in]. In layout's order.
 BLOCK_PARAMETERS: dict[str, tuple[str, bool]] = {
     "layernorm1.gamma": ("input_layernorm.weight", False),
@@ -59,11 +59,11 @@ MINDSPORE_POSITION_EMBEDDINGS = (MINDSPORE_POSITION_EMBEDDING, "backbone.embeddi
 
 # MindSpore name -> pangu name of the parameters outside the blocks.
 TOP_LEVEL_PARAMETERS: dict[str, str] = {
-    **dict.fromkeys(MINDSPORE_WORD_EMBEDDINGS, layout.WORD_EMBEDDING_WEIGHT),
-    **dict.fromkeys(MINDSPORE_POSITION_EMBEDDINGS, layout.POSITION_EMBEDDING_WEIGHT),
-    MINDSPORE_QUERY_EMBEDDING: layout.QUERY_EMBEDDING_WEIGHT,
-    MINDSPORE_FINAL_LAYERNORM_GAMMA: f"{layout.FINAL_LAYERNORM}.weight",
-    MINDSPORE_FINAL_LAYERNORM_BETA: f"{layout.FINAL_LAYERNORM}.bias",
+    **dict.fromkeys(MINDSPORE_WORD_EMBEDDINGS, declaration.WORD_EMBEDDING_WEIGHT),
+    **dict.fromkeys(MINDSPORE_POSITION_EMBEDDINGS, declaration.POSITION_EMBEDDING_WEIGHT),
+    MINDSPORE_QUERY_EMBEDDING: declaration.QUERY_EMBEDDING_WEIGHT,
+    MINDSPORE_FINAL_LAYERNORM_GAMMA: f"{declaration.FINAL_LAYERNORM}.weight",
+    MINDSPORE_FINAL_LAYERNORM_BETA: f"{declaration.FINAL_LAYERNORM}.bias",
 }
 
 BLOCK_NAME = re.compile(r"backbone\.blocks\.(\d+)\.(.+)")  # groups: the block's index, the sub-name
@@ -82,26 +82,26 @@ def pangu_name(mindspore_name: str) -> tuple[str, bool] | None:
     block = BLOCK_NAME.fullmatch(mindspore_name)
     if block and block.group(2) in BLOCK_PARAMETERS:
         sub_name, transpose = BLOCK_PARAMETERS[block.group(2)]
-        return f"{layout.block_name(int(block.group(1)))}.{sub_name}", transpose
+        return f"{declaration.block_name(int(block.group(1)))}.{sub_name}", transpose
     if mindspore_name.startswith(QUERY_LAYER_PREFIX):
         sub = mindspore_name.removeprefix(QUERY_LAYER_PREFIX)
         if sub in BLOCK_PARAMETERS:
             sub_name, transpose = BLOCK_PARAMETERS[sub]
-            return f"{layout.QUERY_LAYER}.{sub_name}", transpose
+            return f"{declaration.QUERY_LAYER}.{sub_name}", transpose
     if mindspore_name.startswith("backbone."):
         raise ValueError(f"unknown PanGu-alpha parameter {mindspore_name!r}: no pangu equivalent is known")
     return None
 
 
 def stored_shape(mindspore_name: str, model: ModelConfig) -> tuple[int, ...]:
-    """The shape MindSpore stores a parameter of `model` with: pangu's full shape (layout.py),
+    """The shape MindSpore stores a parameter of `model` with: pangu's full shape (declaration.py),
     reversed for the matrices stored [in, out]. (The word embedding's rows are pangu's padded
     vocabulary; MindSpore files hold the unpadded or the padded number.)"""
     mapped = pangu_name(mindspore_name)
     if mapped is None:
         raise ValueError(f"{mindspore_name!r} is not a PanGu-alpha model parameter")
     name, transpose = mapped
-    parameter = layout.parameter_table(model).get(name)
+    parameter = declaration.parameter_table(model).get(name)
     if parameter is None:
         raise ValueError(f"{mindspore_name!r} ({name}) is not a parameter of a {model.num_layers}-layer model")
     return parameter.shape[::-1] if transpose else parameter.shape
@@ -125,11 +125,11 @@ def to_pangu_names(
     Entries that are not model parameters (optimizer state, step counters, loss scale) are
     skipped; their names are appended to `ignored` when given and their count is logged. An
     unknown name under "backbone." is an error. After the last entry the set of parameters is
-    checked against layout.parameters(model) (without `model`: of a model with blocks 0 to the
+    checked against declaration.parameters(model) (without `model`: of a model with blocks 0 to the
     highest one seen): `ValueError` lists what is missing. With `model`, every array's shape must
-    also be the one layout.py declares.
+    also be the one declaration.py declares.
     """
-    expected = layout.parameter_table(model) if model is not None else None
+    expected = declaration.parameter_table(model) if model is not None else None
     skipped: list[str] = []
     produced: set[str] = set()
     for mindspore_name, array in named_arrays:
@@ -143,7 +143,7 @@ def to_pangu_names(
         produced.add(name)
         if transpose:
             array = np.ascontiguousarray(array.T)
-        if name == layout.WORD_EMBEDDING_WEIGHT:
+        if name == declaration.WORD_EMBEDDING_WEIGHT:
             array = pad_rows(array, padded_vocab_multiple)
         if expected is not None:
             if name not in expected:
@@ -175,13 +175,13 @@ def pad_rows(embedding: np.ndarray, multiple: int) -> np.ndarray:
 
 
 def missing_parameters(produced: set[str], model: ModelConfig | None = None) -> list[str]:
-    """The pangu names of `model`'s parameters (layout.py) not in `produced`, sorted. Without
+    """The pangu names of `model`'s parameters (declaration.py) not in `produced`, sorted. Without
     `model`: those of a model with blocks 0 to the highest index in `produced`."""
     if model is None:
-        prefix = f"{layout.BLOCKS}."
+        prefix = f"{declaration.BLOCKS}."
         indices = {int(name.removeprefix(prefix).split(".")[0]) for name in produced if name.startswith(prefix)}
         model = ModelConfig(num_layers=max(indices, default=-1) + 2)  # the blocks and the query layer
-    return sorted({p.name for p in layout.parameters(model)} - produced)
+    return sorted({p.name for p in declaration.parameters(model)} - produced)
 
 
 class ModelShape(TypedDict):
@@ -195,7 +195,7 @@ class ModelShape(TypedDict):
 def infer_model_shape(names_to_shapes: Mapping[str, Sequence[int]]) -> ModelShape:
     """Read a PanGu-alpha model's size off its MindSpore-named parameter shapes.
 
-    Every model parameter's shape is checked against the inferred size (the shapes layout.py
+    Every model parameter's shape is checked against the inferred size (the shapes declaration.py
     declares for it), so an inconsistent checkpoint fails here, naming the parameter, before any
     conversion. The number of attention heads is not recorded in the weights and must come from
     the config.

@@ -180,7 +180,7 @@ def _index_slice(path: Path) -> dict[str, StoredTensor]:
 
 
 def _declared_shape(name: str, model: ModelConfig) -> tuple[int, ...] | None:
-    """The full shape of a parameter other than the word embedding (layout.py's, as MindSpore
+    """The full shape of a parameter other than the word embedding (declaration.py's, as MindSpore
     stores it); None for a name that is not such a PanGu-α parameter."""
     if name in MINDSPORE_WORD_EMBEDDINGS:
         return None

@@ -17,7 +17,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 
 from pangu.config import Config
-from pangu.model import layout
+from pangu.model import declaration
 from pangu.model.init import initialize_parameters, zero_parameters
 from pangu.model.pangu_alpha import DropoutSeeds
 from pangu.optim.registry import build_optimizer
@@ -97,7 +97,7 @@ class DeepSpeedEngine(Engine):
             initialize_parameters(named, config.model, config.train.seed, topology.tp_rank, topology.tp)
         else:
             zero_parameters(named)
-        table = layout.parameter_table(config.model)
+        table = declaration.parameter_table(config.model)
         optimizer = build_optimizer(
             config.optim,
             named,
@@ -222,7 +222,7 @@ class DeepSpeedEngine(Engine):
     def replicas(self):
         """The model's weights, which every data-parallel rank holds after the all-gather that ends
         each step, and those not split by tensor parallelism, which every tp rank holds."""
-        table = layout.parameter_table(self.config.model)
+        table = declaration.parameter_table(self.config.model)
         named = [(name.partition(".")[2], p.detach()) for name, p in self.engine.module.named_parameters()]
         out = []
         if self.topology.dp > 1:

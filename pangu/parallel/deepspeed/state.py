@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from pangu.config import Config
-from pangu.model import layout
+from pangu.model import declaration
 from pangu.optim import registry
 from pangu.parallel.engine import Fragment
 from pangu.parallel.topology import Topology
@@ -34,7 +34,7 @@ def flat_partitions(engine) -> list[torch.Tensor]:
 def fragments(engine, config: Config, topology: Topology) -> list[Fragment]:
     """This rank's fragments, in the module's parameter order (a parameter outside the rank's
     partitions has none). Buffer i is param group i's flat partition."""
-    table = layout.parameter_table(config.model)
+    table = declaration.parameter_table(config.model)
     out = []
     for pipe_name, param in engine.module.named_parameters():
         mapping = getattr(param, "_hp_mapping", None)
@@ -43,7 +43,7 @@ def fragments(engine, config: Config, topology: Topology) -> list[Fragment]:
         name = pipe_name.partition(".")[2]  # DeepSpeed's layer index, then the stage's own name
         spec = table[name]
         hp, lp = mapping.get_hp_fragment_address(), mapping.lp_fragment_address
-        if name == layout.WORD_EMBEDDING_WEIGHT and not topology.is_first_stage:
+        if name == declaration.WORD_EMBEDDING_WEIGHT and not topology.is_first_stage:
             copy = 1  # the head's copy of the tied embedding; the first stage's is read
         else:
             copy = topology.tp_rank if spec.split_dim is None else 0  # replicated across tp

@@ -39,7 +39,7 @@ from torch.distributed.pipelining.schedules import PipelineScheduleSingle
 from torch.distributed.tensor import DTensor
 
 from pangu.config import Config
-from pangu.model import layout
+from pangu.model import declaration
 from pangu.model.init import initial_value, zero_parameters
 from pangu.model.pangu_alpha import DropoutSeeds, PanguStage, TransformerLayer
 from pangu.optim import registry
@@ -138,7 +138,7 @@ class TorchEngine(Engine):
     def _materialise(self, initialize: bool) -> None:
         """Each parameter's local shard drawn as pangu.model.init draws it (the same values as any
         other layout), or zeros for a checkpoint to fill."""
-        table = layout.parameter_table(self.config.model)
+        table = declaration.parameter_table(self.config.model)
         self._boxes = []
         with torch.no_grad():
             for name, param in self._named_parameters():
@@ -154,7 +154,7 @@ class TorchEngine(Engine):
 
     def _build_optimizer(self) -> None:
         """pangu's optimizer over leaf tensors that share each parameter's local shard."""
-        table = layout.parameter_table(self.config.model)
+        table = declaration.parameter_table(self.config.model)
         self._params, self._local = [], []
         named = []
         for name, param in self._named_parameters():
@@ -180,9 +180,9 @@ class TorchEngine(Engine):
                 yield name, stage
 
     def _copy(self, name: str, first: bool) -> int:
-        if name == layout.WORD_EMBEDDING_WEIGHT and not first:
+        if name == declaration.WORD_EMBEDDING_WEIGHT and not first:
             return 1  # the head's copy of the tied embedding; the first stage's is read
-        return self.topology.tp_rank if layout.parameter_table(self.config.model)[name].split_dim is None else 0
+        return self.topology.tp_rank if declaration.parameter_table(self.config.model)[name].split_dim is None else 0
 
     def _embedding_group(self):
         """The tied word embedding's group: the ranks holding the first and the last stage, for
@@ -204,7 +204,7 @@ class TorchEngine(Engine):
         grads = [
             local.grad
             for name, local in zip(self._names, self._local)
-            if name == layout.WORD_EMBEDDING_WEIGHT and local.grad is not None
+            if name == declaration.WORD_EMBEDDING_WEIGHT and local.grad is not None
         ]
         if len(grads) == 2:  # both copies on this rank (two stage modules)
             grads[0].add_(grads[1])
@@ -476,7 +476,7 @@ class TorchEngine(Engine):
         (FSDP2's shards over dp are disjoint)."""
         if self.topology.tp == 1:
             return []
-        table = layout.parameter_table(self.config.model)
+        table = declaration.parameter_table(self.config.model)
         unsplit = [
             (name, local)
             for name, local in zip(self._names, self._local)
@@ -493,7 +493,8 @@ class TorchEngine(Engine):
         if self.sharded:
             gathered = sum(
                 math.prod(
-                    b - a for a, b in layout.parameter_table(self.config.model)[name].local_range(0, self.topology.tp)
+                    b - a
+                    for a, b in declaration.parameter_table(self.config.model)[name].local_range(0, self.topology.tp)
                 )
                 for name in self._names
             )

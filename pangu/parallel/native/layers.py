@@ -1,7 +1,7 @@
 """Tensor and sequence parallelism for the torch engine: plain layers split by DTensor plans.
 
 The model is built from plain torch layers on the meta device (`DTensorLayers`, no storage), then
-`parallelize` applies a plan read off the declaration (pangu/model/layout.py): a parameter split
+`parallelize` applies a plan read off the declaration (pangu/model/declaration.py): a parameter split
 on dim 0 is a column-parallel linear (or the vocabulary-parallel embedding), one split on dim 1 a
 row-parallel linear. Q, K and V share one input redistribution per attention (one all-reduce of
 its gradient). With `parallel.sequence_parallel` the residual stream between the split regions
@@ -31,7 +31,7 @@ from torch.distributed.tensor.parallel import (
 )
 
 from pangu.config import ModelConfig
-from pangu.model import layout
+from pangu.model import declaration
 from pangu.model.factory import LayerFactory, mix_seed
 from pangu.model.pangu_alpha import PanguStage, QueryLayer, Stem, TransformerLayer
 
@@ -112,8 +112,8 @@ def parallelize(stage: PanguStage, layers: DTensorLayers) -> None:
         elif isinstance(module, Stem):
             plan.update(_norms(name, ["norm"], sp))
             plan.update(_feed_forward(f"{name}.mlp", residual))
-    if sp and layout.FINAL_LAYERNORM in stage._modules:
-        plan[layout.FINAL_LAYERNORM] = SequenceParallel(use_local_output=True)
+    if sp and declaration.FINAL_LAYERNORM in stage._modules:
+        plan[declaration.FINAL_LAYERNORM] = SequenceParallel(use_local_output=True)
     parallelize_module(stage, layers.mesh, plan)
 
 
@@ -132,7 +132,7 @@ def _feed_forward(prefix: str, residual) -> dict:
 def local_box(param: torch.Tensor, name: str, config: ModelConfig) -> tuple[tuple[int, int], ...]:
     """The region of the full tensor `name` that this rank's part of `param` holds."""
     if not isinstance(param, DTensor):
-        return tuple((0, n) for n in layout.parameter_table(config)[name].shape)
+        return tuple((0, n) for n in declaration.parameter_table(config)[name].shape)
     # what torch.distributed.checkpoint uses to place a shard (FSDP2's strided shards included)
     from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 

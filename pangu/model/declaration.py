@@ -3,7 +3,7 @@ name, full shape, tensor-parallel split, initialisation and optimizer role.
 
 Everything that needs to know the network's structure reads it from here: the model
 (pangu_alpha.py builds its modules in this order and the test suite checks that their
-parameters match), the pipeline (one DeepSpeed layer per `Layer`), initialisation, the parameter
+parameters match), both engines' pipeline stages (cut between `Layer`s), initialisation, the parameter
 count and FLOPs (sizes.py), the optimizer's parameter groups, the planner's memory model,
 checkpoint names and slices, and the MindSpore and Hugging Face name maps. It imports no torch,
 so `pangu plan` stays fast.
