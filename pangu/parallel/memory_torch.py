@@ -217,7 +217,7 @@ class MicroBatchBytes(NamedTuple):
     held: int  # from its forward to its backward (B, or W after I): that, its output, the loss
     pending: int  # the zero-bubble intermediate gradients, from I to W
     kept: int  # zero bubble: what its W leaves of the graph, until the step ends
-    recomputed: int  # full recomputation: the most a backward adds for the layer it recomputes
+    recomputed: int  # the most a backward adds for what it recomputes (a layer, or an attention core)
 
 
 @lru_cache(maxsize=65536)
@@ -269,6 +269,14 @@ def _micro_batch_bytes(
                 if i == 0 and index > 0:
                     whole -= kept_input
                 recomputed = max(recomputed, whole - sum(saved[i:]) - loss)
+    if recompute == "selective":
+        # a backward recomputes one attention core at a time, once the loss, the layers after it
+        # and its own layer's FFN, projection, LayerNorm and dropout masks have been freed
+        ffn = _ffn_and_residual_bytes(profile, kernels, tp, sp, micro_batch_size)
+        for i, layer in enumerate(own):
+            if layer.kind in declaration.TRANSFORMER_KINDS:
+                core = saves(layer.kind, "none") - saved[i]  # what the recomputation adds to q, k, v
+                recomputed = max(recomputed, core - sum(saved[i + 1 :]) - loss - ffn)
     if not zero_bubble or index == 0:  # the first stage's weight action runs its whole backward
         return MicroBatchBytes(forward, total, 0, 0, recomputed)
     pending = sum(_zero_bubble_grads(profile, kernels, tp, sp, micro_batch_size, layer.kind) for layer in own)
@@ -283,6 +291,18 @@ def _micro_batch_bytes(
     if last:  # the loss's log-softmax lies on no parameter's path
         kept += 4 * T * vocab
     return MicroBatchBytes(forward, total, pending, kept, recomputed)
+
+
+def _ffn_and_residual_bytes(profile: Profile, kernels: Kernels, tp: int, sp: bool, micro_batch_size: int) -> int:
+    """What a transformer layer saves after its attention core: the attention projection's input,
+    the second LayerNorm, the FFN and the two residual dropout masks."""
+    model, e = profile.model, dtype_bytes(profile.precision)
+    T, h, f = model.seq_length * micro_batch_size, model.hidden_size, model.ffn_size
+    cut = tp if sp else 1
+    ln = (4 * T * h + 8 * T) // cut + (8 * h if e != 4 and not model.scale_invariant else 0)
+    activation = {"fast_gelu": 2, "gelu": 1}.get("relu" if model.scale_invariant else model.activation, 0)
+    mask = (kernels.dropout_mask_bytes or e) if model.dropout > 0 else 0
+    return e * T * h // tp + ln + e * T * h + (activation + 1) * e * T * f // tp + 2 * mask * T * h // cut
 
 
 def _zero_bubble_grads(profile: Profile, kernels: Kernels, tp: int, sp: bool, micro_batch_size: int, kind: str) -> int:
