@@ -21,7 +21,10 @@ from pangu.schema import PanguError
 
 # What third-party code prints or warns at every run that says nothing to a pangu user; shown
 # with -v. (DeepSpeed's own stdout prints are routed to the debug log by pangu.parallel.)
-NOISY_WARNINGS = ("Transformer Engine and Apex are not installed",)
+NOISY_WARNINGS = (
+    "Transformer Engine and Apex are not installed",  # megatron-core on a machine without them
+    "`torch.distributed.all_gather_into_tensor` is deprecated",  # DeepSpeed's ZeRO on torch 2.13
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
