@@ -53,25 +53,14 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.distributed.pipelining import (
-    PipelineStage,
-    Schedule1F1B,
-    ScheduleInterleaved1F1B,
-    ScheduleInterleavedZeroBubble,
-    ScheduleZBVZeroBubble,
-)
+from torch.distributed.pipelining import PipelineStage
 
 from pangu.config import ParallelConfig
 from pangu.files import write_json_atomic
+from pangu.parallel.native.engine import SCHEDULES  # what parallel.schedule names, as the engine runs it
 from pangu.parallel.stages import stages_of_rank
 from pangu.parallel.topology import free_port
 
-SCHEDULES = {
-    "1f1b": Schedule1F1B,
-    "interleaved_1f1b": ScheduleInterleaved1F1B,
-    "zero_bubble": ScheduleInterleavedZeroBubble,
-    "zbv": ScheduleZBVZeroBubble,
-}
 VIRTUAL_STAGES = {"1f1b": 1, "interleaved_1f1b": 2, "zero_bubble": 2, "zbv": 2}
 WIDTH = 8  # elements of the activation one micro-batch sends between stages
 
